@@ -1,0 +1,1 @@
+"""fluxopt's Hydra configs (installed as the package ``fluxopt.conf``)."""

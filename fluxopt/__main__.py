@@ -1,0 +1,3 @@
+from fluxopt.cli import main
+
+main()

@@ -1,0 +1,134 @@
+"""What machine a run happened on: the device it targets and everything needed to reproduce it."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fluxopt.errors import ConfigError
+
+# Distributions whose versions decide what a backend does; recorded with every result.
+TRACKED_PACKAGES = (
+    "fluxopt", "torch", "diffusers", "transformers", "accelerate", "torchao", "nvidia-modelopt",
+    "tensorrt", "onnx", "onnxruntime", "para-attn", "bitsandbytes", "triton", "hydra-core",
+    "omegaconf", "pluggy", "numpy", "scikit-image", "safetensors",
+)
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    """The device a run targets, as far as backend requirements care."""
+
+    type: str  # "cpu" or "cuda" (ROCm GPUs also appear as "cuda" in torch)
+    name: str
+    rocm: bool = False
+    capability: tuple[int, int] | None = None
+
+    @property
+    def torch_device(self) -> torch.device:
+        return torch.device(self.type)
+
+    @property
+    def is_gpu(self) -> bool:
+        return self.type == "cuda"
+
+
+def detect_device(requested: str = "auto") -> DeviceInfo:
+    """Resolve ``device=auto|cpu|cuda`` to a concrete device, with a clear error if CUDA is missing."""
+    if requested not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"device={requested!r} is not one of auto, cpu, cuda")
+    use_cuda = torch.cuda.is_available() if requested == "auto" else requested == "cuda"
+    if use_cuda and not torch.cuda.is_available():
+        raise ConfigError("device=cuda was requested but torch sees no CUDA/ROCm GPU on this machine "
+                          "(use device=cpu or device=auto)")
+    if not use_cuda:
+        return DeviceInfo(type="cpu", name=_cpu_name())
+    return DeviceInfo(
+        type="cuda",
+        name=torch.cuda.get_device_name(),
+        rocm=torch.version.hip is not None,
+        capability=tuple(torch.cuda.get_device_capability()),
+    )
+
+
+@lru_cache(maxsize=1)
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def package_versions() -> dict[str, str | None]:
+    """Installed version of each tracked distribution (None when absent)."""
+    versions: dict[str, str | None] = {}
+    for name in TRACKED_PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def git_revision() -> dict[str, Any]:
+    """fluxopt's git revision when it runs from a checkout (None from a plain install)."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                             text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        return {"revision": rev, "dirty": bool(dirty)}
+    except (OSError, subprocess.SubprocessError):
+        return {"revision": None, "dirty": None}
+
+
+def _nvidia_driver() -> str | None:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20, check=True).stdout
+        return out.strip().splitlines()[0] if out.strip() else None
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return None
+
+
+def capture_environment(device: DeviceInfo) -> dict[str, Any]:
+    """Everything recorded next to the numbers so a result can be reproduced and compared."""
+    env: dict[str, Any] = {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "hostname": socket.gethostname(),
+        "cpu": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "packages": package_versions(),
+        "git": git_revision(),
+        "device": {"type": device.type, "name": device.name},
+        "cuda_version": torch.version.cuda,
+        "rocm_version": torch.version.hip,
+        "cudnn_version": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+    }
+    if device.is_gpu:
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        env["device"].update({
+            "compute_capability": ".".join(map(str, device.capability or ())),
+            "total_memory_gib": round(props.total_memory / 2**30, 2),
+            "multiprocessors": props.multi_processor_count,
+            "rocm": device.rocm,
+        })
+        env["driver"] = _nvidia_driver()
+    return env

@@ -1,0 +1,192 @@
+"""Measuring a pipeline: latency (end-to-end and per denoising step), peak memory, and the
+outputs (images and final latents) that fidelity is judged on.
+
+Warm-up is excluded from the statistics; GPU work is timed with CUDA events (no host sync
+inside the denoising loop), CPU work with ``perf_counter``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import psutil
+import torch
+
+from fluxopt.backend import Shapes
+from fluxopt.environment import DeviceInfo
+
+
+@dataclass
+class LatencyStats:
+    """Seconds over the timed iterations."""
+
+    median: float
+    mean: float
+    std: float
+    min: float
+    max: float
+    p90: float
+    n: int
+    samples: list[float] = field(default_factory=list)
+
+    @classmethod
+    def from_samples(cls, samples: Sequence[float]) -> LatencyStats:
+        xs = sorted(float(s) for s in samples)
+        if not xs:
+            raise ValueError("no timed iterations")
+        p90 = float(np.percentile(xs, 90))
+        return cls(median=statistics.median(xs), mean=statistics.fmean(xs),
+                   std=statistics.stdev(xs) if len(xs) > 1 else 0.0, min=xs[0], max=xs[-1], p90=p90,
+                   n=len(xs), samples=list(samples))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Sample:
+    """One generated output: the image (H, W, 3 floats in [0, 1]) and the final packed latents."""
+
+    prompt: str
+    seed: int
+    image: np.ndarray
+    latents: torch.Tensor
+
+
+@dataclass
+class Measurement:
+    first_call_s: float
+    latency: LatencyStats
+    step_latency: LatencyStats | None
+    peak_memory_bytes: int | None
+    memory_kind: str
+    samples: list[Sample]
+
+
+class _Clock:
+    """Timestamps that are cheap inside the loop: CUDA events on GPU, perf_counter on CPU."""
+
+    def __init__(self, device: DeviceInfo):
+        self.gpu = device.is_gpu
+
+    def sync(self) -> None:
+        if self.gpu:
+            torch.cuda.synchronize()
+
+    def mark(self) -> Any:
+        if self.gpu:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def elapsed(self, start: Any, end: Any) -> float:
+        return start.elapsed_time(end) / 1000.0 if self.gpu else end - start
+
+
+class _RssSampler:
+    """Peak resident memory of this process while generating (CPU runs), sampled every 20 ms."""
+
+    def __init__(self) -> None:
+        self.peak = 0
+        self._stop = threading.Event()
+        self._proc = psutil.Process()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+            self._stop.wait(0.02)
+
+    def __enter__(self) -> _RssSampler:
+        self.peak = self._proc.memory_info().rss
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+class Generator:
+    """Calls a FluxPipeline the same way for the baseline and for every stack."""
+
+    def __init__(self, pipe: Any, shapes: Shapes, device: DeviceInfo):
+        self.pipe = pipe
+        pipe.set_progress_bar_config(disable=True)  # fluxopt reports its own progress
+        self.shapes = shapes
+        self.device = device
+        self.clock = _Clock(device)
+
+    def __call__(self, prompt: str, seed: int) -> tuple[Sample, float, float | None]:
+        """Generate once; return the sample, end-to-end seconds and mean seconds per step."""
+        marks: list[Any] = []
+        final: dict[str, torch.Tensor] = {}
+        steps = self.shapes.steps
+
+        def on_step_end(pipe: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+            marks.append(self.clock.mark())
+            if step == steps - 1:
+                final["latents"] = kwargs["latents"].detach().float().cpu()
+            return {}
+
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        self.clock.sync()
+        start = self.clock.mark()
+        with torch.inference_mode():
+            out = self.pipe(
+                prompt=prompt, height=self.shapes.height, width=self.shapes.width,
+                num_inference_steps=steps, guidance_scale=self.shapes.guidance_scale,
+                max_sequence_length=self.shapes.max_sequence_length, generator=generator,
+                output_type="np", callback_on_step_end=on_step_end,
+                callback_on_step_end_tensor_inputs=["latents"])
+        end = self.clock.mark()
+        self.clock.sync()
+        total = self.clock.elapsed(start, end)
+        per_step = (self.clock.elapsed(marks[0], marks[-1]) / (len(marks) - 1)) if len(marks) > 1 else None
+        image = np.asarray(out.images[0], dtype=np.float32)
+        return Sample(prompt, seed, image, final["latents"]), total, per_step
+
+
+def measure(gen: Generator, prompts: Sequence[str], seed: int, warmup: int, iterations: int,
+            on_phase: Callable[[str], None] | None = None) -> Measurement:
+    """First call, one output per prompt (same seed for every stack), extra warm-up, then
+    ``iterations`` timed calls cycling over the prompts. ``on_phase`` is told when the
+    warm-up and timing phases start, so a failure can be attributed to one."""
+    on_phase = on_phase or (lambda name: None)
+    if iterations < 1:
+        raise ValueError("bench.iterations must be at least 1")
+    on_phase("warmup")
+    if gen.device.is_gpu:
+        torch.cuda.reset_peak_memory_stats()
+    sampler = _RssSampler() if not gen.device.is_gpu else None
+    with sampler if sampler is not None else contextlib.nullcontext():
+        samples = []
+        first_call = None
+        for i, prompt in enumerate(prompts):
+            sample, total, _ = gen(prompt, seed + i)
+            first_call = total if first_call is None else first_call
+            samples.append(sample)
+        for i in range(warmup):
+            gen(prompts[i % len(prompts)], seed + i % len(prompts))
+        on_phase("timing")
+        totals, steps = [], []
+        for i in range(iterations):
+            _, total, per_step = gen(prompts[i % len(prompts)], seed + i % len(prompts))
+            totals.append(total)
+            if per_step is not None:
+                steps.append(per_step)
+    if gen.device.is_gpu:
+        peak, kind = torch.cuda.max_memory_allocated(), "cuda_max_allocated"
+    else:
+        peak, kind = sampler.peak, "process_peak_rss"
+    return Measurement(first_call_s=float(first_call), latency=LatencyStats.from_samples(totals),
+                       step_latency=LatencyStats.from_samples(steps) if steps else None,
+                       peak_memory_bytes=int(peak), memory_kind=kind, samples=samples)

@@ -1,0 +1,122 @@
+"""The ModelSpec concept: how to obtain a FluxPipeline, and the generation defaults its
+authors use. Built-in specs are registered through the ``fluxopt_models`` hook."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fluxopt.artifacts import build_directory
+from fluxopt.errors import ModelLoadError
+from fluxopt.hookspecs import hookimpl
+
+
+@dataclass(frozen=True)
+class GenerationDefaults:
+    steps: int
+    guidance_scale: float
+    height: int
+    width: int
+    max_sequence_length: int
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model fluxopt can benchmark.
+
+    Exactly one of ``hub_id`` (loaded with ``from_pretrained``), ``local_builder`` (writes a
+    checkpoint directory once, then loaded with ``from_pretrained``) or ``factory`` (builds the
+    pipeline directly on the device) says where the weights come from.
+    """
+
+    name: str
+    description: str
+    defaults: GenerationDefaults
+    hub_id: str | None = None
+    local_builder: Callable[[Path], None] | None = None
+    local_version: int = 1
+    factory: Callable[[torch.device, torch.dtype], Any] | None = None
+    trained: bool = True  # random weights: fidelity numbers say nothing about image quality
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _build_tiny(directory: Path) -> None:
+    from fluxopt.tiny_model import save_tiny_pipeline
+
+    save_tiny_pipeline(directory)
+
+
+def _flux_dev_random(device: torch.device, dtype: torch.dtype):
+    from fluxopt.random_flux import build_random_flux_dev
+
+    return build_random_flux_dev(device, dtype)
+
+
+def _tiny_version() -> int:
+    from fluxopt.tiny_model import TINY_FORMAT_VERSION
+
+    return TINY_FORMAT_VERSION
+
+
+BUILTIN_MODELS = (
+    ModelSpec(
+        name="tiny",
+        description="embedded offline FluxPipeline with tiny random weights (CPU-fast, for tests and CI)",
+        defaults=GenerationDefaults(steps=4, guidance_scale=3.5, height=64, width=64, max_sequence_length=128),
+        local_builder=_build_tiny, local_version=_tiny_version(), trained=False),
+    ModelSpec(
+        name="flux-dev",
+        description="black-forest-labs/FLUX.1-dev (gated; needs a Hugging Face login and download)",
+        defaults=GenerationDefaults(steps=28, guidance_scale=3.5, height=1024, width=1024, max_sequence_length=512),
+        hub_id="black-forest-labs/FLUX.1-dev"),
+    ModelSpec(
+        name="flux-schnell",
+        description="black-forest-labs/FLUX.1-schnell (timestep-distilled, 4 steps, no guidance)",
+        defaults=GenerationDefaults(steps=4, guidance_scale=0.0, height=1024, width=1024, max_sequence_length=256),
+        hub_id="black-forest-labs/FLUX.1-schnell"),
+    ModelSpec(
+        name="flux-dev-random",
+        description="FLUX.1-dev shapes (19+38 blocks, 3072 wide) with random weights made on the device: "
+                    "real cost per step, no download, meaningless images",
+        defaults=GenerationDefaults(steps=28, guidance_scale=3.5, height=1024, width=1024, max_sequence_length=512),
+        factory=_flux_dev_random, trained=False),
+)
+
+
+@hookimpl
+def fluxopt_models() -> list[ModelSpec]:
+    return list(BUILTIN_MODELS)
+
+
+def local_model_dir(spec: ModelSpec, cache_dir: Path) -> Path:
+    return cache_dir / "models" / f"{spec.name}-v{spec.local_version}"
+
+
+def load_pipeline(spec: ModelSpec, device: torch.device, dtype: torch.dtype, cache_dir: Path,
+                  path: str | None = None, revision: str | None = None):
+    """Load ``spec`` onto ``device`` in ``dtype``; ``path`` overrides where weights come from
+    (a local directory or another hub id)."""
+    from diffusers import FluxPipeline
+
+    if spec.factory is not None and path is None:
+        return spec.factory(device, dtype)
+    if path is None and spec.local_builder is not None:
+        source = str(build_directory(local_model_dir(spec, cache_dir), spec.local_builder))
+    else:
+        source = path or spec.hub_id
+    if source is None:
+        raise ModelLoadError(f"model '{spec.name}' has no weights source; pass model.path=<dir or hub id>")
+    try:
+        pipe = FluxPipeline.from_pretrained(source, dtype=dtype, revision=revision)
+    except (OSError, ValueError) as exc:
+        hint = ("it is not a local directory and could not be fetched from the Hugging Face Hub "
+                "(no network, not in the HF cache, or a gated model without a login). Download it where "
+                f"the Hub is reachable (`hf download {source}`) and pass model.path=<that directory>, "
+                "or set HF_HOME to a cache that holds it")
+        raise ModelLoadError(f"could not load model '{spec.name}' from '{source}': {hint}. "
+                             f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+    return pipe.to(device)

@@ -1,0 +1,63 @@
+"""``flux-dev-random``: a FluxPipeline with FLUX.1-dev's transformer and VAE configuration and
+random weights created directly on the device, for performance work without a download.
+
+The cost per denoising step is the real model's; the images are noise-like, so fidelity
+numbers on it only say whether a backend computes the same function, not whether images
+look right. Text encoders keep the real output shapes (CLIP pooled 768, T5 4096 wide) but
+only two layers each: they run once per image and are not what fluxopt optimises.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+FLUX_DEV_TRANSFORMER = dict(
+    patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+    num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+    axes_dims_rope=(16, 56, 56))
+
+FLUX_VAE = dict(
+    in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+    latent_channels=16, norm_num_groups=32, sample_size=1024, scaling_factor=0.3611, shift_factor=0.1159,
+    use_quant_conv=False, use_post_quant_conv=False)
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def build_random_flux_dev(device: torch.device, dtype: torch.dtype, seed: int = 0):
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    from fluxopt.tiny_model import FLUX_SCHEDULER, clip_tokenizer, t5_tokenizer
+
+    clip_tok, t5_tok = clip_tokenizer(), t5_tokenizer()
+    eos = clip_tok.convert_tokens_to_ids("<|endoftext|>")
+    torch.manual_seed(seed)
+    init_dtype = dtype if dtype.is_floating_point else torch.float32
+    with torch.device(device), _default_dtype(init_dtype):
+        transformer = FluxTransformer2DModel(**FLUX_DEV_TRANSFORMER)
+        vae = AutoencoderKL(**FLUX_VAE)
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=len(clip_tok), hidden_size=768, intermediate_size=3072, num_hidden_layers=2,
+            num_attention_heads=12, projection_dim=768, max_position_embeddings=77,
+            bos_token_id=clip_tok.convert_tokens_to_ids("<|startoftext|>"), eos_token_id=eos, pad_token_id=eos))
+        text_encoder_2 = T5EncoderModel(T5Config(
+            vocab_size=len(t5_tok), d_model=4096, d_kv=64, d_ff=1024, num_layers=2, num_heads=64,
+            dropout_rate=0.0))
+    modules = (transformer, vae, text_encoder, text_encoder_2)
+    for module in modules:
+        module.to(device=device, dtype=dtype).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER)
+    return FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=clip_tok,
+                        text_encoder_2=text_encoder_2, tokenizer_2=t5_tok, transformer=transformer)

@@ -1,0 +1,133 @@
+"""Presenting results: the console table and ``report.md`` of one run.
+
+Rows are built from ``result.json`` content only, so a report can always be regenerated
+from the files a run left behind.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+COLUMNS = ("stack", "status", "latency (s)", "per step (ms)", "speedup", "build (s)", "first call (s)",
+           "peak mem (GiB)", "PSNR", "SSIM", "latent err", "fidelity")
+
+
+def _fmt(value: Any, spec: str = ".3g") -> str:
+    return "—" if value is None else format(value, spec)
+
+
+def stack_row(r: dict[str, Any]) -> dict[str, str]:
+    """One table row from a StackResult dict (baseline or stack)."""
+    lat, step, fid = r.get("latency"), r.get("step_latency"), r.get("fidelity") or {}
+    metrics = fid.get("metrics", {})
+
+    def metric(name: str, spec: str) -> str:
+        m = metrics.get(name)
+        return "—" if not m else _fmt(m["worst"], spec)
+
+    speedup = "1 (ref)" if r["stack"] == "baseline" else (
+        "—" if r.get("speedup") is None else
+        f"{r['speedup']:.2f} ± {r['speedup_uncertainty']:.2f}" + (" (noise)" if r.get("within_noise") else ""))
+    if r["stack"] == "baseline":
+        verdict = "reference"
+    elif fid:
+        verdict = "pass" if fid.get("passed") else "FAIL"
+    else:
+        verdict = "—"
+    status = r["status"] if not r.get("reason") or r["status"] == "ok" else (
+        f"{r['status']} ({r['phase']}): {r['reason']}" if r.get("phase") else f"{r['status']}: {r['reason']}")
+    return {
+        "stack": r["stack"],
+        "status": status,
+        "latency (s)": "—" if not lat else f"{lat['median']:.3f} ± {lat['std']:.3f}",
+        "per step (ms)": "—" if not step else f"{step['median'] * 1e3:.1f}",
+        "speedup": speedup,
+        "build (s)": _fmt(r.get("build_s"), ".1f"),
+        "first call (s)": _fmt(r.get("first_call_s"), ".3f"),
+        "peak mem (GiB)": _fmt(None if r.get("peak_memory_bytes") is None else r["peak_memory_bytes"] / 2**30, ".2f"),
+        "PSNR": metric("psnr", ".1f"),
+        "SSIM": metric("ssim", ".3f"),
+        "latent err": metric("latent_rel_l2", ".2e"),
+        "fidelity": verdict,
+    }
+
+
+def run_rows(data: dict[str, Any]) -> list[dict[str, str]]:
+    rows = [stack_row(data["baseline"])] if data.get("baseline") else []
+    return rows + [stack_row(r) for r in data.get("stacks", [])]
+
+
+def markdown_table(rows: list[dict[str, str]], columns: tuple[str, ...] = COLUMNS) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join(row.get(c, "").replace("|", "\\|") for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def fidelity_note(data: dict[str, Any]) -> str:
+    model = data["model"]
+    if model.get("trained"):
+        return f"Fidelity is measured on `{model['name']}`, a trained model: the numbers say how much image quality moves."
+    return (f"Fidelity is measured on `{model['name']}`, which has random weights: the numbers say whether a "
+            "backend computes the same function as the baseline, not how images would look on a trained model.")
+
+
+def environment_lines(env: dict[str, Any]) -> list[str]:
+    pk = env.get("packages", {})
+    dev = env.get("device", {})
+    git = env.get("git", {})
+    return [
+        f"- device: {dev.get('name')} ({dev.get('type')}"
+        + (f", sm {dev['compute_capability']}" if dev.get("compute_capability") else "") + ")"
+        + (f", driver {env['driver']}" if env.get("driver") else ""),
+        f"- torch {pk.get('torch')}, diffusers {pk.get('diffusers')}, transformers {pk.get('transformers')}, "
+        f"python {env.get('python')}, CUDA {env.get('cuda_version')}",
+        f"- host {env.get('hostname')}, CPU {env.get('cpu')}; fluxopt {pk.get('fluxopt')} "
+        f"git {git.get('revision') or 'n/a'}{' (dirty)' if git.get('dirty') else ''}",
+    ]
+
+
+def render_run_markdown(data: dict[str, Any]) -> str:
+    shapes = data["shapes"]
+    memory_kind = (data.get("baseline") or {}).get("memory_kind")
+    lines = [
+        f"# fluxopt run: {data['model']['name']} ({data['mode']})",
+        "",
+        f"{shapes['height']}x{shapes['width']}, {shapes['steps']} steps, guidance {shapes['guidance_scale']}, "
+        f"{len(data['prompts'])} prompt(s), seed {data['seed']}, dtype {data['model']['dtype']}. "
+        f"Latency: median ± std over {data['config']['bench']['iterations']} timed calls after warm-up; "
+        "speedup = baseline median / stack median (± 1 sigma); '(noise)' marks speedups within 2 sigma of 1. "
+        f"Peak memory: {'torch.cuda.max_memory_allocated' if memory_kind == 'cuda_max_allocated' else 'process peak RSS while generating'}.",
+        "",
+        markdown_table(run_rows(data)),
+        "",
+        "## Fidelity",
+        fidelity_note(data) + " Worst prompt shown; thresholds are in `config.fidelity`.",
+        "",
+        "## Environment",
+        *environment_lines(data.get("environment", {})),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def print_table(data: dict[str, Any], console: Console | None = None) -> None:
+    table = Table(title=f"fluxopt — {data['model']['name']} on {data['environment'].get('device', {}).get('name')}")
+    for column in COLUMNS:
+        table.add_column(column, overflow="fold")
+    for row in run_rows(data):
+        table.add_row(*(row[c] for c in COLUMNS))
+    console = console or Console()
+    if not console.is_terminal:  # logs and CI: do not squeeze the table into 80 columns
+        console.width = max(console.width, 220)
+    console.print(table)
+
+
+def write_run_report(data: dict[str, Any], output_dir: Path) -> Path:
+    path = Path(output_dir) / "report.md"
+    path.write_text(render_run_markdown(data))
+    return path
