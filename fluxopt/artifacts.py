@@ -5,11 +5,20 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
+import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from fluxopt.environment import DeviceInfo
+
+# Bump when the layout of cache entries changes: older entries are then never read.
+CACHE_FORMAT_VERSION = 1
 
 COMPLETE_MARKER = ".complete"
 
@@ -62,3 +71,27 @@ def build_directory(target: Path, builder: Callable[[Path], None]) -> Path:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def entry_key(key: Mapping[str, Any], device: DeviceInfo) -> dict[str, Any]:
+    """``key`` plus everything that makes a built artifact non-portable."""
+    from fluxopt.environment import package_versions
+
+    return {**key, "device": {"type": device.type, "name": device.name, "capability": device.capability,
+                              "rocm": device.rocm},
+            "versions": package_versions(), "cache_format": CACHE_FORMAT_VERSION}
+
+
+def artifact_entry(cache_dir: Path, kind: str, key: Mapping[str, Any], device: DeviceInfo,
+                   build: Callable[[Path], None]) -> tuple[Path, bool]:
+    """The cache entry for ``key`` (built with ``build`` if absent); returns (path, built_now)."""
+    full = entry_key(key, device)
+    digest = hashlib.sha256(json.dumps(full, sort_keys=True, default=str).encode()).hexdigest()[:24]
+    target = private_dir(cache_dir / "artifacts" / kind) / digest
+    built = not (target / COMPLETE_MARKER).exists()
+
+    def build_with_key(tmp: Path) -> None:
+        build(tmp)
+        (tmp / "key.json").write_text(json.dumps(full, indent=2, sort_keys=True, default=str))
+
+    return build_directory(target, build_with_key), built

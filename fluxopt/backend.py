@@ -124,6 +124,20 @@ class StackContext:
     run_once: Callable[[], Any] | None = None  # one pipeline call at the bench shapes
     stats: dict[str, Any] = field(default_factory=dict)
 
+    def artifact(self, backend: str, key: Mapping[str, Any], build: Callable[[Path], None]) -> Path:
+        """A cache directory holding what ``build(tmp_dir)`` writes, built once per key.
+
+        The key is completed with the model, shapes, dtype, device and library versions, so an
+        entry made for another GPU or version is never reused.
+        """
+        from fluxopt.artifacts import artifact_entry
+
+        full_key = {"backend": backend, "model": self.model.name if self.model else None,
+                    "shapes": dataclasses.asdict(self.shapes), "dtype": str(self.dtype), **key}
+        entry, built = artifact_entry(self.cache_dir, backend, full_key, self.device, build)
+        self.stats.setdefault("artifacts", {})[backend] = {"path": str(entry), "cache_hit": not built}
+        return entry
+
     @contextlib.contextmanager
     def timed(self, phase: str) -> Iterator[None]:
         """Time a named build phase (calibration, export, engine build...) into ``stats``."""

@@ -9,6 +9,7 @@ a built-in.
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from collections.abc import Iterable
 from functools import lru_cache
 from typing import Any
@@ -20,16 +21,23 @@ from fluxopt.errors import ConfigError
 
 ENTRY_POINT_GROUP = "fluxopt"
 
-# Core modules that are plugins themselves (models and metrics), then the built-in backends.
+# Core modules that are plugins themselves (models and metrics).
 CORE_PLUGINS = ("fluxopt.models", "fluxopt.fidelity")
-BUILTIN_PLUGINS = ("fluxopt_plugins.compile",)
+
+
+def builtin_plugin_modules() -> list[str]:
+    """Every module of the ``fluxopt_plugins`` package (``plugins/`` in the source tree)."""
+    import fluxopt_plugins
+
+    return sorted(f"fluxopt_plugins.{m.name}" for m in pkgutil.iter_modules(fluxopt_plugins.__path__)
+                  if not m.name.startswith("_"))
 
 
 @lru_cache(maxsize=1)
 def get_plugin_manager() -> pluggy.PluginManager:
     pm = pluggy.PluginManager(ENTRY_POINT_GROUP)
     pm.add_hookspecs(hookspecs)
-    for module_name in CORE_PLUGINS + BUILTIN_PLUGINS:
+    for module_name in (*CORE_PLUGINS, *builtin_plugin_modules()):
         pm.register(importlib.import_module(module_name), name=module_name)
     pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
     return pm

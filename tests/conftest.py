@@ -1,0 +1,67 @@
+"""Shared fixtures: an isolated artifact cache per session, helpers to run the CLI, and
+in-process registration of test-only plugins."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session", autouse=True)
+def fluxopt_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every test (and every CLI subprocess) uses one fresh cache directory."""
+    path = tmp_path_factory.mktemp("fluxopt-cache")
+    os.environ["FLUXOPT_CACHE_DIR"] = str(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe():
+    """The embedded tiny model, loaded once (tests that mutate it must load their own)."""
+    from fluxopt.api import load_model
+
+    return load_model("tiny", device="cpu")
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None,
+            timeout: int = 600) -> subprocess.CompletedProcess[str]:
+    """``python -m fluxopt ARGS`` in a subprocess, as a user would run it."""
+    full_env = {**os.environ, "HYDRA_FULL_ERROR": "0", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "fluxopt", *args], cwd=cwd or REPO, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def read_result(run_dir: Path) -> dict[str, Any]:
+    return json.loads((run_dir / "result.json").read_text())
+
+
+@pytest.fixture
+def register_plugin():
+    """Register a test plugin in-process for one test; the registry is rebuilt afterwards."""
+    from fluxopt import plugins
+
+    registered = []
+
+    def _register(module: Any, name: str) -> None:
+        plugins.get_plugin_manager().register(module, name=name)
+        registered.append(module)
+        _clear(plugins)
+
+    yield _register
+    pm = plugins.get_plugin_manager()
+    for module in registered:
+        pm.unregister(module)
+    _clear(plugins)
+
+
+def _clear(plugins: Any) -> None:
+    for fn in (plugins.backends, plugins.models, plugins.metrics):
+        fn.cache_clear()

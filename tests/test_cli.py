@@ -1,0 +1,99 @@
+"""``python -m fluxopt`` end to end, as a user runs it, on the embedded tiny model (CPU)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+from conftest import read_result, run_cli
+
+from fluxopt.result import SCHEMA_VERSION
+
+COMPILE_ARGS = ("+backend=compile", "backend.compile.mode=max-autotune-no-cudagraphs",
+                "backend.compile.regional=true", "bench.steps=4", "bench.height=64")
+
+
+@pytest.fixture(scope="module")
+def compile_run(tmp_path_factory) -> tuple[Path, str]:
+    run_dir = tmp_path_factory.mktemp("compile-run")
+    proc = run_cli(*COMPILE_ARGS, f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir, proc.stdout
+
+
+def test_compile_run_reports_everything_and_passes_lossless_fidelity(compile_run):
+    run_dir, stdout = compile_run
+    data = read_result(run_dir)
+    base, (stack,) = data["baseline"], data["stacks"]
+    assert stack["stack"] == "compile" and stack["status"] == "ok", stack
+    assert stack["options"]["compile"]["regional"] is True
+    assert stack["options"]["compile"]["mode"] == "max-autotune-no-cudagraphs"
+    for result in (base, stack):
+        lat = result["latency"]
+        assert lat["n"] == 3 and len(lat["samples"]) == 3
+        assert 0 < lat["min"] <= lat["median"] <= lat["p90"] <= lat["max"]
+        assert result["first_call_s"] > 0 and result["peak_memory_bytes"] > 0
+        assert result["step_latency"]["median"] > 0
+    assert stack["build_s"] > 0 and stack["build_phases_s"]["compile"] > 0
+    assert math.isclose(stack["speedup"], base["latency"]["median"] / stack["latency"]["median"])
+    fid = stack["fidelity"]
+    assert fid["passed"] is True and stack["lossless"] is True
+    assert fid["metrics"]["psnr"]["threshold"] == 30.0
+    assert fid["metrics"]["latent_rel_l2"]["worst"] < 0.05
+    assert "compile" in stdout and "speedup" in stdout
+
+
+def test_result_json_schema_and_run_directory(compile_run):
+    run_dir, _ = compile_run
+    data = read_result(run_dir)
+    assert data["schema_version"] == SCHEMA_VERSION and data["complete"] is True
+    assert data["mode"] == "stack"
+    assert data["shapes"] == {"height": 64, "width": 64, "steps": 4, "guidance_scale": 3.5,
+                              "max_sequence_length": 128, "batch_size": 1}
+    assert data["config"]["backend"]["compile"]["regional"] is True
+    env = data["environment"]
+    for key in ("python", "hostname", "cpu", "packages", "git", "device"):
+        assert key in env
+    assert env["packages"]["torch"] and env["packages"]["diffusers"]
+    assert (run_dir / "report.md").read_text().startswith("# fluxopt run")
+    assert (run_dir / ".hydra" / "config.yaml").exists()
+    for image in data["baseline"]["images"] + data["stacks"][0]["images"]:
+        assert (run_dir / image).stat().st_size > 0
+
+
+def test_unknown_backend_fails_before_loading_with_known_list(tmp_path):
+    proc = run_cli("+backend=compil", f"hydra.run.dir={tmp_path / 'run'}")
+    assert proc.returncode == 2
+    assert "unknown backend 'compil'" in proc.stderr and "Did you mean 'compile'" in proc.stderr
+    assert "Known backends:" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "run").exists()  # nothing ran
+
+
+def test_misspelt_option_lists_valid_options(tmp_path):
+    proc = run_cli("+backend=compile", "backend.compile.mdoe=max-autotune", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 2
+    assert "no option 'mdoe'" in proc.stderr and "Did you mean 'mode'" in proc.stderr
+    assert "regional: bool = False" in proc.stderr
+
+
+def test_wrong_option_type_fails_at_start(tmp_path):
+    proc = run_cli("+backend=compile", "backend.compile.regional=sometimes", f"hydra.run.dir={tmp_path / 'r'}")
+    assert proc.returncode != 0
+    assert "regional" in proc.stderr and "Boolean" in proc.stderr
+    assert not (tmp_path / "r" / "result.json").exists()
+
+
+def test_unknown_model_lists_known_models(tmp_path):
+    proc = run_cli("model=flux-pro", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 2
+    assert "unknown model 'flux-pro'" in proc.stderr and "flux-dev-random" in proc.stderr
+
+
+def test_model_without_network_gives_actionable_error(tmp_path):
+    proc = run_cli("model=flux-dev", "+backend=compile", f"hydra.run.dir={tmp_path}",
+                   env={"HF_HUB_OFFLINE": "1"})
+    assert proc.returncode != 0
+    assert "could not load model 'flux-dev'" in proc.stderr and "model.path=" in proc.stderr
+    assert "Traceback" not in proc.stderr
