@@ -17,14 +17,14 @@ from typing import Any
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.core.override_parser.types import ChoiceSweep, Override
+from hydra.core.override_parser.types import ChoiceSweep, Override, QuotedString
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from fluxopt import plugins
 from fluxopt.config import register_configs, selected_backends
 from fluxopt.errors import ConfigError, FluxoptError
-from fluxopt.result import RESULT_FILE, SCHEMA_VERSION, write_json_atomic
+from fluxopt.result import RESULT_FILE, SCHEMA_VERSION, keep_previous_result, read_result, write_json_atomic
 from fluxopt.stack import build_stack, describe_options, lookup_backend
 
 log = logging.getLogger("fluxopt")
@@ -35,8 +35,12 @@ def _stack_choices(value: Any) -> list[list[str]]:
     if isinstance(value, ChoiceSweep):
         return [names for item in value.list for names in _stack_choices(item)]
     if isinstance(value, (list, tuple)):
-        return [[str(v) for v in value]]
-    return [[str(value)]]
+        return [[_text(v) for v in value]]
+    return [[_text(value)]]
+
+
+def _text(value: Any) -> str:
+    return value.text if isinstance(value, QuotedString) else str(value)
 
 
 def _hydra_overrides(argv: list[str]) -> list[Override]:
@@ -91,6 +95,13 @@ def run_job(cfg: DictConfig) -> dict[str, Any] | None:
 
     hc = HydraConfig.get()
     output_dir = Path(hc.runtime.output_dir)
+    previous = read_result(output_dir / RESULT_FILE)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    if previous is not None:
+        if cfg.get("resume", True) and previous.get("config") == config:
+            print(f"fluxopt: {output_dir / RESULT_FILE} is complete for this config; skipping (resume=false re-runs)")
+            return previous
+        keep_previous_result(output_dir)
     try:
         data = Run(cfg, output_dir).execute()
     except FluxoptError as exc:

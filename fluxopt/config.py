@@ -66,6 +66,7 @@ class RunConfig:
     backend: dict[str, Any] = field(default_factory=dict)  # selected backends -> their options
     device: str = "auto"
     save_images: bool = True
+    resume: bool = True  # skip a job whose output dir already has a complete result for this config
 
 
 def register_configs() -> None:

@@ -8,6 +8,7 @@ import math
 import os
 import tempfile
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -79,3 +80,18 @@ def read_result(path: Path) -> dict[str, Any] | None:
     if data.get("schema_version") != SCHEMA_VERSION or not data.get("complete"):
         return None
     return data
+
+
+def keep_previous_result(directory: Path) -> Path | None:
+    """Move an existing result.json aside (never overwrite what was measured)."""
+    current = directory / RESULT_FILE
+    if not current.exists():
+        return None
+    stamp = datetime.fromtimestamp(current.stat().st_mtime, timezone.utc).strftime("%Y%m%dT%H%M%S")
+    target = directory / f"result.{stamp}.json"
+    n = 1
+    while target.exists():
+        target = directory / f"result.{stamp}-{n}.json"
+        n += 1
+    os.replace(current, target)
+    return target

@@ -65,3 +65,15 @@ def register_plugin():
 def _clear(plugins: Any) -> None:
     for fn in (plugins.backends, plugins.models, plugins.metrics):
         fn.cache_clear()
+
+
+@pytest.fixture(scope="session")
+def plugin_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Install the example third-party plugin and the test-only fault plugin (real
+    ``pip install`` of their packages, entry points included) into a private target directory;
+    returns the environment under which ``python -m fluxopt`` sees them."""
+    target = tmp_path_factory.mktemp("site")
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                    "--target", str(target), str(REPO / "examples" / "fluxopt-example-plugin"),
+                    str(REPO / "tests" / "fault_plugin")], check=True, capture_output=True, text=True)
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(target), os.environ.get("PYTHONPATH")]))}

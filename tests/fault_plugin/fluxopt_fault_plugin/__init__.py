@@ -1,0 +1,92 @@
+"""Backends that fail on purpose, each in one phase, installed through an entry point like any
+third-party plugin. Used by the fault-tolerance tests."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from fluxopt.backend import Backend, Requirements, Stage
+from fluxopt.hookspecs import hookimpl
+
+
+@dataclass
+class FaultOptions:
+    after_calls: int = 0  # fail on the transformer call after this many (0: at once)
+
+
+class RaiseInApply(Backend):
+    name = "fault_apply"
+    options_class = FaultOptions
+    stage = Stage.WEIGHTS
+
+    def apply(self, pipe: Any, options: FaultOptions, ctx: Any) -> None:
+        raise RuntimeError("fault_apply: injected failure while applying")
+
+
+class RaiseInBuild(Backend):
+    name = "fault_build"
+    options_class = FaultOptions
+    stage = Stage.WEIGHTS
+
+    def apply(self, pipe: Any, options: FaultOptions, ctx: Any) -> None:
+        pass
+
+    def build(self, pipe: Any, options: FaultOptions, ctx: Any) -> None:
+        raise ValueError("fault_build: injected failure while building")
+
+
+def _wrap_forward(pipe: Any, after_calls: int, fail: Any) -> None:
+    original = pipe.transformer.forward
+    calls = {"n": 0}
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        calls["n"] += 1
+        out = original(*args, **kwargs)
+        return fail(out) if calls["n"] > after_calls else out
+
+    pipe.transformer.forward = forward
+
+
+class NanOutput(Backend):
+    name = "fault_nan"
+    options_class = FaultOptions
+    stage = Stage.WEIGHTS
+    lossless = False
+
+    def apply(self, pipe: Any, options: FaultOptions, ctx: Any) -> None:
+        _wrap_forward(pipe, options.after_calls, lambda out: (out[0] * float("nan"),) + tuple(out[1:]))
+
+
+class OutOfMemory(Backend):
+    name = "fault_oom"
+    options_class = FaultOptions
+    stage = Stage.WEIGHTS
+
+    def apply(self, pipe: Any, options: FaultOptions, ctx: Any) -> None:
+        def fail(out: Any) -> Any:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB (injected)")
+
+        _wrap_forward(pipe, options.after_calls, fail)
+
+
+class NeedsCuda(Backend):
+    name = "fault_needs_cuda"
+    options_class = FaultOptions
+    stage = Stage.WEIGHTS
+    requires = Requirements(nvidia=True)
+
+    def apply(self, pipe: Any, options: FaultOptions, ctx: Any) -> None:
+        raise AssertionError("must never be applied without CUDA")
+
+
+@hookimpl
+def fluxopt_backends() -> list[Backend]:
+    return [RaiseInApply(), RaiseInBuild(), NanOutput(), OutOfMemory(), NeedsCuda()]
+
+
+@hookimpl
+def fluxopt_config_path() -> str:
+    return "pkg://fluxopt_fault_plugin.conf"

@@ -1,0 +1,165 @@
+"""Bake-offs: sweeps with a summary, fault tolerance, resume, reproducibility, isolation."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import read_result, run_cli
+from PIL import Image
+
+from fluxopt.result import write_json_atomic
+
+FAULTS = "fault_apply,fault_build,fault_nan,fault_oom,fault_needs_cuda"
+
+
+@pytest.fixture(scope="module")
+def fault_sweep(tmp_path_factory, plugin_env):
+    """One sweep in which every stack but one fails or is skipped, in a different phase each."""
+    sweep = tmp_path_factory.mktemp("sweep")
+    # As typed in a shell: -m +backend=...,'[compile,fault_nan]',compile (the shell drops the quotes).
+    args = ("-m", f"+backend={FAULTS},[compile,fault_nan],compile", "bench.iterations=2", f"hydra.sweep.dir={sweep}")
+    proc = run_cli(*args, env=plugin_env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return sweep, args, proc
+
+
+def _rows(sweep: Path) -> dict[str, dict]:
+    return {row["stack"]: row for row in json.loads((sweep / "summary.json").read_text())["rows"]}
+
+
+def test_sweep_records_each_failure_with_phase_and_goes_on(fault_sweep):
+    sweep, _, _ = fault_sweep
+    rows = _rows(sweep)
+    assert rows["compile"]["status"] == "ok" and rows["compile"]["fidelity"]["passed"]
+    assert (rows["fault_apply"]["status"], rows["fault_apply"]["phase"]) == ("failed", "apply")
+    assert "injected failure while applying" in rows["fault_apply"]["reason"]
+    assert (rows["fault_build"]["status"], rows["fault_build"]["phase"]) == ("failed", "build")
+    assert (rows["fault_oom"]["status"], rows["fault_oom"]["phase"]) == ("failed", "warmup")
+    assert rows["fault_oom"]["reason"].startswith("out of memory")
+    assert (rows["fault_nan"]["status"], rows["fault_nan"]["phase"]) == ("failed", "fidelity")
+    assert "non-finite" in rows["fault_nan"]["reason"]
+    assert rows["fault_nan+compile"]["status"] == "failed"  # composed in stage order
+    assert rows["fault_needs_cuda"]["status"] == "skipped"
+    assert "needs an NVIDIA GPU" in rows["fault_needs_cuda"]["reason"]
+
+
+def test_sweep_summary_files(fault_sweep):
+    sweep, _, proc = fault_sweep
+    for name in ("summary.md", "summary.csv", "summary.json", "speedup_vs_fidelity.png", "grid.png"):
+        assert (sweep / name).stat().st_size > 0, name
+    md = (sweep / "summary.md").read_text()
+    assert "| compile | ok |" in md and "## Noise" in md and "random weights" in md
+    with open(sweep / "summary.csv") as handle:
+        stacks = {row["stack"] for row in csv.DictReader(handle)}
+    assert {"compile", "fault_apply", "fault_nan+compile", "fault_needs_cuda"} <= stacks
+    assert Image.open(sweep / "grid.png").size[0] > 200
+    assert "sweep summary of 7 run(s)" in proc.stdout
+
+
+def test_report_regenerates_summary_from_result_files_alone(fault_sweep, tmp_path):
+    sweep, _, _ = fault_sweep
+    before = json.loads((sweep / "summary.json").read_text())
+    for name in ("summary.md", "summary.csv", "summary.json", "grid.png", "speedup_vs_fidelity.png"):
+        (sweep / name).unlink()
+    proc = subprocess.run([sys.executable, "-m", "fluxopt.report", str(sweep)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    after = json.loads((sweep / "summary.json").read_text())
+    assert after["rows"] == before["rows"]
+    assert (sweep / "grid.png").exists() and (sweep / "summary.md").exists()
+
+
+def test_restarted_sweep_skips_complete_jobs_and_force_keeps_old_results(fault_sweep, plugin_env):
+    sweep, args, _ = fault_sweep
+    job = sweep / "+backend=compile,bench.iterations=2"
+    result = job / "result.json"
+    before = result.read_text()
+    proc = run_cli("-m", "+backend=compile", "bench.iterations=2", f"hydra.sweep.dir={sweep}", env=plugin_env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "is complete for this config; skipping" in proc.stdout
+    assert result.read_text() == before
+    proc = run_cli("-m", "+backend=compile", "bench.iterations=2", "resume=false", f"hydra.sweep.dir={sweep}",
+                   env=plugin_env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    kept = list(job.glob("result.*.json"))
+    assert len(kept) == 1 and kept[0].read_text() == before  # never overwritten
+    assert read_result(job)["complete"] and result.read_text() != before
+
+
+def test_incomplete_result_is_not_skipped(tmp_path):
+    run_dir = tmp_path / "run"
+    write_json_atomic(run_dir / "result.json", {"schema_version": 1, "complete": False, "config": {}})
+    proc = run_cli("+backend=compile", "bench.iterations=1", f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert read_result(run_dir)["complete"] is True
+
+
+def test_no_backend_compares_everything_available_and_lists_skipped(tmp_path, plugin_env):
+    proc = run_cli("bench.iterations=1", f"hydra.run.dir={tmp_path}", env=plugin_env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = read_result(tmp_path)
+    assert data["mode"] == "bakeoff"
+    stacks = {s["stack"]: s for s in data["stacks"]}
+    assert stacks["compile"]["status"] == "ok"
+    assert stacks["fault_needs_cuda"]["status"] == "skipped"
+    assert stacks["fault_apply"]["status"] == "failed"  # recorded, the others still ran
+    assert all(len(s["backends"]) == 1 for s in data["stacks"])
+    assert "fault_needs_cuda" in proc.stdout and "skipped" in proc.stdout
+
+
+def test_reproduce_from_saved_hydra_config(tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    proc = run_cli("+backend=compile", "bench.iterations=2", "bench.seed=5", f"hydra.run.dir={first}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # The documented way to re-run a run exactly: its saved, fully composed config as the primary config.
+    proc = run_cli("--config-path", str(first / ".hydra"), "--config-name", "config", f"hydra.run.dir={second}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = read_result(first), read_result(second)
+    assert a["config"] == b["config"] and b["seed"] == 5
+    for img_a, img_b in zip(a["stacks"][0]["images"], b["stacks"][0]["images"]):
+        assert np.array_equal(np.asarray(Image.open(first / img_a)), np.asarray(Image.open(second / img_b)))
+    for key in ("python", "packages", "git", "device", "cpu", "hostname"):
+        assert a["environment"][key] == b["environment"][key]
+
+
+def test_json_writes_are_atomic(tmp_path):
+    path = tmp_path / "result.json"
+    write_json_atomic(path, {"ok": 1})
+    with pytest.raises(TypeError):
+        write_json_atomic(path, {"bad": object()})
+    assert json.loads(path.read_text()) == {"ok": 1}
+    assert os.listdir(tmp_path) == ["result.json"]
+
+
+def test_global_state_does_not_leak_between_stacks(tmp_path):
+    """A stack measured after another (which patched Inductor flags) gives the same outputs as alone."""
+    import torch._inductor.config as inductor_config
+    from hydra import compose, initialize_config_module
+
+    from fluxopt.config import register_configs
+    from fluxopt.runner import Run
+    from fluxopt.stack import build_stack
+
+    register_configs()
+    with initialize_config_module(config_module="fluxopt.conf", version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["bench.iterations=1", "bench.steps=2"])
+    flags_before = inductor_config.save_config()
+    leaky = build_stack({"compile": {"regional": True, "inductor_config": {"epilogue_fusion": False,
+                                                                            "max_autotune_gemm": True}}})
+    alone = build_stack({"compile": {}})
+    after_run = Run(cfg, tmp_path / "after")
+    after_run.stacks = [leaky, alone]
+    after = after_run.execute()
+    alone_run = Run(cfg, tmp_path / "alone")
+    alone_run.stacks = [alone]
+    single = alone_run.execute()
+    assert inductor_config.save_config() == flags_before
+    img_after = [np.asarray(Image.open(tmp_path / "after" / p)) for p in after["stacks"][1]["images"]]
+    img_alone = [np.asarray(Image.open(tmp_path / "alone" / p)) for p in single["stacks"][0]["images"]]
+    assert all(np.array_equal(x, y) for x, y in zip(img_after, img_alone))
