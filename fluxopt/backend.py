@@ -128,15 +128,15 @@ class StackContext:
         """A cache directory holding what ``build(tmp_dir)`` writes, built once per key.
 
         The key is completed with the model, shapes, dtype, device and library versions, so an
-        entry made for another GPU or version is never reused.
+        entry made for another GPU or version is never reused. Every load verifies the entry's
+        manifest (key, sha256 of every file, owner and permissions); a corrupt, partial or
+        foreign entry is logged, recorded as ``stats["artifacts"][backend]["rebuilt"]`` and
+        rebuilt. ``stats["artifacts"][backend]`` also says ``cache_hit``, ``built``,
+        ``verify_s``, ``build_s`` and ``size_bytes``.
         """
-        from fluxopt.artifacts import artifact_entry
+        from fluxopt.artifacts import stack_artifact
 
-        full_key = {"backend": backend, "model": self.model.name if self.model else None,
-                    "shapes": dataclasses.asdict(self.shapes), "dtype": str(self.dtype), **key}
-        entry, built = artifact_entry(self.cache_dir, backend, full_key, self.device, build)
-        self.stats.setdefault("artifacts", {})[backend] = {"path": str(entry), "cache_hit": not built}
-        return entry
+        return stack_artifact(self, backend, key, build)
 
     @contextlib.contextmanager
     def timed(self, phase: str) -> Iterator[None]:
@@ -167,6 +167,9 @@ class Backend:
     lossless: ClassVar[bool] = True
     requires: ClassVar[Requirements] = Requirements()
     conflicts: ClassVar[Mapping[str, str]] = {}  # other backend name -> reason
+    # Backends sharing a group (e.g. "quantization") are mutually exclusive, for this reason.
+    exclusive_group: ClassVar[str | None] = None
+    exclusive_reason: ClassVar[str] = ""
 
     def unmet_requirement(self, options: Any, device: DeviceInfo) -> str | None:
         """Why this backend (with these options) cannot run here, or None."""

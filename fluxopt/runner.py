@@ -92,7 +92,8 @@ def _speedup(base: dict[str, Any], other: dict[str, Any]) -> tuple[float, float]
 
 
 class Run:
-    def __init__(self, cfg: DictConfig | Mapping[str, Any], output_dir: Path):
+    def __init__(self, cfg: DictConfig | Mapping[str, Any], output_dir: Path, stacks: list[Stack] | None = None):
+        """``stacks`` replaces the stacks the config selects (benchmark scripts compare a chosen list)."""
         self.cfg = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
         self.output_dir = Path(output_dir)
         self.device = detect_device(self.cfg.get("device", "auto"))
@@ -105,7 +106,7 @@ class Run:
         self.seed = int(self.cfg.bench.seed)
         self.cache_dir = Path(self.cfg.cache.dir).expanduser() if self.cfg.cache.get("dir") else default_cache_dir()
         selection = selected_backends(self.cfg)
-        self.stacks, self.explicit = plan_stacks(selection)
+        self.stacks, self.explicit = (stacks, False) if stacks is not None else plan_stacks(selection)
         self.results: list[StackResult] = []
         self.baseline: StackResult | None = None
         self.started = datetime.now(timezone.utc).isoformat()

@@ -125,6 +125,10 @@ def _check_compatible(entries: Sequence[StackEntry]) -> None:
         reason = a.backend.conflicts.get(b.name) or b.backend.conflicts.get(a.name)
         if reason:
             raise ConfigError(f"backends '{a.name}' and '{b.name}' cannot be combined: {reason}")
+        group = a.backend.exclusive_group
+        if group is not None and group == b.backend.exclusive_group:
+            raise ConfigError(f"backends '{a.name}' and '{b.name}' cannot be combined: "
+                              f"{a.backend.exclusive_reason or f'both belong to the exclusive group {group!r}'}")
         if a.backend.stage == b.backend.stage and a.backend.stage in EXCLUSIVE_STAGES:
             raise ConfigError(f"backends '{a.name}' and '{b.name}' cannot be combined: "
                               f"{EXCLUSIVE_STAGES[a.backend.stage]}")

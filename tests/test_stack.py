@@ -38,6 +38,8 @@ def test_backends(register_plugin):
         _backend("t_cache", Stage.CACHE),
         _backend("t_graph", Stage.GRAPH),
         _backend("t_gpu", Stage.WEIGHTS, requires=Requirements(gpu=True, min_compute_capability=(8, 9))),
+        _backend("t_quant_a", Stage.WEIGHTS, exclusive_group="t_quant", exclusive_reason="one quantizer only"),
+        _backend("t_quant_b", Stage.WEIGHTS, exclusive_group="t_quant", exclusive_reason="one quantizer only"),
     ]
     plugin.fluxopt_backends = hookimpl(lambda: specs)
     register_plugin(plugin, "test-backends")
@@ -65,6 +67,12 @@ def test_two_graph_backends_are_refused(test_backends):
 def test_declared_conflict_is_refused_with_its_reason_either_direction(test_backends):
     with pytest.raises(ConfigError, match="test conflict reason"):
         build_stack(["t_cache", "t_weights"])
+
+
+def test_backends_of_one_exclusive_group_are_refused(test_backends):
+    with pytest.raises(ConfigError, match="'t_quant_a' and 't_quant_b' cannot be combined: one quantizer only"):
+        build_stack(["t_quant_a", "t_quant_b"])
+    assert build_stack(["t_quant_a", "t_cache"]).names == ["t_quant_a", "t_cache"]
 
 
 def test_duplicate_backend_is_refused():

@@ -1,0 +1,41 @@
+"""``python -m fluxopt.catalog``: every registered backend, what it needs and whether it can
+run on this machine (Markdown, so docs/backends.md is generated from the code itself)."""
+
+from __future__ import annotations
+
+import argparse
+
+from fluxopt import plugins
+from fluxopt.backend import EXCLUSIVE_STAGES
+from fluxopt.environment import detect_device
+from fluxopt.stack import describe_options
+
+
+def render(device: str = "auto") -> str:
+    info = detect_device(device)
+    lines = [f"| backend | stage | lossless | conflicts | on this machine ({info.name}) | description |",
+             "|---|---|---|---|---|---|"]
+    details = []
+    for name, backend in sorted(plugins.backends().items(), key=lambda kv: (kv[1].stage, kv[0])):
+        options = backend.options_class()
+        reason = backend.unmet_requirement(options, info)
+        conflicts = ", ".join(f"{k} ({v})" for k, v in backend.conflicts.items())
+        if backend.exclusive_group:
+            conflicts = "; ".join(filter(None, [conflicts, f"any other '{backend.exclusive_group}' backend"]))
+        if backend.stage in EXCLUSIVE_STAGES:
+            conflicts = "; ".join(filter(None, [conflicts, f"any other {backend.stage.name.lower()} backend"]))
+        lines.append(f"| `{name}` | {backend.stage.name.lower()} | {'yes' if backend.is_lossless(options) else 'no'} "
+                     f"| {conflicts or '—'} | {'available' if reason is None else reason} | {backend.description} |")
+        described = describe_options(backend.options_class)
+        details.append(f"- `{name}`: {described}" if described else f"- `{name}`: no options")
+    return "\n".join(lines + ["", "Options (`backend.<name>.<option>=value`):", ""] + details) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    print(render(parser.parse_args().device))
+
+
+if __name__ == "__main__":
+    main()
