@@ -1,26 +1,54 @@
 """Where built things live (tiny model checkpoint, compiled graphs, exported packages,
-engines) and how they are written: atomically, under a lock, in a user-only directory."""
+engines) and how they are written: atomically, under a lock, in a user-only directory.
+
+Layout under the cache directory (``cache.dir``, ``$FLUXOPT_CACHE_DIR`` or ``~/.cache/fluxopt``)::
+
+    models/<name>-v<N>/                 local model checkpoints (``build_directory``)
+    artifacts/<kind>/<digest>/          one built artifact entry (``ArtifactCache``)
+        manifest.json                   the full key and the sha256 + size of every file
+        ...                             what the backend's build wrote
+    artifacts/<kind>/<digest>.lock      held while the entry is built
+    inductor/                           torch.compile's own caches (FX graph, autotune, Triton)
+
+An entry is complete when its manifest exists: the build happens in a temporary sibling,
+the manifest is written last and the directory is renamed into place. On every load the
+manifest's key is compared with the expected key and every file's checksum is verified; a
+partial, corrupt, foreign or unsafe (not ours, group/world-writable) entry is reported and
+rebuilt, never loaded.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import shutil
+import stat
 import tempfile
+import time
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from fluxopt.backend import StackContext
     from fluxopt.environment import DeviceInfo
 
+log = logging.getLogger("fluxopt.artifacts")
+
 # Bump when the layout of cache entries changes: older entries are then never read.
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2
 
 COMPLETE_MARKER = ".complete"
+MANIFEST = "manifest.json"
+ARTIFACTS = "artifacts"
+INDUCTOR = "inductor"
+_HASH_CHUNK = 1 << 20
 
 
 def default_cache_dir() -> Path:
@@ -42,7 +70,8 @@ def private_dir(path: Path) -> Path:
 def file_lock(lock_path: Path) -> Iterator[None]:
     """Exclusive inter-process lock, so two processes never build the same entry at once."""
     private_dir(lock_path.parent)
-    with open(lock_path, "a+") as handle:
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    with os.fdopen(fd, "a+") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
@@ -50,11 +79,25 @@ def file_lock(lock_path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def lock_is_free(lock_path: Path) -> bool:
+    """Whether no process holds ``lock_path`` now (so no build of that entry is in progress)."""
+    if not lock_path.exists():
+        return True
+    with open(lock_path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        return True
+
+
 def build_directory(target: Path, builder: Callable[[Path], None]) -> Path:
     """Return ``target``, building it first with ``builder(tmp_dir)`` if it is not complete.
 
     The build happens in a temporary sibling that is renamed into place, so a killed build
-    never leaves a half-written entry that looks valid.
+    never leaves a half-written entry that looks valid. (Used for local model checkpoints;
+    backend artifacts go through ``ArtifactCache``, which also verifies checksums.)
     """
     if (target / COMPLETE_MARKER).exists():
         return target
@@ -73,25 +116,439 @@ def build_directory(target: Path, builder: Callable[[Path], None]) -> Path:
     return target
 
 
-def entry_key(key: Mapping[str, Any], device: DeviceInfo) -> dict[str, Any]:
-    """``key`` plus everything that makes a built artifact non-portable."""
+# ---------------------------------------------------------------------------------- keys
+def environment_key(device: DeviceInfo) -> dict[str, Any]:
+    """Everything about this machine that makes a built artifact non-portable."""
+    import platform
+    import sys
+
+    import torch
+
     from fluxopt.environment import package_versions
 
-    return {**key, "device": {"type": device.type, "name": device.name, "capability": device.capability,
-                              "rocm": device.rocm},
+    return {"device": {"type": device.type, "name": device.name,
+                       "capability": list(device.capability) if device.capability else None,
+                       "rocm": device.rocm},
+            "runtime": {"cuda": torch.version.cuda, "hip": torch.version.hip, "machine": platform.machine(),
+                        "python": f"{sys.version_info.major}.{sys.version_info.minor}"},
             "versions": package_versions(), "cache_format": CACHE_FORMAT_VERSION}
 
 
+def entry_key(key: Mapping[str, Any], device: DeviceInfo) -> dict[str, Any]:
+    """``key`` plus everything that makes a built artifact non-portable, JSON-normalised."""
+    return _normalise({**key, **environment_key(device)})
+
+
+def _normalise(value: Any) -> Any:
+    """The JSON form of a key (tuples become lists, unknown objects their str), so that the
+    key written into a manifest compares equal to the key recomputed later."""
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
+def key_digest(full_key: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(full_key, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def key_summary(full_key: Mapping[str, Any]) -> str:
+    """One line naming what an entry is for (for ``fluxopt-cache ls`` and logs)."""
+    device = full_key.get("device") or {}
+    versions = full_key.get("versions") or {}
+    shapes = full_key.get("shapes") or {}
+    parts = [str(full_key.get("model") or "-")]
+    if shapes:
+        parts.append(f"{shapes.get('height')}x{shapes.get('width')}/seq{shapes.get('max_sequence_length')}")
+    if full_key.get("dtype"):
+        parts.append(str(full_key["dtype"]).removeprefix("torch."))
+    parts.append(str(device.get("name") or device.get("type") or "-"))
+    parts.append(f"torch {versions.get('torch')}")
+    return " ".join(parts)
+
+
+# ---------------------------------------------------------------------------------- modules
+def _is_subclass(t: Any) -> bool:
+    """A tensor subclass (torchao quantized weights...), not a plain tensor/parameter/buffer."""
+    import torch
+
+    return type(t) not in (torch.Tensor, torch.nn.Parameter, torch.nn.Buffer)
+
+
+def module_fingerprint(module: Any, values: bool) -> str:
+    """sha256 of what decides the exported graph: class, config, every tensor's name, type,
+    shape and dtype, the attention processors; with ``values``, also a sample of every
+    tensor's values (cheap: a few elements each, gathered in one transfer)."""
+    import itertools
+
+    import torch
+
+    h = hashlib.sha256(type(module).__qualname__.encode())
+    config = getattr(module, "config", None)
+    if config is not None:
+        h.update(json.dumps(dict(config), sort_keys=True, default=str).encode())
+    samples = []
+    for name, t in itertools.chain(module.named_parameters(), module.named_buffers()):
+        h.update(f"{name}|{type(t).__name__}|{type(t.data).__name__}|{tuple(t.shape)}|{t.dtype}\n".encode())
+        if values:
+            if _is_subclass(t):
+                h.update(repr(t).encode()[:4096])
+            elif t.numel():
+                flat = t.detach().reshape(-1)
+                idx = torch.linspace(0, flat.numel() - 1, steps=min(64, flat.numel()), device=flat.device).long()
+                samples.append(flat[idx].float())
+    if samples:
+        h.update(torch.cat(samples).cpu().numpy().tobytes())
+    processors = getattr(module, "attn_processors", None)
+    if isinstance(processors, dict):
+        for name, proc in sorted(processors.items()):
+            h.update(f"{name}|{type(proc).__qualname__}|{getattr(proc, '_attention_backend', None)}\n".encode())
+    return h.hexdigest()[:32]
+
+
+def has_subclass_weights(module: Any) -> bool:
+    import itertools
+
+    return any(_is_subclass(p) for p in itertools.chain(module.parameters(), module.buffers()))
+
+
+# ---------------------------------------------------------------------------------- files
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _walk_files(root: Path) -> Iterator[tuple[str, Path]]:
+    """(relative posix path, path) of every non-directory below ``root``, links included."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(filenames) + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
+            path = Path(dirpath) / name
+            yield path.relative_to(root).as_posix(), path
+
+
+def _unsafe(path: Path, uid: int) -> str | None:
+    """Why ``path`` may not be trusted (owner, permissions, link), or None."""
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode):
+        return f"{path.name} is a symbolic link"
+    if st.st_uid != uid:
+        return f"{path} is owned by uid {st.st_uid}, not by this user (uid {uid})"
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f"{path} is group- or world-writable (mode {stat.S_IMODE(st.st_mode):o})"
+    return None
+
+
+def dir_size(path: Path) -> int:
+    total = 0
+    for _, p in _walk_files(path):
+        with contextlib.suppress(OSError):
+            total += os.lstat(p).st_size
+    return total
+
+
+# ---------------------------------------------------------------------------------- cache
+@dataclass
+class Verdict:
+    """What checking an entry found: ``reason`` is None for a valid entry."""
+
+    reason: str | None
+    manifest: dict[str, Any] | None = None
+
+    @property
+    def valid(self) -> bool:
+        return self.reason is None
+
+
+@dataclass
+class CacheResult:
+    """One ``ArtifactCache.get``: where the entry is and how it was obtained."""
+
+    path: Path
+    cache_hit: bool  # a valid entry was there (possibly built meanwhile by another process)
+    built: bool  # this process built it
+    rebuilt: str | None = None  # why an existing entry was discarded and rebuilt
+    waited_for_other_builder: bool = False
+    verify_s: float = 0.0
+    build_s: float = 0.0
+    size_bytes: int = 0
+
+    def to_stats(self) -> dict[str, Any]:
+        stats = {"path": str(self.path), "cache_hit": self.cache_hit, "built": self.built,
+                 "verify_s": round(self.verify_s, 4), "size_bytes": self.size_bytes}
+        if self.build_s:
+            stats["build_s"] = round(self.build_s, 4)
+        if self.rebuilt:
+            stats["rebuilt"] = self.rebuilt
+        if self.waited_for_other_builder:
+            stats["waited_for_other_builder"] = True
+        return stats
+
+
+class ArtifactCache:
+    """Verified, locked, atomically written cache entries under ``root/artifacts/<kind>/``."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root).expanduser()
+
+    @property
+    def artifacts_dir(self) -> Path:
+        return self.root / ARTIFACTS
+
+    def entry_path(self, kind: str, full_key: Mapping[str, Any]) -> Path:
+        if not kind or "/" in kind or kind.startswith("."):
+            raise ValueError(f"bad artifact kind {kind!r}")
+        return self.artifacts_dir / kind / key_digest(full_key)
+
+    # ------------------------------------------------------------------ checking
+    def verify(self, path: Path, expected_key: Mapping[str, Any] | None = None) -> Verdict:
+        """Check an entry: ownership and permissions, manifest, key, file set, sizes, checksums."""
+        if not path.exists():
+            return Verdict("absent")
+        uid = os.getuid()
+        for p in (path.parent.parent, path.parent, path):  # artifacts/, artifacts/<kind>/, the entry
+            reason = _unsafe(p, uid)
+            if reason:
+                return Verdict(f"unsafe entry: {reason}")
+        manifest_path = path / MANIFEST
+        if not manifest_path.exists():
+            return Verdict("incomplete entry (no manifest)")
+        reason = _unsafe(manifest_path, uid)
+        if reason:
+            return Verdict(f"unsafe entry: {reason}")
+        try:
+            manifest = json.loads(manifest_path.read_text())
+            files = manifest["files"]
+            key = manifest["key"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            return Verdict(f"unreadable manifest ({type(exc).__name__})")
+        if manifest.get("cache_format") != CACHE_FORMAT_VERSION:
+            return Verdict(f"cache format {manifest.get('cache_format')} (expected {CACHE_FORMAT_VERSION})", manifest)
+        if key_digest(key) != path.name:
+            return Verdict("key mismatch: the manifest's key does not hash to this entry's name", manifest)
+        if expected_key is not None and _normalise(key) != _normalise(expected_key):
+            return Verdict("key mismatch: the entry was built for another key", manifest)
+        present = {rel: p for rel, p in _walk_files(path) if rel != MANIFEST}
+        for rel in sorted(set(present) - set(files)):
+            return Verdict(f"unexpected file {rel}", manifest)
+        for rel in sorted(files):
+            if rel not in present:
+                return Verdict(f"missing file {rel}", manifest)
+            reason = _unsafe(present[rel], uid)
+            if reason:
+                return Verdict(f"unsafe entry: {reason}", manifest)
+            size = os.lstat(present[rel]).st_size
+            if size != files[rel]["size"]:
+                return Verdict(f"truncated or changed file {rel} ({size} bytes, manifest says {files[rel]['size']})",
+                               manifest)
+            if file_sha256(present[rel]) != files[rel]["sha256"]:
+                return Verdict(f"checksum mismatch in {rel}", manifest)
+        return Verdict(None, manifest)
+
+    # ------------------------------------------------------------------ building
+    def lookup(self, kind: str, full_key: Mapping[str, Any]) -> tuple[Path | None, str | None]:
+        """The valid entry for ``full_key`` or None, and why an existing entry was discarded.
+
+        An invalid entry is reported and removed (under the lock) so that it is never loaded.
+        """
+        full_key = _normalise(full_key)
+        target = self.entry_path(kind, full_key)
+        if self.verify(target, full_key).valid:
+            return target, None
+        with file_lock(target.with_name(target.name + ".lock")):
+            verdict = self.verify(target, full_key)
+            if verdict.valid:
+                return target, None
+            if verdict.reason != "absent":
+                self._discard(target, verdict.reason)
+                return None, verdict.reason
+        return None, None
+
+    def get(self, kind: str, full_key: Mapping[str, Any], build: Callable[[Path], None]) -> CacheResult:
+        """The entry for ``full_key``, built with ``build(tmp_dir)`` if absent or invalid."""
+        full_key = _normalise(full_key)
+        target = self.entry_path(kind, full_key)
+        start = time.perf_counter()
+        if self.verify(target, full_key).valid:
+            return CacheResult(target, cache_hit=True, built=False, verify_s=time.perf_counter() - start,
+                               size_bytes=dir_size(target))
+        lock_path = target.with_name(target.name + ".lock")
+        waited = not lock_is_free(lock_path)
+        with file_lock(lock_path):
+            verify_start = time.perf_counter()
+            verdict = self.verify(target, full_key)
+            verify_s = time.perf_counter() - verify_start
+            if verdict.valid:  # another process built it while we waited for the lock
+                return CacheResult(target, cache_hit=True, built=False, waited_for_other_builder=True,
+                                   verify_s=verify_s, size_bytes=dir_size(target))
+            rebuilt = None
+            if verdict.reason != "absent":
+                rebuilt = verdict.reason
+                self._discard(target, rebuilt)
+            build_start = time.perf_counter()
+            self._build(target, full_key, build)
+            return CacheResult(target, cache_hit=False, built=True, rebuilt=rebuilt,
+                               waited_for_other_builder=waited, verify_s=verify_s,
+                               build_s=time.perf_counter() - build_start, size_bytes=dir_size(target))
+
+    def _discard(self, target: Path, reason: str) -> None:
+        log.warning("artifact cache: discarding %s: %s; it will be rebuilt", target, reason)
+        self.remove(target)
+
+    def _build(self, target: Path, full_key: Mapping[str, Any], build: Callable[[Path], None]) -> None:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=private_dir(target.parent)))
+        private_dir(self.artifacts_dir)
+        try:
+            build(tmp)
+            files = {}
+            for rel, path in _walk_files(tmp):
+                if rel == MANIFEST:
+                    raise RuntimeError(f"a build may not write {MANIFEST} itself")
+                if path.is_symlink():
+                    raise RuntimeError(f"a build wrote a symbolic link ({rel}); cache entries hold plain files")
+                os.chmod(path, 0o600 | (os.stat(path).st_mode & 0o100))
+                files[rel] = {"size": path.stat().st_size, "sha256": file_sha256(path)}
+            for dirpath, _, _ in os.walk(tmp):
+                os.chmod(dirpath, 0o700)
+            manifest = {"cache_format": CACHE_FORMAT_VERSION, "kind": target.parent.name, "key": full_key,
+                        "files": files, "created": time.time(), "summary": key_summary(full_key)}
+            manifest_tmp = tmp / (MANIFEST + ".tmp")
+            with open(manifest_tmp, "w") as handle:
+                json.dump(manifest, handle, indent=2, sort_keys=True)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.chmod(manifest_tmp, 0o600)
+            os.replace(manifest_tmp, tmp / MANIFEST)
+            if target.exists() or target.is_symlink():
+                self.remove(target)
+            os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    @staticmethod
+    def remove(path: Path) -> None:
+        """Delete an entry: renamed aside first (atomic), so no reader sees it half deleted."""
+        if not (path.exists() or path.is_symlink()):
+            return
+        if path.is_symlink() or not path.is_dir():
+            path.unlink()
+            return
+        trash = path.with_name(f".trash-{path.name}-{os.getpid()}-{time.monotonic_ns()}")
+        os.replace(path, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+
+    # ------------------------------------------------------------------ listing
+    def entries(self) -> Iterator[EntryInfo]:
+        """Every entry, leftover and model checkpoint in the cache (for ``fluxopt-cache``)."""
+        if self.artifacts_dir.is_dir():
+            for kind_dir in sorted(p for p in self.artifacts_dir.iterdir() if p.is_dir()):
+                for path in sorted(kind_dir.iterdir()):
+                    if path.name.endswith(".lock"):
+                        continue
+                    yield self.inspect(path)
+        models = self.root / "models"
+        if models.is_dir():
+            for path in sorted(models.iterdir()):
+                if path.name.endswith(".lock"):
+                    continue
+                leftover = path.name.startswith(".")
+                complete = (path / COMPLETE_MARKER).exists() and not leftover
+                yield EntryInfo(path=path, kind="model", id=path.name, size_bytes=dir_size(path),
+                                mtime=path.stat().st_mtime, status="valid" if complete else "incomplete",
+                                reason=None if complete else "no .complete marker (killed build)",
+                                summary=path.name, key=None, building=_building(path))
+        inductor = self.root / INDUCTOR
+        if inductor.is_dir():
+            yield EntryInfo(path=inductor, kind="inductor", id=INDUCTOR, size_bytes=dir_size(inductor),
+                            mtime=inductor.stat().st_mtime, status="valid", reason=None,
+                            summary="torch.compile caches (FX graph, AOT autograd, autotune, Triton)", key=None)
+
+    def inspect(self, path: Path) -> EntryInfo:
+        kind = path.parent.name
+        mtime = path.lstat().st_mtime
+        if path.name.startswith("."):  # temporary directory of a build, or a removal in progress
+            digest = path.name[1:].split(".")[0].removeprefix("trash-").split("-")[0]
+            return EntryInfo(path=path, kind=kind, id=path.name, size_bytes=dir_size(path) if path.is_dir() else 0,
+                             mtime=mtime, status="incomplete", reason="leftover of an interrupted build",
+                             summary="-", key=None, building=_building(path.with_name(digest)))
+        verdict = self.verify(path)
+        manifest = verdict.manifest or {}
+        key = manifest.get("key")
+        created = manifest.get("created") or mtime
+        status = "valid" if verdict.valid else ("incomplete" if verdict.reason.startswith("incomplete")
+                                                  else "corrupt")
+        return EntryInfo(path=path, kind=kind, id=path.name, size_bytes=dir_size(path) if path.is_dir() else 0,
+                         mtime=created, status=status, reason=verdict.reason,
+                         summary=key_summary(key) if key else "-", key=key, building=_building(path))
+
+
+def _building(entry: Path) -> bool:
+    return not lock_is_free(entry.with_name(entry.name + ".lock"))
+
+
+@dataclass
+class EntryInfo:
+    path: Path
+    kind: str
+    id: str
+    size_bytes: int
+    mtime: float
+    status: str  # valid | corrupt | incomplete
+    reason: str | None
+    summary: str
+    key: dict[str, Any] | None
+    building: bool = False
+
+    def stale_for(self, device: DeviceInfo) -> str | None:
+        """Why a valid entry can never be used on this machine/installation, or None."""
+        if self.key is None:
+            return None
+        here = _normalise(environment_key(device))
+        for part, label in (("cache_format", "cache format"), ("device", "device"), ("runtime", "runtime"),
+                            ("versions", "package versions")):
+            if self.key.get(part) != here[part]:
+                if part == "versions":
+                    diff = sorted(k for k in set(here[part]) | set(self.key.get(part) or {})
+                                  if (self.key.get(part) or {}).get(k) != here[part].get(k))
+                    return f"built for other package versions ({', '.join(diff)})"
+                return f"built for another {label} ({json.dumps(self.key.get(part), default=str)})"
+        return None
+
+
+# ---------------------------------------------------------------------------------- API
 def artifact_entry(cache_dir: Path, kind: str, key: Mapping[str, Any], device: DeviceInfo,
                    build: Callable[[Path], None]) -> tuple[Path, bool]:
     """The cache entry for ``key`` (built with ``build`` if absent); returns (path, built_now)."""
-    full = entry_key(key, device)
-    digest = hashlib.sha256(json.dumps(full, sort_keys=True, default=str).encode()).hexdigest()[:24]
-    target = private_dir(cache_dir / "artifacts" / kind) / digest
-    built = not (target / COMPLETE_MARKER).exists()
+    result = ArtifactCache(cache_dir).get(kind, entry_key(key, device), build)
+    return result.path, result.built
 
-    def build_with_key(tmp: Path) -> None:
-        build(tmp)
-        (tmp / "key.json").write_text(json.dumps(full, indent=2, sort_keys=True, default=str))
 
-    return build_directory(target, build_with_key), built
+def context_key(ctx: StackContext, backend: str, key: Mapping[str, Any]) -> dict[str, Any]:
+    """A backend's key completed with the model, shapes, dtype, device and versions."""
+    return entry_key({"backend": backend, "model": ctx.model.name if ctx.model else None,
+                      "shapes": dataclasses.asdict(ctx.shapes), "dtype": str(ctx.dtype), **key}, ctx.device)
+
+
+def stack_artifact(ctx: StackContext, backend: str, key: Mapping[str, Any],
+                   build: Callable[[Path], None] | None) -> Path | None:
+    """``StackContext.artifact``: get (or, with ``build=None``, only look up) an entry and
+    record what happened in ``ctx.stats["artifacts"][backend]``."""
+    cache = ArtifactCache(ctx.cache_dir)
+    full_key = context_key(ctx, backend, key)
+    stats = ctx.stats.setdefault("artifacts", {})
+    if build is None:
+        start = time.perf_counter()
+        path, discarded = cache.lookup(backend, full_key)
+        info = {"path": str(path) if path else None, "cache_hit": path is not None,
+                "verify_s": round(time.perf_counter() - start, 4)}
+        if discarded:
+            info["rebuilt"] = discarded
+        stats[backend] = {**stats.get(backend, {}), **info}
+        return path
+    result = cache.get(backend, full_key, build)
+    info = result.to_stats()
+    previous = stats.get(backend, {})
+    if previous.get("rebuilt") and not result.rebuilt:  # discarded by an earlier lookup
+        info["rebuilt"] = previous["rebuilt"]
+    stats[backend] = info
+    return result.path

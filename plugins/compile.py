@@ -4,6 +4,13 @@ Regional compilation (``compile_repeated_blocks``) compiles one double and one s
 and reuses the kernels for the others: the same steady-state speed for a fraction of the
 compile time. Inductor flags are applied through ``torch._inductor.config.patch`` entered on
 the stack's exit stack, so they do not leak into the next measurement.
+
+Warm starts (``cache=true``, the default): Inductor's own caches (FX graph, AOT autograd,
+autotuning, Triton kernels) are pointed into ``<cache.dir>/inductor`` for the stack, and after
+a cold build PyTorch's portable "mega-cache" (``torch.compiler.save_cache_artifacts``) is stored
+as a verified artifact entry; a later process loads it (``load_cache_artifacts``) before the
+first call compiles. ``stats["compile_cache"]`` says whether it was loaded and how many FX graphs
+came from cache, so cold build and warm start times can be told apart.
 """
 
 from __future__ import annotations
@@ -13,10 +20,12 @@ from typing import Any, Optional
 
 import torch
 
+from fluxopt.artifacts import INDUCTOR, module_fingerprint, private_dir, stack_artifact
 from fluxopt.backend import Backend, Stage, StackContext
 from fluxopt.errors import ConfigError
 from fluxopt.hookspecs import hookimpl
 
+MEGA_CACHE = "mega_cache.bin"
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 # The flux-fast recipe's Inductor tuning flags.
@@ -38,6 +47,7 @@ class CompileOptions:
     compile_vae: bool = False  # also compile vae.decode
     tuning_flags: bool = False  # the recipe's Inductor flags (slower compile, a bit faster kernels)
     inductor_config: dict[str, Any] = field(default_factory=dict)  # extra torch._inductor.config flags
+    cache: bool = True  # persistent compile caches in cache.dir (warm start in later processes)
 
 
 class CompileBackend(Backend):
@@ -69,11 +79,47 @@ class CompileBackend(Backend):
             pipe.transformer.compile(**kwargs)
         if options.compile_vae:
             pipe.vae.decode = torch.compile(pipe.vae.decode, **kwargs)
+        if options.cache:
+            import torch._functorch.config
+            from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir
+
+            ctx.exit_stack.enter_context(temporary_cache_dir(str(private_dir(ctx.cache_dir / INDUCTOR))))
+            ctx.exit_stack.enter_context(torch._inductor.config.patch(
+                {"fx_graph_cache": True, "autotune_local_cache": True}))
+            ctx.exit_stack.enter_context(torch._functorch.config.patch(enable_autograd_cache=True))
 
     def build(self, pipe: Any, options: CompileOptions, ctx: StackContext) -> None:
         """torch.compile is lazy: one call at the bench shapes triggers (and times) compilation."""
+        if not options.cache:
+            with ctx.timed("compile"):
+                ctx.run_once()
+            return
+        from torch._dynamo.utils import counters
+
+        key = {**self.cache_key(options), "transformer": module_fingerprint(pipe.transformer, values=False),
+               "vae": module_fingerprint(pipe.vae, values=False) if options.compile_vae else None}
+        info: dict[str, Any] = {"loaded": False, "saved": False,
+                                "inductor_cache_dir": str(ctx.cache_dir / INDUCTOR)}
+        entry = stack_artifact(ctx, self.name, key, None)  # look up only: the bundle exists after compiling
+        if entry is not None:
+            with ctx.timed("compile_cache_load"):
+                torch.compiler.load_cache_artifacts((entry / MEGA_CACHE).read_bytes())
+            info["loaded"] = True
+        before = {k: counters["inductor"][k] for k in ("fxgraph_cache_hit", "fxgraph_cache_miss")}
         with ctx.timed("compile"):
             ctx.run_once()
+        hits = counters["inductor"]["fxgraph_cache_hit"] - before["fxgraph_cache_hit"]
+        misses = counters["inductor"]["fxgraph_cache_miss"] - before["fxgraph_cache_miss"]
+        info.update(fx_graph_cache_hits=hits, fx_graph_cache_misses=misses,
+                    warm_start=hits > 0 and misses == 0, compile_s=ctx.stats["build_phases_s"]["compile"])
+        if entry is None:
+            saved = torch.compiler.save_cache_artifacts()
+            if saved is not None:
+                data = saved[0]
+                with ctx.timed("compile_cache_save"):
+                    stack_artifact(ctx, self.name, key, lambda tmp: (tmp / MEGA_CACHE).write_bytes(data))
+                info.update(saved=True, bytes=len(data))
+        ctx.stats["compile_cache"] = info
 
 
 @hookimpl

@@ -153,12 +153,8 @@ def test_global_state_does_not_leak_between_stacks(tmp_path):
     leaky = build_stack({"compile": {"regional": True, "inductor_config": {"epilogue_fusion": False,
                                                                             "max_autotune_gemm": True}}})
     alone = build_stack({"compile": {}})
-    after_run = Run(cfg, tmp_path / "after")
-    after_run.stacks = [leaky, alone]
-    after = after_run.execute()
-    alone_run = Run(cfg, tmp_path / "alone")
-    alone_run.stacks = [alone]
-    single = alone_run.execute()
+    after = Run(cfg, tmp_path / "after", stacks=[leaky, alone]).execute()
+    single = Run(cfg, tmp_path / "alone", stacks=[alone]).execute()
     assert inductor_config.save_config() == flags_before
     img_after = [np.asarray(Image.open(tmp_path / "after" / p)) for p in after["stacks"][1]["images"]]
     img_alone = [np.asarray(Image.open(tmp_path / "alone" / p)) for p in single["stacks"][0]["images"]]

@@ -1,0 +1,160 @@
+"""``fluxopt-cache``: list, remove and prune the artifact cache.
+
+    fluxopt-cache ls [--json]                 entries: id, kind, size, age, status, what they are for
+    fluxopt-cache rm ID_PREFIX... | --all     remove entries (an id prefix must match one entry)
+    fluxopt-cache prune [--older-than DAYS] [--dry-run] [--keep-other-devices]
+                                              remove corrupt/incomplete entries, entries for other
+                                              package versions, runtimes or GPUs, and old entries
+
+The cache directory is ``--cache-dir``, else ``$FLUXOPT_CACHE_DIR``, else ``~/.cache/fluxopt``.
+Also ``python -m fluxopt.cache_cli``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from fluxopt.artifacts import ArtifactCache, EntryInfo, default_cache_dir
+
+
+def human_size(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TiB"
+
+
+def human_age(seconds: float) -> str:
+    for unit, span in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= span:
+            return f"{seconds / span:.0f}{unit}"
+    return f"{max(seconds, 0):.0f}s"
+
+
+def _detect_device():
+    from fluxopt.environment import detect_device
+
+    return detect_device("auto")
+
+
+def cmd_ls(cache: ArtifactCache, args: argparse.Namespace) -> int:
+    entries = list(cache.entries())
+    device = _detect_device() if entries else None
+    now = time.time()
+    rows = []
+    for e in entries:
+        stale = e.stale_for(device) if e.status == "valid" else None
+        rows.append({"id": e.id, "kind": e.kind, "size_bytes": e.size_bytes, "age_s": round(now - e.mtime, 1),
+                     "status": "building" if e.building and e.status != "valid" else e.status,
+                     "reason": e.reason, "stale": stale, "summary": e.summary, "path": str(e.path)})
+    if args.json:
+        print(json.dumps({"cache_dir": str(cache.root), "entries": rows}, indent=2))
+        return 0
+    print(f"cache: {cache.root}")
+    if not rows:
+        print("(empty)")
+        return 0
+    print(f"{'ID':<26} {'KIND':<10} {'SIZE':>10} {'AGE':>5}  {'STATUS':<10} KEY")
+    for r in rows:
+        status = r["status"] + ("*" if r["stale"] else "")
+        print(f"{r['id'][:26]:<26} {r['kind'][:10]:<10} {human_size(r['size_bytes']):>10} "
+              f"{human_age(r['age_s']):>5}  {status:<10} {r['summary']}")
+        if r["reason"] and r["status"] != "valid":
+            print(f"{'':<26} ^ {r['reason']}")
+    total = sum(r["size_bytes"] for r in rows)
+    print(f"{len(rows)} entries, {human_size(total)}")
+    if any(r["stale"] for r in rows):
+        print("* built for another GPU, runtime or package versions (removed by 'fluxopt-cache prune')")
+    return 0
+
+
+def cmd_rm(cache: ArtifactCache, args: argparse.Namespace) -> int:
+    entries = list(cache.entries())
+    if args.all:
+        chosen = entries
+    else:
+        if not args.ids:
+            print("fluxopt-cache rm: give entry ids (prefixes) or --all", file=sys.stderr)
+            return 2
+        chosen = []
+        for prefix in args.ids:
+            matches = [e for e in entries if e.id.startswith(prefix)]
+            if not matches:
+                print(f"fluxopt-cache rm: no entry id starts with '{prefix}'", file=sys.stderr)
+                return 1
+            if len(matches) > 1:
+                ids = ", ".join(f"{m.kind}/{m.id}" for m in matches)
+                print(f"fluxopt-cache rm: '{prefix}' is ambiguous ({ids}); give a longer prefix", file=sys.stderr)
+                return 1
+            chosen.extend(matches)
+    for e in chosen:
+        if e.building and e.status != "valid":
+            print(f"skipped {e.kind}/{e.id}: being built by another process")
+            continue
+        cache.remove(e.path)
+        print(f"removed {e.kind}/{e.id} ({human_size(e.size_bytes)})")
+    return 0
+
+
+def prune_reason(e: EntryInfo, device, older_than_days: float | None, keep_other_devices: bool) -> str | None:
+    if e.status != "valid":
+        return None if e.building else f"{e.status}: {e.reason}"
+    if older_than_days is not None and time.time() - e.mtime > older_than_days * 86400:
+        return f"older than {older_than_days:g} days"
+    stale = e.stale_for(device)
+    if stale and not (keep_other_devices and stale.startswith("built for another device")):
+        return stale
+    return None
+
+
+def cmd_prune(cache: ArtifactCache, args: argparse.Namespace) -> int:
+    entries = list(cache.entries())
+    device = _detect_device() if entries else None
+    freed = removed = 0
+    for e in entries:
+        reason = prune_reason(e, device, args.older_than, args.keep_other_devices)
+        if reason is None:
+            continue
+        if not args.dry_run:
+            cache.remove(e.path)
+        removed += 1
+        freed += e.size_bytes
+        print(f"{'would remove' if args.dry_run else 'removed'} {e.kind}/{e.id} ({human_size(e.size_bytes)}): {reason}")
+    print(f"{'would free' if args.dry_run else 'freed'} {human_size(freed)} in {removed} entries")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fluxopt-cache", description="Inspect and clean fluxopt's artifact cache.")
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help="cache directory (default: $FLUXOPT_CACHE_DIR or ~/.cache/fluxopt)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    ls = sub.add_parser("ls", help="list entries")
+    ls.add_argument("--json", action="store_true", help="machine-readable output")
+    rm = sub.add_parser("rm", help="remove entries by id prefix, or all")
+    rm.add_argument("ids", nargs="*", help="entry id prefixes (see 'ls')")
+    rm.add_argument("--all", action="store_true", help="remove every entry")
+    prune = sub.add_parser("prune", help="remove corrupt, incomplete, stale and old entries")
+    prune.add_argument("--older-than", type=float, default=None, metavar="DAYS",
+                       help="also remove entries created more than DAYS days ago")
+    prune.add_argument("--keep-other-devices", action="store_true",
+                       help="keep entries built for other GPUs/CPUs (a cache shared by several machines)")
+    prune.add_argument("--dry-run", action="store_true", help="only say what would be removed")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    cache = ArtifactCache(args.cache_dir.expanduser() if args.cache_dir else default_cache_dir())
+    return {"ls": cmd_ls, "rm": cmd_rm, "prune": cmd_prune}[args.command](cache, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,410 @@
+"""Backend ``aoti``: torch.export + AOTInductor of the FLUX transformer (optionally the VAE
+decoder), packaged once into the artifact cache and loaded by later processes (warm start),
+replayed under CUDA graphs on NVIDIA/AMD GPUs.
+
+Build: the transformer is exported with example inputs for the configured shapes (batch 1,
+packed latents of ``(h/16)*(w/16)`` tokens x ``in_channels``, ``max_sequence_length`` text
+tokens), compiled with ``aoti_compile_and_package`` and stored through ``ctx.artifact``; the
+package is loaded with ``aoti_load_package`` and installed as the transformer's ``forward``,
+keeping the signature and return values FluxPipeline relies on.
+
+Weights: ``shared`` packages code only and binds the live module's tensors at load time
+(``load_constants(user_managed=True)``: no second copy in memory, a small package);
+``embedded`` bakes the weights into the package (as the flux-fast recipe does; needed for
+tensor-subclass weights such as torchao's). ``auto`` picks ``shared`` unless the weights are
+tensor subclasses. Either way the cache key holds a fingerprint of the module's structure
+(names, shapes, dtypes, tensor types, attention processors), so WEIGHTS backends applied
+before (fuse_qkv, fp8) give different packages; ``embedded`` adds a fingerprint of the values.
+
+Shapes: static by default (one package per height x width x sequence length). With
+``dynamic=true`` the image-token dimension is a ``torch.export.Dim``: any height x width
+(multiples of 16) with ``(h/16)*(w/16)`` between ``(min_resolution/16)^2`` and
+``(max_resolution/16)^2`` tokens runs on one package (the VAE's latent height and width are
+dynamic over ``min_resolution/8 .. max_resolution/8`` each).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fluxopt.artifacts import has_subclass_weights, module_fingerprint
+from fluxopt.backend import Backend, Shapes, Stage, StackContext
+from fluxopt.errors import ConfigError
+from fluxopt.hookspecs import hookimpl
+
+log = logging.getLogger("fluxopt.aoti")
+
+# The flux-fast recipe's Inductor tuning flags (passed as AOTI inductor_configs, not set globally).
+RECIPE_INDUCTOR_FLAGS = {
+    "conv_1x1_as_mm": True,
+    "coordinate_descent_tuning": True,
+    "coordinate_descent_check_all_directions": True,
+    "epilogue_fusion": False,
+}
+WEIGHT_MODES = ("auto", "shared", "embedded")
+TRANSFORMER_PACKAGE = "transformer.pt2"
+VAE_PACKAGE = "vae_decoder.pt2"
+TOKEN_INPUTS = ("hidden_states", "img_ids")  # inputs whose token dimension is dynamic
+
+
+@dataclass
+class AotiOptions:
+    max_autotune: bool = True  # Inductor max_autotune (GEMM/conv autotuning at compile time)
+    tuning_flags: bool = True  # the recipe's Inductor flags (conv_1x1_as_mm, coordinate descent, no epilogue fusion)
+    inductor_config: dict[str, Any] = field(default_factory=dict)  # extra Inductor options for AOTI
+    cuda_graphs: bool = True  # record/replay the loaded package under CUDA graphs (GPU only)
+    dynamic: bool = False  # dynamic image-token dimension (one package for a range of resolutions)
+    min_resolution: int = 256  # dynamic: smallest square side covered, in pixels (multiple of 16)
+    max_resolution: int = 1024  # dynamic: largest square side covered, in pixels (multiple of 16)
+    weights: str = "auto"  # auto | shared (bind the live weights at load) | embedded (weights in the package)
+    vae: bool = False  # also export + AOT-compile the VAE decoder
+
+
+# ---------------------------------------------------------------------------------- inputs
+def example_inputs(transformer: torch.nn.Module, shapes: Shapes, device: torch.device,
+                   dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Representative transformer inputs, as FluxPipeline builds them at these shapes."""
+    config = transformer.config
+    batch, tokens, seq = shapes.batch_size, shapes.latent_tokens, shapes.max_sequence_length
+    gen = torch.Generator().manual_seed(0)
+
+    def rand(*size: int) -> torch.Tensor:
+        return torch.randn(*size, generator=gen).to(device=device, dtype=dtype)
+
+    inputs = {
+        "hidden_states": rand(batch, tokens, config.in_channels),
+        "encoder_hidden_states": rand(batch, seq, config.joint_attention_dim),
+        "pooled_projections": rand(batch, config.pooled_projection_dim),
+        "timestep": torch.full((batch,), 0.5, device=device, dtype=dtype),
+        "img_ids": rand(tokens, 3),
+        "txt_ids": torch.zeros(seq, 3, device=device, dtype=dtype),
+    }
+    if config.guidance_embeds:  # the pipeline passes guidance in float32 whatever the model dtype
+        inputs["guidance"] = torch.full((batch,), shapes.guidance_scale, device=device, dtype=torch.float32)
+    return inputs
+
+
+def token_range(options: AotiOptions) -> tuple[int, int]:
+    return (options.min_resolution // 16) ** 2, (options.max_resolution // 16) ** 2
+
+
+def signature(inputs: dict[str, torch.Tensor]) -> dict[str, Any]:
+    return {k: [list(v.shape), str(v.dtype).removeprefix("torch.")] for k, v in sorted(inputs.items())}
+
+
+# ---------------------------------------------------------------------------------- key
+# ---------------------------------------------------------------------------------- export
+class _TransformerGraph(torch.nn.Module):
+    """The transformer with tensor-only keyword inputs and a tensor output (what is exported)."""
+
+    def __init__(self, transformer: torch.nn.Module):
+        super().__init__()
+        self.transformer = transformer
+
+    def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                pooled_projections: torch.Tensor, timestep: torch.Tensor, img_ids: torch.Tensor,
+                txt_ids: torch.Tensor, guidance: torch.Tensor | None = None) -> torch.Tensor:
+        return self.transformer(hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states,
+                                pooled_projections=pooled_projections, timestep=timestep, img_ids=img_ids,
+                                txt_ids=txt_ids, guidance=guidance, joint_attention_kwargs=None,
+                                return_dict=False)[0]
+
+
+class _VaeDecodeGraph(torch.nn.Module):
+    def __init__(self, vae: torch.nn.Module):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(z, return_dict=False)[0]
+
+
+def vae_example(vae: torch.nn.Module, shapes: Shapes, device: torch.device) -> torch.Tensor:
+    scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    dtype = next(vae.parameters()).dtype
+    return torch.randn(shapes.batch_size, vae.config.latent_channels, shapes.height // scale,
+                       shapes.width // scale, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+
+
+def inductor_configs(options: AotiOptions, weights: str) -> dict[str, Any]:
+    configs: dict[str, Any] = {"max_autotune": options.max_autotune}
+    if options.tuning_flags:
+        configs.update(RECIPE_INDUCTOR_FLAGS)
+    if weights == "shared":
+        configs["aot_inductor.package_constants_in_so"] = False
+    configs.update(options.inductor_config)
+    return configs
+
+
+def _export(module: torch.nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any) -> Any:
+    with torch.no_grad():
+        return torch.export.export(module, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+
+
+# ---------------------------------------------------------------------------------- running
+class CudaGraphRunner:
+    """Runs ``fn(**tensors)`` by replaying one CUDA graph per input signature (shapes, dtypes).
+
+    The first call with a new signature warms up on a side stream, then records a graph over
+    static input buffers; later calls copy their inputs into those buffers, replay, and return
+    a clone of the static output (so the next replay cannot overwrite what the caller holds).
+    All graphs share one memory pool.
+    """
+
+    def __init__(self, fn: Callable[..., torch.Tensor]):
+        self.fn = fn
+        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor], torch.Tensor]] = {}
+        self.pool = torch.cuda.graph_pool_handle()
+
+    @staticmethod
+    def _signature(inputs: dict[str, torch.Tensor]) -> tuple:
+        return tuple((k, tuple(v.shape), v.dtype, v.device) for k, v in sorted(inputs.items()))
+
+    def _record(self, inputs: dict[str, torch.Tensor]) -> tuple:
+        with torch.inference_mode(False), torch.no_grad():
+            static = {k: v.detach().clone() for k, v in inputs.items()}
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self.fn(**static)  # warm-up outside capture (lazy initialisation, allocator)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                out = self.fn(**static)
+        return graph, static, out
+
+    def __call__(self, **inputs: torch.Tensor) -> torch.Tensor:
+        key = self._signature(inputs)
+        if key not in self.graphs:
+            self.graphs[key] = self._record(inputs)
+        graph, static, out = self.graphs[key]
+        for name, value in inputs.items():
+            static[name].copy_(value)
+        graph.replay()
+        return out.clone()
+
+
+class AotiTransformerForward:
+    """Stands in for ``FluxTransformer2DModel.forward``: same keywords and return values as
+    the pipeline uses them, inputs cast to the exported dtypes, unsupported features refused."""
+
+    def __init__(self, run: Callable[..., torch.Tensor], expected: dict[str, torch.Tensor]):
+        self.run = run
+        self.dtypes = {k: v.dtype for k, v in expected.items()}
+        self.device = next(iter(expected.values())).device
+
+    def __call__(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 pooled_projections: torch.Tensor | None = None, timestep: torch.Tensor | None = None,
+                 img_ids: torch.Tensor | None = None, txt_ids: torch.Tensor | None = None,
+                 guidance: torch.Tensor | None = None, joint_attention_kwargs: dict[str, Any] | None = None,
+                 controlnet_block_samples: Any = None, controlnet_single_block_samples: Any = None,
+                 return_dict: bool = True, controlnet_blocks_repeat: bool = False) -> Any:
+        if joint_attention_kwargs:
+            raise NotImplementedError("aoti: joint_attention_kwargs (LoRA scale, IP-Adapter) are not part of "
+                                      f"the exported graph (got keys {sorted(joint_attention_kwargs)})")
+        if controlnet_block_samples is not None or controlnet_single_block_samples is not None:
+            raise NotImplementedError("aoti: ControlNet residuals are not part of the exported graph")
+        if txt_ids is not None and txt_ids.ndim == 3:
+            txt_ids = txt_ids[0]
+        if img_ids is not None and img_ids.ndim == 3:
+            img_ids = img_ids[0]
+        given = {"hidden_states": hidden_states, "encoder_hidden_states": encoder_hidden_states,
+                 "pooled_projections": pooled_projections, "timestep": timestep, "img_ids": img_ids,
+                 "txt_ids": txt_ids, "guidance": guidance}
+        inputs = {}
+        for name, dtype in self.dtypes.items():
+            value = given[name]
+            if value is None:
+                raise ValueError(f"aoti: the exported transformer needs '{name}'")
+            inputs[name] = value.to(device=self.device, dtype=dtype)
+        if "guidance" not in self.dtypes and guidance is not None:
+            raise ValueError("aoti: this transformer was exported without guidance (guidance_embeds=False)")
+        out = self.run(**inputs)
+        if return_dict:
+            from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+            return Transformer2DModelOutput(sample=out)
+        return (out,)
+
+
+class AotiVaeDecode:
+    """Stands in for ``AutoencoderKL.decode`` (``decode(z, return_dict=...)``)."""
+
+    def __init__(self, run: Callable[..., torch.Tensor], dtype: torch.dtype, device: torch.device):
+        self.run, self.dtype, self.device = run, dtype, device
+
+    def __call__(self, z: torch.Tensor, return_dict: bool = True, generator: Any = None) -> Any:
+        out = self.run(z=z.to(device=self.device, dtype=self.dtype))
+        if return_dict:
+            from diffusers.models.autoencoders.vae import DecoderOutput
+
+            return DecoderOutput(sample=out)
+        return (out,)
+
+
+def load_package(path: Path, module: torch.nn.Module | None, prefix: str, single_threaded: bool) -> Any:
+    """Load an AOTI package; with ``module``, bind its live tensors as the package's constants."""
+    compiled = torch._inductor.aoti_load_package(str(path), run_single_threaded=single_threaded)
+    if module is not None:
+        live = {f"{prefix}.{name}": t.detach()
+                for name, t in itertools.chain(module.named_parameters(), module.named_buffers())}
+        needed = compiled.get_constant_fqns()
+        missing = [n for n in needed if n not in live]
+        if missing:
+            raise RuntimeError(f"aoti: the package needs constants the live module lacks ({missing[:3]}...); "
+                               "use backend.aoti.weights=embedded")
+        compiled.load_constants({n: live[n] for n in needed}, check_full_update=True, user_managed=True)
+    return compiled
+
+
+# ---------------------------------------------------------------------------------- backend
+class AotiBackend(Backend):
+    name = "aoti"
+    description = ("torch.export + AOTInductor package of the transformer (optional VAE decoder), cached on disk "
+                   "for warm starts, replayed under CUDA graphs on GPU")
+    options_class = AotiOptions
+    stage = Stage.GRAPH
+    lossless = True
+    conflicts = {"trt_fp8": "both replace the transformer's execution with an ahead-of-time compiled engine "
+                            "(AOTInductor package vs TensorRT engine); pick one"}
+
+    def validate_options(self, options: AotiOptions) -> None:
+        if options.weights not in WEIGHT_MODES:
+            raise ConfigError(f"backend.aoti.weights={options.weights!r} is not one of {', '.join(WEIGHT_MODES)}")
+        for name in ("min_resolution", "max_resolution"):
+            value = getattr(options, name)
+            if value % 16 or value < 32:
+                raise ConfigError(f"backend.aoti.{name}={value} must be a multiple of 16 and at least 32")
+        if options.min_resolution >= options.max_resolution:
+            raise ConfigError("backend.aoti.min_resolution must be smaller than max_resolution")
+        import torch._inductor.config as inductor_config
+
+        unknown = [k for k in options.inductor_config if not hasattr(inductor_config, k.split(".")[0])]
+        if unknown:
+            raise ConfigError(f"backend.aoti.inductor_config has unknown Inductor options {unknown} "
+                              "(see torch._inductor.config)")
+
+    def apply(self, pipe: Any, options: AotiOptions, ctx: StackContext) -> None:
+        """Only checks: the export needs the final weights, so everything happens in ``build``."""
+        if options.dynamic:
+            low, high = token_range(options)
+            tokens = ctx.shapes.latent_tokens
+            if not low <= tokens <= high:
+                raise ConfigError(
+                    f"backend.aoti: {ctx.shapes.height}x{ctx.shapes.width} has {tokens} image tokens, outside the "
+                    f"dynamic range {low}..{high} (min_resolution={options.min_resolution}, "
+                    f"max_resolution={options.max_resolution})")
+
+    def cache_key(self, options: AotiOptions) -> dict[str, Any]:
+        return dataclasses.asdict(options)
+
+    def _weights_mode(self, options: AotiOptions, modules: list[torch.nn.Module]) -> str:
+        if options.weights != "auto":
+            return options.weights
+        return "embedded" if any(has_subclass_weights(m) for m in modules) else "shared"
+
+    def build(self, pipe: Any, options: AotiOptions, ctx: StackContext) -> None:
+        transformer = pipe.transformer
+        device = next(transformer.parameters()).device
+        dtype = transformer.dtype
+        modules = [transformer] + ([pipe.vae] if options.vae else [])
+        weights = self._weights_mode(options, modules)
+        inputs = example_inputs(transformer, ctx.shapes, device, dtype)
+        z = vae_example(pipe.vae, ctx.shapes, device) if options.vae else None
+        configs = inductor_configs(options, weights)
+        low, high = token_range(options)
+        key = {**self.cache_key(options), "weights_mode": weights, "inductor_configs": configs,
+               "inputs": signature(inputs), "dynamic_tokens": [low, high] if options.dynamic else None,
+               "transformer": module_fingerprint(transformer, values=weights == "embedded"),
+               "vae_module": module_fingerprint(pipe.vae, values=weights == "embedded") if options.vae else None,
+               "vae_input": list(z.shape) if z is not None else None}
+
+        def build_packages(tmp: Path) -> None:
+            dynamic_shapes = None
+            if options.dynamic:
+                tok = torch.export.Dim("image_tokens", min=low, max=high)
+                dynamic_shapes = {k: ({1: tok} if k == "hidden_states" else {0: tok} if k == "img_ids" else None)
+                                  for k in inputs}
+            with ctx.timed("export"):
+                program = _export(_TransformerGraph(transformer), (), inputs, dynamic_shapes)
+            with ctx.timed("aoti_compile"):
+                torch._inductor.aoti_compile_and_package(program, package_path=str(tmp / TRANSFORMER_PACKAGE),
+                                                         inductor_configs=configs)
+            if z is not None:
+                vae_dynamic = None
+                if options.dynamic:
+                    scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+                    lh = torch.export.Dim("latent_h", min=options.min_resolution // scale,
+                                          max=options.max_resolution // scale)
+                    lw = torch.export.Dim("latent_w", min=options.min_resolution // scale,
+                                          max=options.max_resolution // scale)
+                    vae_dynamic = {"z": {2: lh, 3: lw}}
+                with ctx.timed("export"):
+                    program = _export(_VaeDecodeGraph(pipe.vae), (), {"z": z}, vae_dynamic)
+                with ctx.timed("aoti_compile"):
+                    torch._inductor.aoti_compile_and_package(program, package_path=str(tmp / VAE_PACKAGE),
+                                                             inductor_configs=configs)
+            (tmp / "info.json").write_text(json.dumps({"weights": weights, "inputs": signature(inputs),
+                                                       "dynamic_tokens": key["dynamic_tokens"]}, indent=2))
+
+        entry = ctx.artifact(self.name, key, build_packages)
+        cache_info = ctx.stats.get("artifacts", {}).get(self.name, {})
+        use_graphs = options.cuda_graphs and ctx.device.is_gpu
+        with ctx.timed("load"):
+            compiled = load_package(entry / TRANSFORMER_PACKAGE, transformer if weights == "shared" else None,
+                                    "transformer", single_threaded=use_graphs)
+            run = CudaGraphRunner(compiled) if use_graphs else compiled
+            forward = AotiTransformerForward(run, inputs)
+            vae_decode = None
+            if z is not None:
+                vae_compiled = load_package(entry / VAE_PACKAGE, pipe.vae if weights == "shared" else None, "vae",
+                                            single_threaded=use_graphs)
+                vae_decode = AotiVaeDecode(CudaGraphRunner(vae_compiled) if use_graphs else vae_compiled,
+                                           z.dtype, device)
+        self._install(transformer, "forward", forward, ctx)
+        if vae_decode is not None:
+            self._install(pipe.vae, "decode", vae_decode, ctx)
+        with ctx.timed("warmup"), torch.no_grad():  # first call; on GPU records the CUDA graph
+            transformer(**inputs, return_dict=False)
+            if vae_decode is not None:
+                pipe.vae.decode(z, return_dict=False)
+        ctx.stats["aoti"] = {
+            "cache_hit": bool(cache_info.get("cache_hit")),
+            "warm_start": bool(cache_info.get("cache_hit")),
+            "rebuilt": cache_info.get("rebuilt"),
+            "weights": weights,
+            "cuda_graphs": use_graphs,
+            "dynamic_tokens": key["dynamic_tokens"],
+            "vae": options.vae,
+            "package_bytes": sum(p.stat().st_size for p in entry.glob("*.pt2")),
+            "entry": entry.name,
+        }
+
+    @staticmethod
+    def _install(module: torch.nn.Module, attr: str, fn: Callable[..., Any], ctx: StackContext) -> None:
+        """Shadow ``module.<attr>`` with ``fn`` (an instance attribute) until the stack ends."""
+        had = attr in vars(module)
+        previous = vars(module).get(attr)
+        setattr(module, attr, fn)
+
+        def restore() -> None:
+            if had:
+                setattr(module, attr, previous)
+            else:
+                vars(module).pop(attr, None)
+
+        ctx.exit_stack.callback(restore)
+
+
+@hookimpl
+def fluxopt_backends() -> list[Backend]:
+    return [AotiBackend()]

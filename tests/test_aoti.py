@@ -1,0 +1,187 @@
+"""Backend ``aoti``: torch.export + AOTInductor on the tiny model (CPU, end to end through the
+CLI, cold build then warm start from the artifact cache), its pieces in isolation, and the
+CUDA-graph path on a GPU."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import read_result, run_cli
+
+from fluxopt.artifacts import module_fingerprint
+from fluxopt.backend import Shapes, Stage, StackContext
+from fluxopt.errors import ConfigError
+from fluxopt.stack import build_stack
+
+AOTI_ARGS = ("+backend=aoti", "backend.aoti.max_autotune=false", "bench.steps=2", "bench.height=64",
+             "bench.width=64", "bench.iterations=2")
+SHAPES = Shapes(height=64, width=64, steps=2, guidance_scale=3.5, max_sequence_length=128)
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def aoti():
+    from fluxopt_plugins.aoti import AotiBackend, AotiOptions
+
+    return AotiBackend(), AotiOptions
+
+
+# ---------------------------------------------------------------------------------- end to end
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory) -> tuple[dict, dict]:
+    """The same stack twice in two processes: a cold build, then a warm start from the cache."""
+    results = []
+    for name in ("cold", "warm"):
+        run_dir = tmp_path_factory.mktemp(f"aoti-{name}")
+        proc = run_cli(*AOTI_ARGS, f"hydra.run.dir={run_dir}")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results.append(read_result(run_dir))
+    return results[0], results[1]
+
+
+def test_aoti_cold_build_runs_the_pipeline_losslessly(two_runs):
+    cold, _ = two_runs
+    (stack,) = cold["stacks"]
+    assert stack["stack"] == "aoti" and stack["status"] == "ok", stack
+    assert stack["lossless"] is True and stack["fidelity"]["passed"] is True
+    assert stack["fidelity"]["metrics"]["latent_rel_l2"]["worst"] < 1e-3
+    phases = stack["build_phases_s"]
+    assert phases["export"] > 0 and phases["aoti_compile"] > 0 and phases["load"] > 0
+    stats = stack["stats"]
+    assert stats["aoti"]["cache_hit"] is False and stats["aoti"]["warm_start"] is False
+    assert stats["aoti"]["weights"] == "shared" and stats["aoti"]["cuda_graphs"] is False
+    assert stats["artifacts"]["aoti"]["built"] is True and stats["artifacts"]["aoti"]["size_bytes"] > 0
+    assert Path(stats["artifacts"]["aoti"]["path"], "transformer.pt2").is_file()
+
+
+def test_aoti_second_process_loads_the_package_from_the_cache(two_runs):
+    cold, warm = two_runs
+    (c,), (w,) = cold["stacks"], warm["stacks"]
+    assert w["status"] == "ok" and w["fidelity"]["passed"] is True, w
+    assert w["stats"]["aoti"]["cache_hit"] is True and w["stats"]["aoti"]["warm_start"] is True
+    assert w["stats"]["artifacts"]["aoti"]["cache_hit"] is True
+    assert w["stats"]["artifacts"]["aoti"]["path"] == c["stats"]["artifacts"]["aoti"]["path"]
+    assert "export" not in w["build_phases_s"] and "aoti_compile" not in w["build_phases_s"]
+    assert w["build_s"] < c["build_s"] / 3, (c["build_s"], w["build_s"])
+
+
+# ---------------------------------------------------------------------------------- pieces
+def test_aoti_is_a_graph_backend_that_conflicts_with_compile_and_trt():
+    backend, _ = aoti()
+    assert backend.stage is Stage.GRAPH and backend.is_lossless(None)
+    assert "trt_fp8" in backend.conflicts
+    with pytest.raises(ConfigError, match="cannot be combined"):
+        build_stack(["aoti", "compile"])
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"weights": "mmap"}, "weights"),
+    ({"min_resolution": 100}, "multiple of 16"),
+    ({"min_resolution": 1024, "max_resolution": 512}, "smaller than"),
+    ({"inductor_config": {"no_such_flag": 1}}, "unknown Inductor"),
+])
+def test_bad_options_are_refused(options, message):
+    with pytest.raises(ConfigError, match=message):
+        build_stack({"aoti": options})
+
+
+def test_dynamic_range_must_cover_the_bench_shapes():
+    backend, options_class = aoti()
+    options = options_class(dynamic=True, min_resolution=256, max_resolution=512)
+    with contextlib.ExitStack() as stack:
+        from fluxopt.environment import detect_device
+
+        ctx = StackContext(device=detect_device("cpu"), dtype=torch.float32, model=None, shapes=SHAPES,
+                           cache_dir=Path("/nonexistent"), exit_stack=stack)
+        with pytest.raises(ConfigError, match="16 image tokens, outside the dynamic range 256..1024"):
+            backend.apply(None, options, ctx)
+
+
+def test_example_inputs_follow_the_pipeline(tiny_pipe):
+    from fluxopt_plugins.aoti import example_inputs
+
+    inputs = example_inputs(tiny_pipe.transformer, SHAPES, torch.device("cpu"), torch.float32)
+    cfg = tiny_pipe.transformer.config
+    assert inputs["hidden_states"].shape == (1, 16, cfg.in_channels)
+    assert inputs["encoder_hidden_states"].shape == (1, 128, cfg.joint_attention_dim)
+    assert inputs["pooled_projections"].shape == (1, cfg.pooled_projection_dim)
+    assert inputs["img_ids"].shape == (16, 3) and inputs["txt_ids"].shape == (128, 3)
+    assert inputs["guidance"].dtype == torch.float32 and inputs["timestep"].shape == (1,)
+    with torch.no_grad():  # what the transformer accepts as is
+        out = tiny_pipe.transformer(**inputs, return_dict=False)[0]
+    assert out.shape == inputs["hidden_states"].shape
+
+
+def test_forward_adapter_matches_the_transformer_interface():
+    from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+    from fluxopt_plugins.aoti import AotiTransformerForward
+
+    expected = {"hidden_states": torch.zeros(1, 4, 8), "timestep": torch.zeros(1),
+                "guidance": torch.zeros(1), "img_ids": torch.zeros(4, 3), "txt_ids": torch.zeros(2, 3),
+                "encoder_hidden_states": torch.zeros(1, 2, 8), "pooled_projections": torch.zeros(1, 8)}
+    seen = {}
+
+    def run(**inputs):
+        seen.update(inputs)
+        return inputs["hidden_states"] + 1
+
+    forward = AotiTransformerForward(run, expected)
+    call = {**expected, "guidance": torch.zeros(1, dtype=torch.float64), "txt_ids": torch.zeros(1, 2, 3)}
+    out = forward(**call, joint_attention_kwargs=None, return_dict=False)
+    assert isinstance(out, tuple) and len(out) == 1 and torch.equal(out[0], torch.ones(1, 4, 8))
+    assert seen["guidance"].dtype == torch.float32 and seen["txt_ids"].shape == (2, 3)
+    assert isinstance(forward(**expected), Transformer2DModelOutput)
+    with pytest.raises(NotImplementedError, match="joint_attention_kwargs"):
+        forward(**expected, joint_attention_kwargs={"scale": 0.5})
+    with pytest.raises(ValueError, match="needs 'guidance'"):
+        forward(**{**expected, "guidance": None})
+
+
+def test_fingerprint_sees_weight_rewrites_and_values_only_when_asked():
+    from fluxopt.tiny_model import build_tiny_pipeline
+
+    transformer = build_tiny_pipeline().transformer
+    structure, values = module_fingerprint(transformer, False), module_fingerprint(transformer, True)
+    with torch.no_grad():
+        next(transformer.parameters()).add_(1.0)
+    assert module_fingerprint(transformer, False) == structure
+    assert module_fingerprint(transformer, True) != values
+    transformer.fuse_qkv_projections()
+    assert module_fingerprint(transformer, False) != structure
+
+
+# ---------------------------------------------------------------------------------- GPU
+@pytest.mark.gpu
+@gpu
+def test_cuda_graph_runner_replays_per_shape():
+    from fluxopt_plugins.aoti import CudaGraphRunner
+
+    weight = torch.randn(8, 8, device="cuda")
+    calls = []
+
+    def fn(x):
+        calls.append(x.shape)
+        return torch.relu(x @ weight)
+
+    runner = CudaGraphRunner(fn)
+    a, b = torch.randn(4, 8, device="cuda"), torch.randn(4, 8, device="cuda")
+    out_a, out_b = runner(x=a), runner(x=b)
+    assert torch.allclose(out_a, torch.relu(a @ weight)) and torch.allclose(out_b, torch.relu(b @ weight))
+    assert out_a.data_ptr() != out_b.data_ptr()  # outputs are clones, not the static buffer
+    assert len(calls) == 2 and len(runner.graphs) == 1  # warm-up + capture, then replays only
+    c = torch.randn(6, 8, device="cuda")
+    assert torch.allclose(runner(x=c), torch.relu(c @ weight)) and len(runner.graphs) == 2
+
+
+@pytest.mark.gpu
+@gpu
+def test_aoti_on_gpu_with_cuda_graphs(tmp_path):
+    proc = run_cli(*AOTI_ARGS, "device=cuda", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (stack,) = read_result(tmp_path)["stacks"]
+    assert stack["status"] == "ok" and stack["fidelity"]["passed"], stack
+    assert stack["stats"]["aoti"]["cuda_graphs"] is True
