@@ -1,0 +1,11 @@
+# Source this on the GPU machine (device tool), from the repo root, with .whl carried:
+#   source benchmarks/device_setup.sh
+# Installs the carried wheels (diffusers, hydra, torchao, modelopt...) and fluxopt itself
+# (non-editable, so plugins/ and conf/ are installed as packages) into /tmp/site.
+python3 -m pip install -q --no-index --no-deps --no-compile --no-build-isolation --target /tmp/site .whl/*.whl . \
+  || return 1
+export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 FLUXOPT_CACHE_DIR=/tmp/fluxopt-cache HF_HUB_OFFLINE=1
+python3 - <<'PY'
+import torch, diffusers, fluxopt
+print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name(), "diffusers", diffusers.__version__)
+PY
