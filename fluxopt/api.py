@@ -83,7 +83,7 @@ def apply_stack(pipe: Any, backends: Sequence[str] | Mapping[str, Mapping[str, A
 
     ctx = StackContext(device=device, dtype=pipe.transformer.dtype, model=None, shapes=shapes,
                        cache_dir=Path(cache_dir) if cache_dir else default_cache_dir(), exit_stack=exit_stack,
-                       prompts=("warm-up",), run_once=run_once)
+                       prompts=("warm-up",), run_once=run_once, stack=stack)
     for entry in stack.entries:
         entry.backend.apply(pipe, entry.options, ctx)
     if build:

@@ -12,7 +12,7 @@ import dataclasses
 import enum
 import importlib.util
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
     from fluxopt.environment import DeviceInfo
     from fluxopt.models import ModelSpec
+    from fluxopt.stack import Stack, StackEntry
 
 
 class Stage(enum.IntEnum):
@@ -121,6 +122,7 @@ class StackContext:
     cache_dir: Path
     exit_stack: contextlib.ExitStack
     prompts: tuple[str, ...] = ()
+    stack: Stack | None = None  # the whole stack being applied (backends may adapt to the others)
     run_once: Callable[[], Any] | None = None  # one pipeline call at the bench shapes
     stats: dict[str, Any] = field(default_factory=dict)
 
@@ -177,6 +179,11 @@ class Backend:
 
     def validate_options(self, options: Any) -> None:
         """Refuse option values that their types allow but the backend does not (raise ConfigError)."""
+
+    def incompatibility(self, options: Any, others: Sequence[StackEntry]) -> str | None:
+        """Why this backend, with these options, cannot share a stack with ``others`` (None: it can).
+        For conflicts that depend on options; fixed ones go in ``conflicts`` or ``exclusive_group``."""
+        return None
 
     def is_lossless(self, options: Any) -> bool:
         """Whether outputs should match the baseline up to float noise (picks the thresholds)."""

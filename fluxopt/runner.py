@@ -171,7 +171,8 @@ class Run:
             try:
                 pipe = self._load()
                 ctx = StackContext(device=self.device, dtype=self.dtype, model=self.spec, shapes=self.shapes,
-                                   cache_dir=self.cache_dir, exit_stack=exit_stack, prompts=self.prompts)
+                                   cache_dir=self.cache_dir, exit_stack=exit_stack, prompts=self.prompts,
+                                   stack=stack)
                 gen = Generator(pipe, self.shapes, self.device)
                 ctx.run_once = lambda: gen(self.prompts[0], self.seed)
                 phase = "apply"

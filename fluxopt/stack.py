@@ -119,6 +119,10 @@ def build_stack(selection: Mapping[str, Any] | Sequence[str]) -> Stack:
 
 
 def _check_compatible(entries: Sequence[StackEntry]) -> None:
+    for entry in entries:
+        reason = entry.backend.incompatibility(entry.options, [e for e in entries if e is not entry])
+        if reason:
+            raise ConfigError(f"backend '{entry.name}' cannot be used in this stack: {reason}")
     for a, b in itertools.combinations(entries, 2):
         if a.name == b.name:
             raise ConfigError(f"backend '{a.name}' is listed twice in the stack")

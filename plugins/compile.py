@@ -41,7 +41,9 @@ RECIPE_INDUCTOR_FLAGS = {
 class CompileOptions:
     regional: bool = False  # compile_repeated_blocks instead of the whole transformer
     mode: str = "default"  # one of MODES
-    fullgraph: bool = True  # fail on graph breaks instead of silently slicing the graph
+    # Fail on graph breaks instead of silently slicing the graph. None (auto): True, except with a
+    # step cache in the stack, whose per-step skip decision is a data-dependent branch.
+    fullgraph: Optional[bool] = None
     dynamic: Optional[bool] = None  # True avoids recompiles when the resolution changes
     backend: str = "inductor"
     compile_vae: bool = False  # also compile vae.decode
@@ -71,7 +73,11 @@ class CompileBackend(Backend):
         flags = {**(RECIPE_INDUCTOR_FLAGS if options.tuning_flags else {}), **options.inductor_config}
         if flags:
             ctx.exit_stack.enter_context(torch._inductor.config.patch(flags))
-        kwargs = {"fullgraph": options.fullgraph, "dynamic": options.dynamic, "backend": options.backend,
+        fullgraph = options.fullgraph
+        if fullgraph is None:
+            fullgraph = not (ctx.stack and any(e.backend.stage == Stage.CACHE for e in ctx.stack.entries))
+        ctx.stats.setdefault("compile", {})["fullgraph"] = fullgraph
+        kwargs = {"fullgraph": fullgraph, "dynamic": options.dynamic, "backend": options.backend,
                   "mode": None if options.mode == "default" else options.mode}
         if options.regional:
             pipe.transformer.compile_repeated_blocks(**kwargs)

@@ -1,0 +1,91 @@
+"""The ``flux-mini`` architecture: a real FluxPipeline (FLUX's classes and latent layout) at a
+size that trains in minutes and runs on a CPU.
+
+* transformer: FluxTransformer2DModel, 2 double-stream + 4 single-stream blocks, 8 heads of 32
+  (hidden 256), ``guidance_embeds=True`` like FLUX.1-dev, 64 input channels (16 latent
+  channels packed in 2x2 patches);
+* VAE: AutoencoderKL with FLUX's 16 latent channels and 8x downsampling (4 blocks), no
+  quant convs (like FLUX); ``scaling_factor``/``shift_factor`` are measured after training;
+* text: CLIPTextModel (pooled vector) and T5EncoderModel (sequence), small, trained jointly
+  with the transformer. Tokenizers are built locally: CLIP's is fluxopt's character-level one
+  (:func:`fluxopt.tiny_model.clip_tokenizer`); T5's is the tiny model's character unigram
+  vocabulary plus the dataset's words as single pieces (any ASCII text still tokenizes);
+* scheduler: FLUX.1-dev's FlowMatchEulerDiscreteScheduler configuration.
+"""
+
+from __future__ import annotations
+
+import string
+
+import torch
+
+from fluxopt.flux_mini.dataset import VOCABULARY
+
+MAX_SEQUENCE_LENGTH = 32  # T5 tokens the model was trained with (the pipeline pads to this)
+
+TRANSFORMER = dict(patch_size=1, in_channels=64, num_layers=2, num_single_layers=4, attention_head_dim=32,
+                   num_attention_heads=8, joint_attention_dim=128, pooled_projection_dim=64,
+                   guidance_embeds=True, axes_dims_rope=(8, 12, 12))
+VAE = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+           up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(32, 64, 128, 128), layers_per_block=1,
+           latent_channels=16, norm_num_groups=16, sample_size=128, use_quant_conv=False,
+           use_post_quant_conv=False, scaling_factor=1.0, shift_factor=0.0)
+CLIP = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, projection_dim=64,
+            max_position_embeddings=77, attention_dropout=0.0, dropout=0.0)
+T5 = dict(d_model=128, d_kv=32, d_ff=256, num_layers=2, num_heads=4, relative_attention_num_buckets=16,
+          relative_attention_max_distance=64, dropout_rate=0.0)
+
+
+def t5_tokenizer():
+    """Unigram vocabulary: the tiny model's characters, plus each dataset word as one piece."""
+    from transformers import T5Tokenizer
+
+    chars = string.ascii_letters + string.digits + string.punctuation
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    pieces += [("\u2581" + c, -3.0) for c in chars] + [(c, -4.0) for c in chars]
+    pieces += [("\u2581" + w, -1.0) for w in VOCABULARY]
+    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=512)
+
+
+def build_untrained_pipeline(seed: int = 0):
+    """The flux-mini FluxPipeline with freshly initialised weights (float32, train mode off)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    from fluxopt.tiny_model import FLUX_SCHEDULER, clip_tokenizer
+
+    clip_tok, t5_tok = clip_tokenizer(), t5_tokenizer()
+    eos = clip_tok.convert_tokens_to_ids("<|endoftext|>")
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(clip_tok), bos_token_id=clip_tok.convert_tokens_to_ids("<|startoftext|>"),
+        eos_token_id=eos, pad_token_id=eos, **CLIP))
+    text_encoder_2 = T5EncoderModel(T5Config(vocab_size=len(t5_tok), **T5))
+    transformer = FluxTransformer2DModel(**TRANSFORMER)
+    vae = AutoencoderKL(**VAE)
+    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER), vae=vae,
+                        text_encoder=text_encoder, tokenizer=clip_tok, text_encoder_2=text_encoder_2,
+                        tokenizer_2=t5_tok, transformer=transformer)
+    for module in (text_encoder, text_encoder_2, transformer, vae):
+        module.eval()
+    return pipe
+
+
+def tokenize(pipe, captions: list[str], max_sequence_length: int = MAX_SEQUENCE_LENGTH):
+    """Token ids exactly as FluxPipeline.encode_prompt makes them: (clip_ids, t5_ids)."""
+    clip = pipe.tokenizer(captions, padding="max_length", max_length=pipe.tokenizer_max_length, truncation=True,
+                          return_overflowing_tokens=False, return_length=False, return_tensors="pt").input_ids
+    t5 = pipe.tokenizer_2(captions, padding="max_length", max_length=max_sequence_length, truncation=True,
+                          return_length=False, return_overflowing_tokens=False, return_tensors="pt").input_ids
+    return clip, t5
+
+
+def encode(pipe, clip_ids: torch.Tensor, t5_ids: torch.Tensor):
+    """(prompt_embeds, pooled_prompt_embeds) as the pipeline computes them, with gradients."""
+    pooled = pipe.text_encoder(clip_ids, output_hidden_states=False).pooler_output
+    embeds = pipe.text_encoder_2(t5_ids, output_hidden_states=False)[0]
+    return embeds, pooled
+
+
+def parameter_count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

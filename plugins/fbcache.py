@@ -1,0 +1,76 @@
+"""Backend ``fbcache``: first-block cache (ParaAttention's dynamic caching, TeaCache-like).
+
+Each step runs the first transformer block; when its residual changed by less than
+``residual_diff_threshold`` (relative mean absolute difference) since the last computed step,
+the remaining blocks are skipped and their cached residual is added instead. Lossy: a higher
+threshold skips more steps. The number of computed and skipped steps is counted from what
+actually ran (see ``_cache_probe``) and reported in the stack's ``stats["cache"]``.
+
+Two implementations: ``diffusers`` (``diffusers.hooks.FirstBlockCacheConfig`` through
+``transformer.enable_cache``, no extra package) and ``para_attn``
+(``para_attn.first_block_cache.diffusers_adapters.apply_cache_on_pipe``, as in the
+"3x faster FLUX serving" recipe).
+
+With ``compile``: the cache decision reads a tensor on the host (``.item()``) inside the first
+block, which is a graph break, so it composes with ``backend.compile.fullgraph=false`` only
+(regional or full); with ``fullgraph=true`` torch.compile refuses the first block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from fluxopt.backend import Backend, Package, Requirements, Stage, StackContext
+from fluxopt.errors import ConfigError
+from fluxopt.hookspecs import hookimpl
+from fluxopt_plugins._cache_probe import STEP_CACHE_GROUP, STEP_CACHE_REASON, ComputeCounter
+
+IMPLEMENTATIONS = ("diffusers", "para_attn")
+PARA_ATTN = Package("para_attn", "pip install 'fluxopt[para-attn]'")
+
+
+@dataclass
+class FBCacheOptions:
+    residual_diff_threshold: float = 0.08  # skip the remaining blocks below this relative change
+    implementation: str = "diffusers"  # one of IMPLEMENTATIONS
+
+
+class FBCacheBackend(Backend):
+    name = "fbcache"
+    description = "first-block cache: skip the remaining transformer blocks when the first block's residual barely changed"
+    options_class = FBCacheOptions
+    stage = Stage.CACHE
+    lossless = False
+    exclusive_group = STEP_CACHE_GROUP
+    exclusive_reason = STEP_CACHE_REASON
+
+    def unmet_requirement(self, options: FBCacheOptions, device: Any) -> str | None:
+        if options.implementation == "para_attn":
+            return Requirements(packages=(PARA_ATTN,)).unmet(device)
+        return None
+
+    def validate_options(self, options: FBCacheOptions) -> None:
+        if options.implementation not in IMPLEMENTATIONS:
+            raise ConfigError(f"backend.fbcache.implementation={options.implementation!r} is not one of "
+                              f"{', '.join(IMPLEMENTATIONS)}")
+        if options.residual_diff_threshold < 0:
+            raise ConfigError("backend.fbcache.residual_diff_threshold must be >= 0 "
+                              f"(got {options.residual_diff_threshold})")
+
+    def apply(self, pipe: Any, options: FBCacheOptions, ctx: StackContext) -> None:
+        # Probes go on the original blocks first: para_attn moves them into its own wrapper.
+        ComputeCounter(pipe, ctx.stats, self.name)
+        if options.implementation == "diffusers":
+            from diffusers.hooks import FirstBlockCacheConfig
+
+            pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=options.residual_diff_threshold))
+        else:
+            from para_attn.first_block_cache.diffusers_adapters import apply_cache_on_pipe
+
+            apply_cache_on_pipe(pipe, residual_diff_threshold=options.residual_diff_threshold)
+
+
+@hookimpl
+def fluxopt_backends() -> list[Backend]:
+    return [FBCacheBackend()]

@@ -1,0 +1,161 @@
+"""torchao quantization of the FLUX transformer's Linear layers (stage WEIGHTS, lossy).
+
+One backend per torchao config: ``torchao_fp8`` (dynamic float8 activations and weights, the
+flux-fast recipe), ``torchao_fp8_weight_only``, ``torchao_int8`` (int8 weight-only, also runs on
+the CPU), ``torchao_int8_dynamic`` (dynamic int8 activations and weights) and ``torchao_int4``
+(int4 weight-only, CUDA). All share the module selection: Linear layers of ``pipe.transformer``
+whose qualified name does not start with a ``skip`` prefix and whose in/out features are both
+at least ``min_features`` (tiny layers gain nothing and lose precision). The embedders and the
+final projection are skipped by default, as they are the most precision-sensitive.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from fluxopt.backend import Backend, Package, Requirements, Stage, StackContext
+from fluxopt.errors import ConfigError
+from fluxopt.hookspecs import hookimpl
+
+TORCHAO = Package("torchao", "pip install 'fluxopt[torchao]'")
+MSLK = Package("mslk", "pip install mslk (torchao's int4 'plain'/'preshuffled' kernels)")
+DEFAULT_SKIP = ["x_embedder", "context_embedder", "time_text_embed", "norm_out", "proj_out"]
+FP8_GRANULARITIES = ("row", "tensor")
+INT4_PACKING = ("tile_packed_to_4d", "plain", "preshuffled")
+
+
+def _selected(module: torch.nn.Module, fqn: str, options: Any) -> bool:
+    if not isinstance(module, torch.nn.Linear):
+        return False
+    if any(fqn == p or fqn.startswith(p + ".") for p in options.skip):
+        return False
+    return min(module.in_features, module.out_features) >= options.min_features
+
+
+@dataclass
+class TorchaoOptions:
+    skip: list[str] = field(default_factory=lambda: list(DEFAULT_SKIP))  # module-name prefixes left alone
+    min_features: int = 0  # skip Linear layers with in_features or out_features below this
+
+
+@dataclass
+class TorchaoFp8Options(TorchaoOptions):
+    granularity: str = "row"  # row (PerRow scales) | tensor (one scale per tensor)
+
+
+@dataclass
+class TorchaoInt4Options(TorchaoOptions):
+    group_size: int = 128  # weights per scale/zero-point group
+    packing_format: str = "tile_packed_to_4d"  # tinygemm (CUDA, no extra package) | plain | preshuffled (mslk)
+
+
+class _TorchaoBackend(Backend):
+    stage = Stage.WEIGHTS
+    lossless = False
+    options_class = TorchaoOptions
+    requires = Requirements(packages=(TORCHAO,))
+
+    exclusive_group = "quantization"
+    exclusive_reason = "both quantize the transformer's Linear weights (one quantization per stack)"
+
+    def make_config(self, options: Any) -> Any:
+        raise NotImplementedError
+
+    def validate_options(self, options: Any) -> None:
+        if options.min_features < 0:
+            raise ConfigError(f"backend.{self.name}.min_features must be >= 0 (got {options.min_features})")
+
+    def apply(self, pipe: Any, options: Any, ctx: StackContext) -> None:
+        from torchao.quantization import quantize_
+
+        transformer = pipe.transformer
+        chosen = [fqn for fqn, m in transformer.named_modules() if _selected(m, fqn, options)]
+        if not chosen:
+            raise ConfigError(f"backend.{self.name} selects no Linear layer (skip={options.skip}, "
+                              f"min_features={options.min_features})")
+        with ctx.timed("quantize"):
+            quantize_(transformer, self.make_config(options), filter_fn=lambda m, fqn: _selected(m, fqn, options))
+        total = sum(isinstance(m, torch.nn.Linear) for m in transformer.modules())
+        ctx.stats.setdefault("quantized_linears", {})[self.name] = {"quantized": len(chosen), "linears": total}
+
+
+class TorchaoFp8(_TorchaoBackend):
+    name = "torchao_fp8"
+    description = "torchao float8 dynamic activations + float8 weights (Float8DynamicActivationFloat8WeightConfig)"
+    options_class = TorchaoFp8Options
+    requires = Requirements(nvidia=True, min_compute_capability=(8, 9), packages=(TORCHAO,))
+
+    def validate_options(self, options: TorchaoFp8Options) -> None:
+        super().validate_options(options)
+        if options.granularity not in FP8_GRANULARITIES:
+            raise ConfigError(f"backend.{self.name}.granularity={options.granularity!r} is not one of "
+                              f"{', '.join(FP8_GRANULARITIES)}")
+
+    def make_config(self, options: TorchaoFp8Options) -> Any:
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, PerTensor
+
+        granularity = PerRow() if options.granularity == "row" else PerTensor()
+        return Float8DynamicActivationFloat8WeightConfig(granularity=granularity)
+
+
+class TorchaoFp8WeightOnly(_TorchaoBackend):
+    name = "torchao_fp8_weight_only"
+    description = "torchao float8 weight-only quantization (Float8WeightOnlyConfig)"
+    requires = Requirements(nvidia=True, min_compute_capability=(8, 9), packages=(TORCHAO,))
+
+    def make_config(self, options: TorchaoOptions) -> Any:
+        from torchao.quantization import Float8WeightOnlyConfig
+
+        return Float8WeightOnlyConfig()
+
+
+class TorchaoInt8(_TorchaoBackend):
+    name = "torchao_int8"
+    description = "torchao int8 weight-only quantization (Int8WeightOnlyConfig); CPU and GPU"
+
+    def make_config(self, options: TorchaoOptions) -> Any:
+        from torchao.quantization import Int8WeightOnlyConfig
+
+        return Int8WeightOnlyConfig()
+
+
+class TorchaoInt8Dynamic(_TorchaoBackend):
+    name = "torchao_int8_dynamic"
+    description = "torchao dynamic int8 activations + int8 weights (Int8DynamicActivationInt8WeightConfig); CPU and GPU"
+
+    def make_config(self, options: TorchaoOptions) -> Any:
+        from torchao.quantization import Int8DynamicActivationInt8WeightConfig
+
+        return Int8DynamicActivationInt8WeightConfig()
+
+
+class TorchaoInt4(_TorchaoBackend):
+    name = "torchao_int4"
+    description = "torchao int4 weight-only quantization (Int4WeightOnlyConfig), CUDA"
+    options_class = TorchaoInt4Options
+    requires = Requirements(nvidia=True, packages=(TORCHAO,))
+
+    def unmet_requirement(self, options: TorchaoInt4Options, device: Any) -> str | None:
+        packages = (TORCHAO, MSLK) if options.packing_format != "tile_packed_to_4d" else (TORCHAO,)
+        return Requirements(nvidia=True, packages=packages).unmet(device)
+
+    def validate_options(self, options: TorchaoInt4Options) -> None:
+        super().validate_options(options)
+        if options.packing_format not in INT4_PACKING:
+            raise ConfigError(f"backend.{self.name}.packing_format={options.packing_format!r} is not one of "
+                              f"{', '.join(INT4_PACKING)}")
+        if options.group_size not in (32, 64, 128, 256):
+            raise ConfigError(f"backend.{self.name}.group_size must be 32, 64, 128 or 256 (got {options.group_size})")
+
+    def make_config(self, options: TorchaoInt4Options) -> Any:
+        from torchao.quantization import Int4WeightOnlyConfig
+
+        return Int4WeightOnlyConfig(group_size=options.group_size, int4_packing_format=options.packing_format)
+
+
+@hookimpl
+def fluxopt_backends() -> list[Backend]:
+    return [TorchaoFp8(), TorchaoFp8WeightOnly(), TorchaoInt8(), TorchaoInt8Dynamic(), TorchaoInt4()]

@@ -1,0 +1,369 @@
+"""The built-in backends of issue 4: torchao quantization, step caches, fuse_qkv, channels_last,
+attention kernels, offload and bitsandbytes NF4.
+
+Validation runs everywhere (DeviceInfo stand-ins for the GPUs); the CPU-capable backends run
+end to end on the tiny model; the GPU-only ones are marked ``gpu``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+
+import pytest
+import torch
+from conftest import read_result, run_cli
+
+from fluxopt.backend import Shapes, StackContext
+from fluxopt.environment import DeviceInfo
+from fluxopt.errors import ConfigError
+from fluxopt.stack import build_stack, lookup_backend, parse_options
+
+CPU = DeviceInfo(type="cpu", name="test cpu")
+H100 = DeviceInfo(type="cuda", name="H100", capability=(9, 0))
+A100 = DeviceInfo(type="cuda", name="A100", capability=(8, 0))
+MI300 = DeviceInfo(type="cuda", name="MI300X", rocm=True, capability=(9, 4))
+STEPS = 6
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def unmet(name: str, device: DeviceInfo, **options) -> str | None:
+    backend = lookup_backend(name)
+    return backend.unmet_requirement(parse_options(backend, options), device)
+
+
+def tiny_pipe():
+    from fluxopt.api import load_model
+
+    pipe = load_model("tiny", device="cpu")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def generate(pipe, seed: int = 0):
+    with torch.inference_mode():
+        return pipe("a red circle above a blue square", height=64, width=64, num_inference_steps=STEPS,
+                    output_type="np", generator=torch.Generator().manual_seed(seed)).images
+
+
+def apply(pipe, selection):
+    from fluxopt.api import apply_stack
+
+    return apply_stack(pipe, selection, height=64, width=64, steps=STEPS, build=False)
+
+
+# ---------------------------------------------------------------------------- validation
+@pytest.mark.parametrize("name, options, device, expected", [
+    ("torchao_fp8", {}, CPU, "needs an NVIDIA GPU with CUDA; this run is on the CPU (test cpu)"),
+    ("torchao_fp8", {}, A100, "needs compute capability >= 8.9; A100 has 8.0"),
+    ("torchao_fp8", {}, MI300, "needs an NVIDIA GPU with CUDA; MI300X runs ROCm"),
+    ("torchao_fp8", {"granularity": "tensor"}, H100, None),
+    ("torchao_fp8_weight_only", {}, A100, "needs compute capability >= 8.9; A100 has 8.0"),
+    ("torchao_int8", {}, CPU, None),
+    ("torchao_int8_dynamic", {}, CPU, None),
+    ("torchao_int4", {}, CPU, "needs an NVIDIA GPU with CUDA; this run is on the CPU (test cpu)"),
+    ("offload", {}, CPU, "needs a GPU; this run is on the CPU (test cpu)"),
+    ("offload", {"mode": "sequential"}, H100, None),
+    ("fbcache", {}, CPU, None),
+    ("fuse_qkv", {}, CPU, None),
+    ("channels_last", {}, CPU, None),
+    ("attention", {"kernel": "native"}, CPU, None),
+    ("attention", {"kernel": "_native_cudnn"}, CPU, "needs an NVIDIA GPU with CUDA; this run is on the CPU (test cpu)"),
+    ("attention", {"kernel": "_native_cudnn"}, MI300, "needs an NVIDIA GPU with CUDA; MI300X runs ROCm"),
+    ("attention", {"kernel": "_native_cudnn"}, H100, None),
+    ("attention", {"kernel": "_native_flash"}, CPU, "needs a GPU; this run is on the CPU (test cpu)"),
+    ("attention", {"kernel": "flex"}, CPU, "needs a GPU; this run is on the CPU (test cpu)"),
+] + [(name, {}, CPU, None) for name in ("taylorseer", "magcache", "fastercache", "pab", "seacache")])
+def test_requirements_on_each_device(name, options, device, expected):
+    assert unmet(name, device, **options) == expected
+
+
+@pytest.mark.parametrize("name, options, module, hint", [
+    ("fbcache", {"implementation": "para_attn"}, "para_attn", "pip install 'fluxopt[para-attn]'"),
+    ("bnb_nf4", {}, "bitsandbytes", "pip install 'fluxopt[bnb]'"),
+    ("attention", {"kernel": "sage"}, "sageattention", "pip install sageattention"),
+    ("attention", {"kernel": "_flash_3"}, "flash_attn_interface", "FlashAttention-3"),
+    ("attention", {"kernel": "flash"}, "flash_attn", "flash-attn"),
+    ("attention", {"kernel": "aiter_fa2_hub"}, "kernels", "pip install 'kernels>=0.12'"),
+    ("torchao_int4", {"packing_format": "plain"}, "mslk", "pip install mslk"),
+])
+def test_missing_optional_package_names_it_and_how_to_install(name, options, module, hint):
+    import importlib.util
+
+    if importlib.util.find_spec(module) is not None:
+        pytest.skip(f"{module} is installed here")
+    reason = unmet(name, H100, **options)
+    assert reason.startswith(f"needs the Python package '{module}'") and hint in reason
+
+
+def test_package_of_another_implementation_is_not_required():
+    """para_attn is checked only when that implementation is chosen; int4's default packing needs no mslk."""
+    assert unmet("fbcache", H100, implementation="diffusers") is None
+    assert unmet("torchao_int4", H100) is None
+
+
+def test_aiter_needs_rocm_when_its_package_is_there(monkeypatch):
+    from fluxopt.backend import Package
+
+    monkeypatch.setattr(Package, "missing", lambda self: False)
+    assert unmet("attention", H100, kernel="aiter_fa2_hub") == "needs an AMD GPU with ROCm; H100 is not one"
+    assert unmet("attention", MI300, kernel="aiter_fa2_hub") is None
+    assert unmet("attention", A100, kernel="_sage_qk_int8_pv_fp8_cuda") == "needs compute capability >= 8.9; A100 has 8.0"
+
+
+@pytest.mark.parametrize("pair", [
+    ("fbcache", "magcache"), ("taylorseer", "pab"), ("seacache", "fastercache"),
+    ("torchao_int8", "torchao_fp8"), ("bnb_nf4", "torchao_int4"),
+])
+def test_two_caches_or_two_quantizations_are_refused(pair):
+    with pytest.raises(ConfigError, match="cannot be combined"):
+        build_stack(list(pair))
+
+
+def test_composable_stack_is_in_stage_order():
+    stack = build_stack(["offload", "compile", "fbcache", "attention", "torchao_int8", "fuse_qkv"])
+    assert stack.names == ["torchao_int8", "fuse_qkv", "attention", "fbcache", "compile", "offload"]
+    assert not stack.is_lossless()
+    assert build_stack(["fuse_qkv", "channels_last", "attention"]).is_lossless()
+
+
+@pytest.mark.parametrize("selection, message", [
+    ({"torchao_fp8": {"granularity": "col"}}, "granularity='col' is not one of row, tensor"),
+    ({"torchao_int8": {"min_features": -1}}, "min_features must be >= 0"),
+    ({"torchao_int4": {"packing_format": "zip"}}, "packing_format='zip' is not one of"),
+    ({"fbcache": {"implementation": "teacache"}}, "implementation='teacache' is not one of diffusers, para_attn"),
+    ({"fbcache": {"residual_diff_threshold": -0.1}}, "residual_diff_threshold must be >= 0"),
+    ({"attention": {"kernel": "flash3"}}, "kernel='flash3' is not one of"),
+    ({"offload": {"mode": "group"}}, "mode='group' is not one of model, sequential"),
+    ({"fastercache": {"spatial_attention_timestep_skip_range": [-1, 1001]}}, "must end at or below 1000"),
+    ({"pab": {"spatial_attention_timestep_skip_range": [800, 100]}}, "low < high"),
+    ({"taylorseer": {"taylor_factors_dtype": "fp8"}}, "taylor_factors_dtype='fp8' is not one of"),
+    ({"seacache": {"residual_order": 2}}, "residual_order must be 0 or 1"),
+    ({"magcache": {"mag_ratios": [1.0]}}, "one ratio per step"),
+    ({"bnb_nf4": {"components": ["vae"]}}, "non-empty subset of transformer, text_encoder_2"),
+])
+def test_option_values_are_validated(selection, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        build_stack(selection)
+
+
+@pytest.mark.parametrize("name, typo", [("fbcache", "threshold"), ("torchao_int8", "skip_modules"),
+                                         ("attention", "backend"), ("pab", "skip_range")])
+def test_option_typos_list_the_valid_options(name, typo):
+    with pytest.raises(ConfigError, match="Valid options:"):
+        build_stack({name: {typo: 1}})
+
+
+def test_attention_losslessness_depends_on_the_kernel():
+    backend = lookup_backend("attention")
+    assert backend.is_lossless(parse_options(backend, {"kernel": "_native_cudnn"}))
+    assert not backend.is_lossless(parse_options(backend, {"kernel": "sage"}))
+    assert not backend.is_lossless(parse_options(backend, {"kernel": "_sage_qk_int8_pv_fp8_cuda"}))
+
+
+# ---------------------------------------------------------------------------- torchao on CPU
+def _quantized(param) -> bool:
+    from torchao.utils import TorchAOBaseTensor
+
+    return isinstance(param, TorchAOBaseTensor)
+
+
+def test_torchao_int8_quantizes_selected_linears_and_leaves_skipped_ones():
+    pipe = tiny_pipe()
+    reference = generate(pipe)
+    applied = apply(pipe, {"torchao_int8": {}})
+    skip = parse_options(lookup_backend("torchao_int8"), {}).skip
+    linears = {fqn: m for fqn, m in pipe.transformer.named_modules() if isinstance(m, torch.nn.Linear)}
+    skipped = {fqn for fqn in linears if any(fqn == p or fqn.startswith(p + ".") for p in skip)}
+    assert skipped and len(skipped) < len(linears)
+    for fqn, module in linears.items():
+        assert _quantized(module.weight) == (fqn not in skipped), fqn
+    assert applied.stats["quantized_linears"]["torchao_int8"]["quantized"] == len(linears) - len(skipped)
+    out = generate(pipe)
+    assert out.shape == reference.shape and abs(out - reference).max() > 0  # really changed numerics
+    assert abs(out - reference).mean() < 0.1
+
+
+def test_torchao_min_features_skips_small_layers():
+    pipe = tiny_pipe()
+    sizes = sorted({min(m.in_features, m.out_features) for m in pipe.transformer.modules()
+                    if isinstance(m, torch.nn.Linear)})
+    threshold = sizes[-1]  # only the widest layers qualify
+    apply(pipe, {"torchao_int8_dynamic": {"min_features": threshold, "skip": []}})
+    for fqn, m in pipe.transformer.named_modules():
+        if isinstance(m, torch.nn.Linear):
+            assert _quantized(m.weight) == (min(m.in_features, m.out_features) >= threshold), fqn
+    generate(pipe)
+    with pytest.raises(ConfigError, match="selects no Linear layer"):
+        apply(tiny_pipe(), {"torchao_int8": {"min_features": sizes[-1] + 1}})
+
+
+# ---------------------------------------------------------------------------- caches on CPU
+def test_fbcache_counts_match_the_blocks_that_really_ran(monkeypatch):
+    """Independent count: the tail block's class forward, patched before the cache hooks wrap it."""
+    from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock
+
+    pipe = tiny_pipe()
+    tail = pipe.transformer.single_transformer_blocks[-1]
+    ran = []
+    original = FluxSingleTransformerBlock.forward
+
+    def counting(self, *args, **kwargs):
+        if self is tail:
+            ran.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(FluxSingleTransformerBlock, "forward", counting)
+    applied = apply(pipe, {"fbcache": {"residual_diff_threshold": 0.5}})
+    generate(pipe, seed=0)
+    generate(pipe, seed=1)
+    cache = applied.stats["cache"]
+    assert cache["generations"] == 2
+    assert cache["steps"] == STEPS and cache["computed_steps"] + cache["skipped_steps"] == STEPS
+    assert cache["total"]["computed_steps"] == len(ran) == sum(cache["computed_steps_per_generation"])
+    assert cache["total"]["steps"] == 2 * STEPS
+    assert 0 < cache["skipped_steps"] < STEPS  # the threshold made some steps skip, not all
+
+
+def test_fbcache_threshold_zero_computes_everything_and_matches_baseline():
+    pipe = tiny_pipe()
+    reference = generate(pipe)
+    applied = apply(pipe, {"fbcache": {"residual_diff_threshold": 0.0}})
+    out = generate(pipe)
+    assert applied.stats["cache"]["skipped_steps"] == 0
+    assert abs(out - reference).max() < 1e-5
+
+
+@pytest.mark.parametrize("name, options, level", [
+    ("magcache", {"threshold": 1.0}, "steps"),
+    ("seacache", {"threshold": 2.0}, "steps"),
+    ("taylorseer", {"cache_interval": 2, "disable_cache_before_step": 1, "taylor_factors_dtype": "float32"},
+     "attention"),
+    ("fastercache", {}, "attention"),
+    ("pab", {"spatial_attention_timestep_skip_range": [0, 999]}, "attention"),
+])
+def test_step_caches_run_and_report_what_they_skipped(name, options, level):
+    pipe = tiny_pipe()
+    reference = generate(pipe)
+    applied = apply(pipe, {name: options})
+    out = generate(pipe)
+    cache = applied.stats["cache"]
+    assert cache["backend"] == name and cache["steps"] == STEPS
+    assert cache["computed_steps"] + cache["skipped_steps"] == STEPS
+    n_attn = len(pipe.transformer.transformer_blocks) + len(pipe.transformer.single_transformer_blocks)
+    if level == "steps":
+        assert 0 < cache["skipped_steps"] < STEPS
+    else:
+        assert cache["skipped_steps"] == 0  # attention-level caches always run the blocks
+        assert cache["attention_calls"] == STEPS * n_attn
+        assert 0 < cache["attention_reused"] < cache["attention_calls"]
+    assert out.shape == reference.shape and abs(out - reference).max() > 0  # the cache changed something
+
+
+def test_seacache_without_flux_adapter_would_never_skip():
+    """Why seacache passes step/sigma into cache_context: without them diffusers runs every step."""
+    from diffusers.hooks import SeaCacheConfig
+
+    pipe = tiny_pipe()
+    from fluxopt_plugins._cache_probe import ComputeCounter
+
+    stats: dict = {}
+    ComputeCounter(pipe, stats, "seacache")
+    pipe.transformer.enable_cache(SeaCacheConfig(threshold=2.0))
+    generate(pipe)
+    assert stats["cache"]["skipped_steps"] == 0
+
+
+# ---------------------------------------------------------------------------- attention / offload
+def test_attention_backend_restores_the_global_default_on_close():
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    before = _AttentionBackendRegistry._active_backend
+    pipe = tiny_pipe()
+    reference = generate(pipe)
+    applied = apply(pipe, {"attention": {"kernel": "_native_math"}})
+    assert str(_AttentionBackendRegistry._active_backend.value) == "_native_math"
+    assert {p._attention_backend.value for p in pipe.transformer.attn_processors.values()} == {"_native_math"}
+    assert abs(generate(pipe) - reference).max() < 1e-4
+    applied.close()
+    assert _AttentionBackendRegistry._active_backend == before
+
+
+def test_sequential_offload_refuses_a_compiled_transformer():
+    pipe = tiny_pipe()
+    pipe.transformer.compile()  # lazy: nothing is compiled until the first call
+    backend = lookup_backend("offload")
+    with contextlib.ExitStack() as stack:
+        ctx = StackContext(device=H100, dtype=torch.float32, model=None, cache_dir=None, exit_stack=stack,
+                           shapes=Shapes(height=64, width=64, steps=STEPS, guidance_scale=3.5, max_sequence_length=128))
+        with pytest.raises(ConfigError, match="sequential cannot be combined with compile"):
+            backend.apply(pipe, parse_options(backend, {"mode": "sequential"}), ctx)
+
+
+def test_sequential_offload_with_a_graph_backend_is_refused_before_loading():
+    with pytest.raises(ConfigError, match="cannot be used in this stack: mode=sequential"):
+        build_stack({"offload": {"mode": "sequential"}, "compile": {}})
+    assert build_stack({"offload": {"mode": "model"}, "compile": {"regional": True}}).names == ["compile", "offload"]
+
+
+# ---------------------------------------------------------------------------- CLI end to end
+def test_cli_lossless_layout_backends_pass_lossless_fidelity(tmp_path):
+    proc = run_cli("+backend=[fuse_qkv,channels_last]", "bench.steps=4", "bench.height=64", "bench.iterations=2",
+                   f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (stack,) = read_result(tmp_path)["stacks"]
+    assert stack["stack"] == "fuse_qkv+channels_last" and stack["status"] == "ok", stack
+    assert stack["lossless"] is True and stack["fidelity"]["passed"] is True
+    assert stack["fidelity"]["metrics"]["psnr"]["threshold"] == 30.0
+
+
+def test_cli_quantized_cached_stack_reports_cache_counts(tmp_path):
+    proc = run_cli("+backend=[fbcache,torchao_int8]", "backend.fbcache.residual_diff_threshold=0.5",
+                   f"bench.steps={STEPS}", "bench.height=64", "bench.iterations=2", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = read_result(tmp_path)
+    (stack,) = data["stacks"]
+    assert stack["stack"] == "torchao_int8+fbcache" and stack["status"] == "ok", stack
+    assert stack["lossless"] is False and stack["fidelity"]["metrics"]["psnr"]["threshold"] == 20.0
+    cache = stack["stats"]["cache"]
+    assert cache["computed_steps"] + cache["skipped_steps"] == data["shapes"]["steps"]
+    assert cache["skipped_steps"] > 0
+    assert cache["total"]["steps"] == cache["generations"] * data["shapes"]["steps"]
+    assert stack["stats"]["quantized_linears"]["torchao_int8"]["quantized"] > 0
+
+
+@pytest.mark.slow
+def test_cli_compile_composes_with_fbcache(tmp_path):
+    """The cache decision is a graph break: compile picks fullgraph=false by itself (fullgraph=auto)."""
+    proc = run_cli("+backend=[compile,fbcache]", "backend.fbcache.residual_diff_threshold=0.5", "bench.steps=4", "bench.height=64",
+                   "bench.iterations=2", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (stack,) = read_result(tmp_path)["stacks"]
+    assert stack["status"] == "ok", stack
+    assert stack["stats"]["compile"]["fullgraph"] is False
+    cache = stack["stats"]["cache"]
+    assert cache["computed_steps"] + cache["skipped_steps"] == 4 and cache["skipped_steps"] > 0
+
+
+# ---------------------------------------------------------------------------- GPU only
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("selection", [
+    {"torchao_fp8": {}}, {"torchao_fp8_weight_only": {}}, {"torchao_int4": {}}, {"torchao_int8": {}},
+    {"attention": {"kernel": "_native_cudnn"}}, {"offload": {"mode": "model"}}, {"offload": {"mode": "sequential"}},
+    {"bnb_nf4": {}}, {"fbcache": {}},
+])
+def test_gpu_backends_run_on_the_tiny_model(selection, tmp_path):
+    from fluxopt.environment import detect_device
+
+    name = next(iter(selection))
+    backend = lookup_backend(name)
+    reason = backend.unmet_requirement(parse_options(backend, selection[name]), detect_device("cuda"))
+    if reason:
+        pytest.skip(f"{name} {reason}")
+    args = [f"backend.{name}.{k}={v}" for k, v in selection[name].items()]
+    proc = run_cli(f"+backend={name}", *args, "bench.steps=4", "bench.height=64", "bench.iterations=2",
+                   "model.dtype=bfloat16", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (stack,) = read_result(tmp_path)["stacks"]
+    assert stack["status"] == "ok", stack
