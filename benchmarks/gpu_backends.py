@@ -30,7 +30,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="output path without extension")
     parser.add_argument("--only", default=None, help="comma-separated indices of the plan's stacks to run")
     parser.add_argument("overrides", nargs="*", help="fluxopt config overrides")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()
     plan = yaml.safe_load(args.plan.read_text())
     entries = plan["stacks"]
     if args.only:

@@ -93,7 +93,8 @@ def git_revision() -> dict[str, Any]:
                                capture_output=True, text=True, timeout=10, check=True).stdout.strip()
         return {"revision": rev, "dirty": bool(dirty)}
     except (OSError, subprocess.SubprocessError):
-        return {"revision": None, "dirty": None}
+        # Installed copy (no checkout): a launcher may say which revision it installed.
+        return {"revision": os.environ.get("FLUXOPT_GIT_REVISION"), "dirty": None}
 
 
 def _nvidia_driver() -> str | None:
