@@ -10,6 +10,7 @@ config overrides. Writes NAME.json (result.json content + the command) and NAME.
 from __future__ import annotations
 
 import argparse
+import logging
 import shlex
 import sys
 from pathlib import Path
@@ -25,6 +26,7 @@ from fluxopt.stack import build_stack
 
 
 def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stdout)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("plan", type=Path, help="YAML file with a 'stacks' list of {backend: options} mappings")
     parser.add_argument("--out", type=Path, required=True, help="output path without extension")

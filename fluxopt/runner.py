@@ -165,56 +165,57 @@ class Run:
         if unmet:
             result.status, result.reason = "skipped", "; ".join(unmet)
             return result
-        phase = "load"
-        pipe = None
+        phase = ["load"]  # the phase in progress, for attributing a failure
         with contextlib.ExitStack() as exit_stack:
             try:
-                pipe = self._load()
-                ctx = StackContext(device=self.device, dtype=self.dtype, model=self.spec, shapes=self.shapes,
-                                   cache_dir=self.cache_dir, exit_stack=exit_stack, prompts=self.prompts,
-                                   stack=stack)
-                gen = Generator(pipe, self.shapes, self.device)
-                ctx.run_once = lambda: gen(self.prompts[0], self.seed)
-                phase = "apply"
-                for entry in stack.entries:
-                    entry.backend.apply(pipe, entry.options, ctx)
-                phase = "build"
-                start = time.perf_counter()
-                for entry in stack.entries:
-                    entry.backend.build(pipe, entry.options, ctx)
-                result.build_s = time.perf_counter() - start
-                result.build_phases_s = ctx.stats.pop("build_phases_s", {})
-
-                def on_phase(name: str) -> None:
-                    nonlocal phase
-                    phase = name
-
-                m = self._measure(pipe, on_phase)
-                self._fill(result, m)
-                result.stats = ctx.stats
-                phase = "fidelity"
-                result.images = self._save_images(stack.name, m.samples)
-                thresholds = self.cfg.fidelity.lossless if result.lossless else self.cfg.fidelity.lossy
-                result.fidelity = evaluate(reference, m.samples, plugins.metrics(), dict(thresholds))
-                result.fidelity["model"] = self.spec.name
-                result.fidelity["model_trained"] = self.spec.trained
-                if not result.fidelity["passed"]:
-                    result.status, result.reason = "failed", f"fidelity: {result.fidelity['reason']}"
-                    result.phase = "fidelity"
+                self._apply_build_measure(stack, result, reference, exit_stack, phase)
             except Exception as exc:  # noqa: BLE001 - any backend failure is recorded, the run goes on
-                result.status, result.phase = "failed", phase
+                result.status, result.phase = "failed", phase[0]
                 if isinstance(exc, torch.OutOfMemoryError):
                     result.reason = "out of memory: " + str(exc).splitlines()[0]
                 else:
                     result.reason = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
                 self._log_failure(stack.name, exc)
-            finally:
-                del pipe
-        self._release()
+        self._release()  # the pipeline died with _apply_build_measure's frame
         if result.status == "ok" or result.phase == "fidelity":
             result.speedup, result.speedup_uncertainty = _speedup(self.baseline.latency, result.latency)
             result.within_noise = abs(result.speedup - 1.0) <= 2 * result.speedup_uncertainty
         return result
+
+    def _apply_build_measure(self, stack: Stack, result: StackResult, reference: list[Sample],
+                             exit_stack: contextlib.ExitStack, phase: list[str]) -> None:
+        """Load a fresh pipeline, apply and build the stack, measure it and judge its fidelity."""
+        def enter(name: str) -> None:
+            phase[0] = name
+            log.info("stack %s: %s", stack.name, name)
+
+        pipe = self._load()
+        gen = Generator(pipe, self.shapes, self.device)
+        ctx = StackContext(device=self.device, dtype=self.dtype, model=self.spec, shapes=self.shapes,
+                           cache_dir=self.cache_dir, exit_stack=exit_stack, prompts=self.prompts, stack=stack,
+                           run_once=lambda: gen(self.prompts[0], self.seed))
+        enter("apply")
+        for entry in stack.entries:
+            entry.backend.apply(pipe, entry.options, ctx)
+        enter("build")
+        start = time.perf_counter()
+        for entry in stack.entries:
+            entry.backend.build(pipe, entry.options, ctx)
+        result.build_s = time.perf_counter() - start
+        result.build_phases_s = ctx.stats.pop("build_phases_s", {})
+        log.info("stack %s: built in %.1f s", stack.name, result.build_s)
+        m = self._measure(pipe, enter)
+        self._fill(result, m)
+        result.stats = ctx.stats
+        enter("fidelity")
+        result.images = self._save_images(stack.name, m.samples)
+        thresholds = self.cfg.fidelity.lossless if result.lossless else self.cfg.fidelity.lossy
+        result.fidelity = evaluate(reference, m.samples, plugins.metrics(), dict(thresholds))
+        result.fidelity["model"] = self.spec.name
+        result.fidelity["model_trained"] = self.spec.trained
+        if not result.fidelity["passed"]:
+            result.status, result.reason = "failed", f"fidelity: {result.fidelity['reason']}"
+            result.phase = "fidelity"
 
     def _log_failure(self, stack_name: str, exc: BaseException) -> None:
         path = self.output_dir / "logs" / f"{stack_name}.log"

@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--weights", help="pipeline directory (default: the shipped weights)")
     ap.add_argument("--out", type=Path, required=True, help="directory for flux-mini-*.json")
     ap.add_argument("--images", type=Path, help="directory for sample grids (PNG)")
-    ap.add_argument("--n", type=int, default=96, help="captions per split for accuracy")
+    ap.add_argument("--n", type=int, default=114, help="captions per split for accuracy (114 = every held-out combination once)")
     ap.add_argument("--cache-prompts", type=int, default=8)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))

@@ -175,7 +175,8 @@ def train_dit(pipe, cfg: dict, device: torch.device, steps: int | None, seconds:
     planner = StepPlanner(steps, seconds)
     sync = (lambda: torch.cuda.synchronize()) if device.type == "cuda" else (lambda: None)
     gen = torch.Generator(device=device).manual_seed(cfg["seed"] + 1)
-    step, t0, running = 0, time.perf_counter(), None
+    step, t0 = 0, time.perf_counter()
+    loss_sum, loss_count = torch.zeros((), device=device), 0  # mean loss since the last log line
     bsz = min(cfg["dit_batch"], n)
     while step < planner.total:
         idx = torch.randint(0, n, (bsz,), device=device, generator=gen)
@@ -196,6 +197,8 @@ def train_dit(pipe, cfg: dict, device: torch.device, steps: int | None, seconds:
                                     encoder_hidden_states=embeds, txt_ids=txt_ids, img_ids=img_ids,
                                     return_dict=False)[0]
         loss = F.mse_loss(pred.float(), noise - x0)
+        loss_sum += loss.detach()
+        loss_count += 1
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad = torch.nn.utils.clip_grad_norm_([p for m in modules for p in m.parameters()], 1.0)
@@ -206,12 +209,14 @@ def train_dit(pipe, cfg: dict, device: torch.device, steps: int | None, seconds:
                 torch._foreach_lerp_(list(e.parameters()), list(m.parameters()), 1 - decay)
         planner.after_step(step, sync)
         if step % 50 == 0 or step == planner.total - 1:
-            value = loss.item()
-            running = value if running is None else 0.9 * running + 0.1 * value
-            history.append(dict(stage="dit", step=step, loss=value, loss_smooth=running, grad_norm=grad.item(),
+            value, avg = loss.item(), loss_sum.item() / loss_count
+            loss_sum.zero_()
+            loss_count = 0
+            history.append(dict(stage="dit", step=step, loss=value, loss_mean=avg, grad_norm=grad.item(),
                                 lr=opt.param_groups[0]["lr"], seconds=time.perf_counter() - t0))
             if step % 500 == 0 or step == planner.total - 1:
-                log(f"dit {step}/{planner.total} loss {value:.4f} (smoothed {running:.4f}) grad {grad.item():.2f}")
+                log(f"dit {step}/{planner.total} loss {value:.4f} (mean of last steps {avg:.4f}) "
+                    f"grad {grad.item():.2f}")
         step += 1
     for m, e in zip(modules, ema):
         m.load_state_dict(e.state_dict())
@@ -248,10 +253,10 @@ def plot_history(csv_path: Path, png_path: Path) -> None:
                 s = int(r["step"]) + offset
             steps.append(s)
             values.append(float(r[key]))
-        ax.plot(steps, values, lw=0.8)
-        if stage == "dit":
-            smooth = [float(r.get("loss_smooth") or v) for r, v in zip(part, values)]
-            ax.plot(steps, smooth, lw=1.5)
+        ax.plot(steps, values, lw=0.8, label="one batch")
+        if stage == "dit" and all(r.get("loss_mean") for r in part):
+            ax.plot(steps, [float(r["loss_mean"]) for r in part], lw=1.5, label="mean since last point")
+            ax.legend()
         ax.set_yscale("log")
         ax.set_title(title)
         ax.set_xlabel("step")
@@ -333,7 +338,7 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     run["dit_steps"] = 0 if args.vae_only else train_dit(pipe, cfg, device, args.dit_steps, dit_seconds, history)
     run["dit_seconds"] = time.perf_counter() - t0
-    run["final_dit_loss_smooth"] = next((r["loss_smooth"] for r in reversed(history) if r["stage"] == "dit"), None)
+    run["final_dit_loss_mean"] = next((r["loss_mean"] for r in reversed(history) if r["stage"] == "dit"), None)
 
     target = args.out / "pipeline"
     pipe.to("cpu")
