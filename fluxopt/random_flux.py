@@ -50,30 +50,17 @@ def _init_like_trained(model: torch.nn.Module, std: float = 0.02) -> None:
                 module.bias.zero_()
 
 
+FLUX_DEV_CLIP = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=2, num_attention_heads=12,
+                     projection_dim=768, max_position_embeddings=77)
+FLUX_DEV_T5 = dict(d_model=4096, d_kv=64, d_ff=1024, num_layers=2, num_heads=64, dropout_rate=0.0)
+
+
 def build_random_flux_dev(device: torch.device, dtype: torch.dtype, seed: int = 0):
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+    """Built directly on ``device`` in ``dtype`` (no 48 GB fp32 detour through host memory)."""
+    from fluxopt.tiny_model import assemble_flux_pipeline
 
-    from fluxopt.tiny_model import FLUX_SCHEDULER, clip_tokenizer, t5_tokenizer
-
-    clip_tok, t5_tok = clip_tokenizer(), t5_tokenizer()
-    eos = clip_tok.convert_tokens_to_ids("<|endoftext|>")
-    torch.manual_seed(seed)
     init_dtype = dtype if dtype.is_floating_point else torch.float32
     with torch.device(device), _default_dtype(init_dtype):
-        transformer = FluxTransformer2DModel(**FLUX_DEV_TRANSFORMER)
-        vae = AutoencoderKL(**FLUX_VAE)
-        text_encoder = CLIPTextModel(CLIPTextConfig(
-            vocab_size=len(clip_tok), hidden_size=768, intermediate_size=3072, num_hidden_layers=2,
-            num_attention_heads=12, projection_dim=768, max_position_embeddings=77,
-            bos_token_id=clip_tok.convert_tokens_to_ids("<|startoftext|>"), eos_token_id=eos, pad_token_id=eos))
-        text_encoder_2 = T5EncoderModel(T5Config(
-            vocab_size=len(t5_tok), d_model=4096, d_kv=64, d_ff=1024, num_layers=2, num_heads=64,
-            dropout_rate=0.0))
-    _init_like_trained(transformer)
-    modules = (transformer, vae, text_encoder, text_encoder_2)
-    for module in modules:
-        module.to(device=device, dtype=dtype).eval()
-    scheduler = FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER)
-    return FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=clip_tok,
-                        text_encoder_2=text_encoder_2, tokenizer_2=t5_tok, transformer=transformer)
+        pipe = assemble_flux_pipeline(FLUX_DEV_CLIP, FLUX_DEV_T5, FLUX_DEV_TRANSFORMER, FLUX_VAE, seed)
+        _init_like_trained(pipe.transformer)
+    return pipe.to(device=device, dtype=dtype)

@@ -15,8 +15,6 @@ size that trains in minutes and runs on a CPU.
 
 from __future__ import annotations
 
-import string
-
 import torch
 
 from fluxopt.flux_mini.dataset import VOCABULARY
@@ -37,38 +35,17 @@ T5 = dict(d_model=128, d_kv=32, d_ff=256, num_layers=2, num_heads=4, relative_at
 
 
 def t5_tokenizer():
-    """Unigram vocabulary: the tiny model's characters, plus each dataset word as one piece."""
-    from transformers import T5Tokenizer
+    """The tiny model's character unigram vocabulary plus each dataset word as one piece."""
+    from fluxopt.tiny_model import t5_tokenizer as character_t5_tokenizer
 
-    chars = string.ascii_letters + string.digits + string.punctuation
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
-    pieces += [("\u2581" + c, -3.0) for c in chars] + [(c, -4.0) for c in chars]
-    pieces += [("\u2581" + w, -1.0) for w in VOCABULARY]
-    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=512)
+    return character_t5_tokenizer(VOCABULARY)
 
 
 def build_untrained_pipeline(seed: int = 0):
-    """The flux-mini FluxPipeline with freshly initialised weights (float32, train mode off)."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+    """The flux-mini FluxPipeline with freshly initialised weights (float32, eval mode)."""
+    from fluxopt.tiny_model import assemble_flux_pipeline
 
-    from fluxopt.tiny_model import FLUX_SCHEDULER, clip_tokenizer
-
-    clip_tok, t5_tok = clip_tokenizer(), t5_tokenizer()
-    eos = clip_tok.convert_tokens_to_ids("<|endoftext|>")
-    torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(clip_tok), bos_token_id=clip_tok.convert_tokens_to_ids("<|startoftext|>"),
-        eos_token_id=eos, pad_token_id=eos, **CLIP))
-    text_encoder_2 = T5EncoderModel(T5Config(vocab_size=len(t5_tok), **T5))
-    transformer = FluxTransformer2DModel(**TRANSFORMER)
-    vae = AutoencoderKL(**VAE)
-    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER), vae=vae,
-                        text_encoder=text_encoder, tokenizer=clip_tok, text_encoder_2=text_encoder_2,
-                        tokenizer_2=t5_tok, transformer=transformer)
-    for module in (text_encoder, text_encoder_2, transformer, vae):
-        module.eval()
-    return pipe
+    return assemble_flux_pipeline(CLIP, T5, TRANSFORMER, VAE, seed, t5_words=VOCABULARY)
 
 
 def tokenize(pipe, captions: list[str], max_sequence_length: int = MAX_SEQUENCE_LENGTH):
