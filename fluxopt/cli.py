@@ -21,7 +21,7 @@ from hydra.core.override_parser.types import ChoiceSweep, Override, QuotedString
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from fluxopt import plugins
+from fluxopt import distributed, plugins
 from fluxopt.config import register_configs, selected_backends
 from fluxopt.errors import ConfigError, FluxoptError
 from fluxopt.result import RESULT_FILE, SCHEMA_VERSION, keep_previous_result, read_result, write_json_atomic
@@ -55,7 +55,11 @@ def preflight(argv: list[str]) -> None:
     overrides = _hydra_overrides(argv)
     for ov in overrides:
         key = ov.key_or_group
-        if key == "backend" and not ov.is_delete():
+        if key == "hydra/launcher":
+            from fluxopt.gpu_pool import check_launcher
+
+            check_launcher(_text(ov.value()))
+        elif key == "backend" and not ov.is_delete():
             for names in _stack_choices(ov.value()):
                 build_stack(names)  # unknown names and incompatible pairs raise here
         elif key.startswith("backend."):
@@ -101,7 +105,14 @@ def run_job(cfg: DictConfig) -> dict[str, Any] | None:
         if cfg.get("resume", True) and previous.get("config") == config:
             print(f"fluxopt: {output_dir / RESULT_FILE} is complete for this config; skipping (resume=false re-runs)")
             return previous
-        keep_previous_result(output_dir)
+        if distributed.writes_results():
+            keep_previous_result(output_dir)
+    if not distributed.writes_results():  # torchrun rank > 0: computes in lock-step, writes nothing here
+        try:
+            return Run(cfg, distributed.scratch_dir(output_dir)).execute()
+        except FluxoptError as exc:
+            log.error("rank %s: %s", distributed.rank(), exc)
+            return None
     try:
         data = Run(cfg, output_dir).execute()
     except FluxoptError as exc:
@@ -123,7 +134,11 @@ _hydra_main = hydra.main(version_base="1.3", config_path="pkg://fluxopt.conf", c
 def main() -> None:
     try:
         preflight(sys.argv[1:])
+        status = distributed.maybe_relaunch(sys.argv[1:])  # multi-GPU stacks: re-run under torchrun
     except ConfigError as exc:
         print(f"fluxopt: error: {exc}", file=sys.stderr)
         sys.exit(2)
+    if status is not None:
+        sys.exit(status)
+    distributed.init_rank()
     _hydra_main()

@@ -32,8 +32,9 @@ class ModelConfig:
 class BenchConfig:
     """What is measured. ``None`` means the model's own default."""
 
+
     name: str = "quick"
-    prompts: list[str] = field(default_factory=lambda: list(DEFAULT_PROMPTS))
+    prompts: Optional[list[str]] = None  # None: the model's own prompts, else DEFAULT_PROMPTS
     seed: int = 0
     steps: Optional[int] = None
     height: Optional[int] = None

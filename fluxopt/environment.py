@@ -106,6 +106,18 @@ def _nvidia_driver() -> str | None:
         return None
 
 
+def _gpu_assignment() -> dict[str, Any] | None:
+    from fluxopt.gpu_pool import recorded_assignment
+
+    return recorded_assignment()
+
+
+def _distributed() -> dict[str, Any] | None:
+    from fluxopt.distributed import launch_info
+
+    return launch_info()
+
+
 def capture_environment(device: DeviceInfo) -> dict[str, Any]:
     """Everything recorded next to the numbers so a result can be reproduced and compared."""
     env: dict[str, Any] = {
@@ -122,6 +134,9 @@ def capture_environment(device: DeviceInfo) -> dict[str, Any]:
         "rocm_version": torch.version.hip,
         "cudnn_version": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        # GPU pool slot of a parallel sweep job (fluxopt/gpu_pool.py) and torchrun rank, when any.
+        "gpu_assignment": _gpu_assignment(),
+        "distributed": _distributed(),
     }
     if device.is_gpu:
         props = torch.cuda.get_device_properties(torch.cuda.current_device())

@@ -22,6 +22,7 @@ class GenerationDefaults:
     height: int
     width: int
     max_sequence_length: int
+    prompts: tuple[str, ...] = ()  # prompts the model understands (empty: fluxopt's defaults)
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from PIL import Image
 
 from fluxopt import plugins
 from fluxopt.artifacts import default_cache_dir
-from fluxopt.config import selected_backends
+from fluxopt.config import DEFAULT_PROMPTS, selected_backends
 from fluxopt.backend import Shapes, StackContext
 from fluxopt.environment import DeviceInfo, capture_environment, detect_device
 from fluxopt.errors import ConfigError, UnavailableError
@@ -100,7 +100,8 @@ class Run:
         self.spec = resolve_model(self.cfg.model.name)
         self.dtype = resolve_dtype(self.cfg.model.get("dtype", "auto"), self.device)
         self.shapes = resolve_shapes(self.cfg.bench, self.spec)
-        self.prompts = tuple(self.cfg.bench.prompts)
+        prompts = self.cfg.bench.get("prompts")
+        self.prompts = tuple(prompts if prompts is not None else (self.spec.defaults.prompts or DEFAULT_PROMPTS))
         if not self.prompts:
             raise ConfigError("bench.prompts is empty: give at least one prompt")
         self.seed = int(self.cfg.bench.seed)

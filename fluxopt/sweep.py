@@ -76,7 +76,9 @@ def summary_rows(results: list[tuple[Path, dict[str, Any]]],
                 row["speedup"] = f"{speedup:.2f} ± {stack['speedup_uncertainty']:.2f}" + (" (noise)" if within else "")
             row.update({"warm start": _warm_start(stack), "device": device,
                         "run": str(run_dir.relative_to(root)) or "."})
+            env = data.get("environment") or {}
             record = {**stack, "within_noise_sweep": within, "device": device, "run_dir": str(run_dir),
+                      "hostname": env.get("hostname"), "cuda_visible_devices": env.get("cuda_visible_devices"),
                       "model": data.get("model", {}).get("name"),
                       "baseline_median_s": ((data.get("baseline") or {}).get("latency") or {}).get("median")}
             rows.append((row, record))
@@ -176,6 +178,9 @@ def _markdown(results: list[tuple[Path, dict[str, Any]]], rows: list[dict[str, s
         lines.append(f"Model `{first['model']['name']}`, {shapes.get('height')}x{shapes.get('width')}, "
                      f"{shapes.get('steps')} steps, {len(first.get('prompts', []))} prompt(s); {len(results)} run(s).")
         lines.append("")
+    if len(spread) > 1:
+        lines += [f"**Mixed devices ({', '.join(sorted(spread))})**: each speedup is against the baseline of "
+                  "its own device (column `device`); do not compare speedups across devices.", ""]
     lines += [markdown_table(rows, SUMMARY_COLUMNS), ""]
     lines.append("## Noise")
     for device, s in spread.items():
@@ -199,6 +204,10 @@ class SweepSummaryCallback(Callback):
     """Hydra callback: writes the summary into the sweep directory when a multirun ends."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from fluxopt.distributed import writes_results
+
+        if not writes_results():  # under torchrun only rank 0 writes
+            return
         root = Path(config.hydra.sweep.dir)
         summary = write_summary(root)
         print(f"fluxopt: sweep summary of {summary['runs']} run(s): {root / 'summary.md'}")

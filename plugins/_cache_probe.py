@@ -21,7 +21,7 @@ the top level plus totals over every generation this pipeline ran (build, warm-u
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -38,6 +38,12 @@ def transformer_blocks(transformer: torch.nn.Module) -> list[torch.nn.Module]:
     return blocks
 
 
+def _compiled(transformer: torch.nn.Module) -> bool:
+    """Whether the transformer or any of its blocks runs through torch.compile."""
+    modules = [transformer, *transformer_blocks(transformer)]
+    return any(getattr(m, "_compiled_call_impl", None) is not None for m in modules)
+
+
 def attention_modules(transformer: torch.nn.Module) -> list[torch.nn.Module]:
     return [block.attn for block in transformer_blocks(transformer) if hasattr(block, "attn")]
 
@@ -46,8 +52,14 @@ class ComputeCounter:
     """Counts computed vs reused transformer steps (and optionally attention calls) per generation."""
 
     def __init__(self, pipe: Any, stats: dict[str, Any], backend: str, count_attention: bool = False,
-                 key: str = "cache"):
+                 key: str = "cache", decision: Callable[[], bool] | None = None):
+        """``decision``, when the cache library exposes it, says after each step whether that step
+        was computed; it is read outside the transformer, so it stays right when the blocks are
+        compiled (block hooks inside a compiled graph are not reliable observers)."""
         self.stats = stats
+        self.decision = decision
+        self.transformer = pipe.transformer
+        self.decided = [0, 0]  # steps, computed steps counted through ``decision``
         self.backend = backend
         self.key = key
         transformer = pipe.transformer
@@ -55,8 +67,8 @@ class ComputeCounter:
         tail = transformer_blocks(transformer)[-1]
         # groups: 0 = steps (outer: transformer, inner: the tail block's children)
         #         1 = attention calls (outer: every attention module, inner: its children)
-        groups: list[tuple[int, list[tuple[torch.nn.Module, Iterable[torch.nn.Module]]]]] = [
-            (0, [(transformer, list(tail.children()))])]
+        groups: list[tuple[int, list[tuple[torch.nn.Module, Iterable[torch.nn.Module]]]]] = (
+            [] if decision is not None else [(0, [(transformer, list(tail.children()))])])
         if count_attention:
             groups.append((1, [(attn, list(attn.children())) for attn in attention_modules(transformer)]))
         n_outer = sum(len(units) for _, units in groups)
@@ -99,6 +111,9 @@ class ComputeCounter:
         @functools.wraps(original)
         def step(*args: Any, **kwargs: Any) -> Any:
             out = original(*args, **kwargs)
+            if self.decision is not None:
+                self.decided[0] += 1
+                self.decided[1] += int(bool(self.decision()))
             index = getattr(scheduler, "step_index", None)
             timesteps = getattr(scheduler, "timesteps", None)
             if index is not None and timesteps is not None and index >= len(timesteps):
@@ -112,6 +127,15 @@ class ComputeCounter:
         calls, computed = self.calls.tolist(), self.computed.tolist()
         self.calls.zero_()
         self.computed.zero_()
+        if self.decision is not None:
+            calls[0], computed[0] = self.decided
+            self.decided = [0, 0]
+        elif _compiled(self.transformer):
+            self.stats[self.key] = {"backend": self.backend, "steps": calls[0], "computed_steps": None,
+                                    "skipped_steps": None,
+                                    "counts": "unavailable: the transformer's blocks are compiled, and hooks "
+                                              "inside a compiled graph do not observe which blocks ran"}
+            return
         gen = {"steps": calls[0], "computed_steps": computed[0], "skipped_steps": calls[0] - computed[0]}
         if self.count_attention:
             gen.update(attention_calls=calls[1], attention_computed=computed[1],

@@ -24,7 +24,7 @@ from typing import Any
 from fluxopt.backend import Backend, Package, Requirements, Stage, StackContext
 from fluxopt.errors import ConfigError
 from fluxopt.hookspecs import hookimpl
-from fluxopt_plugins._cache_probe import STEP_CACHE_GROUP, STEP_CACHE_REASON, ComputeCounter
+from fluxopt_plugins._cache_probe import STEP_CACHE_GROUP, STEP_CACHE_REASON, ComputeCounter, transformer_blocks
 
 IMPLEMENTATIONS = ("diffusers", "para_attn")
 PARA_ATTN = Package("para_attn", "pip install 'fluxopt[para-attn]'")
@@ -59,16 +59,28 @@ class FBCacheBackend(Backend):
                               f"(got {options.residual_diff_threshold})")
 
     def apply(self, pipe: Any, options: FBCacheOptions, ctx: StackContext) -> None:
-        # Probes go on the original blocks first: para_attn moves them into its own wrapper.
-        ComputeCounter(pipe, ctx.stats, self.name)
         if options.implementation == "diffusers":
             from diffusers.hooks import FirstBlockCacheConfig
 
             pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=options.residual_diff_threshold))
+            ComputeCounter(pipe, ctx.stats, self.name, decision=_diffusers_decision(pipe.transformer))
         else:
+            # Probes go on the original blocks first: para_attn moves them into its own wrapper.
+            ComputeCounter(pipe, ctx.stats, self.name)
             from para_attn.first_block_cache.diffusers_adapters import apply_cache_on_pipe
 
             apply_cache_on_pipe(pipe, residual_diff_threshold=options.residual_diff_threshold)
+
+
+def _diffusers_decision(transformer: Any) -> Any:
+    """Reads diffusers' first-block-cache decision of the last transformer call (its shared state
+    is plain Python, updated even when the blocks run compiled)."""
+    from diffusers.hooks import HookRegistry
+    from diffusers.hooks.first_block_cache import _FBC_LEADER_BLOCK_HOOK
+
+    head = transformer_blocks(transformer)[0]
+    state_manager = HookRegistry.check_if_exists_or_initialize(head).get_hook(_FBC_LEADER_BLOCK_HOOK).state_manager
+    return lambda: all(state.should_compute for state in state_manager._state_cache.values())
 
 
 @hookimpl

@@ -32,7 +32,10 @@ FLUX_MINI = ModelSpec(
     name="flux-mini",
     description="small FluxPipeline (2+4 blocks, 256 wide, 16-channel VAE) trained by fluxopt on procedural "
                 "captioned shapes at 128x128; shipped (26 MB), offline, CPU-fast, images follow captions",
-    defaults=GenerationDefaults(steps=28, guidance_scale=3.5, height=128, width=128, max_sequence_length=32),
+    # Held-out captions: combinations the transformer never saw in training.
+    defaults=GenerationDefaults(steps=28, guidance_scale=3.5, height=128, width=128, max_sequence_length=32,
+                                prompts=("a small red circle at the top on a black background",
+                                         "a large red circle on the right on a white background")),
     factory=_load_shipped,
     trained=True,
 )
