@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 COLUMNS = ("stack", "status", "latency (s)", "per step (ms)", "speedup", "build (s)", "first call (s)",
-           "peak mem (GiB)", "PSNR", "SSIM", "latent err", "fidelity")
+           "peak mem (GiB)", "steps skipped", "PSNR", "SSIM", "latent err", "fidelity")
 
 
 def _fmt(value: Any, spec: str = ".3g") -> str:
@@ -40,8 +40,12 @@ def stack_row(r: dict[str, Any]) -> dict[str, str]:
         verdict = "—"
     status = r["status"] if not r.get("reason") or r["status"] == "ok" else (
         f"{r['status']} ({r['phase']}): {r['reason']}" if r.get("phase") else f"{r['status']}: {r['reason']}")
+    cache = (r.get("stats") or {}).get("cache") or {}
+    skipped = "—" if not cache else (
+        f"{cache['skipped_steps']}/{cache['steps']}" if cache.get("skipped_steps") is not None else "n/a")
     return {
         "stack": r["stack"],
+        "steps skipped": skipped,
         "status": status,
         "latency (s)": "—" if not lat else f"{lat['median']:.3f} ± {lat['std']:.3f}",
         "per step (ms)": "—" if not step else f"{step['median'] * 1e3:.1f}",

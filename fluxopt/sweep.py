@@ -20,7 +20,7 @@ from fluxopt.report import environment_lines, fidelity_note, markdown_table, sta
 from fluxopt.result import RESULT_FILE, read_result, write_json_atomic
 
 SUMMARY_COLUMNS = ("stack", "status", "latency (s)", "per step (ms)", "speedup", "build (s)", "warm start",
-                   "first call (s)", "peak mem (GiB)", "PSNR", "SSIM", "latent err", "fidelity", "device", "run")
+                   "first call (s)", "peak mem (GiB)", "steps skipped", "PSNR", "SSIM", "latent err", "fidelity", "device", "run")
 
 
 def collect(root: Path) -> list[tuple[Path, dict[str, Any]]]:
