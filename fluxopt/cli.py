@@ -92,11 +92,21 @@ def _record_unrunnable(cfg: DictConfig, output_dir: Path, exc: FluxoptError) -> 
     })
 
 
+def _quiet_library_progress_bars() -> None:
+    """Weight-loading bars of diffusers/transformers drown fluxopt's own output."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def run_job(cfg: DictConfig) -> dict[str, Any] | None:
     """The Hydra task: one run in the job's output directory."""
     from fluxopt.report import print_table
     from fluxopt.runner import Run
 
+    _quiet_library_progress_bars()
     hc = HydraConfig.get()
     output_dir = Path(hc.runtime.output_dir)
     previous = read_result(output_dir / RESULT_FILE)
