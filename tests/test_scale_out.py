@@ -63,7 +63,7 @@ def test_joblib_sweep_writes_summary_once_and_agrees_with_sequential(sweeps):
 
     assert outcome(rows) == outcome(seq_rows) == {"fuse_qkv": ("ok", True), "channels_last": ("ok", True)}
     assert all(r["device"] and r["cuda_visible_devices"] in ("0", "1") for r in rows)
-    assert "| device |" in (parallel / "summary.md").read_text().replace("device |", "device |")
+    assert " device |" in (parallel / "summary.md").read_text()
 
 
 def test_gpu_pool_claims_distinct_slots_per_process(tmp_path, monkeypatch):
