@@ -44,6 +44,8 @@ def _range(name: str, value: list[float]) -> tuple[float, float]:
 class _StepCache(Backend):
     stage = Stage.CACHE
     lossless = False
+    exclusive_group = STEP_CACHE_GROUP
+    exclusive_reason = STEP_CACHE_REASON
     count_attention = False
 
     def config(self, pipe: Any, options: Any, ctx: StackContext) -> Any:
@@ -69,8 +71,6 @@ class TaylorSeerBackend(_StepCache):
     name = "taylorseer"
     description = "TaylorSeer: predict attention outputs with a Taylor series between full steps (diffusers hook)"
     options_class = TaylorSeerOptions
-    exclusive_group = STEP_CACHE_GROUP
-    exclusive_reason = STEP_CACHE_REASON
     count_attention = True
 
     def validate_options(self, options: TaylorSeerOptions) -> None:
@@ -104,8 +104,6 @@ class MagCacheBackend(_StepCache):
     name = "magcache"
     description = "MagCache: skip transformer steps while the calibrated residual-magnitude ratio stays flat (diffusers hook)"
     options_class = MagCacheOptions
-    exclusive_group = STEP_CACHE_GROUP
-    exclusive_reason = STEP_CACHE_REASON
 
     def validate_options(self, options: MagCacheOptions) -> None:
         if options.threshold < 0 or options.max_skip_steps < 0 or not 0 <= options.retention_ratio <= 1:
@@ -143,8 +141,6 @@ class FasterCacheBackend(_StepCache):
     name = "fastercache"
     description = "FasterCache: reuse and extrapolate attention outputs on alternate steps (diffusers hook)"
     options_class = FasterCacheOptions
-    exclusive_group = STEP_CACHE_GROUP
-    exclusive_reason = STEP_CACHE_REASON
     count_attention = True
 
     def validate_options(self, options: FasterCacheOptions) -> None:
@@ -180,8 +176,6 @@ class PABBackend(_StepCache):
     name = "pab"
     description = "Pyramid Attention Broadcast: reuse attention outputs for N steps in a timestep window (diffusers hook)"
     options_class = PABOptions
-    exclusive_group = STEP_CACHE_GROUP
-    exclusive_reason = STEP_CACHE_REASON
     count_attention = True
 
     def validate_options(self, options: PABOptions) -> None:
@@ -246,8 +240,6 @@ class SeaCacheBackend(_StepCache):
     name = "seacache"
     description = "SeaCache: skip steps while a spectrally filtered latent indicator barely changes (diffusers hook, FLUX adapter)"
     options_class = SeaCacheOptions
-    exclusive_group = STEP_CACHE_GROUP
-    exclusive_reason = STEP_CACHE_REASON
 
     def validate_options(self, options: SeaCacheOptions) -> None:
         if options.residual_order not in (0, 1):
