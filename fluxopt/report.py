@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 COLUMNS = ("stack", "status", "latency (s)", "per step (ms)", "speedup", "build (s)", "first call (s)",
@@ -124,7 +125,7 @@ def print_table(data: dict[str, Any], console: Console | None = None) -> None:
     for column in COLUMNS:
         table.add_column(column, overflow="fold")
     for row in run_rows(data):
-        table.add_row(*(row[c] for c in COLUMNS))
+        table.add_row(*(escape(row[c]) for c in COLUMNS))  # "[torchao]" in a reason is not markup
     console = console or Console()
     if not console.is_terminal:  # logs and CI: do not squeeze the table into 80 columns
         console.width = max(console.width, 220)

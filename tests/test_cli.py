@@ -97,3 +97,17 @@ def test_model_without_network_gives_actionable_error(tmp_path):
     assert proc.returncode != 0
     assert "could not load model 'flux-dev'" in proc.stderr and "model.path=" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_console_table_keeps_bracketed_install_hints(tmp_path):
+    import io
+
+    from rich.console import Console
+
+    from fluxopt.report import print_table
+
+    data = {"model": {"name": "tiny"}, "environment": {"device": {"name": "cpu"}}, "baseline": None,
+            "stacks": [{"stack": "x", "status": "skipped", "reason": "needs 'tensorrt' (pip install 'fluxopt[tensorrt]')"}]}
+    out = io.StringIO()
+    print_table(data, Console(file=out, width=400))
+    assert "fluxopt[tensorrt]" in out.getvalue()
