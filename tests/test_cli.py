@@ -111,3 +111,11 @@ def test_console_table_keeps_bracketed_install_hints(tmp_path):
     out = io.StringIO()
     print_table(data, Console(file=out, width=400))
     assert "fluxopt[tensorrt]" in out.getvalue()
+
+
+def test_gpu_only_backend_on_cpu_says_so_before_loading(tmp_path):
+    proc = run_cli("+backend=torchao_fp8", "device=cpu", f"hydra.run.dir={tmp_path / 'run'}")
+    assert proc.returncode == 2
+    assert "stack 'torchao_fp8' cannot run here: torchao_fp8 needs an NVIDIA GPU with CUDA" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "run" / "result.json").exists()
