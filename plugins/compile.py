@@ -86,13 +86,13 @@ class CompileBackend(Backend):
         if options.compile_vae:
             pipe.vae.decode = torch.compile(pipe.vae.decode, **kwargs)
         if options.cache:
-            import torch._functorch.config
+            from torch._functorch import config as functorch_config
             from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir
 
             ctx.exit_stack.enter_context(temporary_cache_dir(str(private_dir(ctx.cache_dir / INDUCTOR))))
             ctx.exit_stack.enter_context(torch._inductor.config.patch(
                 {"fx_graph_cache": True, "autotune_local_cache": True}))
-            ctx.exit_stack.enter_context(torch._functorch.config.patch(enable_autograd_cache=True))
+            ctx.exit_stack.enter_context(functorch_config.patch(enable_autograd_cache=True))
 
     def build(self, pipe: Any, options: CompileOptions, ctx: StackContext) -> None:
         """torch.compile is lazy: one call at the bench shapes triggers (and times) compilation."""

@@ -8,7 +8,6 @@ end to end on the tiny model; the GPU-only ones are marked ``gpu``.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 
 import pytest
 import torch

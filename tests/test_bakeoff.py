@@ -155,6 +155,8 @@ def test_global_state_does_not_leak_between_stacks(tmp_path):
     alone = build_stack({"compile": {}})
     after = Run(cfg, tmp_path / "after", stacks=[leaky, alone]).execute()
     single = Run(cfg, tmp_path / "alone", stacks=[alone]).execute()
+    assert [s["status"] for s in after["stacks"]] == ["ok", "ok"], after["stacks"]
+    assert after["stacks"][0]["options"]["compile"]["inductor_config"]["max_autotune_gemm"] is True
     assert inductor_config.save_config() == flags_before
     img_after = [np.asarray(Image.open(tmp_path / "after" / p)) for p in after["stacks"][1]["images"]]
     img_alone = [np.asarray(Image.open(tmp_path / "alone" / p)) for p in single["stacks"][0]["images"]]

@@ -108,7 +108,7 @@ class TrtTransformer:
         self.input_names = tuple(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
         (self.output_name,) = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
         self.dtypes = {name: _torch_dtype(self.engine.get_tensor_dtype(name))
-                       for name in (*input_names, output_name)}
+                       for name in (*self.input_names, self.output_name)}
         self.cuda_graph = cuda_graph
         self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor], torch.Tensor]] = {}
 
