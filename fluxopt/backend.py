@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import enum
 import importlib.util
+import logging
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +26,9 @@ if TYPE_CHECKING:
     from fluxopt.environment import DeviceInfo
     from fluxopt.models import ModelSpec
     from fluxopt.stack import Stack, StackEntry
+
+
+log = logging.getLogger("fluxopt.build")
 
 
 class Stage(enum.IntEnum):
@@ -145,14 +149,17 @@ class StackContext:
         """Time a named build phase (calibration, export, engine build...) into ``stats``."""
         if self.device.is_gpu:
             torch.cuda.synchronize()
+        log.info("%s: started", phase)  # logged as it happens: a run killed mid-build still shows its phases
         start = time.perf_counter()
         try:
             yield
         finally:
             if self.device.is_gpu:
                 torch.cuda.synchronize()
+            elapsed = time.perf_counter() - start
             phases = self.stats.setdefault("build_phases_s", {})
-            phases[phase] = phases.get(phase, 0.0) + time.perf_counter() - start
+            phases[phase] = phases.get(phase, 0.0) + elapsed
+            log.info("%s: %.1f s", phase, elapsed)
 
 
 class Backend:

@@ -305,7 +305,10 @@ class AotiBackend(Backend):
                     f"max_resolution={options.max_resolution})")
 
     def cache_key(self, options: AotiOptions) -> dict[str, Any]:
-        return dataclasses.asdict(options)
+        """Options that change the package (CUDA-graph replay is decided at load time)."""
+        key = dataclasses.asdict(options)
+        key.pop("cuda_graphs")
+        return key
 
     def _weights_mode(self, options: AotiOptions, modules: list[torch.nn.Module]) -> str:
         if options.weights != "auto":

@@ -15,6 +15,8 @@ came from cache, so cold build and warm start times can be told apart.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -26,6 +28,7 @@ from fluxopt.errors import ConfigError
 from fluxopt.hookspecs import hookimpl
 
 MEGA_CACHE = "mega_cache.bin"
+BREAKDOWN_ENTRIES = 10  # compile-time breakdown: this many slowest compiler phases go into stats
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 # The flux-fast recipe's Inductor tuning flags.
@@ -97,7 +100,7 @@ class CompileBackend(Backend):
     def build(self, pipe: Any, options: CompileOptions, ctx: StackContext) -> None:
         """torch.compile is lazy: one call at the bench shapes triggers (and times) compilation."""
         if not options.cache:
-            with ctx.timed("compile"):
+            with compile_breakdown(ctx), ctx.timed("compile"):
                 ctx.run_once()
             return
         from torch._dynamo.utils import counters
@@ -112,7 +115,7 @@ class CompileBackend(Backend):
                 torch.compiler.load_cache_artifacts((entry / MEGA_CACHE).read_bytes())
             info["loaded"] = True
         before = {k: counters["inductor"][k] for k in ("fxgraph_cache_hit", "fxgraph_cache_miss")}
-        with ctx.timed("compile"):
+        with compile_breakdown(ctx), ctx.timed("compile"):
             ctx.run_once()
         hits = counters["inductor"]["fxgraph_cache_hit"] - before["fxgraph_cache_hit"]
         misses = counters["inductor"]["fxgraph_cache_miss"] - before["fxgraph_cache_miss"]
@@ -126,6 +129,28 @@ class CompileBackend(Backend):
                     stack_artifact(ctx, self.name, key, lambda tmp: (tmp / MEGA_CACHE).write_bytes(data))
                 info.update(saved=True, bytes=len(data))
         ctx.stats["compile_cache"] = info
+
+
+def _compile_times() -> dict[str, float]:
+    from torch._dynamo.utils import compile_times
+
+    names, values = compile_times(repr="csv", aggregate=True)
+    return {name: float(value) for name, value in zip(names, values)}
+
+
+@contextlib.contextmanager
+def compile_breakdown(ctx: StackContext) -> Iterator[None]:
+    """Record where compilation spent its time (Dynamo's per-phase timers, e.g. Inductor lowering,
+    Triton compilation, autotuning) as ``stats["compile"]["breakdown_s"]``: the slowest phases,
+    which tell a slow build's cause without a profiler. The timers nest, so entries overlap."""
+    before = _compile_times()
+    try:
+        yield
+    finally:
+        after = _compile_times()
+        spent = {name: after[name] - before.get(name, 0.0) for name in after}
+        slowest = sorted(((t, n) for n, t in spent.items() if t > 0.01), reverse=True)[:BREAKDOWN_ENTRIES]
+        ctx.stats.setdefault("compile", {})["breakdown_s"] = {n: round(t, 2) for t, n in slowest}
 
 
 @hookimpl

@@ -24,6 +24,8 @@ def test_apply_stack_to_own_pipeline_keeps_outputs():
                                   max_sequence_length=64)
     assert applied.stack.names == ["compile"]
     assert applied.stats["build_phases_s"]["compile"] > 0  # built eagerly: first request is warm
+    breakdown = applied.stats["compile"]["breakdown_s"]  # where the compile time went
+    assert breakdown["_compile.compile_inner"] <= applied.stats["build_phases_s"]["compile"]
     np.testing.assert_allclose(_image(pipe), reference, atol=1e-4)
     applied.close()
     torch._dynamo.reset()

@@ -13,6 +13,8 @@ smaller than FP32) and TensorRT's strongly typed parser sees explicit FP8 GEMM i
 from __future__ import annotations
 
 import dataclasses
+import logging
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,8 @@ EXTERNAL_DATA_THRESHOLD = 2 * 1024**3 - 64 * 1024**2  # protobuf's 2 GiB limit, 
 ONNX_FILE = "model.onnx"
 DATA_FILE = "model.onnx_data"
 FP8_MAX = 448.0
+
+log = logging.getLogger("fluxopt.trt")
 
 
 class FluxForExport(torch.nn.Module):
@@ -128,28 +132,40 @@ def torch_export(transformer: torch.nn.Module, shapes: Shapes, path: Path, batch
 
 
 # ------------------------------------------------------------------ FP8 graph rewrite
-def _constant_values(model: Any) -> dict[str, np.ndarray]:
-    from onnx import numpy_helper
-
-    values = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+def _constant_protos(model: Any) -> dict[str, Any]:
+    """Name -> TensorProto of every initializer and Constant output (converted only when used:
+    a 12B-parameter graph holds tens of GB of them)."""
+    protos = {init.name: init for init in model.graph.initializer}
     for node in model.graph.node:
         if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
             for attr in node.attribute:
                 if attr.name == "value":
-                    values[node.output[0]] = numpy_helper.to_array(attr.t)
-    return values
+                    protos[node.output[0]] = attr.t
+    return protos
+
+
+def _to_float32(proto: Any) -> torch.Tensor | None:
+    """A float TensorProto (bf16 included) as a float32 torch tensor; None for other types."""
+    import ml_dtypes
+    from onnx import numpy_helper
+
+    array = numpy_helper.to_array(proto)
+    if array.dtype == ml_dtypes.bfloat16:
+        return torch.from_numpy(array.view(np.uint16).copy()).view(torch.bfloat16).float()
+    if array.dtype.kind != "f":
+        return None
+    return torch.from_numpy(np.array(array, dtype=np.float32))
 
 
 def finalize_fp8(model: Any) -> dict[str, int]:
     """Rewrite TRT custom FP8 Q/DQ ops to native ONNX ones and fold weight Q/DQ into FP8 weights (in place)."""
-    import ml_dtypes
     import onnx
     from onnx import helper
 
     graph = model.graph
     zp_name = "fluxopt_fp8_zero_point"
     graph.initializer.append(helper.make_tensor(zp_name, onnx.TensorProto.FLOAT8E4M3FN, [], [0.0]))
-    consts = _constant_values(model)
+    consts = _constant_protos(model)
     consumers = Counter(i for n in graph.node for i in n.input)
     producers = {o: n for n in graph.node for o in n.output}
     removed, folded, q_outputs = set(), 0, set()
@@ -173,14 +189,16 @@ def finalize_fp8(model: Any) -> dict[str, int]:
         q = producers.get(node.input[0])
         if q is None or q.op_type != "QuantizeLinear" or q.input[0] not in consts or consumers[q.output[0]] != 1:
             continue
-        weight, scale = consts[q.input[0]], consts.get(q.input[1])
-        if scale is None or weight.dtype.kind != "f" and weight.dtype != ml_dtypes.bfloat16:
+        if q.input[1] not in consts:
             continue
-        w = np.asarray(weight, dtype=np.float32) / np.asarray(scale, dtype=np.float32)
-        fp8 = np.clip(w, -FP8_MAX, FP8_MAX).astype(ml_dtypes.float8_e4m3fn)
+        weight, scale = _to_float32(consts[q.input[0]]), _to_float32(consts[q.input[1]])
+        if weight is None or scale is None:
+            continue
+        # torch's cast (round to nearest even, multi-threaded) is what ModelOpt's fake quant uses.
+        fp8 = (weight / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
         name = q.input[0] + "_fp8"
         tensor = onnx.TensorProto(name=name, data_type=onnx.TensorProto.FLOAT8E4M3FN, dims=list(fp8.shape),
-                                  raw_data=fp8.tobytes())
+                                  raw_data=fp8.view(torch.uint8).numpy().tobytes())
         graph.initializer.append(tensor)
         node.input[0] = name
         removed.add(id(q))
@@ -286,16 +304,25 @@ def export_quantized(transformer: torch.nn.Module, shapes: Shapes, out_dir: Path
     out_dir = Path(out_dir)
     raw = out_dir / "raw"
     raw.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+
+    def progress(step: str) -> None:  # the export of a full-size model takes minutes: say where it is
+        log.info("onnx export: %s done at %.1f s", step, time.perf_counter() - start)
+
     torch_export(transformer, shapes, raw / ONNX_FILE, batch)
+    progress("torch.onnx.export")
     model = onnx.load(str(raw / ONNX_FILE), load_external_data=True)
     info = finalize_fp8(model) if quant_format == "fp8" else finalize_int8(model)
+    progress("Q/DQ rewrite")
     path = out_dir / ONNX_FILE
     save_model(model, path)
     del model
     for f in raw.iterdir():
         f.unlink()
     raw.rmdir()
+    progress("save")
     onnx.checker.check_model(str(path))  # by path: works for models with external data (> 2 GiB)
+    progress("onnx.checker")
     summary = summarize_qdq(onnx.load(str(path), load_external_data=False))
     size = sum(f.stat().st_size for f in out_dir.iterdir() if f.name.startswith("model.onnx"))
     return {"onnx_path": str(path), "onnx_size_bytes": size, "opset": OPSET,
