@@ -91,6 +91,17 @@ def _speedup(base: dict[str, Any], other: dict[str, Any]) -> tuple[float, float]
     return speedup, speedup * rel
 
 
+def _restore_compiler_config_after(exit_stack: contextlib.ExitStack) -> None:
+    """Put Dynamo's and Inductor's global config back when the stack ends, whatever changed it:
+    libraries set process-wide flags (torchao's "recommended" Inductor config did), and a flag
+    left behind would change the compile time and kernels of every later stack."""
+    import torch._dynamo.config as dynamo_config
+    import torch._inductor.config as inductor_config
+
+    for config in (dynamo_config, inductor_config):
+        exit_stack.callback(config.load_config, config.get_config_copy())
+
+
 class Run:
     def __init__(self, cfg: DictConfig | Mapping[str, Any], output_dir: Path, stacks: list[Stack] | None = None):
         """``stacks`` replaces the stacks the config selects (benchmark scripts compare a chosen list)."""
@@ -168,6 +179,7 @@ class Run:
             return result
         phase = ["load"]  # the phase in progress, for attributing a failure
         with contextlib.ExitStack() as exit_stack:
+            _restore_compiler_config_after(exit_stack)
             try:
                 self._apply_build_measure(stack, result, reference, exit_stack, phase)
             except Exception as exc:  # noqa: BLE001 - any backend failure is recorded, the run goes on

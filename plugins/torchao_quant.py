@@ -7,10 +7,17 @@ the CPU), ``torchao_int8_dynamic`` (dynamic int8 activations and weights) and ``
 whose qualified name does not start with a ``skip`` prefix and whose in/out features are both
 at least ``min_features`` (tiny layers gain nothing and lose precision). The embedders and the
 final projection are skipped by default, as they are the most precision-sensitive.
+
+torchao's configs set "recommended" Inductor flags process-wide by default (coordinate-descent
+tuning among them) and never restore them. On the H100 that made the first ``torchao_fp8`` +
+``compile`` build take 311-359 s instead of ~30 s (283 s of it coordinate-descent tuning,
+read from the compile-time breakdown) and leaked into every later stack of the process. So
+fluxopt turns that off and offers the same flags as ``inductor_tuning=true``, scoped to the stack.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +32,14 @@ MSLK = Package("mslk", "pip install mslk (torchao's int4 'plain'/'preshuffled' k
 DEFAULT_SKIP = ["x_embedder", "context_embedder", "time_text_embed", "norm_out", "proj_out"]
 FP8_GRANULARITIES = ("row", "tensor")
 INT4_PACKING = ("tile_packed_to_4d", "plain", "preshuffled")
+# What torchao.quantization.utils.recommended_inductor_config_setter sets globally (torchao 0.18).
+TORCHAO_INDUCTOR_FLAGS = {
+    "coordinate_descent_tuning": True,
+    "coordinate_descent_check_all_directions": True,
+    "force_fuse_int_mm_with_mul": True,
+    "fx_graph_cache": True,
+    "triton.unique_kernel_names": True,
+}
 
 
 def _selected(module: torch.nn.Module, fqn: str, options: Any) -> bool:
@@ -39,6 +54,9 @@ def _selected(module: torch.nn.Module, fqn: str, options: Any) -> bool:
 class TorchaoOptions:
     skip: list[str] = field(default_factory=lambda: list(DEFAULT_SKIP))  # module-name prefixes left alone
     min_features: int = 0  # skip Linear layers with in_features or out_features below this
+    # torchao's recommended Inductor flags (coordinate-descent tuning...) for this stack only: minutes
+    # more compile with torch.compile, for kernels tuned to the shapes
+    inductor_tuning: bool = False
 
 
 @dataclass
@@ -76,8 +94,11 @@ class _TorchaoBackend(Backend):
         if not chosen:
             raise ConfigError(f"backend.{self.name} selects no Linear layer (skip={options.skip}, "
                               f"min_features={options.min_features})")
+        if options.inductor_tuning:
+            ctx.exit_stack.enter_context(torch._inductor.config.patch(TORCHAO_INDUCTOR_FLAGS))
+        config = dataclasses.replace(self.make_config(options), set_inductor_config=False)  # no global side effect
         with ctx.timed("quantize"):
-            quantize_(transformer, self.make_config(options), filter_fn=lambda m, fqn: _selected(m, fqn, options))
+            quantize_(transformer, config, filter_fn=lambda m, fqn: _selected(m, fqn, options))
         total = sum(isinstance(m, torch.nn.Linear) for m in transformer.modules())
         ctx.stats.setdefault("quantized_linears", {})[self.name] = {"quantized": len(chosen), "linears": total}
 

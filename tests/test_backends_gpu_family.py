@@ -183,6 +183,34 @@ def test_torchao_int8_quantizes_selected_linears_and_leaves_skipped_ones():
     assert abs(out - reference).mean() < 0.1
 
 
+def test_torchao_leaves_inductor_flags_alone_unless_asked_and_then_only_for_the_stack():
+    """torchao's configs set coordinate-descent tuning process-wide by default (minutes of compile
+    on the H100, leaking into later stacks); fluxopt turns that off and scopes it as an option."""
+    import torch._inductor.config as inductor_config
+
+    before = inductor_config.save_config()
+    apply(tiny_pipe(), {"torchao_int8": {}}).close()
+    assert inductor_config.save_config() == before and not inductor_config.coordinate_descent_tuning
+    applied = apply(tiny_pipe(), {"torchao_int8": {"inductor_tuning": True}})
+    assert inductor_config.coordinate_descent_tuning and inductor_config.force_fuse_int_mm_with_mul
+    applied.close()
+    assert inductor_config.save_config() == before
+
+
+def test_runner_restores_global_compiler_flags_a_backend_set():
+    """Whatever a stack's libraries set globally is undone before the next stack is measured."""
+    import torch._inductor.config as inductor_config
+
+    from fluxopt.runner import _restore_compiler_config_after
+
+    before = inductor_config.save_config()
+    with contextlib.ExitStack() as stack:
+        _restore_compiler_config_after(stack)
+        inductor_config.coordinate_descent_tuning = True
+        torch._dynamo.config.cache_size_limit = 3
+    assert inductor_config.save_config() == before and torch._dynamo.config.cache_size_limit != 3
+
+
 def test_torchao_min_features_skips_small_layers():
     pipe = tiny_pipe()
     sizes = sorted({min(m.in_features, m.out_features) for m in pipe.transformer.modules()
