@@ -29,6 +29,9 @@ import dataclasses
 import itertools
 import json
 import logging
+import signal
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +41,7 @@ import torch
 
 from fluxopt.artifacts import has_subclass_weights, module_fingerprint
 from fluxopt.backend import Backend, Shapes, Stage, StackContext
-from fluxopt.errors import ConfigError
+from fluxopt.errors import ConfigError, FluxoptError
 from fluxopt.hookspecs import hookimpl
 
 log = logging.getLogger("fluxopt.aoti")
@@ -54,6 +57,8 @@ WEIGHT_MODES = ("auto", "shared", "embedded")
 TRANSFORMER_PACKAGE = "transformer.pt2"
 VAE_PACKAGE = "vae_decoder.pt2"
 TOKEN_INPUTS = ("hidden_states", "img_ids")  # inputs whose token dimension is dynamic
+PROBE_CODE = "import sys, torch; torch._inductor.aoti_load_package(sys.argv[1])"
+PROBE_TIMEOUT_S = 600
 
 
 @dataclass
@@ -67,6 +72,9 @@ class AotiOptions:
     max_resolution: int = 1024  # dynamic: largest square side covered, in pixels (multiple of 16)
     weights: str = "auto"  # auto | shared (bind the live weights at load) | embedded (weights in the package)
     vae: bool = False  # also export + AOT-compile the VAE decoder
+    # load the package in a child process first, so that a torch build whose AOTInductor runtime
+    # crashes on load fails this stack instead of killing the whole bake-off (costs a few seconds)
+    probe_load: bool = True
 
 
 # ---------------------------------------------------------------------------------- inputs
@@ -251,6 +259,28 @@ class AotiVaeDecode:
         return (out,)
 
 
+class AotiLoadError(FluxoptError):
+    """The AOTInductor runtime of this torch build could not load a package."""
+
+
+def probe_load(path: Path) -> None:
+    """Load ``path`` in a child process and raise AotiLoadError if that process dies.
+
+    Why: on the H100 machine we measure on (torch 2.11.0+cu130), every AOTInductor package, down
+    to a single Linear layer, crashes the process with SIGSEGV inside the package loader; in
+    process, that would take every other stack of a sweep with it."""
+    proc = subprocess.run([sys.executable, "-c", PROBE_CODE, str(path)], capture_output=True, text=True,
+                          timeout=PROBE_TIMEOUT_S)
+    if proc.returncode == 0:
+        return
+    if proc.returncode < 0:
+        how = f"was killed by {signal.Signals(-proc.returncode).name}"
+    else:
+        how = f"exited with {proc.returncode}: {(proc.stderr.strip().splitlines() or [''])[-1]}"
+    raise AotiLoadError(f"aoti: a process loading the AOTInductor package {how} (torch {torch.__version__}); this "
+                        "torch build cannot run AOTInductor packages here, use backend=compile instead")
+
+
 def load_package(path: Path, module: torch.nn.Module | None, prefix: str, single_threaded: bool) -> Any:
     """Load an AOTI package; with ``module``, bind its live tensors as the package's constants."""
     compiled = torch._inductor.aoti_load_package(str(path), run_single_threaded=single_threaded)
@@ -307,7 +337,8 @@ class AotiBackend(Backend):
     def cache_key(self, options: AotiOptions) -> dict[str, Any]:
         """Options that change the package (CUDA-graph replay is decided at load time)."""
         key = dataclasses.asdict(options)
-        key.pop("cuda_graphs")
+        for name in ("cuda_graphs", "probe_load"):
+            key.pop(name)
         return key
 
     def _weights_mode(self, options: AotiOptions, modules: list[torch.nn.Module]) -> str:
@@ -362,6 +393,11 @@ class AotiBackend(Backend):
         entry = ctx.artifact(self.name, key, build_packages)
         cache_info = ctx.stats.get("artifacts", {}).get(self.name, {})
         use_graphs = options.cuda_graphs and ctx.device.is_gpu
+        if options.probe_load:
+            with ctx.timed("load_probe"):
+                probe_load(entry / TRANSFORMER_PACKAGE)
+                if z is not None:
+                    probe_load(entry / VAE_PACKAGE)
         with ctx.timed("load"):
             compiled = load_package(entry / TRANSFORMER_PACKAGE, transformer if weights == "shared" else None,
                                     "transformer", single_threaded=use_graphs)

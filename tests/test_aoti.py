@@ -50,6 +50,7 @@ def test_aoti_cold_build_runs_the_pipeline_losslessly(two_runs):
     assert stack["fidelity"]["metrics"]["latent_rel_l2"]["worst"] < 1e-3
     phases = stack["build_phases_s"]
     assert phases["export"] > 0 and phases["aoti_compile"] > 0 and phases["load"] > 0
+    assert phases["load_probe"] > 0  # loaded in a child process first (crash-safe)
     stats = stack["stats"]
     assert stats["aoti"]["cache_hit"] is False and stats["aoti"]["warm_start"] is False
     assert stats["aoti"]["weights"] == "shared" and stats["aoti"]["cuda_graphs"] is False
@@ -69,6 +70,25 @@ def test_aoti_second_process_loads_the_package_from_the_cache(two_runs):
 
 
 # ---------------------------------------------------------------------------------- pieces
+def test_load_probe_turns_a_crashing_loader_into_an_error(monkeypatch, tmp_path):
+    """A loader that segfaults (as every package did on the H100's torch 2.11.0+cu130) fails the
+    stack with the signal's name instead of killing the process."""
+    import fluxopt_plugins.aoti as aoti_module
+
+    monkeypatch.setattr(aoti_module, "PROBE_CODE", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)")
+    with pytest.raises(aoti_module.AotiLoadError, match="killed by SIGSEGV.*use backend=compile"):
+        aoti_module.probe_load(tmp_path / "transformer.pt2")
+
+
+def test_load_probe_reports_an_unloadable_package(tmp_path):
+    from fluxopt_plugins.aoti import AotiLoadError, probe_load
+
+    bad = tmp_path / "transformer.pt2"
+    bad.write_bytes(b"not a zip archive")
+    with pytest.raises(AotiLoadError, match="exited with 1: .*Error"):
+        probe_load(bad)
+
+
 def test_aoti_is_a_graph_backend_that_conflicts_with_compile_and_trt():
     backend, _ = aoti()
     assert backend.stage is Stage.GRAPH and backend.is_lossless(None)
