@@ -44,6 +44,8 @@ def stack_row(r: dict[str, Any]) -> dict[str, str]:
     cache = (r.get("stats") or {}).get("cache") or {}
     skipped = "—" if not cache else (
         f"{cache['skipped_steps']}/{cache['steps']}" if cache.get("skipped_steps") is not None else "n/a")
+    if cache.get("attention_calls"):  # TaylorSeer, FasterCache, PAB reuse attention outputs, not whole steps
+        skipped += f" (attention reused {cache['attention_reused']}/{cache['attention_calls']})"
     return {
         "stack": r["stack"],
         "steps skipped": skipped,
