@@ -67,7 +67,7 @@ class BnbNF4Backend(Backend):
     options_class = BnbNF4Options
     stage = Stage.WEIGHTS
     lossless = False
-    requires = Requirements(nvidia=True, packages=(BNB,))
+    requires = Requirements(packages=(BNB,))  # bitsandbytes >= 0.48 runs NF4 on the CPU too
     exclusive_group = "quantization"
     exclusive_reason = "both quantize the transformer's Linear weights (one quantization per stack)"
 
@@ -78,7 +78,7 @@ class BnbNF4Backend(Backend):
                               f"{', '.join(COMPONENTS)}")
 
     def apply(self, pipe: Any, options: BnbNF4Options, ctx: StackContext) -> None:
-        compute_dtype = ctx.dtype if ctx.dtype != torch.float32 else torch.bfloat16
+        compute_dtype = ctx.dtype
         counts = {}
         with ctx.timed("quantize"):
             for component in options.components:

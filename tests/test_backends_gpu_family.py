@@ -225,6 +225,36 @@ def test_torchao_min_features_skips_small_layers():
         apply(tiny_pipe(), {"torchao_int8": {"min_features": sizes[-1] + 1}})
 
 
+def test_bnb_nf4_quantizes_transformer_and_t5_and_composes_with_compile():
+    """bitsandbytes >= 0.48 runs NF4 on the CPU, so the whole path is checked here: Linear4bit in
+    place of the selected layers, changed-but-close numerics, and regional compile (fullgraph)
+    reproducing the eager NF4 output."""
+    import bitsandbytes as bnb
+
+    pipe = tiny_pipe()
+    reference = generate(pipe)
+    applied = apply(pipe, {"bnb_nf4": {}})
+    counts = applied.stats["nf4_linears"]
+    for component in ("transformer", "text_encoder_2"):
+        module = getattr(pipe, component)
+        assert counts[component] == sum(isinstance(m, bnb.nn.Linear4bit) for m in module.modules()) > 0
+        keep = tuple(getattr(module, "_keep_in_fp32_modules", None) or ())  # T5's "wo" stays full precision
+        left = [fqn for fqn, m in module.named_modules() if type(m) is torch.nn.Linear]
+        assert all(fqn.split(".")[-1] in keep for fqn in left), left
+    eager = generate(pipe)
+    assert abs(eager - reference).max() > 0 and abs(eager - reference).mean() < 0.1
+    applied.close()
+    pipe = tiny_pipe()
+    from fluxopt.api import apply_stack
+
+    compiled = apply_stack(pipe, {"bnb_nf4": {}, "compile": {"regional": True, "cache": False}},
+                           height=64, width=64, steps=STEPS)
+    assert compiled.stats["compile"]["fullgraph"] is True
+    assert abs(generate(pipe) - eager).max() < 1e-4
+    compiled.close()
+    torch._dynamo.reset()
+
+
 # ---------------------------------------------------------------------------- caches on CPU
 def test_fbcache_counts_match_the_blocks_that_really_ran(monkeypatch):
     """Independent count: the tail block's class forward, patched before the cache hooks wrap it."""
