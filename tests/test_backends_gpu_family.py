@@ -86,11 +86,11 @@ def test_requirements_on_each_device(name, options, device, expected):
     ("attention", {"kernel": "aiter_fa2_hub"}, "kernels", "pip install 'kernels>=0.12'"),
     ("torchao_int4", {"packing_format": "plain"}, "mslk", "pip install mslk"),
 ])
-def test_missing_optional_package_names_it_and_how_to_install(name, options, module, hint):
+def test_missing_optional_package_names_it_and_how_to_install(name, options, module, hint, monkeypatch):
     import importlib.util
 
-    if importlib.util.find_spec(module) is not None:
-        pytest.skip(f"{module} is installed here")
+    find_spec = importlib.util.find_spec  # hide the package even where it is installed
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == module else find_spec(n, *a))
     reason = unmet(name, H100, **options)
     assert reason.startswith(f"needs the Python package '{module}'") and hint in reason
 
