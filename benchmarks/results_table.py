@@ -17,6 +17,13 @@ COLUMNS = ("run", "stack", "per step (ms)", "latency (s)", "speedup", "build (s)
            "SSIM", "latent err", "fidelity", "steps skipped")
 
 
+# The options worth a reader's eye in the table (the JSON has them all).
+SHOWN = {"compile": ("regional",), "torchao_fp8": ("granularity", "inductor_tuning"),
+         "torchao_int8": ("inductor_tuning",), "fbcache": ("residual_diff_threshold",),
+         "attention": ("kernel",), "offload": ("mode",), "trt_fp8": ("stop_after", "calib_steps"),
+         "aoti": ("max_autotune", "cuda_graphs")}
+
+
 def stack_label(r: dict[str, Any]) -> str:
     """The stack with its options as measured, e.g. ``torchao_fp8(granularity=row); compile(regional=True)``."""
     if r["stack"] == "baseline":
@@ -26,13 +33,6 @@ def stack_label(r: dict[str, Any]) -> str:
         shown = {k: v for k, v in options.items() if k in SHOWN.get(name, ())}
         parts.append(f"{name}({', '.join(f'{k}={v}' for k, v in shown.items())})")
     return "; ".join(parts) or r["stack"]
-
-
-# The options worth a reader's eye in the table (the JSON has them all).
-SHOWN = {"compile": ("regional",), "torchao_fp8": ("granularity", "inductor_tuning"),
-         "torchao_int8": ("inductor_tuning",), "fbcache": ("residual_diff_threshold",),
-         "attention": ("kernel",), "offload": ("mode",), "trt_fp8": ("stop_after", "calib_steps"),
-         "aoti": ("max_autotune", "cuda_graphs")}
 
 
 def rows(results: dict[str, Any]) -> list[dict[str, str]]:
