@@ -20,7 +20,7 @@ from hydra import compose, initialize_config_module
 
 from fluxopt.config import register_configs
 from fluxopt.report import render_run_markdown
-from fluxopt.result import write_json_atomic
+from fluxopt.files import write_json_atomic
 from fluxopt.runner import Run
 from fluxopt.stack import build_stack
 

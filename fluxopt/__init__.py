@@ -1,6 +1,31 @@
-"""fluxopt: find which optimization stack makes FLUX fastest on your hardware, then use it."""
+"""fluxopt: find which optimization stack makes FLUX fastest on your hardware, then use it.
 
-from fluxopt.api import apply_stack, available_backends, load_model
+This module is the public API: serving code uses ``apply_stack`` (and ``load_model``,
+``available_backends``); plugins (built-in ones in ``fluxopt_plugins`` and third-party ones)
+import everything they need from here and nothing else (an import-linter contract checks it).
+"""
 
-__all__ = ["apply_stack", "available_backends", "load_model"]
-__version__ = "0.1.0"
+from fluxopt.api import AppliedStack, apply_stack, available_backends, load_model
+from fluxopt.artifacts import INDUCTOR
+from fluxopt.backend import EXCLUSIVE_STAGES, Backend, Package, Requirements, Stage
+from fluxopt.compiler_state import RECIPE_INDUCTOR_FLAGS, validate_inductor_flags
+from fluxopt.context import StackContext
+from fluxopt.environment import DeviceInfo
+from fluxopt.errors import ConfigError, FluxoptError, ModelLoadError, UnavailableError
+from fluxopt.fidelity import Metric
+from fluxopt.files import file_sha256, private_dir
+from fluxopt.fingerprint import has_subclass_weights, module_fingerprint
+from fluxopt.hookspecs import hookimpl
+from fluxopt.measure import Sample
+from fluxopt.models import GenerationDefaults, ModelSpec, verify_checksums
+from fluxopt.result import StackResult
+from fluxopt.shapes import DTYPES, Shapes
+from fluxopt.version import __version__
+
+__all__ = [
+    "DTYPES", "EXCLUSIVE_STAGES", "INDUCTOR", "RECIPE_INDUCTOR_FLAGS", "AppliedStack", "Backend", "ConfigError",
+    "DeviceInfo", "FluxoptError", "GenerationDefaults", "Metric", "ModelLoadError", "ModelSpec", "Package",
+    "Requirements", "Sample", "Shapes", "StackContext", "StackResult", "Stage", "UnavailableError", "__version__",
+    "apply_stack", "available_backends", "file_sha256", "has_subclass_weights", "hookimpl", "load_model", "module_fingerprint",
+    "private_dir", "validate_inductor_flags", "verify_checksums",
+]

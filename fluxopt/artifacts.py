@@ -1,10 +1,9 @@
-"""Where built things live (tiny model checkpoint, compiled graphs, exported packages,
-engines) and how they are written: atomically, under a lock, in a user-only directory.
+"""The artifact cache: where built things live (model checkpoints fluxopt makes, compiled
+graphs, exported packages, engines), verified before every use.
 
 Layout under the cache directory (``cache.dir``, ``$FLUXOPT_CACHE_DIR`` or ``~/.cache/fluxopt``)::
 
-    models/<name>-v<N>/                 local model checkpoints (``build_directory``)
-    artifacts/<kind>/<digest>/          one built artifact entry (``ArtifactCache``)
+    artifacts/<kind>/<digest>/          one built entry (kind: a backend's name, or ``model``)
         manifest.json                   the full key and the sha256 + size of every file
         ...                             what the backend's build wrote
     artifacts/<kind>/<digest>.lock      held while the entry is built
@@ -19,36 +18,34 @@ rebuilt, never loaded.
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import fcntl
 import hashlib
 import json
 import logging
 import os
+import platform
 import shutil
 import stat
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from fluxopt.backend import StackContext
-    from fluxopt.environment import DeviceInfo
+import torch
+
+from fluxopt.environment import DeviceInfo, package_versions
+from fluxopt.files import dir_size, file_lock, file_sha256, lock_is_free, private_dir, walk_files
 
 log = logging.getLogger("fluxopt.artifacts")
 
 # Bump when the layout of cache entries changes: older entries are then never read.
-CACHE_FORMAT_VERSION = 2
+CACHE_FORMAT_VERSION = 3
 
-COMPLETE_MARKER = ".complete"
 MANIFEST = "manifest.json"
 ARTIFACTS = "artifacts"
 INDUCTOR = "inductor"
-_HASH_CHUNK = 1 << 20
 
 
 def default_cache_dir() -> Path:
@@ -59,73 +56,9 @@ def default_cache_dir() -> Path:
     return Path(base).expanduser() / "fluxopt"
 
 
-def private_dir(path: Path) -> Path:
-    """Create ``path`` (and parents) readable by the owner only: cache entries may hold native code."""
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.chmod(path, 0o700)
-    return path
-
-
-@contextlib.contextmanager
-def file_lock(lock_path: Path) -> Iterator[None]:
-    """Exclusive inter-process lock, so two processes never build the same entry at once."""
-    private_dir(lock_path.parent)
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-    with os.fdopen(fd, "a+") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def lock_is_free(lock_path: Path) -> bool:
-    """Whether no process holds ``lock_path`` now (so no build of that entry is in progress)."""
-    if not lock_path.exists():
-        return True
-    with open(lock_path, "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return False
-        fcntl.flock(handle, fcntl.LOCK_UN)
-        return True
-
-
-def build_directory(target: Path, builder: Callable[[Path], None]) -> Path:
-    """Return ``target``, building it first with ``builder(tmp_dir)`` if it is not complete.
-
-    The build happens in a temporary sibling that is renamed into place, so a killed build
-    never leaves a half-written entry that looks valid. (Used for local model checkpoints;
-    backend artifacts go through ``ArtifactCache``, which also verifies checksums.)
-    """
-    if (target / COMPLETE_MARKER).exists():
-        return target
-    with file_lock(target.with_name(target.name + ".lock")):
-        if (target / COMPLETE_MARKER).exists():  # another process finished it meanwhile
-            return target
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=private_dir(target.parent)))
-        try:
-            builder(tmp)
-            (tmp / COMPLETE_MARKER).touch()
-            if target.exists():  # an incomplete leftover of a killed build
-                shutil.rmtree(target)
-            os.replace(tmp, target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
 # ---------------------------------------------------------------------------------- keys
 def environment_key(device: DeviceInfo) -> dict[str, Any]:
     """Everything about this machine that makes a built artifact non-portable."""
-    import platform
-    import sys
-
-    import torch
-
-    from fluxopt.environment import package_versions
-
     return {"device": {"type": device.type, "name": device.name,
                        "capability": list(device.capability) if device.capability else None,
                        "rocm": device.rocm},
@@ -164,69 +97,6 @@ def key_summary(full_key: Mapping[str, Any]) -> str:
     return " ".join(parts)
 
 
-# ---------------------------------------------------------------------------------- modules
-def _is_subclass(t: Any) -> bool:
-    """A tensor subclass (torchao quantized weights...), not a plain tensor/parameter/buffer."""
-    import torch
-
-    return type(t) not in (torch.Tensor, torch.nn.Parameter, torch.nn.Buffer)
-
-
-def module_fingerprint(module: Any, values: bool) -> str:
-    """sha256 of what decides the exported graph: class, config, every tensor's name, type,
-    shape and dtype, the attention processors; with ``values``, also a sample of every
-    tensor's values (cheap: a few elements each, gathered in one transfer)."""
-    import itertools
-
-    import torch
-
-    h = hashlib.sha256(type(module).__qualname__.encode())
-    config = getattr(module, "config", None)
-    if config is not None:
-        h.update(json.dumps(dict(config), sort_keys=True, default=str).encode())
-    samples = []
-    for name, t in itertools.chain(module.named_parameters(), module.named_buffers()):
-        h.update(f"{name}|{type(t).__name__}|{type(t.data).__name__}|{tuple(t.shape)}|{t.dtype}\n".encode())
-        if values:
-            if _is_subclass(t):
-                h.update(repr(t).encode()[:4096])
-            elif t.numel():
-                flat = t.detach().reshape(-1)
-                idx = torch.linspace(0, flat.numel() - 1, steps=min(64, flat.numel()), device=flat.device).long()
-                samples.append(flat[idx].float())
-    if samples:
-        h.update(torch.cat(samples).cpu().numpy().tobytes())
-    processors = getattr(module, "attn_processors", None)
-    if isinstance(processors, dict):
-        for name, proc in sorted(processors.items()):
-            h.update(f"{name}|{type(proc).__qualname__}|{getattr(proc, '_attention_backend', None)}\n".encode())
-    return h.hexdigest()[:32]
-
-
-def has_subclass_weights(module: Any) -> bool:
-    import itertools
-
-    return any(_is_subclass(p) for p in itertools.chain(module.parameters(), module.buffers()))
-
-
-# ---------------------------------------------------------------------------------- files
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _walk_files(root: Path) -> Iterator[tuple[str, Path]]:
-    """(relative posix path, path) of every non-directory below ``root``, links included."""
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        for name in sorted(filenames) + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
-            path = Path(dirpath) / name
-            yield path.relative_to(root).as_posix(), path
-
-
 def _unsafe(path: Path, uid: int) -> str | None:
     """Why ``path`` may not be trusted (owner, permissions, link), or None."""
     st = os.lstat(path)
@@ -237,14 +107,6 @@ def _unsafe(path: Path, uid: int) -> str | None:
     if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
         return f"{path} is group- or world-writable (mode {stat.S_IMODE(st.st_mode):o})"
     return None
-
-
-def dir_size(path: Path) -> int:
-    total = 0
-    for _, p in _walk_files(path):
-        with contextlib.suppress(OSError):
-            total += os.lstat(p).st_size
-    return total
 
 
 # ---------------------------------------------------------------------------------- cache
@@ -328,7 +190,7 @@ class ArtifactCache:
             return Verdict("key mismatch: the manifest's key does not hash to this entry's name", manifest)
         if expected_key is not None and _normalise(key) != _normalise(expected_key):
             return Verdict("key mismatch: the entry was built for another key", manifest)
-        present = {rel: p for rel, p in _walk_files(path) if rel != MANIFEST}
+        present = {rel: p for rel, p in walk_files(path) if rel != MANIFEST}
         for rel in sorted(set(present) - set(files)):
             return Verdict(f"unexpected file {rel}", manifest)
         for rel in sorted(files):
@@ -401,7 +263,7 @@ class ArtifactCache:
         try:
             build(tmp)
             files = {}
-            for rel, path in _walk_files(tmp):
+            for rel, path in walk_files(tmp):
                 if rel == MANIFEST:
                     raise RuntimeError(f"a build may not write {MANIFEST} itself")
                 if path.is_symlink():
@@ -439,24 +301,13 @@ class ArtifactCache:
 
     # ------------------------------------------------------------------ listing
     def entries(self) -> Iterator[EntryInfo]:
-        """Every entry, leftover and model checkpoint in the cache (for ``fluxopt-cache``)."""
+        """Every entry (model checkpoints included) and leftover in the cache (for ``fluxopt-cache``)."""
         if self.artifacts_dir.is_dir():
             for kind_dir in sorted(p for p in self.artifacts_dir.iterdir() if p.is_dir()):
                 for path in sorted(kind_dir.iterdir()):
                     if path.name.endswith(".lock"):
                         continue
                     yield self.inspect(path)
-        models = self.root / "models"
-        if models.is_dir():
-            for path in sorted(models.iterdir()):
-                if path.name.endswith(".lock"):
-                    continue
-                leftover = path.name.startswith(".")
-                complete = (path / COMPLETE_MARKER).exists() and not leftover
-                yield EntryInfo(path=path, kind="model", id=path.name, size_bytes=dir_size(path),
-                                mtime=path.stat().st_mtime, status="valid" if complete else "incomplete",
-                                reason=None if complete else "no .complete marker (killed build)",
-                                summary=path.name, key=None, building=_building(path))
         inductor = self.root / INDUCTOR
         if inductor.is_dir():
             yield EntryInfo(path=inductor, kind="inductor", id=INDUCTOR, size_bytes=dir_size(inductor),
@@ -513,42 +364,3 @@ class EntryInfo:
                     return f"built for other package versions ({', '.join(diff)})"
                 return f"built for another {label} ({json.dumps(self.key.get(part), default=str)})"
         return None
-
-
-# ---------------------------------------------------------------------------------- API
-def artifact_entry(cache_dir: Path, kind: str, key: Mapping[str, Any], device: DeviceInfo,
-                   build: Callable[[Path], None]) -> tuple[Path, bool]:
-    """The cache entry for ``key`` (built with ``build`` if absent); returns (path, built_now)."""
-    result = ArtifactCache(cache_dir).get(kind, entry_key(key, device), build)
-    return result.path, result.built
-
-
-def context_key(ctx: StackContext, backend: str, key: Mapping[str, Any]) -> dict[str, Any]:
-    """A backend's key completed with the model, shapes, dtype, device and versions."""
-    return entry_key({"backend": backend, "model": ctx.model.name if ctx.model else None,
-                      "shapes": dataclasses.asdict(ctx.shapes), "dtype": str(ctx.dtype), **key}, ctx.device)
-
-
-def stack_artifact(ctx: StackContext, backend: str, key: Mapping[str, Any],
-                   build: Callable[[Path], None] | None) -> Path | None:
-    """``StackContext.artifact``: get (or, with ``build=None``, only look up) an entry and
-    record what happened in ``ctx.stats["artifacts"][backend]``."""
-    cache = ArtifactCache(ctx.cache_dir)
-    full_key = context_key(ctx, backend, key)
-    stats = ctx.stats.setdefault("artifacts", {})
-    if build is None:
-        start = time.perf_counter()
-        path, discarded = cache.lookup(backend, full_key)
-        info = {"path": str(path) if path else None, "cache_hit": path is not None,
-                "verify_s": round(time.perf_counter() - start, 4)}
-        if discarded:
-            info["rebuilt"] = discarded
-        stats[backend] = {**stats.get(backend, {}), **info}
-        return path
-    result = cache.get(backend, full_key, build)
-    info = result.to_stats()
-    previous = stats.get(backend, {})
-    if previous.get("rebuilt") and not result.rebuilt:  # discarded by an earlier lookup
-        info["rebuilt"] = previous["rebuilt"]
-    stats[backend] = info
-    return result.path

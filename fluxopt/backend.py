@@ -7,28 +7,15 @@ Built-in backends (``plugins/``) and third-party ones use exactly this class.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import enum
 import importlib.util
-import logging
-import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
-import torch
-
-if TYPE_CHECKING:
-    from diffusers import FluxPipeline
-
-    from fluxopt.environment import DeviceInfo
-    from fluxopt.models import ModelSpec
-    from fluxopt.stack import Stack, StackEntry
-
-
-log = logging.getLogger("fluxopt.build")
+from fluxopt.context import StackContext
+from fluxopt.environment import DeviceInfo
 
 
 class Stage(enum.IntEnum):
@@ -93,75 +80,6 @@ class Requirements:
         return None
 
 
-@dataclass(frozen=True)
-class Shapes:
-    """The generation settings a backend may specialise on (export, engines, calibration)."""
-
-    height: int
-    width: int
-    steps: int
-    guidance_scale: float
-    max_sequence_length: int
-    batch_size: int = 1
-
-    @property
-    def latent_tokens(self) -> int:
-        """Packed image tokens the FLUX transformer sees (8x VAE, 2x2 patches)."""
-        return (self.height // 16) * (self.width // 16)
-
-
-@dataclass
-class StackContext:
-    """What a backend may use while it is applied and built.
-
-    Global state a backend changes (Inductor flags, torch backends switches) must be entered
-    through ``exit_stack`` so it is restored after the stack is measured and cannot leak
-    into the next one.
-    """
-
-    device: DeviceInfo
-    dtype: torch.dtype
-    model: ModelSpec | None  # None when applied to a user's own pipeline
-    shapes: Shapes
-    cache_dir: Path
-    exit_stack: contextlib.ExitStack
-    prompts: tuple[str, ...] = ()
-    stack: Stack | None = None  # the whole stack being applied (backends may adapt to the others)
-    run_once: Callable[[], Any] | None = None  # one pipeline call at the bench shapes
-    stats: dict[str, Any] = field(default_factory=dict)
-
-    def artifact(self, backend: str, key: Mapping[str, Any], build: Callable[[Path], None]) -> Path:
-        """A cache directory holding what ``build(tmp_dir)`` writes, built once per key.
-
-        The key is completed with the model, shapes, dtype, device and library versions, so an
-        entry made for another GPU or version is never reused. Every load verifies the entry's
-        manifest (key, sha256 of every file, owner and permissions); a corrupt, partial or
-        foreign entry is logged, recorded as ``stats["artifacts"][backend]["rebuilt"]`` and
-        rebuilt. ``stats["artifacts"][backend]`` also says ``cache_hit``, ``built``,
-        ``verify_s``, ``build_s`` and ``size_bytes``.
-        """
-        from fluxopt.artifacts import stack_artifact
-
-        return stack_artifact(self, backend, key, build)
-
-    @contextlib.contextmanager
-    def timed(self, phase: str) -> Iterator[None]:
-        """Time a named build phase (calibration, export, engine build...) into ``stats``."""
-        if self.device.is_gpu:
-            torch.cuda.synchronize()
-        log.info("%s: started", phase)  # logged as it happens: a run killed mid-build still shows its phases
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            if self.device.is_gpu:
-                torch.cuda.synchronize()
-            elapsed = time.perf_counter() - start
-            phases = self.stats.setdefault("build_phases_s", {})
-            phases[phase] = phases.get(phase, 0.0) + elapsed
-            log.info("%s: %.1f s", phase, elapsed)
-
-
 class Backend:
     """Base class of every optimization backend.
 
@@ -187,20 +105,32 @@ class Backend:
     def validate_options(self, options: Any) -> None:
         """Refuse option values that their types allow but the backend does not (raise ConfigError)."""
 
-    def incompatibility(self, options: Any, others: Sequence[StackEntry]) -> str | None:
-        """Why this backend, with these options, cannot share a stack with ``others`` (None: it can).
-        For conflicts that depend on options; fixed ones go in ``conflicts`` or ``exclusive_group``."""
+    def incompatibility(self, options: Any, others: Sequence[Any]) -> str | None:
+        """Why this backend, with these options, cannot share a stack with ``others`` (a sequence of
+        ``fluxopt.stack.StackEntry``; None: it can). For conflicts that depend on options; fixed
+        ones go in ``conflicts`` or ``exclusive_group``."""
         return None
+
+    def processes(self, options: Any) -> int:
+        """How many processes (one per GPU) the stack needs; more than 1 makes fluxopt relaunch
+        itself under torchrun with that many ranks (rank 0 writes the results)."""
+        return 1
 
     def is_lossless(self, options: Any) -> bool:
         """Whether outputs should match the baseline up to float noise (picks the thresholds)."""
         return self.lossless
 
-    def apply(self, pipe: FluxPipeline, options: Any, ctx: StackContext) -> None:
+    def apply(self, pipe: Any, options: Any, ctx: StackContext) -> None:
+        """Change ``pipe`` (a FluxPipeline). Every change is undone by ``ctx`` when the stack is
+        closed: changes to the pipeline's modules, scheduler and attention processors are
+        snapshotted before the stack is applied; process-wide state a backend changes goes
+        through ``ctx.enter_context`` / ``ctx.callback`` (Dynamo, Inductor and torch.backends
+        flags are also snapshotted)."""
         raise NotImplementedError
 
-    def build(self, pipe: FluxPipeline, options: Any, ctx: StackContext) -> None:
-        """Ahead-of-time work, timed as build time. Default: nothing to build."""
+    def build(self, pipe: Any, options: Any, ctx: StackContext) -> None:
+        """Ahead-of-time work, timed as build time (compile, export, calibration, engine build).
+        Default: nothing to build."""
 
     def cache_key(self, options: Any) -> dict[str, Any]:
         """What identifies this backend's artifacts (options by default)."""

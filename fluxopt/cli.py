@@ -1,8 +1,12 @@
-"""``python -m fluxopt`` / ``fluxopt``: the Hydra application.
+"""``python -m fluxopt`` / ``fluxopt``: the Hydra application and its exit status.
 
-Before Hydra composes anything, the command line is checked against the plugin registry, so
-an unknown backend, an unknown option or an incompatible pair fails at once with the list
-of valid choices, and no model is ever loaded for a doomed run.
+Before Hydra runs anything, the command line is checked: every override is parsed, every job
+of a sweep is composed exactly as Hydra will compose it, and each composed config is planned
+(:func:`fluxopt.plan.plan_run`: every setting validated, nothing loaded). A bad value ends
+the command at once with one line naming the setting, the value and what is allowed (exit 2).
+
+Exit status (README): 0 when every requested stack ran and passed its gate; 1 when any failed
+or was refused on this machine; 2 for a usage or configuration error; 130 when interrupted.
 """
 
 from __future__ import annotations
@@ -10,26 +14,45 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import logging
+import os
+import secrets
+import shlex
+import signal
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
 import hydra
+from hydra import compose, initialize_config_module
+from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import ChoiceSweep, Override, QuotedString
+from hydra.errors import HydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from fluxopt import distributed, plugins
-from fluxopt.config import register_configs, selected_backends
-from fluxopt.errors import ConfigError, FluxoptError
-from fluxopt.result import RESULT_FILE, SCHEMA_VERSION, keep_previous_result, read_result, write_json_atomic
+from fluxopt import console, launch, plugins, sweep
+from fluxopt.config import RunConfig, measurement_config, register_configs
+from fluxopt.environment import INVOCATION_ENV
+from fluxopt.errors import ConfigError, ExitStatus, FluxoptError, UnavailableError
+from fluxopt.files import move_aside, write_json_atomic, write_text_atomic
+from fluxopt.plan import RunPlan, check_runnable, check_writable_dir, plan_run, selected_backends
+from fluxopt.result import RESULT_FILE, SCHEMA_VERSION, Phase, Status, UnreadableResult, load_result
+from fluxopt.runner import Run, run_failed
 from fluxopt.stack import build_stack, describe_options, lookup_backend
 
 log = logging.getLogger("fluxopt")
 
+CONFIG_MODULE = "fluxopt.conf"
+MAX_PREFLIGHT_JOBS = 512  # sweeps larger than this are checked on their first jobs only
+TOP_LEVEL = {f.name for f in dataclasses.fields(RunConfig)}
+GROUPS = {"model", "bench", "fidelity", "backend", "hydra"}
 
+
+# ---------------------------------------------------------------------------------- preflight
 def _stack_choices(value: Any) -> list[list[str]]:
     """Every backend combination an override value asks for (a sweep gives several)."""
     if isinstance(value, ChoiceSweep):
@@ -43,112 +66,288 @@ def _text(value: Any) -> str:
     return value.text if isinstance(value, QuotedString) else str(value)
 
 
-def _hydra_overrides(argv: list[str]) -> list[Override]:
+def _hydra_args(argv: list[str]) -> Any:
     from hydra._internal.utils import get_args_parser
 
     args, _ = get_args_parser().parse_known_args(argv)
-    return OverridesParser.create().parse_overrides(args.overrides)
+    return args
 
 
-def preflight(argv: list[str]) -> None:
-    """Validate backend names, backend options, stack compatibility and the model name."""
-    overrides = _hydra_overrides(argv)
+def _split_argv(argv: list[str]) -> tuple[list[str], bool]:
+    args = _hydra_args(argv)
+    return list(args.overrides), bool(args.multirun)
+
+
+def _config_source(argv: list[str]) -> tuple[Any, str]:
+    """Hydra's initialize context and config name for this command line: fluxopt's own configs,
+    or ``--config-path DIR --config-name NAME`` (e.g. a run's saved ``.hydra`` to reproduce it)."""
+    from hydra import initialize_config_dir
+
+    args = _hydra_args(argv)
+    if args.config_path:
+        path = Path(args.config_path).expanduser().absolute()
+        if not path.is_dir():
+            raise ConfigError(f"--config-path={args.config_path} is not a directory")
+        return initialize_config_dir(config_dir=str(path), version_base="1.3"), args.config_name or "config"
+    return initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"), args.config_name or "config"
+
+
+def parse_overrides(overrides: list[str]) -> list[Override]:
+    parser = OverridesParser.create()
+    parsed = []
+    for text in overrides:
+        try:
+            parsed.extend(parser.parse_overrides([text]))
+        except HydraException as exc:
+            detail = str(exc).splitlines()[0] if str(exc) else ""
+            raise ConfigError(f"cannot parse the argument {text!r}: {detail}. Arguments look like key=value, "
+                              "+backend=name, +backend=[a,b] (one stack) or, with -m, +backend=a,b (a sweep)") from None
+    return parsed
+
+
+def _check_override(ov: Override) -> None:
+    """Names first (clear messages with close matches); values are checked by composing."""
+    key = ov.key_or_group
+    root = key.split(".")[0].split("/")[0]
+    if root not in TOP_LEVEL | GROUPS:
+        close = difflib.get_close_matches(root, sorted(TOP_LEVEL | GROUPS), n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"unknown setting '{key}'.{hint} Settings: {', '.join(sorted(TOP_LEVEL - {'backend'}))}; "
+                          "groups: model=, bench=, fidelity=, +backend=")
+    if key == "hydra/launcher":
+        from fluxopt.gpu_pool import check_launcher
+
+        check_launcher(_text(ov.value()))
+    elif key == "backend" and not ov.is_delete():
+        for names in _stack_choices(ov.value()):
+            build_stack(names)  # unknown names, empty stacks and incompatible pairs raise here
+    elif key.startswith("backend."):
+        parts = key.split(".")
+        backend = lookup_backend(parts[1])
+        fields = [f.name for f in dataclasses.fields(backend.options_class)]
+        if len(parts) > 2 and parts[2] not in fields:
+            close = difflib.get_close_matches(parts[2], fields, n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"backend '{parts[1]}' has no option '{parts[2]}'.{hint} "
+                              f"Valid options: {describe_options(backend.options_class)}")
+    elif key == "model" and not ov.is_delete():
+        for names in _stack_choices(ov.value()):
+            for name in names:
+                plugins.model(name)
+
+
+def _compose_error(exc: BaseException, job: list[str]) -> ConfigError:
+    """One line from a composition error: Hydra's summary plus the first line of its cause
+    (OmegaConf's "Value 'maybe' is not a valid bool"), without Hydra's hint lines."""
+    parts: list[str] = []
+    while exc is not None and len(parts) < 2:
+        lines = [ln.strip() for ln in str(exc).strip().splitlines()
+                 if ln.strip() and not ln.strip().startswith(("Set the environment variable", "full_key",
+                                                             "object_type", "reference_type"))
+                 and "$VALUE" not in ln]
+        text = " ".join(lines).split(" Config search path:")[0].rstrip(".")
+        if text and text not in parts:
+            parts.append(text)
+        exc = exc.__cause__ or exc.__context__
+    where = f" (in the sweep job {' '.join(job)})" if job else ""
+    return ConfigError(": ".join(parts) + where)
+
+
+def _jobs(overrides: list[Override], multirun: bool) -> list[list[str]]:
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+
+    if not multirun:
+        for ov in overrides:
+            if ov.is_sweep_override():
+                raise ConfigError(f"'{ov.input_line}' is a sweep (several values); add -m to run one job per value, "
+                                  "or write a list in brackets for one stack: +backend=[a,b]")
+        return [[ov.input_line for ov in overrides]]
+    batches = BasicSweeper.split_arguments(overrides, None)
+    return batches[0][:MAX_PREFLIGHT_JOBS] if batches else [[]]
+
+
+def preflight(argv: list[str]) -> list[RunPlan]:
+    """Check the whole command line without loading a model; returns the plan of every job.
+    Raises ConfigError (exit 2) or UnavailableError (exit 1) with one line for the user.
+
+    A stack that needs several processes is checked against this machine by its ranks, after
+    the relaunch under torchrun (its requirements include being launched so)."""
+    texts, multirun = _split_argv(argv)
+    overrides = parse_overrides(texts)
     for ov in overrides:
-        key = ov.key_or_group
-        if key == "hydra/launcher":
-            from fluxopt.gpu_pool import check_launcher
+        _check_override(ov)
+    plans = []
+    GlobalHydra.instance().clear()
+    context, config_name = _config_source(argv)
+    try:
+        with context:
+            for job in _jobs(overrides, multirun):
+                try:
+                    cfg = compose(config_name=config_name, overrides=job, return_hydra_config=True)
+                    run_dir = cfg.hydra.sweep.dir if multirun else cfg.hydra.run.dir
+                except (HydraException, OmegaConfBaseException, ValueError) as exc:
+                    raise _compose_error(exc, job if multirun else []) from None
+                check_writable_dir("hydra.sweep.dir" if multirun else "hydra.run.dir", Path(run_dir))
+                plan = plan_run(cfg, check_requirements=False)
+                # In a sweep a stack this machine cannot run is recorded as refused and the other
+                # jobs still run; a single run ends at once.
+                if not multirun and (launch.in_torchrun() or required_processes([plan]) == 1):
+                    check_runnable(plan)
+                plans.append(plan)
+    finally:
+        GlobalHydra.instance().clear()
+    return plans
 
-            check_launcher(_text(ov.value()))
-        elif key == "backend" and not ov.is_delete():
-            for names in _stack_choices(ov.value()):
-                build_stack(names)  # unknown names and incompatible pairs raise here
-        elif key.startswith("backend."):
-            parts = key.split(".")
-            backend = lookup_backend(parts[1])
-            fields = [f.name for f in dataclasses.fields(backend.options_class)]
-            if len(parts) > 2 and parts[2] not in fields:
-                close = difflib.get_close_matches(parts[2], fields, n=1)
-                hint = f" Did you mean '{close[0]}'?" if close else ""
-                raise ConfigError(f"backend '{parts[1]}' has no option '{parts[2]}'.{hint} "
-                                  f"Valid options: {describe_options(backend.options_class)}")
-        elif key == "model" and not ov.is_delete():
-            known = plugins.models()
-            for names in _stack_choices(ov.value()):
-                for name in names:
-                    if name not in known:
-                        raise ConfigError(f"unknown model '{name}'. Known models: {', '.join(sorted(known))}")
+
+def required_processes(plans: list[RunPlan]) -> int:
+    """Processes the requested stacks need (the most any of them asks for; a bake-off needs 1)."""
+    return max((p.stacks[0].processes() for p in plans if p.explicit), default=1)
 
 
-def _record_unrunnable(cfg: DictConfig, output_dir: Path, exc: FluxoptError) -> None:
+# ---------------------------------------------------------------------------------- one job
+def _record_unrunnable(cfg: DictConfig, output_dir: Path, exc: BaseException) -> None:
     """In a sweep, a job that cannot run still leaves a result, so the summary lists it."""
     selection = selected_backends(cfg)
-    status = "skipped" if exc.__class__.__name__ == "UnavailableError" else "failed"
+    status = (Status.SKIPPED if isinstance(exc, UnavailableError) else Status.FAILED).value
     write_json_atomic(output_dir / RESULT_FILE, {
         "schema_version": SCHEMA_VERSION, "complete": True, "mode": "stack",
         "model": {"name": cfg.model.name}, "config": OmegaConf.to_container(cfg, resolve=True),
-        "baseline": None,
+        "provenance": provenance(), "baseline": None,
+        "requested": ["+".join(selection) or "baseline"],
         "stacks": [{"stack": "+".join(selection) or "baseline", "backends": list(selection), "status": status,
-                    "reason": str(exc), "phase": "validate"}],
+                    "reason": str(exc) if isinstance(exc, FluxoptError) else f"{type(exc).__name__}: {exc}",
+                    "phase": Phase.VALIDATE.value}],
     })
 
 
-def _quiet_library_progress_bars() -> None:
-    """Weight-loading bars of diffusers/transformers drown fluxopt's own output."""
-    import diffusers
-    import transformers
+def provenance() -> dict[str, Any]:
+    """How this run was asked for: the exact command line, the overrides and the working directory."""
+    info: dict[str, Any] = {"argv": list(sys.argv), "command": shlex.join(["python", "-m", "fluxopt", *sys.argv[1:]]),
+                            "cwd": os.getcwd(), "invocation": os.environ.get(INVOCATION_ENV)}
+    try:
+        hc = HydraConfig.get()
+        info["overrides"] = list(hc.overrides.task)
+        info["job"] = hc.job.num if hc.mode == RunMode.MULTIRUN else None
+    except ValueError:
+        pass
+    return info
 
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.disable_progress_bar()
+
+def _previous(output_dir: Path, config: dict[str, Any]) -> dict[str, Any] | None:
+    """A finished, passing result for the same measurement config, to skip; anything else that is
+    there (failed, incomplete, another config, unreadable) is moved aside, never overwritten."""
+    path = output_dir / RESULT_FILE
+    try:
+        previous = load_result(path)
+    except UnreadableResult as exc:
+        moved = move_aside(path, "unreadable")
+        console.say(f"{exc}; moved it to {moved.name} and measuring again")
+        return None
+    if previous is None:
+        return None
+    reusable = (config.get("resume", True) and previous.get("complete") and not run_failed(previous)
+                and measurement_config(previous.get("config") or {}) == measurement_config(config))
+    if reusable:
+        return previous
+    if launch.writes_results():
+        moved = move_aside(path, "previous")
+        console.say(f"{path} is from an earlier, {'interrupted' if not previous.get('complete') else 'different or failed'} "
+                    f"run; kept as {moved.name}")
+    return None
 
 
 def run_job(cfg: DictConfig) -> dict[str, Any] | None:
-    """The Hydra task: one run in the job's output directory."""
-    from fluxopt.report import print_table
-    from fluxopt.runner import Run
-
-    _quiet_library_progress_bars()
+    """The Hydra task: one run in the job's output directory. Records the verdict in ``OUTCOME``."""
     hc = HydraConfig.get()
     output_dir = Path(hc.runtime.output_dir)
-    previous = read_result(output_dir / RESULT_FILE)
+    multirun = hc.mode == RunMode.MULTIRUN
+    OUTCOME.sweep_dir = Path(hc.sweep.dir) if multirun else None
     config = OmegaConf.to_container(cfg, resolve=True)
+    previous = _previous(output_dir, config)
     if previous is not None:
-        if cfg.get("resume", True) and previous.get("config") == config:
-            print(f"fluxopt: {output_dir / RESULT_FILE} is complete for this config; skipping (resume=false re-runs)")
-            return previous
-        if distributed.writes_results():
-            keep_previous_result(output_dir)
-    if not distributed.writes_results():  # torchrun rank > 0: computes in lock-step, writes nothing here
+        console.say(f"{output_dir / RESULT_FILE} is complete and passed for this config; skipping it "
+                    "(resume=false measures again)")
+        return previous
+    console.quiet_libraries(output_dir, verbose=bool(cfg.get("verbose", False)))
+    if not launch.writes_results():  # torchrun rank > 0: computes in lock-step, writes nothing here
         try:
-            return Run(cfg, distributed.scratch_dir(output_dir)).execute()
+            return Run(cfg, launch.scratch_dir(output_dir)).execute()
         except FluxoptError as exc:
-            log.error("rank %s: %s", distributed.rank(), exc)
+            log.error("rank %s: %s", launch.rank(), exc)
             return None
     try:
-        data = Run(cfg, output_dir).execute()
-    except FluxoptError as exc:
-        if hc.mode == RunMode.MULTIRUN:
-            log.error("job %s: %s", hc.job.num, exc)
-            _record_unrunnable(cfg, output_dir, exc)
-            return None
-        print(f"fluxopt: error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    print_table(data)
-    print(f"results: {output_dir / RESULT_FILE}")
+        with console.progress(enabled=not multirun) as on_phase:
+            data = Run(cfg, output_dir, provenance=provenance(), on_phase=on_phase).execute()
+    except KeyboardInterrupt:
+        OUTCOME.interrupted_dir = output_dir
+        raise
+    except Exception as exc:  # noqa: BLE001 - one line for the user, the traceback in the log
+        # (Hydra would print its own traceback for anything that leaves the task function.)
+        if isinstance(exc, FluxoptError):
+            message = str(exc)
+        else:
+            trace = output_dir / "logs" / "error.log"
+            write_text_atomic(trace, "".join(traceback.format_exception(exc)))
+            message = f"{type(exc).__name__}: {exc} (traceback in {trace})"
+        if not multirun:
+            console.error(message)
+            sys.exit(getattr(exc, "exit_status", ExitStatus.STACK_FAILED))
+        log.error("job %s: %s", hc.job.num, message)
+        _record_unrunnable(cfg, output_dir, exc)
+        OUTCOME.failed.append(f"job {hc.job.num}: {message}")
+        return None
+    failed = run_failed(data)
+    OUTCOME.failed.extend(failed)
+    if not multirun:
+        console.print_run(data, output_dir)
     return data
 
 
+@dataclasses.dataclass
+class Outcome:
+    """What the jobs of this process found, for the exit status."""
+
+    failed: list[str] = dataclasses.field(default_factory=list)
+    sweep_dir: Path | None = None
+    interrupted_dir: Path | None = None
+
+
+OUTCOME = Outcome()
+
 register_configs()
-_hydra_main = hydra.main(version_base="1.3", config_path="pkg://fluxopt.conf", config_name="config")(run_job)
+_hydra_main = hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_MODULE}", config_name="config")(run_job)
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def main() -> None:
+    argv = sys.argv[1:]
+    os.environ.setdefault(INVOCATION_ENV, secrets.token_hex(8))
     try:
-        preflight(sys.argv[1:])
-        status = distributed.maybe_relaunch(sys.argv[1:])  # multi-GPU stacks: re-run under torchrun
-    except ConfigError as exc:
-        print(f"fluxopt: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        status = launch.maybe_relaunch(argv, required_processes(preflight(argv)))
+    except FluxoptError as exc:
+        console.error(str(exc))
+        sys.exit(exc.exit_status)
     if status is not None:
         sys.exit(status)
-    distributed.init_rank()
-    _hydra_main()
+    launch.init_rank()
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        _hydra_main()
+    except KeyboardInterrupt:
+        where = OUTCOME.interrupted_dir or OUTCOME.sweep_dir
+        if OUTCOME.sweep_dir is not None and launch.writes_results():
+            sweep.write_summary(OUTCOME.sweep_dir)
+        console.error(f"interrupted; partial results in {where or 'the output directory'} "
+                      "(run the same command with hydra.run.dir / hydra.sweep.dir set to it to finish)")
+        sys.exit(ExitStatus.INTERRUPTED)
+    except FluxoptError as exc:
+        console.error(str(exc))
+        sys.exit(exc.exit_status)
+    failed = sweep.SWEEP_FAILURES if _split_argv(argv)[1] else OUTCOME.failed
+    if failed:
+        console.error(f"{len(failed)} requested stack(s) failed: " + "; ".join(failed))
+        sys.exit(ExitStatus.STACK_FAILED)
+    sys.exit(ExitStatus.OK)

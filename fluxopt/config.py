@@ -1,23 +1,24 @@
-"""Structured configs (typed schemas) behind the YAML files in ``conf/``.
+"""The configuration schema, registered in Hydra's ConfigStore.
 
-Hydra validates every config against these, so a misspelt key or a wrong type fails at
-start. Each registered backend's options dataclass becomes the schema
-``fluxopt_schema/backend/<name>``, which its ``backend/<name>.yaml`` extends.
+Every group is a typed dataclass, so Hydra rejects a misspelt key or a wrong type. Each
+registered backend's options dataclass is stored as the config node ``backend/<name>`` (package
+``backend.<name>``): ``+backend=<name>`` selects it and ``backend.<name>.<option>=...`` sets an
+option, for built-in and third-party backends alike, with no YAML file.
 """
 
 from __future__ import annotations
 
+import os
+import secrets
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
 
 from fluxopt import plugins
 
-DEFAULT_PROMPTS = [
-    "a red circle above a blue square on a white background",
-    "an astronaut standing next to a giant lemon, photograph",
-]
+RUN_ID_RESOLVER = "fluxopt_run_id"
 
 
 @dataclass
@@ -32,9 +33,8 @@ class ModelConfig:
 class BenchConfig:
     """What is measured. ``None`` means the model's own default."""
 
-
     name: str = "quick"
-    prompts: Optional[list[str]] = None  # None: the model's own prompts, else DEFAULT_PROMPTS
+    prompts: Optional[list[str]] = None  # None: the model's own prompts, else fluxopt's defaults
     seed: int = 0
     steps: Optional[int] = None
     height: Optional[int] = None
@@ -67,22 +67,30 @@ class RunConfig:
     backend: dict[str, Any] = field(default_factory=dict)  # selected backends -> their options
     device: str = "auto"
     save_images: bool = True
-    resume: bool = True  # skip a job whose output dir already has a complete result for this config
+    # Skip a job whose output directory already holds a complete, passing result for the same
+    # measurement config (rerun a sweep in its directory to finish it); false re-measures.
+    resume: bool = True
+    verbose: bool = False  # library warnings and compiler logs on the console too (always in the log file)
+
+
+# Settings that decide what is measured; resume compares these only (not output paths, resume, verbosity).
+MEASUREMENT_KEYS = ("model", "bench", "fidelity", "backend", "device")
+
+
+def measurement_config(config: dict[str, Any]) -> dict[str, Any]:
+    return {k: config.get(k) for k in MEASUREMENT_KEYS}
+
+
+def run_id() -> str:
+    """Unique per process: two runs started in the same second never share an output directory."""
+    return f"{os.getpid()}-{secrets.token_hex(2)}"
 
 
 def register_configs() -> None:
-    """Put the schemas into Hydra's ConfigStore (idempotent)."""
+    """Put the schemas and every backend's options into Hydra's ConfigStore (idempotent)."""
+    if not OmegaConf.has_resolver(RUN_ID_RESOLVER):
+        OmegaConf.register_new_resolver(RUN_ID_RESOLVER, run_id, use_cache=True)
     cs = ConfigStore.instance()
     cs.store(name="fluxopt_run_schema", node=RunConfig)
     for name, backend in plugins.backends().items():
-        cs.store(group="fluxopt_schema/backend", name=name, node=backend.options_class)
-
-
-def selected_backends(cfg: Any) -> dict[str, Any]:
-    """``cfg.backend`` as a plain dict: backend name -> options (empty: no stack selected)."""
-    from omegaconf import DictConfig, OmegaConf
-
-    node = cfg.get("backend")
-    if isinstance(node, DictConfig):
-        return OmegaConf.to_container(node, resolve=True)
-    return dict(node or {})
+        cs.store(group="backend", name=name, node=backend.options_class, package=f"backend.{name}")

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
 import platform
 import socket
 import subprocess
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -16,6 +18,7 @@ from typing import Any
 import torch
 
 from fluxopt.errors import ConfigError
+from fluxopt.version import __version__, git_revision
 
 # Distributions whose versions decide what a backend does; recorded with every result.
 TRACKED_PACKAGES = (
@@ -23,6 +26,15 @@ TRACKED_PACKAGES = (
     "tensorrt", "onnx", "onnxruntime", "para-attn", "bitsandbytes", "triton", "hydra-core",
     "omegaconf", "pluggy", "numpy", "scikit-image", "safetensors",
 )
+
+# Set by fluxopt.gpu_pool in a pooled sweep job: which GPU slot it holds (JSON).
+GPU_ASSIGNMENT_ENV = "FLUXOPT_GPU_ASSIGNMENT"
+# One id per `fluxopt` command, inherited by its job processes: a sweep's verdict covers the jobs
+# this command ran, not older jobs in the same directory.
+INVOCATION_ENV = "FLUXOPT_INVOCATION"
+# Set in ranks fluxopt launched under torchrun; NVLink multicast stays off there.
+LAUNCHED_ENV = "FLUXOPT_TORCHRUN"
+MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
 @dataclass(frozen=True)
@@ -83,20 +95,6 @@ def package_versions() -> dict[str, str | None]:
     return versions
 
 
-def git_revision() -> dict[str, Any]:
-    """fluxopt's git revision when it runs from a checkout (None from a plain install)."""
-    root = Path(__file__).resolve().parent.parent
-    try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
-                             text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
-        return {"revision": rev, "dirty": bool(dirty)}
-    except (OSError, subprocess.SubprocessError):
-        # Installed copy (no checkout): a launcher may say which revision it installed.
-        return {"revision": os.environ.get("FLUXOPT_GIT_REVISION"), "dirty": None}
-
-
 def _nvidia_driver() -> str | None:
     try:
         out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
@@ -106,16 +104,19 @@ def _nvidia_driver() -> str | None:
         return None
 
 
-def _gpu_assignment() -> dict[str, Any] | None:
-    from fluxopt.gpu_pool import recorded_assignment
+def gpu_assignment() -> dict[str, Any] | None:
+    """The GPU-pool slot of the current sweep job (set by ``fluxopt.gpu_pool``), or None."""
+    raw = os.environ.get(GPU_ASSIGNMENT_ENV)
+    return json.loads(raw) if raw else None
 
-    return recorded_assignment()
 
-
-def _distributed() -> dict[str, Any] | None:
-    from fluxopt.distributed import launch_info
-
-    return launch_info()
+def launch_info(env: Mapping[str, str] | None = None) -> dict[str, Any] | None:
+    """Rank / world size of a torchrun launch (None outside torchrun), with the multicast switches."""
+    env = os.environ if env is None else env
+    if "LOCAL_RANK" not in env and LAUNCHED_ENV not in env:
+        return None
+    return {"rank": int(env.get("RANK", "0")), "local_rank": int(env.get("LOCAL_RANK", "0")),
+            "world_size": int(env.get("WORLD_SIZE", "1")), **{k: env.get(k) for k in MULTICAST_OFF}}
 
 
 def capture_environment(device: DeviceInfo) -> dict[str, Any]:
@@ -129,14 +130,15 @@ def capture_environment(device: DeviceInfo) -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "packages": package_versions(),
         "git": git_revision(),
+        "fluxopt_version": __version__,
         "device": {"type": device.type, "name": device.name},
         "cuda_version": torch.version.cuda,
         "rocm_version": torch.version.hip,
         "cudnn_version": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         # GPU pool slot of a parallel sweep job (fluxopt/gpu_pool.py) and torchrun rank, when any.
-        "gpu_assignment": _gpu_assignment(),
-        "distributed": _distributed(),
+        "gpu_assignment": gpu_assignment(),
+        "distributed": launch_info(),
     }
     if device.is_gpu:
         props = torch.cuda.get_device_properties(torch.cuda.current_device())

@@ -1,12 +1,26 @@
-"""Errors fluxopt raises on purpose: each carries a message meant for the user.
+"""Errors fluxopt raises on purpose: each carries a message meant for the user, and the exit
+status the command line ends with when it stops the run.
 
-The CLI prints these without a traceback; anything else is a bug (or a backend
+The CLI prints these as one line without a traceback; anything else is a bug (or a backend
 failure, which the runner records with its phase instead of crashing).
 """
+
+import enum
+
+
+class ExitStatus(enum.IntEnum):
+    """What ``fluxopt`` exits with (README, "Exit status")."""
+
+    OK = 0  # every requested stack ran and passed its gate
+    STACK_FAILED = 1  # a requested stack failed (build, run, fidelity) or was refused on this machine
+    USAGE = 2  # bad command line or configuration; nothing was measured
+    INTERRUPTED = 130  # Ctrl-C / SIGINT / SIGTERM; partial results are kept, marked incomplete
 
 
 class FluxoptError(Exception):
     """Base class: the message says what is wrong and what to do about it."""
+
+    exit_status = ExitStatus.USAGE
 
 
 class ConfigError(FluxoptError):
@@ -16,6 +30,16 @@ class ConfigError(FluxoptError):
 class UnavailableError(FluxoptError):
     """A backend cannot run on this machine (missing package, no CUDA, GPU too old...)."""
 
+    exit_status = ExitStatus.STACK_FAILED
+
 
 class ModelLoadError(FluxoptError):
-    """The model could not be obtained (no network, wrong path, missing weights)."""
+    """The model could not be obtained (no network, wrong path, missing or corrupt weights)."""
+
+    exit_status = ExitStatus.STACK_FAILED
+
+
+class DiskFullError(FluxoptError):
+    """The disk filled up while fluxopt wrote a file; what was written before is intact."""
+
+    exit_status = ExitStatus.STACK_FAILED

@@ -29,9 +29,11 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from fluxopt.environment import GPU_ASSIGNMENT_ENV
+from fluxopt.errors import ConfigError
+
 log = logging.getLogger("fluxopt")
 
-ASSIGNMENT_ENV = "FLUXOPT_GPU_ASSIGNMENT"
 
 # Held for the life of the process (a worker keeps its GPU): slot index -> open lock file.
 _claimed: dict[str, Any] = {}
@@ -83,14 +85,8 @@ def assign(pool: list[str], job_num: int, lock_dir: Path) -> dict[str, Any]:
     record = {"pool": pool, "slot": slot, "exclusive": exclusive, "cuda_visible_devices": visible,
               "job_num": job_num, "pid": os.getpid(), "hostname": socket.gethostname(),
               "cuda_initialized_before": initialised}
-    os.environ[ASSIGNMENT_ENV] = json.dumps(record)
+    os.environ[GPU_ASSIGNMENT_ENV] = json.dumps(record)
     return record
-
-
-def recorded_assignment() -> dict[str, Any] | None:
-    """The assignment of the current job (None outside a pooled sweep)."""
-    raw = os.environ.get(ASSIGNMENT_ENV)
-    return json.loads(raw) if raw else None
 
 
 class GpuPoolCallback(Callback):
@@ -131,8 +127,6 @@ LAUNCHER_PLUGINS = {
 def check_launcher(name: str) -> None:
     """Refuse a launcher whose Hydra plugin is not installed, saying how to get it."""
     import importlib.util
-
-    from fluxopt.errors import ConfigError
 
     if name not in LAUNCHER_PLUGINS:
         return

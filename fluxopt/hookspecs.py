@@ -1,58 +1,95 @@
-"""Every hook a fluxopt plugin can implement.
+"""The contract between fluxopt and its plugins: every hook a plugin may implement.
 
-Registration hooks return lists of specs; each list from each plugin is merged by
-``fluxopt.plugins``, which refuses two specs of the same name.  Event hooks let
-reporters (CSV, MLflow, W&B writers...) follow a run without touching the runner.
+Built-in features use exactly these hooks (``plugins/``), and so does a third-party package
+that declares an entry point in the group ``fluxopt``::
+
+    [project.entry-points.fluxopt]
+    my_backend = "my_package.plugin"     # a module with @hookimpl functions
+
+Registration hooks return lists of specs, merged by :mod:`fluxopt.plugins`, which refuses two
+specs of one name (naming both distributions). Event hooks let reporters (CSV, MLflow, W&B
+writers...) follow a run without touching the runner; their return values are ignored.
+
+A function marked ``@hookimpl`` whose name is not one of these hooks is an error when the
+plugin is registered (pluggy's ``check_pending``), so a misspelt hook never goes unnoticed.
+The types named below live in ``fluxopt`` (``fluxopt.Backend``, ``fluxopt.ModelSpec``,
+``fluxopt.Metric``, ``fluxopt.StackResult``); this module imports none of them, so that it
+stays the bottom of the import graph.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pluggy
 
-if TYPE_CHECKING:
-    from fluxopt.backend import Backend
-    from fluxopt.fidelity import Metric
-    from fluxopt.models import ModelSpec
-    from fluxopt.result import StackResult
-
-hookspec = pluggy.HookspecMarker("fluxopt")
-hookimpl = pluggy.HookimplMarker("fluxopt")
+PROJECT = "fluxopt"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
 @hookspec
-def fluxopt_backends() -> list[Backend]:
-    """Return the optimization backends this plugin provides."""
+def fluxopt_backends() -> list[Any]:
+    """Return the optimization backends this plugin provides.
+
+    Called once, when the plugin manager is first used (before any config is composed).
+
+    :return: a list of :class:`fluxopt.Backend` instances. Each backend's ``options_class``
+        (a dataclass) is registered in Hydra's ConfigStore as ``backend/<name>``, so
+        ``+backend=<name>`` and ``backend.<name>.<option>=...`` work with no YAML file.
+    """
 
 
 @hookspec
-def fluxopt_models() -> list[ModelSpec]:
-    """Return the model specs (how to obtain a FluxPipeline) this plugin provides."""
+def fluxopt_models() -> list[Any]:
+    """Return the models (how to obtain a FluxPipeline) this plugin provides.
+
+    :return: a list of :class:`fluxopt.ModelSpec`; each becomes selectable as ``model=<name>``.
+    """
 
 
 @hookspec
-def fluxopt_metrics() -> list[Metric]:
-    """Return fidelity metrics (image or latent comparisons against the baseline)."""
+def fluxopt_metrics() -> list[Any]:
+    """Return fidelity metrics: comparisons of a stack's output with the baseline's output for
+    the same prompt and seed.
 
-
-@hookspec
-def fluxopt_config_path() -> str | None:
-    """Return a Hydra search-path entry (e.g. ``pkg://my_plugin.conf``) holding this
-    plugin's configs, such as ``backend/<name>.yaml``, so ``+backend=<name>`` works
-    after ``pip install`` without copying files."""
+    :return: a list of :class:`fluxopt.Metric`. ``Metric.compute(reference, candidate)`` takes
+        two :class:`fluxopt.Sample` (``image``: H x W x 3 float32 in [0, 1]; ``latents``: the
+        final packed latents, a float32 CPU tensor; ``prompt``; ``seed``) and returns a float.
+        A metric gates the verdict when ``fidelity.lossless.<name>`` / ``fidelity.lossy.<name>``
+        gives it a threshold; otherwise it is reported only. A metric that cannot run here
+        (missing weights) raises :class:`fluxopt.UnavailableError`; its value is then
+        reported as unavailable with that reason.
+    """
 
 
 @hookspec
 def fluxopt_run_started(config: dict[str, Any], output_dir: str) -> None:
-    """Called once a run's config is validated, before any model is loaded."""
+    """Called once a run's config is validated, before any model is loaded.
+
+    :param config: the resolved run configuration (plain dict: ``model``, ``bench``,
+        ``fidelity``, ``backend``...), as it will be written into ``result.json``.
+    :param output_dir: the run's own output directory (``result.json``, images, logs).
+    """
 
 
 @hookspec
-def fluxopt_stack_finished(result: StackResult, output_dir: str) -> None:
-    """Called after each stack is measured (or failed, or was skipped)."""
+def fluxopt_stack_finished(result: Any, output_dir: str) -> None:
+    """Called after each stack is measured, failed or skipped, and after ``result.json`` was
+    rewritten with it.
+
+    :param result: the :class:`fluxopt.StackResult` (``stack``, ``status`` ok|failed|skipped,
+        ``reason``, ``phase``, ``latency``, ``speedup``, ``fidelity``, ``stats``...).
+    :param output_dir: the run's output directory.
+    """
 
 
 @hookspec
 def fluxopt_run_finished(result: dict[str, Any], output_dir: str) -> None:
-    """Called with the complete ``result.json`` content after it is written."""
+    """Called once with the complete ``result.json`` content after it is written (not called
+    when the run is interrupted).
+
+    :param result: the whole record (schema in ``fluxopt.result``): baseline, stacks,
+        config, environment, provenance.
+    :param output_dir: the run's output directory.
+    """

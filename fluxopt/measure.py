@@ -19,8 +19,8 @@ import numpy as np
 import psutil
 import torch
 
-from fluxopt.backend import Shapes
 from fluxopt.environment import DeviceInfo
+from fluxopt.shapes import Shapes
 
 
 @dataclass
@@ -129,12 +129,10 @@ class Generator:
         """Generate once; return the sample, end-to-end seconds and mean seconds per step."""
         marks: list[Any] = []
         final: dict[str, torch.Tensor] = {}
-        steps = self.shapes.steps
 
         def on_step_end(pipe: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
             marks.append(self.clock.mark())
-            if step == steps - 1:
-                final["latents"] = kwargs["latents"].detach().float().cpu()
+            final["latents"] = kwargs["latents"]  # a reference only: no copy or sync inside the loop
             return {}
 
         generator = torch.Generator(device="cpu").manual_seed(seed)
@@ -143,7 +141,7 @@ class Generator:
         with torch.inference_mode():
             out = self.pipe(
                 prompt=prompt, height=self.shapes.height, width=self.shapes.width,
-                num_inference_steps=steps, guidance_scale=self.shapes.guidance_scale,
+                num_inference_steps=self.shapes.steps, guidance_scale=self.shapes.guidance_scale,
                 max_sequence_length=self.shapes.max_sequence_length, generator=generator,
                 output_type="np", callback_on_step_end=on_step_end,
                 callback_on_step_end_tensor_inputs=["latents"])
@@ -152,7 +150,9 @@ class Generator:
         total = self.clock.elapsed(start, end)
         per_step = (self.clock.elapsed(marks[0], marks[-1]) / (len(marks) - 1)) if len(marks) > 1 else None
         image = np.asarray(out.images[0], dtype=np.float32)
-        return Sample(prompt, seed, image, final["latents"]), total, per_step
+        if "latents" not in final:
+            raise RuntimeError("the pipeline ran no denoising step (no step-end callback was called)")
+        return Sample(prompt, seed, image, final["latents"].detach().float().cpu()), total, per_step
 
 
 def measure(gen: Generator, prompts: Sequence[str], seed: int, warmup: int, iterations: int,

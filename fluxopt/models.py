@@ -10,9 +10,11 @@ from typing import Any
 
 import torch
 
-from fluxopt.artifacts import build_directory
-from fluxopt.errors import ModelLoadError
+from fluxopt.artifacts import ArtifactCache
+from fluxopt.errors import ConfigError, ModelLoadError
+from fluxopt.files import file_sha256
 from fluxopt.hookspecs import hookimpl
+from fluxopt.shapes import DTYPES
 
 
 @dataclass(frozen=True)
@@ -94,7 +96,36 @@ def fluxopt_models() -> list[ModelSpec]:
 
 
 def local_model_dir(spec: ModelSpec, cache_dir: Path) -> Path:
-    return cache_dir / "models" / f"{spec.name}-v{spec.local_version}"
+    """The verified checkpoint fluxopt built for ``spec`` (built now if absent; rebuilt if an
+    existing one is corrupt, truncated or incomplete: every file's sha256 is checked)."""
+    key = {"model": spec.name, "version": spec.local_version}
+    return ArtifactCache(cache_dir).get("model", key, spec.local_builder).path
+
+
+def verify_checksums(directory: Path, checksums: dict[str, str], what: str) -> None:
+    """Compare every file of a checkpoint fluxopt did not build itself with its recorded sha256
+    (fluxopt cannot rebuild those, so it names the bad file instead)."""
+    for rel, digest in sorted(checksums.items()):
+        path = directory / rel
+        if not path.is_file():
+            raise ModelLoadError(f"{what}: {path} is missing; reinstall fluxopt (pip install --force-reinstall)")
+        if file_sha256(path) != digest:
+            raise ModelLoadError(f"{what}: {path} is corrupt (sha256 differs from the one shipped); "
+                                 "reinstall fluxopt (pip install --force-reinstall)")
+
+
+def _bad_weight_file(directory: Path) -> str | None:
+    """The first safetensors file below ``directory`` that cannot be opened, for the error message."""
+    from safetensors import safe_open
+
+    for path in sorted(directory.rglob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                for name in handle.keys():
+                    handle.get_slice(name)
+        except Exception as exc:  # noqa: BLE001 - any failure to read names the file
+            return f"{path} cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+    return None
 
 
 def load_pipeline(spec: ModelSpec, device: torch.device, dtype: torch.dtype, cache_dir: Path,
@@ -106,14 +137,18 @@ def load_pipeline(spec: ModelSpec, device: torch.device, dtype: torch.dtype, cac
     if spec.factory is not None and path is None:
         return spec.factory(device, dtype)
     if path is None and spec.local_builder is not None:
-        source = str(build_directory(local_model_dir(spec, cache_dir), spec.local_builder))
+        source = str(local_model_dir(spec, cache_dir))
     else:
         source = path or spec.hub_id
     if source is None:
         raise ModelLoadError(f"model '{spec.name}' has no weights source; pass model.path=<dir or hub id>")
     try:
         pipe = FluxPipeline.from_pretrained(source, dtype=dtype, revision=revision)
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 - every loading failure becomes one message naming the source
+        if Path(source).is_dir():
+            bad = _bad_weight_file(Path(source))
+            detail = bad or f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
+            raise ModelLoadError(f"could not load model '{spec.name}' from the directory {source}: {detail}") from None
         hint = ("it is not a local directory and could not be fetched from the Hugging Face Hub "
                 "(no network, not in the HF cache, or a gated model without a login). Download it where "
                 f"the Hub is reachable (`hf download {source}`) and pass model.path=<that directory>, "
@@ -121,3 +156,12 @@ def load_pipeline(spec: ModelSpec, device: torch.device, dtype: torch.dtype, cac
         raise ModelLoadError(f"could not load model '{spec.name}' from '{source}': {hint}. "
                              f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
     return pipe.to(device)
+
+
+def resolve_dtype(name: str, is_gpu: bool) -> torch.dtype:
+    """``auto`` is bf16 on GPU and fp32 on CPU (bf16 matmuls on CPU are slow and imprecise)."""
+    if name == "auto":
+        return torch.bfloat16 if is_gpu else torch.float32
+    if name not in DTYPES:
+        raise ConfigError(f"model.dtype={name!r} is not one of auto, {', '.join(DTYPES)}")
+    return DTYPES[name]

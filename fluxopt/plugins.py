@@ -8,6 +8,7 @@ a built-in.
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import pkgutil
 from collections.abc import Iterable
@@ -25,21 +26,32 @@ ENTRY_POINT_GROUP = "fluxopt"
 CORE_PLUGINS = ("fluxopt.models", "fluxopt.fidelity")
 
 
-def builtin_plugin_modules() -> list[str]:
-    """Every module of the ``fluxopt_plugins`` package (``plugins/`` in the source tree)."""
-    import fluxopt_plugins
+# Where the built-in plugins live (``plugins/`` in the source tree). Imported by name: the core
+# discovers them like any plugin and never depends on one.
+BUILTIN_PACKAGE = "fluxopt_plugins"
 
-    return sorted(f"fluxopt_plugins.{m.name}" for m in pkgutil.iter_modules(fluxopt_plugins.__path__)
+
+def builtin_plugin_modules() -> list[str]:
+    """Every public module or package of the built-in plugin package."""
+    package = importlib.import_module(BUILTIN_PACKAGE)
+    return sorted(f"{BUILTIN_PACKAGE}.{m.name}" for m in pkgutil.iter_modules(package.__path__)
                   if not m.name.startswith("_"))
 
 
 @lru_cache(maxsize=1)
 def get_plugin_manager() -> pluggy.PluginManager:
+    """Core plugins, built-ins, then entry points; a hook implementation that matches no hook
+    specification (a misspelt name) is refused, naming the plugin and the function."""
     pm = pluggy.PluginManager(ENTRY_POINT_GROUP)
     pm.add_hookspecs(hookspecs)
     for module_name in (*CORE_PLUGINS, *builtin_plugin_modules()):
         pm.register(importlib.import_module(module_name), name=module_name)
     pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        known = ", ".join(sorted(n for n in dir(hookspecs) if n.startswith("fluxopt_")))
+        raise ConfigError(f"plugin {_origin(pm, exc.plugin)}: {exc}. Known hooks: {known}") from None
     return pm
 
 
@@ -80,15 +92,20 @@ def models() -> dict[str, Any]:
     return _collect("fluxopt_models", "model")
 
 
+def model(name: str) -> Any:
+    """The registered model spec ``name``; ConfigError listing the known ones otherwise."""
+    registry = models()
+    if name not in registry:
+        close = difflib.get_close_matches(name, list(registry), n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"model={name!r} is not a known model.{hint} Known models: {', '.join(sorted(registry))}")
+    return registry[name]
+
+
 @lru_cache(maxsize=1)
 def metrics() -> dict[str, Any]:
     """All registered fidelity metrics by name."""
     return _collect("fluxopt_metrics", "metric")
-
-
-def config_paths() -> list[str]:
-    """Hydra search-path entries contributed by plugins."""
-    return [p for p in get_plugin_manager().hook.fluxopt_config_path() if p]
 
 
 def hook() -> Any:

@@ -13,6 +13,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from fluxopt.files import write_text_atomic
+
 COLUMNS = ("stack", "status", "latency (s)", "per step (ms)", "speedup", "build (s)", "first call (s)",
            "peak mem (GiB)", "steps skipped", "PSNR", "SSIM", "latent err", "fidelity")
 
@@ -136,24 +138,5 @@ def print_table(data: dict[str, Any], console: Console | None = None) -> None:
 
 def write_run_report(data: dict[str, Any], output_dir: Path) -> Path:
     path = Path(output_dir) / "report.md"
-    path.write_text(render_run_markdown(data))
+    write_text_atomic(path, render_run_markdown(data))
     return path
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``fluxopt-report DIR``: regenerate the summary of a sweep (or of runs below DIR)."""
-    import argparse
-
-    from fluxopt.sweep import write_summary
-
-    parser = argparse.ArgumentParser(prog="fluxopt-report", description=main.__doc__)
-    parser.add_argument("directory", type=Path, help="a sweep directory or any directory holding result.json files")
-    args = parser.parse_args(argv)
-    if not args.directory.is_dir():
-        parser.error(f"{args.directory} is not a directory")
-    summary = write_summary(args.directory)
-    print(f"{summary['runs']} run(s) summarised in {args.directory / 'summary.md'}")
-
-
-if __name__ == "__main__":
-    main()

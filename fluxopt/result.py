@@ -1,31 +1,45 @@
-"""The result records: one ``StackResult`` per stack, gathered with the baseline, config and
-environment into ``result.json`` (versioned schema), always written atomically."""
+"""The result records: one ``StackResult`` per stack, gathered with the baseline, config,
+environment and provenance into ``result.json`` (versioned schema), always written atomically."""
 
 from __future__ import annotations
 
+import enum
 import json
-import math
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 1
+from fluxopt.files import move_aside
+
+SCHEMA_VERSION = 2
 RESULT_FILE = "result.json"
 
-# Where a stack failed; reported with the reason.
-PHASES = ("validate", "load", "apply", "build", "warmup", "timing", "fidelity")
+
+class Phase(str, enum.Enum):
+    """Where a stack was when it failed; reported with the reason."""
+
+    VALIDATE = "validate"
+    LOAD = "load"
+    APPLY = "apply"
+    BUILD = "build"
+    WARMUP = "warmup"
+    TIMING = "timing"
+    FIDELITY = "fidelity"
+
+
+class Status(str, enum.Enum):
+    OK = "ok"
+    FAILED = "failed"  # build/run error, fidelity gate missed
+    SKIPPED = "skipped"  # cannot run on this machine (in a bake-off of everything; a requested stack fails)
 
 
 @dataclass
 class StackResult:
     stack: str  # "compile+fbcache" ("baseline" for the empty stack)
     backends: list[str]
-    status: str  # ok | failed | skipped
+    status: str  # a Status value
     reason: str | None = None
-    phase: str | None = None  # for failures: one of PHASES
+    phase: str | None = None  # for failures: a Phase value
     options: dict[str, Any] = field(default_factory=dict)
     lossless: bool | None = None
     latency: dict[str, Any] | None = None  # end-to-end seconds (LatencyStats)
@@ -46,40 +60,39 @@ class StackResult:
         return asdict(self)
 
 
-def _finite_or_none(value: Any) -> Any:
-    """JSON has no NaN/inf: store them as null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite_or_none(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite_or_none(v) for v in value]
-    return value
+class UnreadableResult(Exception):
+    """A result.json that exists but is not one fluxopt can use (bad JSON, wrong shape, other
+    schema version); the caller moves it aside rather than overwriting it."""
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write to a temporary file in the same directory, then rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+def load_result(path: Path) -> dict[str, Any] | None:
+    """The record at ``path`` (complete or not), None when absent; UnreadableResult when it
+    cannot be parsed or is not a fluxopt result of this schema."""
     try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(_finite_or_none(data), handle, indent=2, allow_nan=False)
-            handle.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        text = path.read_text()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise UnreadableResult(f"{path}: {exc.strerror}") from None
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise UnreadableResult(f"{path} is not valid JSON ({exc})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("stacks", []), list):
+        raise UnreadableResult(f"{path} is not a fluxopt result (expected an object with 'stacks')")
+    if data.get("schema_version") != SCHEMA_VERSION:
+        raise UnreadableResult(f"{path} has schema_version {data.get('schema_version')!r}, "
+                               f"this fluxopt reads {SCHEMA_VERSION}")
+    return data
 
 
 def read_result(path: Path) -> dict[str, Any] | None:
-    """A complete result.json, or None if it is missing, unreadable or from an interrupted run."""
+    """A complete, readable result.json, or None (missing, unreadable or from an interrupted run)."""
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
+        data = load_result(path)
+    except UnreadableResult:
         return None
-    if data.get("schema_version") != SCHEMA_VERSION or not data.get("complete"):
-        return None
-    return data
+    return data if data is not None and data.get("complete") else None
 
 
 def keep_previous_result(directory: Path) -> Path | None:
@@ -87,11 +100,4 @@ def keep_previous_result(directory: Path) -> Path | None:
     current = directory / RESULT_FILE
     if not current.exists():
         return None
-    stamp = datetime.fromtimestamp(current.stat().st_mtime, timezone.utc).strftime("%Y%m%dT%H%M%S")
-    target = directory / f"result.{stamp}.json"
-    n = 1
-    while target.exists():
-        target = directory / f"result.{stamp}-{n}.json"
-        n += 1
-    os.replace(current, target)
-    return target
+    return move_aside(current, "previous")

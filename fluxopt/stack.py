@@ -9,9 +9,11 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import itertools
+import types
+import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Union
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -60,6 +62,10 @@ class Stack:
     def options_dict(self) -> dict[str, dict[str, Any]]:
         return {e.name: dataclasses.asdict(e.options) for e in self.entries}
 
+    def processes(self) -> int:
+        """Processes (one per GPU) the stack needs: the most any of its backends asks for."""
+        return max((e.backend.processes(e.options) for e in self.entries), default=1)
+
 
 def unknown_backend_message(name: str, known: Sequence[str]) -> str:
     msg = f"unknown backend '{name}'."
@@ -87,9 +93,63 @@ def describe_options(options_class: type) -> str:
     return ", ".join(parts)
 
 
-def parse_options(backend: Backend, values: Mapping[str, Any] | DictConfig | None) -> Any:
-    """Typed options for ``backend`` from a (possibly partial) mapping; a typo or wrong type
-    raises ConfigError listing the valid keys."""
+def _accepts(annotation: Any, value: Any) -> bool:
+    """Whether ``value`` has the type a dataclass field declares (no string coercion: ``"yes"``
+    is not a bool and ``"0.1"`` is not a float)."""
+    if annotation is Any:
+        return True
+    origin = typing.get_origin(annotation)
+    if origin in (Union, types.UnionType):
+        return any(_accepts(arg, value) for arg in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is str:
+        return isinstance(value, str)
+    if origin in (list, tuple) or annotation in (list, tuple):
+        args = typing.get_args(annotation)
+        return isinstance(value, (list, tuple)) and all(_accepts(args[0], v) for v in value) if args else \
+            isinstance(value, (list, tuple))
+    if origin is dict or annotation is dict:
+        return isinstance(value, Mapping)
+    return True
+
+
+def _check_types(backend: Backend, values: Mapping[str, Any]) -> None:
+    hints = typing.get_type_hints(backend.options_class)
+    fields = {f.name for f in dataclasses.fields(backend.options_class)}
+    for key, value in values.items():
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"backend '{backend.name}' has no option '{key}'.{hint} "
+                              f"Valid options: {describe_options(backend.options_class)}")
+        annotation = hints.get(key, Any)
+        if not _accepts(annotation, value):
+            allowed = getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+            raise ConfigError(f"backend.{backend.name}.{key}={value!r} is not a valid {allowed}")
+
+
+def parse_options(backend: Backend, values: Any) -> Any:
+    """Typed options for ``backend`` from a (possibly partial) mapping, None (the defaults) or an
+    instance of its options class; an unknown key or a value of the wrong type raises
+    ConfigError naming the setting, the value and what is allowed."""
+    if isinstance(values, backend.options_class):
+        return values
+    if isinstance(values, DictConfig):
+        values = OmegaConf.to_container(values, resolve=True)
+    if values is None:
+        values = {}
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"options for backend '{backend.name}' must be a mapping of option -> value "
+                          f"(or None for the defaults), got {values!r}. Valid options: "
+                          f"{describe_options(backend.options_class)}")
+    _check_types(backend, values)
     schema = OmegaConf.structured(backend.options_class)
     try:
         merged = OmegaConf.merge(schema, values or {})
@@ -100,17 +160,27 @@ def parse_options(backend: Backend, values: Mapping[str, Any] | DictConfig | Non
                           f"Valid options: {describe_options(backend.options_class)}") from None
 
 
-def build_stack(selection: Mapping[str, Any] | Sequence[str]) -> Stack:
-    """Resolve names (and options, when a mapping name -> options is given) into a Stack in
-    stage order, refusing incompatible combinations."""
+def build_stack(selection: Mapping[str, Any] | Sequence[str] | str) -> Stack:
+    """Resolve a backend name, a list of names, or a mapping name -> options into a Stack in
+    stage order, refusing unknown names, bad options and incompatible combinations."""
+    if isinstance(selection, str):
+        selection = [selection]
     if isinstance(selection, Mapping):
         items = list(selection.items())
-    else:
+    elif isinstance(selection, Sequence):
         items = [(name, None) for name in selection]
+    else:
+        raise ConfigError(f"a stack is a backend name, a list of names or a mapping name -> options; "
+                          f"got {selection!r}")
+    if not items:
+        raise ConfigError("the stack is empty: name at least one backend "
+                          f"(known backends: {', '.join(sorted(plugins.backends()))})")
     entries = []
     for name, values in items:
+        if not isinstance(name, str):
+            raise ConfigError(f"backend names are strings; got {name!r}")
         backend = lookup_backend(name)
-        options = values if isinstance(values, backend.options_class) else parse_options(backend, values)
+        options = parse_options(backend, values)
         backend.validate_options(options)
         entries.append(StackEntry(backend, options))
     entries.sort(key=lambda e: e.backend.stage)  # stable: ties keep the typed order

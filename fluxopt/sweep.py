@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import statistics
 from pathlib import Path
 from typing import Any
@@ -17,20 +18,38 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from fluxopt.report import environment_lines, fidelity_note, markdown_table, stack_row
-from fluxopt.result import RESULT_FILE, read_result, write_json_atomic
+from fluxopt.environment import INVOCATION_ENV
+from fluxopt.files import save_figure_atomic, write_json_atomic, write_text_atomic
+from fluxopt.launch import writes_results
+from fluxopt.result import RESULT_FILE, UnreadableResult, load_result
+from fluxopt.runner import run_failed
 
 SUMMARY_COLUMNS = ("stack", "status", "latency (s)", "per step (ms)", "speedup", "build (s)", "warm start",
                    "first call (s)", "peak mem (GiB)", "steps skipped", "PSNR", "SSIM", "latent err", "fidelity", "device", "run")
 
 
-def collect(root: Path) -> list[tuple[Path, dict[str, Any]]]:
-    """Every complete result.json below ``root`` (incomplete ones are from killed runs)."""
-    found = []
+def collect(root: Path) -> tuple[list[tuple[Path, dict[str, Any]]], list[Path]]:
+    """Every readable result.json below ``root`` (complete or not: an interrupted job's stacks
+    are shown with the job marked incomplete), and the paths that could not be read."""
+    found, unreadable = [], []
     for path in sorted(root.rglob(RESULT_FILE)):
-        data = read_result(path)
+        try:
+            data = load_result(path)
+        except UnreadableResult:
+            unreadable.append(path)
+            continue
         if data is not None:
             found.append((path.parent, data))
-    return found
+    return found, unreadable
+
+
+def failures(results: list[tuple[Path, dict[str, Any]]], invocation: str | None = None) -> list[str]:
+    """Why the sweep's verdict is negative: every job whose requested stack failed or did not
+    finish; with ``invocation``, only the jobs that command ran (a sweep directory reused to
+    finish an earlier sweep also holds older jobs)."""
+    return [f"{run_dir.name}: {why}" for run_dir, data in results
+            if invocation is None or (data.get("provenance") or {}).get("invocation") == invocation
+            for why in run_failed(data)]
 
 
 def _device(data: dict[str, Any]) -> str:
@@ -82,6 +101,13 @@ def summary_rows(results: list[tuple[Path, dict[str, Any]]],
                       "model": data.get("model", {}).get("name"),
                       "baseline_median_s": ((data.get("baseline") or {}).get("latency") or {}).get("median")}
             rows.append((row, record))
+        measured = {s.get("stack") for s in data.get("stacks", [])}
+        for name in data.get("requested") or []:
+            if name not in measured and not data.get("complete"):
+                row = {c: "—" for c in SUMMARY_COLUMNS}
+                row.update({"stack": name, "status": "not run (the job was interrupted)", "device": device,
+                            "run": str(run_dir.relative_to(root)) or "."})
+                rows.append((row, {"stack": name, "status": "not run", "run_dir": str(run_dir), "device": device}))
     return rows
 
 
@@ -105,7 +131,7 @@ def _plot(records: list[dict[str, Any]], path: Path) -> None:
     ax.set_ylabel("speedup vs baseline (median ratio)")
     ax.set_title("speedup vs fidelity (green: passes its fidelity thresholds)")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure_atomic(path, fig, dpi=120)
     plt.close(fig)
 
 
@@ -142,7 +168,7 @@ def _grid(results: list[tuple[Path, dict[str, Any]]], path: Path) -> bool:
                 ax.text(-0.05, 0.5, prompts[r][:40], transform=ax.transAxes, rotation=90, va="center",
                         ha="right", fontsize=6)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure_atomic(path, fig, dpi=100)
     plt.close(fig)
     return True
 
@@ -150,28 +176,32 @@ def _grid(results: list[tuple[Path, dict[str, Any]]], path: Path) -> bool:
 def write_summary(root: Path) -> dict[str, Any]:
     """Write the summary files into ``root``; returns the summary.json content."""
     root = Path(root)
-    results = collect(root)
+    results, unreadable = collect(root)
     pairs = summary_rows(results, root)
     rows, records = [row for row, _ in pairs], [record for _, record in pairs]
     spread = baseline_spread(results)
-    summary = {"root": str(root), "runs": len(results), "baseline_spread": spread, "rows": records}
+    failed = failures(results)
+    summary = {"root": str(root), "runs": len(results), "passed": not failed, "failures": failed,
+               "unreadable": [str(p) for p in unreadable], "baseline_spread": spread, "rows": records}
     write_json_atomic(root / "summary.json", summary)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(SUMMARY_COLUMNS))
     writer.writeheader()
     writer.writerows(rows)
-    (root / "summary.csv").write_text(buffer.getvalue())
+    write_text_atomic(root / "summary.csv", buffer.getvalue())
     _plot(records, root / "speedup_vs_fidelity.png")
     has_grid = _grid(results, root / "grid.png")
-    (root / "summary.md").write_text(_markdown(results, rows, spread, has_grid))
+    write_text_atomic(root / "summary.md", _markdown(results, rows, spread, has_grid, failed))
     return summary
 
 
 def _markdown(results: list[tuple[Path, dict[str, Any]]], rows: list[dict[str, str]],
-              spread: dict[str, dict[str, float]], has_grid: bool) -> str:
+              spread: dict[str, dict[str, float]], has_grid: bool, failed: list[str]) -> str:
     lines = ["# fluxopt bake-off summary", ""]
     if not results:
-        return "\n".join(lines + ["No complete result.json found.", ""])
+        return "\n".join(lines + ["No readable result.json found.", ""])
+    lines += ["**Verdict: every requested stack passed.**" if not failed else
+              f"**Verdict: {len(failed)} failure(s)**: " + "; ".join(failed), ""]
     first = results[0][1]
     shapes = first.get("shapes") or {}
     if shapes:
@@ -204,10 +234,15 @@ class SweepSummaryCallback(Callback):
     """Hydra callback: writes the summary into the sweep directory when a multirun ends."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from fluxopt.distributed import writes_results
-
         if not writes_results():  # under torchrun only rank 0 writes
             return
         root = Path(config.hydra.sweep.dir)
         summary = write_summary(root)
+        results, _ = collect(root)
+        SWEEP_FAILURES[:] = failures(results, os.environ.get(INVOCATION_ENV))
         print(f"fluxopt: sweep summary of {summary['runs']} run(s): {root / 'summary.md'}")
+
+
+# Filled by the callback at the end of a multirun (in the launching process, whichever launcher
+# ran the jobs): the CLI's exit status reads it.
+SWEEP_FAILURES: list[str] = []

@@ -8,13 +8,22 @@ tokens), compiled with ``aoti_compile_and_package`` and stored through ``ctx.art
 package is loaded with ``aoti_load_package`` and installed as the transformer's ``forward``,
 keeping the signature and return values FluxPipeline relies on.
 
-Weights: ``shared`` packages code only and binds the live module's tensors at load time
-(``load_constants(user_managed=True)``: no second copy in memory, a small package);
-``embedded`` bakes the weights into the package (as the flux-fast recipe does; needed for
-tensor-subclass weights such as torchao's). ``auto`` picks ``shared`` unless the weights are
-tensor subclasses. Either way the cache key holds a fingerprint of the module's structure
-(names, shapes, dtypes, tensor types, attention processors), so WEIGHTS backends applied
-before (fuse_qkv, fp8) give different packages; ``embedded`` adds a fingerprint of the values.
+Weights: ``embedded`` (the default, as in the flux-fast recipe) bakes the weights into the
+package in the layout Inductor chose for them, derived constants included (transposed or
+padded copies, packed CPU GEMM weights); the live transformer's weights are then released
+(``release_weights``: the package holds the only copy; the stack's snapshot restores them on
+close). ``shared`` packages code only and binds the live module's tensors at load time
+(``load_constants(user_managed=True)``), which is right only when Inductor kept every weight as
+it was: with ``max_autotune`` it makes derived constants the live module lacks, and on the H100
+a shared package computed a different function (PSNR 21.7 against eager). Either way the
+package's output is compared with the eager transformer's on example inputs before it is
+installed (``self_check``): a package that computes something else fails the stack. The cache
+key holds a fingerprint of the module's structure (and, embedded, of its values) and the C++
+compiler the package was built with.
+
+C++ compiler: Inductor's configured compiler is used only if the libstdc++ it links is not
+newer than the one this process loaded; otherwise a compatible one (``g++``) is chosen, for the
+stack only (see ``_libstdcxx``).
 
 Shapes: static by default (one package per height x width x sequence length). With
 ``dynamic=true`` the image-token dimension is a ``torch.export.Dim``: any height x width
@@ -38,22 +47,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch._inductor.cpp_builder
 
-from fluxopt.artifacts import has_subclass_weights, module_fingerprint
-from fluxopt.backend import Backend, Shapes, Stage, StackContext
-from fluxopt.errors import ConfigError, FluxoptError
-from fluxopt.hookspecs import hookimpl
+from fluxopt import (RECIPE_INDUCTOR_FLAGS, Backend, ConfigError, FluxoptError, Shapes, StackContext, Stage,
+                     has_subclass_weights, hookimpl, module_fingerprint, validate_inductor_flags)
+from fluxopt_plugins._libstdcxx import choose_compiler, compiler_libstdcxx
+
 
 log = logging.getLogger("fluxopt.aoti")
 
-# The flux-fast recipe's Inductor tuning flags (passed as AOTI inductor_configs, not set globally).
-RECIPE_INDUCTOR_FLAGS = {
-    "conv_1x1_as_mm": True,
-    "coordinate_descent_tuning": True,
-    "coordinate_descent_check_all_directions": True,
-    "epilogue_fusion": False,
-}
-WEIGHT_MODES = ("auto", "shared", "embedded")
+WEIGHT_MODES = ("embedded", "shared")
+# Largest relative L2 error of the package against eager on example inputs, by dtype.
+SELF_CHECK_TOLERANCE = {torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16: 5e-2}
 TRANSFORMER_PACKAGE = "transformer.pt2"
 VAE_PACKAGE = "vae_decoder.pt2"
 TOKEN_INPUTS = ("hidden_states", "img_ids")  # inputs whose token dimension is dynamic
@@ -70,7 +75,9 @@ class AotiOptions:
     dynamic: bool = False  # dynamic image-token dimension (one package for a range of resolutions)
     min_resolution: int = 256  # dynamic: smallest square side covered, in pixels (multiple of 16)
     max_resolution: int = 1024  # dynamic: largest square side covered, in pixels (multiple of 16)
-    weights: str = "auto"  # auto | shared (bind the live weights at load) | embedded (weights in the package)
+    weights: str = "embedded"  # embedded (weights in the package) | shared (bind the live weights at load)
+    release_weights: bool = True  # embedded: free the live transformer's weights (the package has its own)
+    self_check: bool = True  # compare the package's output with eager on example inputs before using it
     vae: bool = False  # also export + AOT-compile the VAE decoder
     # load the package in a child process first, so that a torch build whose AOTInductor runtime
     # crashes on load fails this stack instead of killing the whole bake-off (costs a few seconds)
@@ -144,6 +151,7 @@ def vae_example(vae: torch.nn.Module, shapes: Shapes, device: torch.device) -> t
 
 
 def inductor_configs(options: AotiOptions, weights: str) -> dict[str, Any]:
+    """What the package is compiled with (the recipe flags are passed here, never set globally)."""
     configs: dict[str, Any] = {"max_autotune": options.max_autotune}
     if options.tuning_flags:
         configs.update(RECIPE_INDUCTOR_FLAGS)
@@ -316,12 +324,7 @@ class AotiBackend(Backend):
                 raise ConfigError(f"backend.aoti.{name}={value} must be a multiple of 16 and at least 32")
         if options.min_resolution >= options.max_resolution:
             raise ConfigError("backend.aoti.min_resolution must be smaller than max_resolution")
-        import torch._inductor.config as inductor_config
-
-        unknown = [k for k in options.inductor_config if not hasattr(inductor_config, k.split(".")[0])]
-        if unknown:
-            raise ConfigError(f"backend.aoti.inductor_config has unknown Inductor options {unknown} "
-                              "(see torch._inductor.config)")
+        validate_inductor_flags("backend.aoti.inductor_config", options.inductor_config)
 
     def apply(self, pipe: Any, options: AotiOptions, ctx: StackContext) -> None:
         """Only checks: the export needs the final weights, so everything happens in ``build``."""
@@ -335,29 +338,31 @@ class AotiBackend(Backend):
                     f"max_resolution={options.max_resolution})")
 
     def cache_key(self, options: AotiOptions) -> dict[str, Any]:
-        """Options that change the package (CUDA-graph replay is decided at load time)."""
+        """Options that change the package (replay, checks and weight release are decided at load)."""
         key = dataclasses.asdict(options)
-        for name in ("cuda_graphs", "probe_load"):
+        for name in ("cuda_graphs", "probe_load", "self_check", "release_weights"):
             key.pop(name)
         return key
-
-    def _weights_mode(self, options: AotiOptions, modules: list[torch.nn.Module]) -> str:
-        if options.weights != "auto":
-            return options.weights
-        return "embedded" if any(has_subclass_weights(m) for m in modules) else "shared"
 
     def build(self, pipe: Any, options: AotiOptions, ctx: StackContext) -> None:
         transformer = pipe.transformer
         device = next(transformer.parameters()).device
         dtype = transformer.dtype
-        modules = [transformer] + ([pipe.vae] if options.vae else [])
-        weights = self._weights_mode(options, modules)
+        weights = options.weights
+        if weights == "shared" and any(has_subclass_weights(m) for m in (transformer, pipe.vae)):
+            raise ConfigError("backend.aoti.weights=shared cannot bind tensor-subclass weights (a quantized "
+                              "transformer); use backend.aoti.weights=embedded")
+        configured = torch._inductor.cpp_builder.get_cpp_compiler()
+        cxx, cxx_reason = choose_compiler(configured)
+        if cxx != configured:
+            ctx.enter_context("aoti: C++ compiler", torch._inductor.config.patch({"cpp.cxx": (None, cxx)}))
         inputs = example_inputs(transformer, ctx.shapes, device, dtype)
         z = vae_example(pipe.vae, ctx.shapes, device) if options.vae else None
         configs = inductor_configs(options, weights)
         low, high = token_range(options)
         key = {**self.cache_key(options), "weights_mode": weights, "inductor_configs": configs,
                "inputs": signature(inputs), "dynamic_tokens": [low, high] if options.dynamic else None,
+               "cxx": [cxx, str(compiler_libstdcxx(cxx))],
                "transformer": module_fingerprint(transformer, values=weights == "embedded"),
                "vae_module": module_fingerprint(pipe.vae, values=weights == "embedded") if options.vae else None,
                "vae_input": list(z.shape) if z is not None else None}
@@ -388,7 +393,8 @@ class AotiBackend(Backend):
                     torch._inductor.aoti_compile_and_package(program, package_path=str(tmp / VAE_PACKAGE),
                                                              inductor_configs=configs)
             (tmp / "info.json").write_text(json.dumps({"weights": weights, "inputs": signature(inputs),
-                                                       "dynamic_tokens": key["dynamic_tokens"]}, indent=2))
+                                                       "dynamic_tokens": key["dynamic_tokens"], "cxx": cxx},
+                                                      indent=2))
 
         entry = ctx.artifact(self.name, key, build_packages)
         cache_info = ctx.stats.get("artifacts", {}).get(self.name, {})
@@ -401,17 +407,28 @@ class AotiBackend(Backend):
         with ctx.timed("load"):
             compiled = load_package(entry / TRANSFORMER_PACKAGE, transformer if weights == "shared" else None,
                                     "transformer", single_threaded=use_graphs)
-            run = CudaGraphRunner(compiled) if use_graphs else compiled
-            forward = AotiTransformerForward(run, inputs)
-            vae_decode = None
+            vae_compiled = None
             if z is not None:
                 vae_compiled = load_package(entry / VAE_PACKAGE, pipe.vae if weights == "shared" else None, "vae",
                                             single_threaded=use_graphs)
-                vae_decode = AotiVaeDecode(CudaGraphRunner(vae_compiled) if use_graphs else vae_compiled,
-                                           z.dtype, device)
-        self._install(transformer, "forward", forward, ctx)
+        check: dict[str, float] = {}
+        if options.self_check:
+            with ctx.timed("self_check"), torch.no_grad():
+                check["transformer_rel_l2"] = self_check(
+                    "transformer", compiled(**inputs), _TransformerGraph(transformer)(**inputs))
+                if vae_compiled is not None:
+                    check["vae_rel_l2"] = self_check("VAE decoder", vae_compiled(z=z), _VaeDecodeGraph(pipe.vae)(z))
+        forward = AotiTransformerForward(CudaGraphRunner(compiled) if use_graphs else compiled, inputs)
+        vae_decode = None
+        if vae_compiled is not None:
+            vae_decode = AotiVaeDecode(CudaGraphRunner(vae_compiled) if use_graphs else vae_compiled, z.dtype, device)
+        released = 0
+        if weights == "embedded" and options.release_weights:
+            released = release_weights(transformer)
+        # Instance attributes shadowing the class methods; the stack's snapshot removes them on close.
+        transformer.forward = forward
         if vae_decode is not None:
-            self._install(pipe.vae, "decode", vae_decode, ctx)
+            pipe.vae.decode = vae_decode
         with ctx.timed("warmup"), torch.no_grad():  # first call; on GPU records the CUDA graph
             transformer(**inputs, return_dict=False)
             if vae_decode is not None:
@@ -421,27 +438,42 @@ class AotiBackend(Backend):
             "warm_start": bool(cache_info.get("cache_hit")),
             "rebuilt": cache_info.get("rebuilt"),
             "weights": weights,
+            "released_weight_bytes": released,
             "cuda_graphs": use_graphs,
             "dynamic_tokens": key["dynamic_tokens"],
             "vae": options.vae,
+            "cxx": cxx,
+            "cxx_reason": cxx_reason,
+            "self_check": check,
             "package_bytes": sum(p.stat().st_size for p in entry.glob("*.pt2")),
             "entry": entry.name,
         }
 
-    @staticmethod
-    def _install(module: torch.nn.Module, attr: str, fn: Callable[..., Any], ctx: StackContext) -> None:
-        """Shadow ``module.<attr>`` with ``fn`` (an instance attribute) until the stack ends."""
-        had = attr in vars(module)
-        previous = vars(module).get(attr)
-        setattr(module, attr, fn)
 
-        def restore() -> None:
-            if had:
-                setattr(module, attr, previous)
-            else:
-                vars(module).pop(attr, None)
+class AotiMismatchError(FluxoptError):
+    """The package computes a different function than the eager module it was exported from."""
 
-        ctx.exit_stack.callback(restore)
+
+def self_check(what: str, got: torch.Tensor, expected: torch.Tensor) -> float:
+    """Relative L2 error of the package's output against eager; AotiMismatchError above the
+    tolerance for the dtype (a package that computes something else is never benchmarked)."""
+    err = float((got.double() - expected.double()).norm() / expected.double().norm().clamp_min(1e-12))
+    tolerance = SELF_CHECK_TOLERANCE.get(expected.dtype, 5e-2)
+    if not err <= tolerance:  # NaN fails too
+        raise AotiMismatchError(f"aoti: the {what} package's output differs from eager by a relative L2 error of "
+                                f"{err:.3g} on the example inputs (tolerance {tolerance:g} for {expected.dtype}); "
+                                "it computes a different function")
+    return err
+
+
+def release_weights(module: torch.nn.Module) -> int:
+    """Point every parameter and buffer of ``module`` at an empty tensor (same dtype and device):
+    an embedded package holds its own copy, so the live one would only double the memory."""
+    freed = 0
+    for t in itertools.chain(module.parameters(), module.buffers()):
+        freed += t.numel() * t.element_size()
+        t.data = torch.empty(0, dtype=t.dtype, device=t.device)
+    return freed
 
 
 @hookimpl

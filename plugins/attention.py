@@ -15,9 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from fluxopt.backend import Backend, Package, Requirements, Stage, StackContext
-from fluxopt.errors import ConfigError
-from fluxopt.hookspecs import hookimpl
+from fluxopt import Backend, ConfigError, Package, Requirements, StackContext, Stage, hookimpl
+
 
 FLASH = Package("flash_attn", "pip install flash-attn --no-build-isolation")
 FLASH3 = Package("flash_attn_interface", "build FlashAttention-3 (hopper/) from github.com/Dao-AILab/flash-attention")
@@ -83,7 +82,7 @@ class AttentionBackend(Backend):
         from diffusers.models.attention_dispatch import _AttentionBackendRegistry
 
         previous = _AttentionBackendRegistry._active_backend
-        ctx.exit_stack.callback(_AttentionBackendRegistry.set_active_backend, previous)
+        ctx.callback("attention: active attention backend", lambda: _AttentionBackendRegistry.set_active_backend(previous))
         pipe.transformer.set_attention_backend(options.kernel)
         ctx.stats["attention_kernel"] = options.kernel
 

@@ -18,9 +18,8 @@ from typing import Any
 
 import torch
 
-from fluxopt.backend import Backend, Package, Requirements, Stage, StackContext
-from fluxopt.errors import ConfigError
-from fluxopt.hookspecs import hookimpl
+from fluxopt import Backend, ConfigError, Package, Requirements, StackContext, Stage, hookimpl
+
 
 BNB = Package("bitsandbytes", "pip install 'fluxopt[bnb]'")
 COMPONENTS = ("transformer", "text_encoder_2")

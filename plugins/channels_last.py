@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 
-from fluxopt.backend import Backend, Stage, StackContext
-from fluxopt.hookspecs import hookimpl
+from fluxopt import Backend, StackContext, Stage, hookimpl
+
 
 
 @dataclass

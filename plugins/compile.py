@@ -22,22 +22,13 @@ from typing import Any, Optional
 
 import torch
 
-from fluxopt.artifacts import INDUCTOR, module_fingerprint, private_dir, stack_artifact
-from fluxopt.backend import Backend, Stage, StackContext
-from fluxopt.errors import ConfigError
-from fluxopt.hookspecs import hookimpl
+from fluxopt import (INDUCTOR, RECIPE_INDUCTOR_FLAGS, Backend, ConfigError, StackContext, Stage, hookimpl,
+                     module_fingerprint, private_dir, validate_inductor_flags)
+
 
 MEGA_CACHE = "mega_cache.bin"
 BREAKDOWN_ENTRIES = 10  # compile-time breakdown: this many slowest compiler phases go into stats
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-
-# The flux-fast recipe's Inductor tuning flags.
-RECIPE_INDUCTOR_FLAGS = {
-    "conv_1x1_as_mm": True,
-    "coordinate_descent_tuning": True,
-    "coordinate_descent_check_all_directions": True,
-    "epilogue_fusion": False,
-}
 
 
 @dataclass
@@ -65,17 +56,12 @@ class CompileBackend(Backend):
     def validate_options(self, options: CompileOptions) -> None:
         if options.mode not in MODES:
             raise ConfigError(f"backend.compile.mode={options.mode!r} is not one of {', '.join(MODES)}")
-        import torch._inductor.config as inductor_config
-
-        unknown = [k for k in options.inductor_config if not hasattr(inductor_config, k)]
-        if unknown:
-            raise ConfigError(f"backend.compile.inductor_config has unknown Inductor flags {unknown} "
-                              "(see torch._inductor.config)")
+        validate_inductor_flags("backend.compile.inductor_config", options.inductor_config)
 
     def apply(self, pipe: Any, options: CompileOptions, ctx: StackContext) -> None:
         flags = {**(RECIPE_INDUCTOR_FLAGS if options.tuning_flags else {}), **options.inductor_config}
         if flags:
-            ctx.exit_stack.enter_context(torch._inductor.config.patch(flags))
+            ctx.enter_context("compile: Inductor flags", torch._inductor.config.patch(flags))
         fullgraph = options.fullgraph
         if fullgraph is None:
             fullgraph = not (ctx.stack and any(e.backend.stage == Stage.CACHE for e in ctx.stack.entries))
@@ -92,10 +78,11 @@ class CompileBackend(Backend):
             from torch._functorch import config as functorch_config
             from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir
 
-            ctx.exit_stack.enter_context(temporary_cache_dir(str(private_dir(ctx.cache_dir / INDUCTOR))))
-            ctx.exit_stack.enter_context(torch._inductor.config.patch(
+            inductor_dir = str(private_dir(ctx.cache_dir / INDUCTOR))
+            ctx.enter_context("compile: Inductor cache directory", temporary_cache_dir(inductor_dir))
+            ctx.enter_context("compile: FX graph and autotune caches", torch._inductor.config.patch(
                 {"fx_graph_cache": True, "autotune_local_cache": True}))
-            ctx.exit_stack.enter_context(functorch_config.patch(enable_autograd_cache=True))
+            ctx.enter_context("compile: AOT autograd cache", functorch_config.patch(enable_autograd_cache=True))
 
     def build(self, pipe: Any, options: CompileOptions, ctx: StackContext) -> None:
         """torch.compile is lazy: one call at the bench shapes triggers (and times) compilation."""
@@ -109,7 +96,7 @@ class CompileBackend(Backend):
                "vae": module_fingerprint(pipe.vae, values=False) if options.compile_vae else None}
         info: dict[str, Any] = {"loaded": False, "saved": False,
                                 "inductor_cache_dir": str(ctx.cache_dir / INDUCTOR)}
-        entry = stack_artifact(ctx, self.name, key, None)  # look up only: the bundle exists after compiling
+        entry = ctx.artifact(self.name, key, None)  # look up only: the bundle exists after compiling
         if entry is not None:
             with ctx.timed("compile_cache_load"):
                 torch.compiler.load_cache_artifacts((entry / MEGA_CACHE).read_bytes())
@@ -126,8 +113,13 @@ class CompileBackend(Backend):
             if saved is not None:
                 data = saved[0]
                 with ctx.timed("compile_cache_save"):
-                    stack_artifact(ctx, self.name, key, lambda tmp: (tmp / MEGA_CACHE).write_bytes(data))
-                info.update(saved=True, bytes=len(data))
+                    ctx.artifact(self.name, key, lambda tmp: (tmp / MEGA_CACHE).write_bytes(data))
+                artifact = ctx.stats["artifacts"][self.name]
+                # This process compiled: not a cache hit, even if another process saved the same
+                # entry while we compiled (then our save found theirs).
+                info.update(saved=artifact.get("built", False), saved_by_other_process=not artifact.get("built"),
+                            bytes=len(data))
+                artifact["cache_hit"] = False
         ctx.stats["compile_cache"] = info
 
 

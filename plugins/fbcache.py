@@ -21,9 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from fluxopt.backend import Backend, Package, Requirements, Stage, StackContext
-from fluxopt.errors import ConfigError
-from fluxopt.hookspecs import hookimpl
+from fluxopt import Backend, ConfigError, Package, Requirements, StackContext, Stage, hookimpl
 from fluxopt_plugins._cache_probe import STEP_CACHE_GROUP, STEP_CACHE_REASON, ComputeCounter, transformer_blocks
 
 IMPLEMENTATIONS = ("diffusers", "para_attn")

@@ -7,8 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from fluxopt.backend import Backend, Stage, StackContext
-from fluxopt.hookspecs import hookimpl
+from fluxopt import Backend, StackContext, Stage, hookimpl
+
 
 
 @dataclass

@@ -20,9 +20,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from fluxopt.backend import Backend, Package, Requirements, Stage, StackContext
-from fluxopt.errors import ConfigError
-from fluxopt.hookspecs import hookimpl
+from fluxopt import Backend, ConfigError, Package, Requirements, StackContext, Stage, hookimpl
+
 
 MODES = ("model", "sequential")
 

@@ -26,9 +26,7 @@ from typing import Any, Optional
 
 import torch
 
-from fluxopt.backend import Backend, Stage, StackContext
-from fluxopt.errors import ConfigError
-from fluxopt.hookspecs import hookimpl
+from fluxopt import Backend, ConfigError, StackContext, Stage, hookimpl
 from fluxopt_plugins._cache_probe import STEP_CACHE_GROUP, STEP_CACHE_REASON, ComputeCounter
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}

@@ -23,9 +23,8 @@ from typing import Any
 
 import torch
 
-from fluxopt.backend import Backend, Package, Requirements, Stage, StackContext
-from fluxopt.errors import ConfigError
-from fluxopt.hookspecs import hookimpl
+from fluxopt import Backend, ConfigError, Package, Requirements, StackContext, Stage, hookimpl
+
 
 TORCHAO = Package("torchao", "pip install 'fluxopt[torchao]'")
 MSLK = Package("mslk", "pip install mslk (torchao's int4 'plain'/'preshuffled' kernels)")
@@ -95,7 +94,7 @@ class _TorchaoBackend(Backend):
             raise ConfigError(f"backend.{self.name} selects no Linear layer (skip={options.skip}, "
                               f"min_features={options.min_features})")
         if options.inductor_tuning:
-            ctx.exit_stack.enter_context(torch._inductor.config.patch(TORCHAO_INDUCTOR_FLAGS))
+            ctx.enter_context(f"{self.name}: torchao Inductor flags", torch._inductor.config.patch(TORCHAO_INDUCTOR_FLAGS))
         config = dataclasses.replace(self.make_config(options), set_inductor_config=False)  # no global side effect
         with ctx.timed("quantize"):
             quantize_(transformer, config, filter_fn=lambda m, fqn: _selected(m, fqn, options))

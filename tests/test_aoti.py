@@ -11,13 +11,13 @@ import pytest
 import torch
 from conftest import read_result, run_cli
 
-from fluxopt.artifacts import module_fingerprint
-from fluxopt.backend import Shapes, Stage, StackContext
+from fluxopt.fingerprint import module_fingerprint
+from fluxopt import Shapes, Stage, StackContext
 from fluxopt.errors import ConfigError
 from fluxopt.stack import build_stack
 
-AOTI_ARGS = ("+backend=aoti", "backend.aoti.max_autotune=false", "bench.steps=2", "bench.height=64",
-             "bench.width=64", "bench.iterations=2")
+# The backend's defaults (max_autotune and the recipe's flags), as the default bake-off runs it.
+AOTI_ARGS = ("+backend=aoti", "bench.steps=2", "bench.height=64", "bench.width=64", "bench.iterations=2")
 SHAPES = Shapes(height=64, width=64, steps=2, guidance_scale=3.5, max_sequence_length=128)
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -53,7 +53,10 @@ def test_aoti_cold_build_runs_the_pipeline_losslessly(two_runs):
     assert phases["load_probe"] > 0  # loaded in a child process first (crash-safe)
     stats = stack["stats"]
     assert stats["aoti"]["cache_hit"] is False and stats["aoti"]["warm_start"] is False
-    assert stats["aoti"]["weights"] == "shared" and stats["aoti"]["cuda_graphs"] is False
+    assert stats["aoti"]["weights"] == "embedded" and stats["aoti"]["cuda_graphs"] is False
+    assert stats["aoti"]["released_weight_bytes"] > 0  # the package holds the only copy of the weights
+    assert stats["aoti"]["self_check"]["transformer_rel_l2"] < 1e-4  # fp32 on the CPU: same function
+    assert stats["aoti"]["cxx"] and stats["aoti"]["cxx_reason"]
     assert stats["artifacts"]["aoti"]["built"] is True and stats["artifacts"]["aoti"]["size_bytes"] > 0
     assert Path(stats["artifacts"]["aoti"]["path"], "transformer.pt2").is_file()
 
@@ -67,6 +70,31 @@ def test_aoti_second_process_loads_the_package_from_the_cache(two_runs):
     assert w["stats"]["artifacts"]["aoti"]["path"] == c["stats"]["artifacts"]["aoti"]["path"]
     assert "export" not in w["build_phases_s"] and "aoti_compile" not in w["build_phases_s"]
     assert w["build_s"] < c["build_s"] / 3, (c["build_s"], w["build_s"])
+
+
+def test_self_check_refuses_a_package_that_computes_something_else():
+    from fluxopt_plugins.aoti import AotiMismatchError, self_check
+
+    expected = torch.randn(4, 16, dtype=torch.bfloat16)
+    assert self_check("transformer", expected + 1e-3 * torch.randn_like(expected), expected) < 5e-2
+    with pytest.raises(AotiMismatchError, match="relative L2 error of 0.4"):
+        self_check("transformer", 1.4 * expected, expected)
+    with pytest.raises(AotiMismatchError):
+        self_check("transformer", torch.full_like(expected, float("nan")), expected)
+
+
+def test_shared_weights_with_derived_constants_are_refused_by_name(tiny_pipe, tmp_path):
+    """With max_autotune, Inductor adds derived constants (packed GEMM weights on the CPU) that a
+    live module cannot supply: shared mode must say so, not load a package that reads garbage."""
+    from fluxopt_plugins.aoti import _export, _TransformerGraph, example_inputs, inductor_configs, load_package
+
+    options = aoti()[1](weights="shared")
+    inputs = example_inputs(tiny_pipe.transformer, SHAPES, torch.device("cpu"), torch.float32)
+    program = _export(_TransformerGraph(tiny_pipe.transformer), (), inputs, None)
+    path = torch._inductor.aoti_compile_and_package(program, package_path=str(tmp_path / "t.pt2"),
+                                                    inductor_configs=inductor_configs(options, "shared"))
+    with pytest.raises(RuntimeError, match="needs constants the live module lacks"):
+        load_package(Path(path), tiny_pipe.transformer, "transformer", single_threaded=False)
 
 
 # ---------------------------------------------------------------------------------- pieces
@@ -115,7 +143,7 @@ def test_dynamic_range_must_cover_the_bench_shapes():
         from fluxopt.environment import detect_device
 
         ctx = StackContext(device=detect_device("cpu"), dtype=torch.float32, model=None, shapes=SHAPES,
-                           cache_dir=Path("/nonexistent"), exit_stack=stack)
+                           cache_dir=Path("/nonexistent"))
         with pytest.raises(ConfigError, match="16 image tokens, outside the dynamic range 256..1024"):
             backend.apply(None, options, ctx)
 

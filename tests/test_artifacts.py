@@ -19,8 +19,9 @@ import torch
 
 from fluxopt import artifacts
 from fluxopt.artifacts import MANIFEST, ArtifactCache, entry_key, key_digest
-from fluxopt.backend import Shapes, StackContext
+from fluxopt import Shapes, StackContext
 from fluxopt.cache_cli import main as cache_main
+from fluxopt.files import private_dir
 from fluxopt.environment import DeviceInfo, detect_device
 
 REPO = Path(__file__).resolve().parent.parent
@@ -64,7 +65,7 @@ def test_key_changes_with_gpu_versions_options_and_format(monkeypatch):
     assert key_digest(entry_key({**KEY, "options": {"a": 2}}, H100)) != base
     assert key_digest(entry_key({**KEY, "shapes": {"height": 512}}, H100)) != base
 
-    import fluxopt.environment as environment
+    environment = artifacts  # the cache key reads the versions through the name it imported
 
     real = environment.package_versions()
     monkeypatch.setattr(environment, "package_versions", lambda: {**real, "torch": "9.9.9"})
@@ -243,7 +244,7 @@ def test_unsafe_kind_directory_is_refused(cache, device):
 
 def test_leftover_temp_dir_of_killed_build_is_ignored_and_pruned(cache, device):
     full = entry_key(KEY, device)
-    kind_dir = artifacts.private_dir(cache.artifacts_dir / "demo")
+    kind_dir = private_dir(cache.artifacts_dir / "demo")
     leftover = kind_dir / f".{key_digest(full)}.abc123"
     leftover.mkdir()
     write_files(leftover)
@@ -296,11 +297,11 @@ def test_two_processes_building_the_same_key_build_once(cache, tmp_path):
 
 # ---------------------------------------------------------------------------------- context
 def make_ctx(cache_dir: Path, device: DeviceInfo, exit_stack: contextlib.ExitStack) -> StackContext:
-    from fluxopt.runner import resolve_model
+    from fluxopt.plugins import model as resolve_model
 
     shapes = Shapes(height=64, width=64, steps=2, guidance_scale=3.5, max_sequence_length=128)
     return StackContext(device=device, dtype=torch.float32, model=resolve_model("tiny"), shapes=shapes,
-                        cache_dir=cache_dir, exit_stack=exit_stack)
+                        cache_dir=cache_dir)
 
 
 def test_stack_context_artifact_records_hits_and_rebuilds(tmp_path, device):
@@ -327,11 +328,11 @@ def test_stack_context_artifact_records_hits_and_rebuilds(tmp_path, device):
 def test_lookup_only_reports_and_removes_corrupt_entries(tmp_path, device):
     with contextlib.ExitStack() as stack:
         ctx = make_ctx(tmp_path / "c", device, stack)
-        assert artifacts.stack_artifact(ctx, "demo", {"x": 1}, None) is None
+        assert ctx.artifact("demo", {"x": 1}, None) is None
         entry = ctx.artifact("demo", {"x": 1}, Builder())
-        assert artifacts.stack_artifact(ctx, "demo", {"x": 1}, None) == entry
+        assert ctx.artifact("demo", {"x": 1}, None) == entry
         _truncate(entry)
-        assert artifacts.stack_artifact(ctx, "demo", {"x": 1}, None) is None
+        assert ctx.artifact("demo", {"x": 1}, None) is None
         assert "truncated" in ctx.stats["artifacts"]["demo"]["rebuilt"] and not entry.exists()
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import read_result, run_cli
 
-from fluxopt.backend import Shapes, StackContext
+from fluxopt import Shapes, StackContext
 from fluxopt.environment import DeviceInfo
 from fluxopt.errors import ConfigError
 from fluxopt.stack import build_stack, lookup_backend, parse_options
@@ -197,17 +197,18 @@ def test_torchao_leaves_inductor_flags_alone_unless_asked_and_then_only_for_the_
     assert inductor_config.save_config() == before
 
 
-def test_runner_restores_global_compiler_flags_a_backend_set():
-    """Whatever a stack's libraries set globally is undone before the next stack is measured."""
+def test_compiler_state_snapshot_restores_flags_set_behind_its_back():
+    """Whatever a stack's libraries set globally is undone when the stack closes."""
     import torch._inductor.config as inductor_config
 
-    from fluxopt.runner import _restore_compiler_config_after
+    from fluxopt import compiler_state
 
     before = inductor_config.save_config()
-    with contextlib.ExitStack() as stack:
-        _restore_compiler_config_after(stack)
-        inductor_config.coordinate_descent_tuning = True
-        torch._dynamo.config.cache_size_limit = 3
+    restore = compiler_state.snapshot()
+    inductor_config.coordinate_descent_tuning = True
+    torch._dynamo.config.cache_size_limit = 3
+    torch.backends.cudnn.benchmark = not torch.backends.cudnn.benchmark
+    restore()
     assert inductor_config.save_config() == before and torch._dynamo.config.cache_size_limit != 3
 
 
@@ -351,7 +352,7 @@ def test_sequential_offload_refuses_a_compiled_transformer():
     pipe.transformer.compile()  # lazy: nothing is compiled until the first call
     backend = lookup_backend("offload")
     with contextlib.ExitStack() as stack:
-        ctx = StackContext(device=H100, dtype=torch.float32, model=None, cache_dir=None, exit_stack=stack,
+        ctx = StackContext(device=H100, dtype=torch.float32, model=None, cache_dir=None,
                            shapes=Shapes(height=64, width=64, steps=STEPS, guidance_scale=3.5, max_sequence_length=128))
         with pytest.raises(ConfigError, match="sequential cannot be combined with compile"):
             backend.apply(pipe, parse_options(backend, {"mode": "sequential"}), ctx)

@@ -14,7 +14,7 @@ import pytest
 from conftest import read_result, run_cli
 from PIL import Image
 
-from fluxopt.result import write_json_atomic
+from fluxopt.files import write_json_atomic
 
 FAULTS = "fault_apply,fault_build,fault_nan,fault_oom,fault_needs_cuda"
 
@@ -26,7 +26,8 @@ def fault_sweep(tmp_path_factory, plugin_env):
     # As typed in a shell: -m +backend=...,'[compile,fault_nan]',compile (the shell drops the quotes).
     args = ("-m", f"+backend={FAULTS},[compile,fault_nan],compile", "bench.iterations=2", f"hydra.sweep.dir={sweep}")
     proc = run_cli(*args, env=plugin_env)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.returncode == 1, proc.stderr[-4000:]  # failed stacks make the sweep's verdict negative
+    assert "requested stack(s) failed" in proc.stderr
     return sweep, args, proc
 
 
@@ -68,7 +69,7 @@ def test_report_regenerates_summary_from_result_files_alone(fault_sweep, tmp_pat
     before = json.loads((sweep / "summary.json").read_text())
     for name in ("summary.md", "summary.csv", "summary.json", "grid.png", "speedup_vs_fidelity.png"):
         (sweep / name).unlink()
-    proc = subprocess.run([sys.executable, "-m", "fluxopt.report", str(sweep)], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "fluxopt.report_cli", str(sweep)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     after = json.loads((sweep / "summary.json").read_text())
     assert after["rows"] == before["rows"]
@@ -82,7 +83,7 @@ def test_restarted_sweep_skips_complete_jobs_and_force_keeps_old_results(fault_s
     before = result.read_text()
     proc = run_cli("-m", "+backend=compile", "bench.iterations=2", f"hydra.sweep.dir={sweep}", env=plugin_env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "is complete for this config; skipping" in proc.stdout
+    assert "is complete and passed for this config; skipping" in proc.stderr
     assert result.read_text() == before
     proc = run_cli("-m", "+backend=compile", "bench.iterations=2", "resume=false", f"hydra.sweep.dir={sweep}",
                    env=plugin_env)
@@ -102,7 +103,7 @@ def test_incomplete_result_is_not_skipped(tmp_path):
 
 def test_no_backend_compares_everything_available_and_lists_skipped(tmp_path, plugin_env):
     proc = run_cli("bench.iterations=1", f"hydra.run.dir={tmp_path}", env=plugin_env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 1, proc.stderr[-3000:]  # the fault plugin's stacks fail
     data = read_result(tmp_path)
     assert data["mode"] == "bakeoff"
     stacks = {s["stack"]: s for s in data["stacks"]}

@@ -9,9 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from fluxopt.backend import Shapes
+from fluxopt import Shapes
 from fluxopt.environment import detect_device
-from fluxopt.flux_mini import WEIGHTS_DIR, dataset
+from fluxopt.flux_mini import dataset
+from fluxopt_plugins.flux_mini import WEIGHTS_DIR
 from fluxopt.measure import Generator
 
 REFERENCE = Path(__file__).parent / "data" / "flux-mini-reference.png"

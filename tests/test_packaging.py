@@ -3,6 +3,7 @@ the built-in plugins, and works when installed."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -28,12 +29,17 @@ def test_wheel_contains_every_source_package_and_config(wheel):
         rel = init.relative_to(REPO).as_posix()
         if "/weights/" not in rel:
             assert rel in names, f"{rel} missing from the wheel"
-    for path in (REPO / "plugins").glob("*.py"):
-        assert f"fluxopt_plugins/{path.name}" in names
+    for path in (REPO / "plugins").rglob("*.py"):
+        assert "fluxopt_plugins/" + path.relative_to(REPO / "plugins").as_posix() in names
+    for path in (REPO / "plugins" / "flux_mini" / "weights").rglob("*"):
+        if path.is_file():
+            assert "fluxopt_plugins/flux_mini/weights/" + path.relative_to(REPO / "plugins/flux_mini/weights").as_posix() in names
     for path in (REPO / "conf").rglob("*.yaml"):
         assert "fluxopt/conf/" + path.relative_to(REPO / "conf").as_posix() in names
-    assert "hydra_plugins/fluxopt_searchpath/__init__.py" in names
     assert any(n.endswith("entry_points.txt") for n in names)
+    build_info = json.loads(zipfile.ZipFile(wheel).read("fluxopt/_build_info.json"))
+    assert build_info["revision"] == subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
+                                                     text=True).stdout.strip()
 
 
 def test_installed_wheel_runs_outside_the_checkout(wheel, tmp_path):
@@ -50,4 +56,5 @@ def test_installed_wheel_runs_outside_the_checkout(wheel, tmp_path):
     check = subprocess.run([sys.executable, "-c", "import fluxopt, fluxopt_plugins; print(fluxopt.__file__)"],
                            cwd=workdir, env=env, capture_output=True, text=True, check=True)
     assert check.stdout.startswith(str(target))
-    assert (tmp_path / "run" / "result.json").exists()
+    git = json.loads((tmp_path / "run" / "result.json").read_text())["environment"]["git"]
+    assert git["source"] == "recorded at install" and len(git["revision"]) == 40  # known without a checkout

@@ -3,6 +3,7 @@ and the multi-GPU ``context_parallel`` backend (validation and launch logic on C
 
 from __future__ import annotations
 
+import os
 import datetime as dt
 import json
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 import torch
 from conftest import read_result, run_cli
 
-from fluxopt import distributed, gpu_pool
+from fluxopt import gpu_pool, launch
 from fluxopt.environment import detect_device
 from fluxopt.errors import ConfigError
 
@@ -124,47 +125,49 @@ def test_context_parallel_requirements_on_cpu():
 
 def test_context_parallel_cli_on_cpu_is_refused_with_reason(tmp_path):
     proc = run_cli("+backend=context_parallel", f"hydra.run.dir={tmp_path}", timeout=180)
-    assert proc.returncode == 2  # ran here (no torchrun without 2 GPUs), refused before loading
+    assert proc.returncode == 1  # refused on this machine before loading: a failed request, not a usage error
     assert "context_parallel needs an NVIDIA GPU" in proc.stderr
     proc = run_cli("+backend=[context_parallel,offload]", f"hydra.run.dir={tmp_path}", timeout=180)
     assert proc.returncode == 2 and "cannot be combined" in proc.stderr
 
 
-def test_required_world_size_from_the_command_line():
-    assert distributed.required_world_size(["+backend=compile"]) == 1
-    assert distributed.required_world_size(["+backend=context_parallel"]) == distributed.DEFAULT_WORLD_SIZE
-    assert distributed.required_world_size(
-        ["-m", "+backend=compile,[context_parallel,compile]", "backend.context_parallel.world_size=4"]) == 4
-    assert distributed.required_world_size(["backend.context_parallel.world_size=4"]) == 1  # not selected
+def test_processes_come_from_the_backends_of_the_requested_stacks():
+    from fluxopt.cli import preflight, required_processes
+
+    assert required_processes(preflight(["+backend=compile"])) == 1
+    assert required_processes(preflight(["+backend=context_parallel"])) == 2  # its default world_size
+    assert required_processes(preflight(
+        ["-m", "+backend=context_parallel,[context_parallel,compile]", "backend.context_parallel.world_size=4"])) == 4
+    assert required_processes(preflight([])) == 1  # a bake-off runs every backend alone, in one process
 
 
 def test_torchrun_command_construction():
     now = dt.datetime(2025, 1, 2, 3, 4, 5)
     argv = ["+backend=context_parallel", "backend.context_parallel.world_size=4"]
-    cmd, env = distributed.torchrun_command(argv, 4, env={"PATH": "/bin", "NCCL_NVLS_ENABLE": "1"}, now=now,
+    cmd, env = launch.torchrun_command(argv, 4, env={"PATH": "/bin", "NCCL_NVLS_ENABLE": "1"}, now=now,
                                             python="/py")
     assert cmd == ["/py", "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4", "-m", "fluxopt",
-                   *argv, "hydra.run.dir=outputs/2025-01-02/03-04-05"]
+                   *argv, f"hydra.run.dir=outputs/2025-01-02/03-04-05-{os.getpid()}-torchrun"]
     assert env["NCCL_NVLS_ENABLE"] == "0" and env["TORCH_SYMM_MEM_DISABLE_MULTICAST"] == "1"
-    assert env["NVSHMEM_DISABLE_NVLS"] == "1" and env["PATH"] == "/bin" and env[distributed.LAUNCHED_ENV] == "1"
-    cmd, _ = distributed.torchrun_command(["-m", *argv], 2, env={}, now=now, python="/py")
-    assert cmd[-1] == "hydra.sweep.dir=multirun/2025-01-02"
-    cmd, _ = distributed.torchrun_command([*argv, "hydra.run.dir=/x"], 2, env={}, now=now, python="/py")
+    assert env["NVSHMEM_DISABLE_NVLS"] == "1" and env["PATH"] == "/bin" and env[launch.LAUNCHED_ENV] == "1"
+    cmd, _ = launch.torchrun_command(["-m", *argv], 2, env={}, now=now, python="/py")
+    assert cmd[-1] == f"hydra.sweep.dir=multirun/2025-01-02/03-04-05-{os.getpid()}-torchrun"
+    cmd, _ = launch.torchrun_command([*argv, "hydra.run.dir=/x"], 2, env={}, now=now, python="/py")
     assert cmd[-1] == "hydra.run.dir=/x"
-    assert distributed.in_torchrun(env) and not distributed.in_torchrun({})
+    assert launch.in_torchrun(env) and not launch.in_torchrun({})
 
 
 def test_only_rank_zero_writes_results(monkeypatch, tmp_path):
-    assert distributed.writes_results({})
-    assert distributed.writes_results({"RANK": "0", "LOCAL_RANK": "0"})
-    assert not distributed.writes_results({"RANK": "1", "LOCAL_RANK": "1"})
+    assert launch.writes_results({})
+    assert launch.writes_results({"RANK": "0", "LOCAL_RANK": "0"})
+    assert not launch.writes_results({"RANK": "1", "LOCAL_RANK": "1"})
     from fluxopt.sweep import SweepSummaryCallback
     from omegaconf import OmegaConf
 
     monkeypatch.setenv("RANK", "1")
     SweepSummaryCallback().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}}))
     assert not (tmp_path / "summary.json").exists()
-    scratch = distributed.scratch_dir(tmp_path / "job")
+    scratch = launch.scratch_dir(tmp_path / "job")
     assert not scratch.is_relative_to(tmp_path) and "rank1" in scratch.name
 
 

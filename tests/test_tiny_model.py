@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from diffusers import FluxPipeline
 
-from fluxopt.backend import Shapes
+from fluxopt import Shapes
 from fluxopt.environment import detect_device
 from fluxopt.measure import Generator
 from fluxopt.tiny_model import build_tiny_pipeline

@@ -17,7 +17,7 @@ import pytest
 import torch
 from conftest import read_result, run_cli
 
-from fluxopt.backend import Shapes
+from fluxopt import Shapes
 from fluxopt.errors import ConfigError
 
 pytest.importorskip("modelopt.torch.quantization")
@@ -30,7 +30,7 @@ HAS_TRT_GPU = importlib.util.find_spec("tensorrt") is not None and torch.cuda.is
 def _quantized(fmt: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
     """A tiny pipeline whose transformer is quantized (calibrated on 2 prompts x 2 steps)."""
     from fluxopt.tiny_model import build_tiny_pipeline
-    from fluxopt.trt import onnx_export, quantize
+    from fluxopt_plugins.trt_fp8 import onnx_export, quantize
 
     pipe = build_tiny_pipeline().to(device=device, dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
@@ -46,7 +46,7 @@ def _quantized(fmt: str, device: str = "cpu", dtype: torch.dtype = torch.float32
 
 @pytest.fixture(scope="module")
 def fp8(tmp_path_factory):
-    from fluxopt.trt import onnx_export
+    from fluxopt_plugins.trt_fp8 import onnx_export
 
     pipe, summary, args, original = _quantized("fp8")
     out = tmp_path_factory.mktemp("trt-fp8-onnx")
@@ -55,7 +55,7 @@ def fp8(tmp_path_factory):
 
 
 def _torch_out(pipe, args) -> np.ndarray:
-    from fluxopt.trt import onnx_export
+    from fluxopt_plugins.trt_fp8 import onnx_export
 
     with torch.inference_mode():
         return onnx_export.FluxForExport(pipe.transformer, True)(*args).numpy()
@@ -64,7 +64,7 @@ def _torch_out(pipe, args) -> np.ndarray:
 def _ort_out(path: str, pipe, args) -> np.ndarray:
     import onnxruntime as ort
 
-    from fluxopt.trt import onnx_export
+    from fluxopt_plugins.trt_fp8 import onnx_export
 
     sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     names = [i.name for i in sess.get_inputs()]
@@ -78,7 +78,7 @@ def _rel_l2(a: np.ndarray, b: np.ndarray) -> float:
 
 # ------------------------------------------------------------------ calibration (CPU)
 def test_fp8_calibration_on_cpu_quantizes_the_intended_linears(fp8):
-    from fluxopt.trt.quantize import DEFAULT_KEEP_HIGH_PRECISION, kept_linear_names, linear_names, quantized_linear_names
+    from fluxopt_plugins.trt_fp8.quantize import DEFAULT_KEEP_HIGH_PRECISION, kept_linear_names, linear_names, quantized_linear_names
 
     pipe, summary, args, original, _ = fp8
     tr = pipe.transformer
@@ -102,8 +102,8 @@ def test_fp8_calibration_on_cpu_quantizes_the_intended_linears(fp8):
 
 # ------------------------------------------------------------------ ONNX export (CPU)
 def test_onnx_export_has_native_fp8_qdq_on_quantized_layers_only(fp8):
-    from fluxopt.trt import onnx_export
-    from fluxopt.trt.quantize import quantized_linear_names
+    from fluxopt_plugins.trt_fp8 import onnx_export
+    from fluxopt_plugins.trt_fp8.quantize import quantized_linear_names
 
     pipe, summary, _, _, info = fp8
     path = Path(info["onnx_path"])
@@ -134,7 +134,7 @@ def test_onnx_runtime_matches_fake_quantized_torch(fp8):
 
 
 def test_large_models_are_saved_with_external_data_and_checked_by_path(fp8, tmp_path, monkeypatch):
-    from fluxopt.trt import onnx_export
+    from fluxopt_plugins.trt_fp8 import onnx_export
 
     pipe, _, args, _, info = fp8
     monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", 0)
@@ -149,7 +149,7 @@ def test_large_models_are_saved_with_external_data_and_checked_by_path(fp8, tmp_
 
 
 def test_int8_smoothquant_exports_int8_qdq_that_onnxruntime_runs(tmp_path):
-    from fluxopt.trt import onnx_export
+    from fluxopt_plugins.trt_fp8 import onnx_export
 
     pipe, summary, args, original = _quantized("int8_sq")
     info = onnx_export.export_quantized(pipe.transformer, SHAPES, tmp_path, "int8_sq")
@@ -184,7 +184,7 @@ def test_stop_after_onnx_needs_only_modelopt():
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="tensorrt is installed here")
 def test_cli_without_tensorrt_fails_before_loading(tmp_path):
     proc = run_cli("+backend=trt_fp8", f"hydra.run.dir={tmp_path / 'run'}")
-    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.returncode == 1, proc.stderr[-2000:]
     assert "needs the Python package 'tensorrt'" in proc.stderr
     assert "pip install 'fluxopt[tensorrt]'" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -212,7 +212,7 @@ def test_cli_stop_after_onnx_runs_end_to_end(tmp_path):
 @pytest.mark.skipif(not HAS_TRT_GPU, reason="needs the tensorrt package and a CUDA GPU")
 @pytest.mark.parametrize("cuda_graph", [False, True])
 def test_engine_matches_fake_quantized_torch(tmp_path, cuda_graph):
-    from fluxopt.trt import engine, onnx_export
+    from fluxopt_plugins.trt_fp8 import engine, onnx_export
 
     major_minor = torch.cuda.get_device_capability()
     if major_minor < (8, 9):
@@ -233,7 +233,7 @@ def test_engine_matches_fake_quantized_torch(tmp_path, cuda_graph):
 
 
 def _torch_out_gpu(pipe, args) -> np.ndarray:
-    from fluxopt.trt import onnx_export
+    from fluxopt_plugins.trt_fp8 import onnx_export
 
     with torch.inference_mode():
         return onnx_export.FluxForExport(pipe.transformer, True)(*args).float().cpu().numpy()

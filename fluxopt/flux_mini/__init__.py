@@ -1,9 +1,7 @@
-"""``flux-mini``: a small FluxPipeline trained by fluxopt itself on procedural captioned shapes.
+"""Training and evaluation of ``flux-mini``, the small FluxPipeline fluxopt ships (its runtime
+side, the model spec and the weights, is the plugin ``fluxopt_plugins.flux_mini``).
 
-The shipped weights (``WEIGHTS_DIR``, bf16 safetensors written by ``save_pretrained``) load
-offline with ``FluxPipeline.from_pretrained(WEIGHTS_DIR)``. See docs/flux-mini.md.
+Nothing here is imported when fluxopt runs a benchmark: ``train`` makes the weights
+(``scripts/flux_mini.sh``), ``evaluate`` measures them, ``dataset`` and ``model`` are shared by
+both. See docs/flux-mini.md.
 """
-
-from pathlib import Path
-
-WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"

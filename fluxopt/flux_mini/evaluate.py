@@ -32,11 +32,11 @@ THRESHOLDS = (0.05, 0.08, 0.1, 0.12, 0.15, 0.2)
 
 
 def load(path: str | Path | None = None, device: str = "cpu", dtype: torch.dtype = torch.float32):
-    from diffusers import FluxPipeline
+    """The shipped flux-mini (verified against its checksums), or the checkpoint at ``path``."""
+    from fluxopt.api import load_model
 
-    from fluxopt.flux_mini import WEIGHTS_DIR
-
-    pipe = FluxPipeline.from_pretrained(str(path or WEIGHTS_DIR), dtype=dtype).to(device)
+    pipe = load_model("flux-mini", device=device, dtype=str(dtype).removeprefix("torch."),
+                      path=str(path) if path else None)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {"command": "python -m fluxopt.flux_mini.evaluate " + " ".join(argv if argv is not None else sys.argv[1:]),
             "device": args.device, "dtype": args.dtype, "torch": torch.__version__,
-            "python": platform.python_version(), "weights": args.weights or "shipped (fluxopt/flux_mini/weights)"}
+            "python": platform.python_version(), "weights": args.weights or "shipped (plugins/flux_mini/weights)"}
     if args.only in (None, "accuracy"):
         result = {**meta, "detector_on_ground_truth_renders": detector_on_renders(), "splits": {}}
         for split in ("held_out", "train"):

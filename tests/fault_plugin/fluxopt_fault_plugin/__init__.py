@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 
-from fluxopt.backend import Backend, Requirements, Stage
-from fluxopt.hookspecs import hookimpl
+from fluxopt import Backend, Requirements, Stage, hookimpl
+
 
 
 @dataclass
@@ -60,6 +60,28 @@ class NanOutput(Backend):
         _wrap_forward(pipe, options.after_calls, lambda out: (out[0] * float("nan"),) + tuple(out[1:]))
 
 
+@dataclass
+class DegradeOptions:
+    noise: float = 0.5  # relative noise added to every transformer output: finite, but far from the baseline
+
+
+class DegradedOutput(Backend):
+    """Finite but wrong outputs: the fidelity gate, not the NaN check, must catch these."""
+
+    name = "fault_degrade"
+    options_class = DegradeOptions
+    stage = Stage.WEIGHTS
+    lossless = False
+
+    def apply(self, pipe: Any, options: DegradeOptions, ctx: Any) -> None:
+        def degrade(out: Any) -> Any:
+            sample = out[0]
+            noise = torch.randn(sample.shape, generator=torch.Generator().manual_seed(1)).to(sample)
+            return (sample + options.noise * sample.std() * noise,) + tuple(out[1:])
+
+        _wrap_forward(pipe, 0, degrade)
+
+
 class OutOfMemory(Backend):
     name = "fault_oom"
     options_class = FaultOptions
@@ -84,9 +106,5 @@ class NeedsCuda(Backend):
 
 @hookimpl
 def fluxopt_backends() -> list[Backend]:
-    return [RaiseInApply(), RaiseInBuild(), NanOutput(), OutOfMemory(), NeedsCuda()]
+    return [RaiseInApply(), RaiseInBuild(), NanOutput(), DegradedOutput(), OutOfMemory(), NeedsCuda()]
 
-
-@hookimpl
-def fluxopt_config_path() -> str:
-    return "pkg://fluxopt_fault_plugin.conf"

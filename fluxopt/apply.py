@@ -1,0 +1,156 @@
+"""Applying a stack to a pipeline: the one path shared by the CLI runner and the Python API.
+
+Applying is all-or-nothing: the pipeline is snapshotted and the process-wide compiler state
+saved first; if any backend's ``apply`` or ``build`` raises, everything is rolled back before
+the error propagates. :class:`AppliedStack` undoes the stack when closed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from fluxopt import compiler_state
+from fluxopt.context import StackContext
+from fluxopt.errors import ConfigError
+from fluxopt.fingerprint import has_subclass_weights
+from fluxopt.snapshot import PipelineSnapshot
+from fluxopt.stack import Stack
+
+log = logging.getLogger("fluxopt")
+
+MARKER = "_fluxopt_stack"  # set on a pipeline while a stack is applied to it
+
+
+class AppliedStack:
+    """A stack applied to a pipeline.
+
+    What is changed: the pipeline's modules (weights, fused projections, compiled blocks, cache
+    hooks, attention processors, offload hooks; whatever the stack's backends do), its
+    scheduler, and process-wide state (Dynamo/Inductor/functorch config, torch.backends flags,
+    attention-backend registry). All of it stays in force while the stack is applied;
+    :meth:`close` (or leaving a ``with`` block) returns the pipeline to bit-identical output
+    and identical module structure and restores the process-wide state.
+
+    ``stats`` holds what the backends reported (build phases and their seconds, artifact cache
+    hits, quantized layer counts, cache skip counts...); ``build_s`` is the build's wall time.
+
+    Errors: applying raises :class:`fluxopt.ConfigError` for a wrong pipeline or a pipeline
+    that already holds a stack, :class:`fluxopt.UnavailableError` when the machine cannot run
+    the stack, and whatever a backend raised otherwise, always after rolling everything back.
+    """
+
+    def __init__(self, stack: Stack, pipe: Any, ctx: StackContext, snapshot: PipelineSnapshot,
+                 restore_globals: Any, build_s: float):
+        self.stack = stack
+        self.pipe = pipe
+        self.ctx = ctx
+        self.build_s = build_s
+        self._snapshot: PipelineSnapshot | None = snapshot
+        self._restore_globals = restore_globals
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        return self.ctx.stats
+
+    @property
+    def closed(self) -> bool:
+        return self._snapshot is None
+
+    def close(self) -> None:
+        """Undo the stack (idempotent)."""
+        if self._snapshot is None:
+            return
+        snapshot, self._snapshot = self._snapshot, None
+        _rollback(self.ctx, snapshot, self._restore_globals)
+
+    def __enter__(self) -> AppliedStack:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "applied"
+        return f"<AppliedStack {self.stack.name} ({state})>"
+
+
+def _rollback(ctx: StackContext, snapshot: PipelineSnapshot, restore_globals: Any) -> None:
+    try:
+        ctx.undo()
+    finally:
+        snapshot.restore()
+        restore_globals()
+
+
+def check_pipeline(pipe: Any) -> None:
+    """Refuse what is not a FLUX pipeline, or one that already holds a stack (fluxopt's or
+    changes made outside fluxopt that a second stack would fight with)."""
+    from diffusers import FluxTransformer2DModel
+
+    transformer = getattr(pipe, "transformer", None)
+    if not isinstance(transformer, FluxTransformer2DModel):
+        got = type(transformer).__name__ if transformer is not None else "no transformer"
+        raise ConfigError(f"fluxopt optimizes FLUX pipelines (a diffusers pipeline whose transformer is "
+                          f"FluxTransformer2DModel); got {type(pipe).__name__} with {got}")
+    applied = vars(pipe).get(MARKER)
+    if applied is not None:
+        raise ConfigError(f"this pipeline already has the stack '{applied}' applied; close it first "
+                          "(AppliedStack.close()), or apply one stack holding all the backends you want")
+    found = foreign_changes(transformer)
+    if found:
+        raise ConfigError(f"this pipeline was already optimized outside fluxopt ({'; '.join(found)}); "
+                          "load a fresh pipeline to apply a stack")
+
+
+def foreign_changes(transformer: Any) -> list[str]:
+    """Optimizations already present on a transformer that fluxopt did not make."""
+    found = []
+    modules = list(transformer.modules())
+    if any(getattr(m, "_compiled_call_impl", None) is not None for m in modules):
+        found.append("torch.compile")
+    if getattr(transformer, "fused_projections", False) or any(
+            getattr(m, "fused_projections", False) for m in modules):
+        found.append("fused QKV projections")
+    registry = getattr(transformer, "_diffusers_hook", None)
+    if registry is not None and getattr(registry, "hooks", None):
+        found.append(f"diffusers hooks ({', '.join(sorted(registry.hooks))})")
+    if has_subclass_weights(transformer):
+        found.append("quantized (tensor-subclass) weights")
+    return found
+
+
+def apply_to_pipeline(pipe: Any, stack: Stack, ctx: StackContext, *, build: bool = True,
+                      restorable: bool = True, on_phase: Callable[[str], None] | None = None) -> AppliedStack:
+    """Apply ``stack`` to ``pipe`` in stage order, then (``build``) run each backend's build.
+
+    ``restorable=False`` keeps no copy of replaced weights (for a pipeline that is thrown away
+    after measuring: no memory is spent on originals); structure and process-wide state are
+    still restored on close. ``on_phase`` is told when "apply" and "build" start.
+    """
+    on_phase = on_phase or (lambda name: None)
+    check_pipeline(pipe)
+    restore_globals = compiler_state.snapshot()
+    snapshot = PipelineSnapshot(pipe, keep_tensors=restorable)
+    vars(pipe)[MARKER] = stack.name
+    try:
+        on_phase("apply")
+        for entry in stack.entries:
+            entry.backend.apply(pipe, entry.options, ctx)
+        start = time.perf_counter()
+        if build:
+            on_phase("build")
+            for entry in stack.entries:
+                entry.backend.build(pipe, entry.options, ctx)
+    except BaseException:
+        try:
+            _rollback(ctx, snapshot, restore_globals)
+        except Exception as undo_error:  # noqa: BLE001 - the original error matters more
+            log.error("rolling back stack %s after a failure also failed: %s", stack.name, undo_error)
+        raise
+    build_s = time.perf_counter() - start
+    if restorable:
+        snapshot.offload_replaced()
+    return AppliedStack(stack, pipe, ctx, snapshot, restore_globals, build_s)

@@ -1,0 +1,105 @@
+"""What a person sees on the terminal: one-line errors and notes, a live progress line per
+run, and library noise (warnings, compiler logs, progress bars) kept in the run's log file
+unless ``verbose=true``."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+PREFIX = "fluxopt"
+# Loggers whose records stay on the console whatever the verbosity (besides fluxopt's warnings).
+CONSOLE_LOGGERS = ("HYDRA", "hydra")
+
+
+def error(message: str) -> None:
+    """One line on stderr, no traceback."""
+    print(f"{PREFIX}: error: {' '.join(message.split())}", file=sys.stderr)
+
+
+def say(message: str) -> None:
+    print(f"{PREFIX}: {message}", file=sys.stderr)
+
+
+class _ConsoleFilter(logging.Filter):
+    """Lets through Hydra's records and fluxopt's warnings and errors (its progress is shown by
+    the progress display); counts the library records it drops (they still reach the log file,
+    whose handler has no such filter)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dropped = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        root = record.name.split(".")[0]
+        if root == "fluxopt":
+            return record.levelno >= logging.WARNING
+        if root in CONSOLE_LOGGERS:
+            return True
+        self.dropped += 1
+        return False
+
+
+_FILTER = _ConsoleFilter()
+
+
+def quiet_libraries(output_dir: Path, verbose: bool) -> None:
+    """Send Python warnings through logging and keep library records off the console handlers
+    Hydra installed (they stay in ``<output_dir>/<job>.log``); progress bars off."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+    logging.captureWarnings(True)
+    warnings.simplefilter("default")
+    for name in ("torch", "torchao", "diffusers", "transformers"):
+        logging.getLogger(name).propagate = True
+    if verbose:
+        return
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler) \
+                and _FILTER not in handler.filters:
+            handler.addFilter(_FILTER)
+
+
+def dropped_records() -> int:
+    return _FILTER.dropped
+
+
+@contextlib.contextmanager
+def progress(enabled: bool = True) -> Iterator[Callable[[str, str], None]]:
+    """Yields ``on_phase(stack, phase)``: on a terminal, a live line "stack: phase (elapsed)";
+    elsewhere one plain line per phase."""
+    console = Console(stderr=True)
+    if not enabled:
+        yield lambda stack, phase: None
+        return
+    if not console.is_terminal:
+        yield lambda stack, phase: print(f"{PREFIX}: {stack}: {phase}", file=sys.stderr, flush=True)
+        return
+    state = {"text": "starting", "since": time.monotonic()}
+    with console.status("fluxopt: starting") as status:
+        def on_phase(stack: str, phase: str) -> None:
+            state.update(text=f"{stack}: {phase}", since=time.monotonic())
+            status.update(f"fluxopt: {stack}: {phase}")
+
+        yield on_phase
+
+
+def print_run(data: dict[str, Any], output_dir: Path) -> None:
+    from fluxopt.report import print_table
+
+    print_table(data)
+    dropped = dropped_records()
+    if dropped:
+        say(f"{dropped} library log record(s) and warning(s) kept off the console; see the log in {output_dir}")
+    print(f"results: {output_dir / 'result.json'}")

@@ -1,0 +1,147 @@
+"""The StackContext concept: what a backend may use while it is applied and built, and the
+journal of every process-wide change it made, undone in reverse order when the stack closes.
+
+Changes to the pipeline itself are undone by the stack's :class:`~fluxopt.snapshot.PipelineSnapshot`;
+changes outside it (compiler flags, a library's global registry, files) go through
+:meth:`StackContext.enter_context` or :meth:`StackContext.callback`, each under a name, so
+``ctx.changes`` lists what a stack did, like diffusers' ``HookRegistry`` lists its hooks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+
+from fluxopt.artifacts import ArtifactCache, entry_key
+from fluxopt.environment import DeviceInfo
+from fluxopt.shapes import Shapes
+
+log = logging.getLogger("fluxopt.build")
+T = TypeVar("T")
+
+
+@dataclass
+class StackContext:
+    """Everything a backend needs besides the pipeline: device, dtype, the model spec (None for
+    a user's own pipeline), bench shapes, the artifact cache, prompts, the whole stack (backends
+    may adapt to the others), ``run_once`` (one pipeline call at the bench shapes, to trigger
+    lazy compilation) and ``stats`` (numbers a backend reports; they end up in result.json)."""
+
+    device: DeviceInfo
+    dtype: torch.dtype
+    model: Any | None
+    shapes: Shapes
+    cache_dir: Path
+    prompts: tuple[str, ...] = ()
+    stack: Any | None = None
+    run_once: Callable[[], Any] | None = None
+    stats: dict[str, Any] = field(default_factory=dict)
+    _undo: list[tuple[str, Callable[[], Any]]] = field(default_factory=list, repr=False)
+
+    # ------------------------------------------------------------------ changes
+    @property
+    def changes(self) -> list[str]:
+        """Names of the changes registered so far, oldest first."""
+        return [name for name, _ in self._undo]
+
+    def callback(self, name: str, undo: Callable[[], Any]) -> None:
+        """Register ``undo`` (no arguments) to run when the stack closes, under ``name``."""
+        self._undo.append((name, undo))
+
+    def enter_context(self, name: str, manager: AbstractContextManager[T]) -> T:
+        """Enter ``manager`` now (e.g. ``torch._inductor.config.patch(...)``); exit it on close."""
+        value = manager.__enter__()
+        self.callback(name, lambda: manager.__exit__(None, None, None))
+        return value
+
+    def set_attr(self, name: str, obj: Any, attr: str, value: Any) -> None:
+        """Set ``obj.<attr> = value`` on an object outside the pipeline; restored exactly on close
+        (an attribute that was not in the instance's ``__dict__`` is removed again)."""
+        had = attr in vars(obj)
+        previous = vars(obj).get(attr)
+        setattr(obj, attr, value)
+
+        def restore() -> None:
+            if had:
+                setattr(obj, attr, previous)
+            else:
+                vars(obj).pop(attr, None)
+
+        self.callback(name, restore)
+
+    def undo(self) -> None:
+        """Run every registered undo, newest first. All of them run even if one fails; the
+        first failure is raised afterwards."""
+        errors = []
+        while self._undo:
+            name, fn = self._undo.pop()
+            try:
+                fn()
+            except Exception as exc:  # noqa: BLE001 - keep undoing the rest
+                log.error("undoing %s failed: %s", name, exc)
+                errors.append(exc)
+        if errors:
+            raise errors[0]
+
+    # ------------------------------------------------------------------ artifacts
+    def artifact(self, backend: str, key: Mapping[str, Any], build: Callable[[Path], None] | None) -> Path | None:
+        """A verified cache directory holding what ``build(tmp_dir)`` writes, built once per key
+        (``build=None``: look up only, None when absent).
+
+        The key is completed with the model, shapes, dtype, device and library versions, so an
+        entry made for another GPU or version is never reused. Every load verifies the entry's
+        manifest (key, sha256 of every file, owner and permissions); a corrupt, partial or
+        foreign entry is logged, recorded as ``stats["artifacts"][backend]["rebuilt"]`` and
+        rebuilt. ``stats["artifacts"][backend]`` also says ``cache_hit``, ``built``, ``verify_s``,
+        ``build_s`` and ``size_bytes``.
+        """
+        cache = ArtifactCache(self.cache_dir)
+        full_key = entry_key({"backend": backend, "model": getattr(self.model, "name", None),
+                              "shapes": dataclasses.asdict(self.shapes), "dtype": str(self.dtype), **key},
+                             self.device)
+        stats = self.stats.setdefault("artifacts", {})
+        if build is None:
+            start = time.perf_counter()
+            path, discarded = cache.lookup(backend, full_key)
+            info = {"path": str(path) if path else None, "cache_hit": path is not None,
+                    "verify_s": round(time.perf_counter() - start, 4)}
+            if discarded:
+                info["rebuilt"] = discarded
+            stats[backend] = {**stats.get(backend, {}), **info}
+            return path
+        result = cache.get(backend, full_key, build)
+        info = result.to_stats()
+        previous = stats.get(backend, {})
+        if previous.get("rebuilt") and not result.rebuilt:  # discarded by an earlier lookup
+            info["rebuilt"] = previous["rebuilt"]
+        stats[backend] = info
+        return result.path
+
+    # ------------------------------------------------------------------ timing
+    @contextlib.contextmanager
+    def timed(self, phase: str) -> Iterator[None]:
+        """Time a named build phase (calibration, export, engine build...) into
+        ``stats["build_phases_s"]``; logged as it starts, so a run killed mid-build still
+        shows where its time went."""
+        if self.device.is_gpu:
+            torch.cuda.synchronize()
+        log.info("%s: started", phase)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.device.is_gpu:
+                torch.cuda.synchronize()
+            elapsed = time.perf_counter() - start
+            phases = self.stats.setdefault("build_phases_s", {})
+            phases[phase] = phases.get(phase, 0.0) + elapsed
+            log.info("%s: %.1f s", phase, elapsed)

@@ -1,0 +1,108 @@
+"""A restorable snapshot of a pipeline's structure, so closing a stack puts the pipeline back
+exactly as it was, whatever the libraries a backend called did to it.
+
+Backends change pipelines through library calls fluxopt does not control (torchao's
+``quantize_`` swaps weights, ``fuse_qkv_projections`` adds modules and processors,
+``compile_repeated_blocks`` sets compiled call implementations, diffusers' ``enable_cache``
+and accelerate's offload install hooks and forward overrides, attention backends mutate
+processors). All of these land in one of three places, which the snapshot records:
+
+* every module's ``__dict__``: submodule, parameter and buffer tables, hook tables, forward
+  overrides, compiled-call slots, attributes such as ``fused_projections``;
+* the ``__dict__`` of the plain objects those modules and the pipeline hold (attention
+  processors, the scheduler): processors are mutated in place by attention backends;
+* every parameter's and buffer's data tensor: ``module.to(...)`` and memory-format changes
+  swap ``param.data`` in place, keeping the Parameter object.
+
+Restoring puts the saved dictionaries back and re-points every tensor at its original data.
+Originals that a backend replaced are kept alive by the snapshot; on a GPU they are moved to
+host memory after the stack is applied (``offload_replaced``), so keeping the pipeline
+restorable does not cost GPU memory.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import types
+from typing import Any
+
+import torch
+
+_CONTAINERS = (dict, list, set)
+
+
+def _copy_dict(d: dict[str, Any]) -> dict[str, Any]:
+    """One level deeper than a shallow copy: hook tables and submodule tables are dicts mutated
+    in place, so they are copied too."""
+    return {k: copy.copy(v) if isinstance(v, _CONTAINERS) else v for k, v in d.items()}
+
+
+def _plain_objects(obj: Any) -> list[Any]:
+    """Non-module, non-tensor objects with state held directly by ``obj`` (processors...)."""
+    found = []
+    for value in vars(obj).values():
+        if isinstance(value, (torch.nn.Module, torch.Tensor, type, types.FunctionType, types.MethodType)):
+            continue
+        if hasattr(value, "__dict__"):
+            found.append(value)
+    return found
+
+
+class PipelineSnapshot:
+    """What :meth:`restore` needs to return ``pipe`` to its state at construction time."""
+
+    def __init__(self, pipe: Any, keep_tensors: bool = True):
+        """``keep_tensors=False`` records structure only (cheap, but replaced weights are not
+        restored): for pipelines that are thrown away after measuring."""
+        self.dicts: list[tuple[Any, dict[str, Any]]] = []
+        self.tensors: list[list[Any]] = []  # [tensor object, original data, original device]
+        seen: set[int] = set()
+        roots = [pipe, *[c for c in getattr(pipe, "components", {}).values() if c is not None]]
+        for root in roots:
+            objects = root.modules() if isinstance(root, torch.nn.Module) else [root]
+            for obj in objects:
+                self._record(obj, seen)
+                for plain in _plain_objects(obj):
+                    self._record(plain, seen)
+            if keep_tensors and isinstance(root, torch.nn.Module):
+                for t in itertools.chain(root.parameters(), root.buffers()):
+                    if id(t) not in seen:
+                        seen.add(id(t))
+                        self.tensors.append([t, t.data, t.device])
+
+    def _record(self, obj: Any, seen: set[int]) -> None:
+        if id(obj) in seen:
+            return
+        seen.add(id(obj))
+        try:
+            state = vars(obj)
+        except TypeError:
+            return
+        self.dicts.append((obj, _copy_dict(state)))
+
+    def offload_replaced(self) -> None:
+        """Move originals that no longer back a live tensor to host memory (GPU memory back)."""
+        for entry in self.tensors:
+            tensor, data, _ = entry
+            if data.device.type != "cpu" and not _same_storage(tensor, data):
+                entry[1] = data.to("cpu")
+
+    def restore(self) -> None:
+        for obj, state in self.dicts:
+            live = vars(obj)
+            live.clear()
+            live.update(_copy_dict(state))
+        for tensor, data, device in self.tensors:
+            if not _same_storage(tensor, data):
+                tensor.data = data.to(device)
+
+
+def _same_storage(tensor: torch.Tensor, data: torch.Tensor) -> bool:
+    try:
+        live = tensor.data
+        return (live.device == data.device and live.dtype == data.dtype and live.shape == data.shape
+                and live.stride() == data.stride() and live.untyped_storage().data_ptr()
+                == data.untyped_storage().data_ptr())
+    except (RuntimeError, NotImplementedError):  # tensor subclasses without a plain storage
+        return False

@@ -1,0 +1,31 @@
+"""Build hook: record the git revision the package is built from (fluxopt/_build_info.json), so
+an installed copy (wheel, non-editable install) can say where it came from. Everything else
+about the package is in pyproject.toml."""
+
+import json
+import subprocess
+from pathlib import Path
+
+from setuptools import setup
+from setuptools.command.build_py import build_py
+
+
+def _git(*args):
+    try:
+        return subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+class BuildPyWithRevision(build_py):
+    def run(self):
+        super().run()
+        status = _git("status", "--porcelain", "--untracked-files=no")
+        info = {"revision": _git("rev-parse", "HEAD"), "dirty": None if status is None else bool(status)}
+        target = Path(self.build_lib) / "fluxopt" / "_build_info.json"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(json.dumps(info) + "\n")
+
+
+setup(cmdclass={"build_py": BuildPyWithRevision})

@@ -1,0 +1,62 @@
+"""Choosing a C++ compiler whose AOTInductor packages the running process can load: a compiler
+linking a newer libstdc++ than the loaded one is replaced by a compatible one, or refused."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from fluxopt_plugins._libstdcxx import choose_compiler, glibcxx_version, loaded_libstdcxx
+
+
+def fake_libstdcxx(path: Path, newest: str) -> Path:
+    path.write_bytes(b"\x7fELF...GLIBCXX_3.4\x00GLIBCXX_3.4.21\x00" + f"GLIBCXX_{newest}\x00".encode())
+    return path
+
+
+def fake_compiler(directory: Path, name: str, library: Path) -> None:
+    script = directory / name
+    script.write_text(f"#!/bin/sh\necho {library}\n")
+    script.chmod(script.stat().st_mode | stat.S_IXUSR)
+
+
+@pytest.fixture
+def machine(tmp_path, monkeypatch):
+    """The H100 machine's situation: the process loaded GLIBCXX_3.4.32 (gcc 13), Inductor is
+    configured with a gcc whose libstdc++ is newer (3.4.34), the system g++ matches."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    loaded = fake_libstdcxx(tmp_path / "system-libstdc++.so.6", "3.4.32")
+    newer = fake_libstdcxx(tmp_path / "gcc15-libstdc++.so.6", "3.4.34")
+    fake_compiler(bin_dir, "gcc15-g++", newer)
+    fake_compiler(bin_dir, "g++", loaded)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    return loaded
+
+
+def test_versions_are_read_from_the_binary(machine):
+    assert glibcxx_version(machine) == (3, 4, 32)
+
+
+def test_a_compiler_with_a_newer_libstdcxx_is_replaced_by_a_compatible_one(machine):
+    chosen, why = choose_compiler("gcc15-g++", loaded=machine)
+    assert chosen == "g++" and "GLIBCXX_3.4.34" in why and "crash on load" in why
+
+
+def test_a_compatible_configured_compiler_is_kept(machine):
+    assert choose_compiler("g++", loaded=machine)[0] == "g++"
+
+
+def test_no_compatible_compiler_is_an_error_naming_what_was_tried(machine, tmp_path):
+    with pytest.raises(RuntimeError, match=r"gcc15-g\+\+ \(GLIBCXX_3.4.34\)"):
+        choose_compiler("gcc15-g++", loaded=machine, candidates=("gcc15-g++",))
+
+
+def test_this_process_has_a_libstdcxx_loaded():
+    import torch  # noqa: F401 - libtorch links libstdc++
+
+    path = loaded_libstdcxx()
+    assert path is not None and glibcxx_version(path) is not None

@@ -1,0 +1,154 @@
+"""Every change is undoable: applying a stack is all-or-nothing, and closing it returns the
+pipeline to bit-identical output and identical module structure, for every backend that runs
+on a CPU, alone and composed. Also the API's refusals of wrong pipelines and wrong options."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+import fluxopt
+from fluxopt import ConfigError
+
+STEPS = 2
+KW = dict(height=64, width=64, steps=STEPS, max_sequence_length=64)
+EAGER = {"backend": "eager", "cache": False}  # Dynamo without Inductor's C++ build: the undo is what is tested
+
+# Every backend that runs on a CPU, with options that keep the test fast.
+CPU_STACKS = {
+    "compile": {"compile": EAGER},
+    "compile-regional": {"compile": {**EAGER, "regional": True}},
+    "fuse_qkv": {"fuse_qkv": {}},
+    "channels_last": {"channels_last": {}},
+    "torchao_int8": {"torchao_int8": {}},
+    "torchao_int8_dynamic": {"torchao_int8_dynamic": {}},
+    "bnb_nf4": {"bnb_nf4": {}},
+    "attention": {"attention": {"kernel": "_native_math"}},
+    "fbcache": {"fbcache": {"residual_diff_threshold": 0.5}},
+    "taylorseer": {"taylorseer": {"cache_interval": 2, "disable_cache_before_step": 1}},
+    "magcache": {"magcache": {}},
+    "fastercache": {"fastercache": {}},
+    "pab": {"pab": {"spatial_attention_timestep_skip_range": [0.0, 1000.0]}},
+    "seacache": {"seacache": {}},
+    "fuse_qkv+compile": {"fuse_qkv": {}, "compile": {**EAGER, "regional": True}},
+    "torchao_int8+fbcache": {"torchao_int8": {}, "fbcache": {"residual_diff_threshold": 0.5}},
+    "channels_last+taylorseer+compile": {"channels_last": {}, "taylorseer": {"cache_interval": 2},
+                                         "compile": {**EAGER, "fullgraph": False}},
+}
+
+
+def generate(pipe) -> np.ndarray:
+    out = pipe(prompt="a red circle", height=64, width=64, num_inference_steps=STEPS, guidance_scale=3.5,
+               max_sequence_length=64, generator=torch.Generator("cpu").manual_seed(1), output_type="np")
+    return out.images[0]
+
+
+def structure(pipe) -> list:
+    """What a stack may change: every module's type, children, parameters (type, dtype, shape,
+    layout), hooks and instance-level overrides, the attention processors and the scheduler."""
+    rows = []
+    for component in ("transformer", "vae", "text_encoder", "text_encoder_2"):
+        module = getattr(pipe, component)
+        for name, m in module.named_modules():
+            params = [(n, type(p).__name__, str(p.dtype), tuple(p.shape), p.stride(), str(p.device))
+                      for n, p in itertools.chain(m.named_parameters(recurse=False), m.named_buffers(recurse=False))]
+            hooks = [len(getattr(m, attr)) for attr in ("_forward_hooks", "_forward_pre_hooks")]
+            overrides = sorted(k for k in ("forward", "decode", "cache_context", "_compiled_call_impl",
+                                           "_diffusers_hook", "_hf_hook", "fused_projections") if k in vars(m))
+            processor = getattr(m, "processor", None)
+            rows.append((component, name, type(m).__name__, params, hooks, overrides,
+                         type(processor).__name__ if processor is not None else None,
+                         getattr(processor, "_attention_backend", None)))
+    rows.append(sorted(k for k in vars(pipe.scheduler) if k == "step"))
+    rows.append(sorted(vars(pipe)))
+    return rows
+
+
+@pytest.fixture
+def pipe():
+    return fluxopt.load_model("tiny", device="cpu")
+
+
+@pytest.mark.parametrize("name", sorted(CPU_STACKS))
+def test_close_restores_output_and_structure(pipe, name):
+    reference, before = generate(pipe), structure(pipe)
+    with fluxopt.apply_stack(pipe, CPU_STACKS[name], **KW) as applied:
+        assert structure(pipe) != before or name == "attention", "the stack changed nothing observable"
+        generate(pipe)
+    assert applied.closed
+    assert structure(pipe) == before
+    np.testing.assert_array_equal(generate(pipe), reference)
+    torch._dynamo.reset()
+
+
+def test_a_failed_apply_leaves_nothing_behind(pipe):
+    """max_sequence_length=600 makes the build's warm-up generation fail inside diffusers, after
+    fuse_qkv changed the pipe and compile set a process-wide Inductor flag."""
+    import torch._inductor.config as inductor_config
+
+    reference, before, flags = generate(pipe), structure(pipe), inductor_config.save_config()
+    stack = {"fuse_qkv": {}, "compile": {**EAGER, "inductor_config": {"max_autotune": True}}}
+    with pytest.raises(ValueError, match="max_sequence_length"):
+        fluxopt.apply_stack(pipe, stack, height=64, width=64, steps=STEPS, max_sequence_length=600)
+    assert structure(pipe) == before and inductor_config.save_config() == flags
+    np.testing.assert_array_equal(generate(pipe), reference)
+    torch._dynamo.reset()
+
+
+def test_applying_twice_is_refused_and_reapplying_after_close_is_clean(pipe):
+    applied = fluxopt.apply_stack(pipe, {"taylorseer": {}}, build=False, **KW)
+    hooks = structure(pipe)
+    with pytest.raises(ConfigError, match="already has the stack 'taylorseer' applied"):
+        fluxopt.apply_stack(pipe, {"fuse_qkv": {}}, **KW)
+    applied.close()
+    again = fluxopt.apply_stack(pipe, {"taylorseer": {}}, build=False, **KW)
+    assert structure(pipe) == hooks  # no doubled hooks
+    again.close()
+
+
+def test_optimizations_made_outside_fluxopt_are_detected(pipe):
+    pipe.transformer.fuse_qkv_projections()
+    with pytest.raises(ConfigError, match="optimized outside fluxopt .*fused QKV"):
+        fluxopt.apply_stack(pipe, ["fuse_qkv"], **KW)
+
+
+@pytest.mark.parametrize("thing, message", [
+    (torch.nn.Sequential(torch.nn.Linear(2, 2)), "got Sequential with no transformer"),
+    (type("DiTPipeline", (), {"transformer": torch.nn.Linear(2, 2)})(), "got DiTPipeline with Linear"),
+])
+def test_only_flux_pipelines_are_accepted(thing, message):
+    with pytest.raises(ConfigError, match=message):
+        fluxopt.apply_stack(thing, ["fuse_qkv"], **KW)
+
+
+@pytest.mark.parametrize("backends, message", [
+    ({"fbcache": 0.2}, "options for backend 'fbcache' must be a mapping"),
+    (None, "backends is None"),
+    ([], "the stack is empty"),
+    ({"compile": {"inductor_config": {"max_autotune": "lots"}}}, r"max_autotune='lots' must be a bool"),
+    ({"compile": {"regional": "yes"}}, r"backend.compile.regional='yes' is not a valid bool"),
+    ({"fbcache": {"residual_diff_threshold": "0.1"}}, r"residual_diff_threshold='0.1' is not a valid float"),
+    ({"fbcache": {"treshold": 0.1}}, "has no option 'treshold'"),
+    ({3: {}}, "backend names are strings"),
+])
+def test_api_refuses_bad_stacks_before_touching_the_pipe(pipe, backends, message):
+    before = structure(pipe)
+    with pytest.raises(ConfigError, match=message):
+        fluxopt.apply_stack(pipe, backends, **KW)
+    assert structure(pipe) == before
+
+
+def test_a_single_name_is_one_backend(pipe):
+    with fluxopt.apply_stack(pipe, "fuse_qkv", **KW) as applied:
+        assert applied.stack.names == ["fuse_qkv"]
+        assert any(getattr(m, "fused_projections", False) for m in pipe.transformer.modules())
+
+
+def test_api_refuses_bad_shapes(pipe):
+    with pytest.raises(ConfigError, match="height and width must be multiples of 16"):
+        fluxopt.apply_stack(pipe, "fuse_qkv", height=70, width=64)
+    with pytest.raises(ConfigError, match="steps=0 must be a positive integer"):
+        fluxopt.apply_stack(pipe, "fuse_qkv", steps=0)
