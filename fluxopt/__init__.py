@@ -19,7 +19,7 @@ from fluxopt.hookspecs import hookimpl
 from fluxopt.measure import Sample
 from fluxopt.models import GenerationDefaults, ModelSpec, verify_checksums
 from fluxopt.result import StackResult
-from fluxopt.shapes import DTYPES, Shapes
+from fluxopt.shapes import DTYPES, Shapes, transformer_inputs
 from fluxopt.version import __version__
 
 __all__ = [
@@ -27,5 +27,5 @@ __all__ = [
     "DeviceInfo", "FluxoptError", "GenerationDefaults", "Metric", "ModelLoadError", "ModelSpec", "Package",
     "Requirements", "Sample", "Shapes", "StackContext", "StackResult", "Stage", "UnavailableError", "__version__",
     "apply_stack", "available_backends", "file_sha256", "has_subclass_weights", "hookimpl", "load_model", "module_fingerprint",
-    "private_dir", "validate_inductor_flags", "verify_checksums",
+    "private_dir", "transformer_inputs", "validate_inductor_flags", "verify_checksums",
 ]

@@ -43,6 +43,9 @@ class BenchConfig:
     max_sequence_length: Optional[int] = None
     warmup: int = 1
     iterations: int = 3
+    # torch.profiler trace of one denoising step per stack (profiles/<stack>.json) and a breakdown
+    # (GEMM, attention, quantize, norm/elementwise, other, GPU idle, % of the analytic floor)
+    profile: bool = False
 
 
 @dataclass

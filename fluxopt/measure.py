@@ -125,14 +125,18 @@ class Generator:
         self.device = device
         self.clock = _Clock(device)
 
-    def __call__(self, prompt: str, seed: int) -> tuple[Sample, float, float | None]:
-        """Generate once; return the sample, end-to-end seconds and mean seconds per step."""
+    def __call__(self, prompt: str, seed: int,
+                 on_step: Callable[[int], None] | None = None) -> tuple[Sample, float, float | None]:
+        """Generate once; return the sample, end-to-end seconds and mean seconds per step.
+        ``on_step(i)`` is called after denoising step ``i`` (profiling)."""
         marks: list[Any] = []
         final: dict[str, torch.Tensor] = {}
 
         def on_step_end(pipe: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
             marks.append(self.clock.mark())
             final["latents"] = kwargs["latents"]  # a reference only: no copy or sync inside the loop
+            if on_step is not None:
+                on_step(step)
             return {}
 
         generator = torch.Generator(device="cpu").manual_seed(seed)

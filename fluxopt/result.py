@@ -54,6 +54,7 @@ class StackResult:
     within_noise: bool | None = None
     fidelity: dict[str, Any] | None = None
     stats: dict[str, Any] = field(default_factory=dict)  # backend-reported numbers (steps skipped...)
+    profile: dict[str, Any] | None = None  # one step's breakdown (bench.profile=true)
     images: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:

@@ -26,7 +26,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
-from fluxopt import plugins
+from fluxopt import plugins, profiling
 from fluxopt.apply import apply_to_pipeline
 from fluxopt.context import StackContext
 from fluxopt.environment import capture_environment
@@ -67,6 +67,8 @@ class Run:
         self.started = datetime.now(timezone.utc).isoformat()
         self.environment: dict[str, Any] = {}
         self.interrupted = False
+        self.profiling = bool(self.cfg.bench.get("profile", False))
+        self.profile_info: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ pipeline
     def _load(self) -> Any:
@@ -111,6 +113,11 @@ class Run:
         m = self._measure(pipe, "baseline")
         self.baseline = StackResult(stack="baseline", backends=[], status=Status.OK.value, lossless=True)
         self._fill(self.baseline, m)
+        if self.profiling:
+            self._enter("baseline", "profile")
+            self.profile_info = {"step_flops": profiling.step_flops(pipe.transformer, p.shapes),
+                                 "ceilings_tflops": profiling.matmul_ceilings() if p.device.is_gpu else {}}
+            self._profile(self.baseline, Generator(pipe, p.shapes, p.device), fp8_gemm=False)
         self.baseline.images = self._save_images("baseline", m.samples)
         del pipe
         self._release()
@@ -164,6 +171,9 @@ class Run:
             m = measure(gen, p.prompts, p.seed, warmup=p.warmup, iterations=p.iterations,
                         on_phase=lambda name: enter(Phase(name)))
             self._fill(result, m)
+            if self.profiling:
+                self._enter(stack.name, "profile")
+                self._profile(result, gen, fp8_gemm=any("fp8" in n and "weight_only" not in n for n in stack.names))
             result.stats = ctx.stats
             enter(Phase.FIDELITY)
             result.images = self._save_images(stack.name, m.samples)
@@ -176,6 +186,19 @@ class Run:
                 result.phase = Phase.FIDELITY.value
         finally:
             applied.close()  # process-wide state back to what it was before this stack
+
+    def _profile(self, result: StackResult, gen: Generator, fp8_gemm: bool) -> None:
+        """One profiled step: breakdown, trace file, and how close the step is to the floor."""
+        p = self.plan
+        path = self.output_dir / "profiles" / f"{result.stack}.json"
+        profile = profiling.profile_one_step(lambda on_step: gen(p.prompts[0], p.seed, on_step), p.shapes.steps,
+                                             p.device.is_gpu, path)
+        profile["trace"] = str(path.relative_to(self.output_dir))
+        floor = profiling.floor_ms(self.profile_info["step_flops"], self.profile_info["ceilings_tflops"], fp8_gemm)
+        step_ms = (result.step_latency or {}).get("median")
+        profile["floor_ms"] = floor
+        profile["pct_of_floor"] = 100.0 * floor / (step_ms * 1000.0) if floor and step_ms else None
+        result.profile = profile
 
     def _log_failure(self, stack_name: str, exc: BaseException) -> None:
         path = self.output_dir / "logs" / f"{stack_name}.log"
@@ -207,6 +230,7 @@ class Run:
             "config": OmegaConf.to_container(self.cfg, resolve=True),
             "provenance": self.provenance,
             "environment": self.environment,
+            "profile": self.profile_info or None,
             "baseline": self.baseline.to_dict() if self.baseline else None,
             "stacks": [r.to_dict() for r in self.results],
         }

@@ -50,7 +50,7 @@ import torch
 import torch._inductor.cpp_builder
 
 from fluxopt import (RECIPE_INDUCTOR_FLAGS, Backend, ConfigError, FluxoptError, Shapes, StackContext, Stage,
-                     has_subclass_weights, hookimpl, module_fingerprint, validate_inductor_flags)
+                     has_subclass_weights, hookimpl, module_fingerprint, transformer_inputs, validate_inductor_flags)
 from fluxopt_plugins._libstdcxx import choose_compiler, compiler_libstdcxx
 
 
@@ -85,29 +85,6 @@ class AotiOptions:
 
 
 # ---------------------------------------------------------------------------------- inputs
-def example_inputs(transformer: torch.nn.Module, shapes: Shapes, device: torch.device,
-                   dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Representative transformer inputs, as FluxPipeline builds them at these shapes."""
-    config = transformer.config
-    batch, tokens, seq = shapes.batch_size, shapes.latent_tokens, shapes.max_sequence_length
-    gen = torch.Generator().manual_seed(0)
-
-    def rand(*size: int) -> torch.Tensor:
-        return torch.randn(*size, generator=gen).to(device=device, dtype=dtype)
-
-    inputs = {
-        "hidden_states": rand(batch, tokens, config.in_channels),
-        "encoder_hidden_states": rand(batch, seq, config.joint_attention_dim),
-        "pooled_projections": rand(batch, config.pooled_projection_dim),
-        "timestep": torch.full((batch,), 0.5, device=device, dtype=dtype),
-        "img_ids": rand(tokens, 3),
-        "txt_ids": torch.zeros(seq, 3, device=device, dtype=dtype),
-    }
-    if config.guidance_embeds:  # the pipeline passes guidance in float32 whatever the model dtype
-        inputs["guidance"] = torch.full((batch,), shapes.guidance_scale, device=device, dtype=torch.float32)
-    return inputs
-
-
 def token_range(options: AotiOptions) -> tuple[int, int]:
     return (options.min_resolution // 16) ** 2, (options.max_resolution // 16) ** 2
 
@@ -116,7 +93,6 @@ def signature(inputs: dict[str, torch.Tensor]) -> dict[str, Any]:
     return {k: [list(v.shape), str(v.dtype).removeprefix("torch.")] for k, v in sorted(inputs.items())}
 
 
-# ---------------------------------------------------------------------------------- key
 # ---------------------------------------------------------------------------------- export
 class _TransformerGraph(torch.nn.Module):
     """The transformer with tensor-only keyword inputs and a tensor output (what is exported)."""
@@ -356,7 +332,7 @@ class AotiBackend(Backend):
         cxx, cxx_reason = choose_compiler(configured)
         if cxx != configured:
             ctx.enter_context("aoti: C++ compiler", torch._inductor.config.patch({"cpp.cxx": (None, cxx)}))
-        inputs = example_inputs(transformer, ctx.shapes, device, dtype)
+        inputs = transformer_inputs(transformer, ctx.shapes, device, dtype)
         z = vae_example(pipe.vae, ctx.shapes, device) if options.vae else None
         configs = inductor_configs(options, weights)
         low, high = token_range(options)

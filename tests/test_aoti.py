@@ -86,7 +86,8 @@ def test_self_check_refuses_a_package_that_computes_something_else():
 def test_shared_weights_with_derived_constants_are_refused_by_name(tiny_pipe, tmp_path):
     """With max_autotune, Inductor adds derived constants (packed GEMM weights on the CPU) that a
     live module cannot supply: shared mode must say so, not load a package that reads garbage."""
-    from fluxopt_plugins.aoti import _export, _TransformerGraph, example_inputs, inductor_configs, load_package
+    from fluxopt import transformer_inputs as example_inputs
+    from fluxopt_plugins.aoti import _export, _TransformerGraph, inductor_configs, load_package
 
     options = aoti()[1](weights="shared")
     inputs = example_inputs(tiny_pipe.transformer, SHAPES, torch.device("cpu"), torch.float32)
@@ -149,7 +150,7 @@ def test_dynamic_range_must_cover_the_bench_shapes():
 
 
 def test_example_inputs_follow_the_pipeline(tiny_pipe):
-    from fluxopt_plugins.aoti import example_inputs
+    from fluxopt import transformer_inputs as example_inputs
 
     inputs = example_inputs(tiny_pipe.transformer, SHAPES, torch.device("cpu"), torch.float32)
     cfg = tiny_pipe.transformer.config

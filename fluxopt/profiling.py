@@ -1,0 +1,177 @@
+"""Where one denoising step's time goes: a torch.profiler trace of one step per stack, its
+kernels sorted into GEMM, attention, quantize, norm/elementwise and other, the GPU's idle time,
+and how close the step is to the hardware's floor.
+
+The floor is analytic: the step's matmul and attention FLOPs (counted with
+``torch.utils.flop_counter`` on one eager transformer call at the bench shapes) over the
+device's matmul rate measured in the same run (bf16, and fp8 for stacks whose GEMMs run in
+fp8). Attention is charged at the bf16 matmul rate. "% of floor" is floor / measured step time.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fluxopt.shapes import Shapes, transformer_inputs
+
+CATEGORIES = ("gemm", "attention", "quantize", "norm_elementwise", "other")
+_PATTERNS = (
+    ("attention", re.compile(r"flash|fmha|attention|attn|sdpa|sage|_efficient_attention|cudnn_mha", re.I)),
+    ("gemm", re.compile(r"gemm|matmul|cutlass|xmma|nvjet|cublas|sm90_|_scaled_mm|\bmm\b|aten::(mm|addmm|bmm|"
+                        r"linear)$|triton_tem_fused|_mm_|mm_plus|mm$", re.I)),
+    ("quantize", re.compile(r"amax|quant|float8|fp8|e4m3|to_copy.*clamp|clamp.*to_copy", re.I)),
+    ("norm_elementwise", re.compile(r"triton_|elementwise|vectorized|norm|gelu|silu|add|mul|copy|cat|"
+                                    r"reduce|softmax|rotary|rope|unrolled", re.I)),
+)
+
+
+def category(kernel: str) -> str:
+    for name, pattern in _PATTERNS:
+        if pattern.search(kernel):
+            return name
+    return "other"
+
+
+def _union_us(intervals: list[tuple[float, float]]) -> float:
+    total, end = 0.0, float("-inf")
+    for start, stop in sorted(intervals):
+        if stop <= end:
+            continue
+        total += stop - max(start, end)
+        end = stop
+    return total
+
+
+def breakdown(events: list[tuple[str, float, float, float]], wall_s: float, gpu: bool) -> dict[str, Any]:
+    """``events``: (name, own time us, start_us, end_us) of GPU kernels, or of aten ops on a CPU
+    (their self time: an op's children are counted under their own names)."""
+    ms = {c: 0.0 for c in CATEGORIES}
+    for name, own, _, _ in events:
+        ms[category(name)] += own / 1000.0
+    busy_ms = (_union_us([(s, e) for _, _, s, e in events]) if gpu else sum(e[1] for e in events)) / 1000.0
+    return {"wall_ms": wall_s * 1000.0, "busy_ms": busy_ms, "kernels": len(events),
+            "breakdown_ms": {c: round(v, 3) for c, v in ms.items()},
+            "gpu_idle_ms": max(wall_s * 1000.0 - busy_ms, 0.0) if gpu else None}
+
+
+def _events(prof: Any, gpu: bool) -> list[tuple[str, float, float, float]]:
+    found = []
+    for e in prof.events():
+        start, end = float(e.time_range.start), float(e.time_range.end)
+        if gpu and e.device_type == torch.autograd.DeviceType.CUDA:
+            found.append((e.name, end - start, start, end))
+        elif not gpu and e.device_type == torch.autograd.DeviceType.CPU and e.name.startswith("aten::"):
+            found.append((e.name, float(e.self_cpu_time_total), start, end))
+    return found
+
+
+def profile_one_step(run_generation: Callable[[Callable[[int], None]], Any], steps: int, gpu: bool,
+                     trace_path: Path) -> dict[str, Any]:
+    """Profile the middle denoising step of one generation. ``run_generation(on_step)`` runs one
+    generation and calls ``on_step(i)`` after each step ``i``. Writes the Chrome/Perfetto trace."""
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if gpu else [])
+    prof = torch.profiler.profile(activities=activities)
+    target = steps // 2  # profile from the end of step target-1 to the end of step target
+    clock: dict[str, float] = {}
+
+    def sync() -> None:
+        if gpu:
+            torch.cuda.synchronize()
+
+    def on_step(i: int) -> None:
+        if i == target - 1:
+            sync()
+            prof.start()
+            clock["start"] = time.perf_counter()
+        elif i == target and "start" in clock:
+            sync()
+            clock["stop"] = time.perf_counter()
+            prof.stop()
+
+    if steps < 2:  # one step: profile the whole generation
+        sync()
+        prof.start()
+        clock["start"] = time.perf_counter()
+        run_generation(lambda i: None)
+        sync()
+        clock["stop"] = time.perf_counter()
+        prof.stop()
+    else:
+        run_generation(on_step)
+    result = breakdown(_events(prof, gpu), clock["stop"] - clock["start"], gpu)
+    trace_path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{trace_path.name}.", dir=trace_path.parent)
+    os.close(fd)
+    try:
+        prof.export_chrome_trace(tmp)
+        os.replace(tmp, trace_path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    result["step"] = target if steps >= 2 else "all"
+    return result
+
+
+def step_flops(transformer: torch.nn.Module, shapes: Shapes) -> dict[str, float]:
+    """Matmul and attention FLOPs of one transformer call at the bench shapes (eager)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    device = next(transformer.parameters()).device
+    inputs = transformer_inputs(transformer, shapes, device, transformer.dtype)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        transformer(**inputs, return_dict=False)
+    gemm = attention = 0.0
+    for op, flops in counter.get_flop_counts().get("Global", {}).items():
+        if "attention" in str(op):
+            attention += flops
+        else:
+            gemm += flops
+    return {"gemm": gemm, "attention": attention}
+
+
+def matmul_ceilings() -> dict[str, float]:
+    """Measured TFLOP/s of a large bf16 matmul (and fp8 with rowwise scales where supported)."""
+    n = 8192
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    rates = {"bf16": _rate(lambda: a @ b, 2 * n ** 3)}
+    if torch.cuda.get_device_capability() >= (8, 9):
+        a8 = a.to(torch.float8_e4m3fn)
+        b8 = b.to(torch.float8_e4m3fn).t().contiguous().t()  # column-major, as _scaled_mm wants
+        scale_a = torch.ones(n, 1, device="cuda")
+        scale_b = torch.ones(1, n, device="cuda")
+        try:
+            rates["fp8"] = _rate(lambda: torch._scaled_mm(a8, b8, scale_a, scale_b, out_dtype=torch.bfloat16),
+                                 2 * n ** 3)
+        except RuntimeError:
+            pass
+    return rates
+
+
+def _rate(fn: Callable[[], Any], flops: float, repeats: int = 20) -> float:
+    for _ in range(3):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(repeats):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return flops * repeats / (start.elapsed_time(end) / 1000.0) / 1e12
+
+
+def floor_ms(flops: dict[str, float], ceilings: dict[str, float], fp8_gemm: bool) -> float | None:
+    """Analytic floor of one step: GEMM FLOPs at the GEMM rate, attention at the bf16 rate."""
+    bf16 = ceilings.get("bf16")
+    if not bf16:
+        return None
+    gemm_rate = ceilings.get("fp8", bf16) if fp8_gemm else bf16
+    return (flops["gemm"] / (gemm_rate * 1e12) + flops["attention"] / (bf16 * 1e12)) * 1000.0
