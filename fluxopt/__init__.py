@@ -10,6 +10,7 @@ from fluxopt.artifacts import INDUCTOR
 from fluxopt.backend import EXCLUSIVE_STAGES, Backend, Package, Requirements, Stage
 from fluxopt.compiler_state import RECIPE_INDUCTOR_FLAGS, validate_inductor_flags
 from fluxopt.context import StackContext
+from fluxopt.cuda_graphs import CudaGraphRunner, TransformerForward
 from fluxopt.environment import DeviceInfo
 from fluxopt.errors import ConfigError, FluxoptError, ModelLoadError, UnavailableError
 from fluxopt.fidelity import Metric
@@ -23,7 +24,7 @@ from fluxopt.shapes import DTYPES, Shapes, transformer_inputs
 from fluxopt.version import __version__
 
 __all__ = [
-    "DTYPES", "EXCLUSIVE_STAGES", "INDUCTOR", "RECIPE_INDUCTOR_FLAGS", "AppliedStack", "Backend", "ConfigError",
+    "DTYPES", "EXCLUSIVE_STAGES", "INDUCTOR", "RECIPE_INDUCTOR_FLAGS", "AppliedStack", "Backend", "ConfigError", "CudaGraphRunner", "TransformerForward",
     "DeviceInfo", "FluxoptError", "GenerationDefaults", "Metric", "ModelLoadError", "ModelSpec", "Package",
     "Requirements", "Sample", "Shapes", "StackContext", "StackResult", "Stage", "UnavailableError", "__version__",
     "apply_stack", "available_backends", "file_sha256", "has_subclass_weights", "hookimpl", "load_model", "module_fingerprint",

@@ -32,7 +32,9 @@ def module_fingerprint(module: torch.nn.Module, values: bool) -> str:
                 h.update(repr(t).encode()[:4096])
             elif t.numel():
                 flat = t.detach().reshape(-1)
-                idx = torch.linspace(0, flat.numel() - 1, steps=min(64, flat.numel()), device=flat.device).long()
+                n = min(64, flat.numel())
+                # integer positions: a float linspace rounds past the end for tensors over 2**24 elements
+                idx = torch.arange(n, device=flat.device) * (flat.numel() - 1) // max(n - 1, 1)
                 samples.append(flat[idx].float())
     if samples:
         h.update(torch.cat(samples).cpu().numpy().tobytes())

@@ -34,6 +34,13 @@ _PATTERNS = (
 
 
 def category(kernel: str) -> str:
+    """Inductor names its fused kernels after every op they absorbed ("triton_red_fused__fused_rms_norm_
+    _scaled_dot_product_..."): those are norm/elementwise work unless they are a GEMM template or a
+    quantization (amax/scale) kernel."""
+    if kernel.startswith("triton_"):
+        if kernel.startswith("triton_tem"):
+            return "gemm"
+        return "quantize" if _PATTERNS[2][1].search(kernel) else "norm_elementwise"
     for name, pattern in _PATTERNS:
         if pattern.search(kernel):
             return name

@@ -67,6 +67,7 @@ class Run:
         self.started = datetime.now(timezone.utc).isoformat()
         self.environment: dict[str, Any] = {}
         self.interrupted = False
+        self.device_lost: str | None = None  # why the CUDA context cannot run more stacks
         self.profiling = bool(self.cfg.bench.get("profile", False))
         self.profile_info: dict[str, Any] = {}
 
@@ -130,6 +131,10 @@ class Run:
         if unmet:
             result.status, result.reason = Status.SKIPPED.value, "; ".join(unmet)
             return result
+        if self.device_lost:
+            result.status, result.phase = Status.FAILED.value, Phase.LOAD.value
+            result.reason = f"not run: the GPU is unusable in this process after an earlier failure ({self.device_lost})"
+            return result
         phase = [Phase.LOAD]  # the phase in progress, for attributing a failure
         try:
             self._apply_build_measure(stack, result, reference, phase)
@@ -143,7 +148,12 @@ class Run:
                 result.reason = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
             self._log_failure(stack.name, exc)
         finally:
-            self._release()
+            try:
+                self._release()
+            except Exception as exc:  # noqa: BLE001 - a device-side assert poisons the CUDA context
+                self.device_lost = f"{stack.name}: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
+                log.error("the GPU is unusable after stack %s; the remaining stacks are recorded as not run",
+                          stack.name)
         if result.latency and self.baseline and self.baseline.latency:
             result.speedup, result.speedup_uncertainty = _speedup(self.baseline.latency, result.latency)
             result.within_noise = abs(result.speedup - 1.0) <= 2 * result.speedup_uncertainty

@@ -66,14 +66,28 @@ def _fmt(version: tuple[int, ...] | None) -> str:
 
 def choose_compiler(configured: str, loaded: Path | None = None,
                     candidates: tuple[str, ...] = FALLBACK_COMPILERS) -> tuple[str, str]:
-    """(compiler to use, why). Raises RuntimeError when no candidate is compatible."""
+    """(compiler to use, why). Raises RuntimeError when no candidate is compatible.
+
+    Best is a compiler that links the very libstdc++ this process loaded (same file); the
+    version tag alone is not enough: on the H100 machine, ``/opt/gcc/bin/g++`` and the system
+    library both report GLIBCXX_3.4.33, yet packages built by the former crashed in std::regex."""
     loaded = loaded or loaded_libstdcxx()
     have = glibcxx_version(loaded) if loaded else None
     if have is None:
         return configured, "no libstdc++ loaded in this process to compare with; using the configured compiler"
-    needs = glibcxx_version(compiler_libstdcxx(configured) or Path("/nonexistent"))
+    loaded_file = loaded.resolve()
+    own = compiler_libstdcxx(configured)
+    if own is not None and own.resolve() == loaded_file:
+        return configured, f"{configured} links the libstdc++ this process loaded ({loaded_file})"
+    for candidate in candidates:
+        lib = compiler_libstdcxx(candidate)
+        if candidate != configured and lib is not None and lib.resolve() == loaded_file:
+            return candidate, (f"{configured} links {own} rather than the libstdc++ this process loaded "
+                               f"({loaded_file}): its packages may crash on load; using {candidate}, which links it")
+    needs = glibcxx_version(own or Path("/nonexistent"))
     if needs is not None and needs <= have:
-        return configured, f"{configured} links {_fmt(needs)}, the loaded libstdc++ provides {_fmt(have)}"
+        return configured, (f"{configured} links {own} ({_fmt(needs)}), not the loaded {loaded_file} ({_fmt(have)}), "
+                            "but no compiler links the loaded one; keeping it as its version is not newer")
     tried = [f"{configured} ({_fmt(needs)})"]
     for candidate in candidates:
         if candidate == configured:

@@ -50,7 +50,8 @@ import torch
 import torch._inductor.cpp_builder
 
 from fluxopt import (RECIPE_INDUCTOR_FLAGS, Backend, ConfigError, FluxoptError, Shapes, StackContext, Stage,
-                     has_subclass_weights, hookimpl, module_fingerprint, transformer_inputs, validate_inductor_flags)
+                     CudaGraphRunner, TransformerForward, has_subclass_weights, hookimpl, module_fingerprint,
+                     transformer_inputs, validate_inductor_flags)
 from fluxopt_plugins._libstdcxx import choose_compiler, compiler_libstdcxx
 
 
@@ -143,91 +144,6 @@ def _export(module: torch.nn.Module, args: tuple, kwargs: dict, dynamic_shapes: 
 
 
 # ---------------------------------------------------------------------------------- running
-class CudaGraphRunner:
-    """Runs ``fn(**tensors)`` by replaying one CUDA graph per input signature (shapes, dtypes).
-
-    The first call with a new signature warms up on a side stream, then records a graph over
-    static input buffers; later calls copy their inputs into those buffers, replay, and return
-    a clone of the static output (so the next replay cannot overwrite what the caller holds).
-    All graphs share one memory pool.
-    """
-
-    def __init__(self, fn: Callable[..., torch.Tensor]):
-        self.fn = fn
-        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor], torch.Tensor]] = {}
-        self.pool = torch.cuda.graph_pool_handle()
-
-    @staticmethod
-    def _signature(inputs: dict[str, torch.Tensor]) -> tuple:
-        return tuple((k, tuple(v.shape), v.dtype, v.device) for k, v in sorted(inputs.items()))
-
-    def _record(self, inputs: dict[str, torch.Tensor]) -> tuple:
-        with torch.inference_mode(False), torch.no_grad():
-            static = {k: v.detach().clone() for k, v in inputs.items()}
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                self.fn(**static)  # warm-up outside capture (lazy initialisation, allocator)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                out = self.fn(**static)
-        return graph, static, out
-
-    def __call__(self, **inputs: torch.Tensor) -> torch.Tensor:
-        key = self._signature(inputs)
-        if key not in self.graphs:
-            self.graphs[key] = self._record(inputs)
-        graph, static, out = self.graphs[key]
-        for name, value in inputs.items():
-            static[name].copy_(value)
-        graph.replay()
-        return out.clone()
-
-
-class AotiTransformerForward:
-    """Stands in for ``FluxTransformer2DModel.forward``: same keywords and return values as
-    the pipeline uses them, inputs cast to the exported dtypes, unsupported features refused."""
-
-    def __init__(self, run: Callable[..., torch.Tensor], expected: dict[str, torch.Tensor]):
-        self.run = run
-        self.dtypes = {k: v.dtype for k, v in expected.items()}
-        self.device = next(iter(expected.values())).device
-
-    def __call__(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
-                 pooled_projections: torch.Tensor | None = None, timestep: torch.Tensor | None = None,
-                 img_ids: torch.Tensor | None = None, txt_ids: torch.Tensor | None = None,
-                 guidance: torch.Tensor | None = None, joint_attention_kwargs: dict[str, Any] | None = None,
-                 controlnet_block_samples: Any = None, controlnet_single_block_samples: Any = None,
-                 return_dict: bool = True, controlnet_blocks_repeat: bool = False) -> Any:
-        if joint_attention_kwargs:
-            raise NotImplementedError("aoti: joint_attention_kwargs (LoRA scale, IP-Adapter) are not part of "
-                                      f"the exported graph (got keys {sorted(joint_attention_kwargs)})")
-        if controlnet_block_samples is not None or controlnet_single_block_samples is not None:
-            raise NotImplementedError("aoti: ControlNet residuals are not part of the exported graph")
-        if txt_ids is not None and txt_ids.ndim == 3:
-            txt_ids = txt_ids[0]
-        if img_ids is not None and img_ids.ndim == 3:
-            img_ids = img_ids[0]
-        given = {"hidden_states": hidden_states, "encoder_hidden_states": encoder_hidden_states,
-                 "pooled_projections": pooled_projections, "timestep": timestep, "img_ids": img_ids,
-                 "txt_ids": txt_ids, "guidance": guidance}
-        inputs = {}
-        for name, dtype in self.dtypes.items():
-            value = given[name]
-            if value is None:
-                raise ValueError(f"aoti: the exported transformer needs '{name}'")
-            inputs[name] = value.to(device=self.device, dtype=dtype)
-        if "guidance" not in self.dtypes and guidance is not None:
-            raise ValueError("aoti: this transformer was exported without guidance (guidance_embeds=False)")
-        out = self.run(**inputs)
-        if return_dict:
-            from diffusers.models.modeling_outputs import Transformer2DModelOutput
-
-            return Transformer2DModelOutput(sample=out)
-        return (out,)
-
-
 class AotiVaeDecode:
     """Stands in for ``AutoencoderKL.decode`` (``decode(z, return_dict=...)``)."""
 
@@ -394,7 +310,8 @@ class AotiBackend(Backend):
                     "transformer", compiled(**inputs), _TransformerGraph(transformer)(**inputs))
                 if vae_compiled is not None:
                     check["vae_rel_l2"] = self_check("VAE decoder", vae_compiled(z=z), _VaeDecodeGraph(pipe.vae)(z))
-        forward = AotiTransformerForward(CudaGraphRunner(compiled) if use_graphs else compiled, inputs)
+        forward = TransformerForward(CudaGraphRunner(compiled) if use_graphs else compiled,
+                                     dtypes={k: v.dtype for k, v in inputs.items()}, device=device)
         vae_decode = None
         if vae_compiled is not None:
             vae_decode = AotiVaeDecode(CudaGraphRunner(vae_compiled) if use_graphs else vae_compiled, z.dtype, device)

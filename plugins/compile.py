@@ -16,14 +16,14 @@ came from cache, so cold build and warm start times can be told apart.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
 
-from fluxopt import (INDUCTOR, RECIPE_INDUCTOR_FLAGS, Backend, ConfigError, StackContext, Stage, hookimpl,
-                     module_fingerprint, private_dir, validate_inductor_flags)
+from fluxopt import (INDUCTOR, RECIPE_INDUCTOR_FLAGS, Backend, ConfigError, CudaGraphRunner, StackContext, Stage,
+                     TransformerForward, hookimpl, module_fingerprint, private_dir, validate_inductor_flags)
 
 
 MEGA_CACHE = "mega_cache.bin"
@@ -44,6 +44,9 @@ class CompileOptions:
     tuning_flags: bool = False  # the recipe's Inductor flags (slower compile, a bit faster kernels)
     inductor_config: dict[str, Any] = field(default_factory=dict)  # extra torch._inductor.config flags
     cache: bool = True  # persistent compile caches in cache.dir (warm start in later processes)
+    # replay the whole compiled transformer as one CUDA graph per input shape (GPU only): no host
+    # overhead per kernel; needs a transformer without host syncs (no step cache, no offload)
+    cuda_graphs: bool = False
 
 
 class CompileBackend(Backend):
@@ -57,6 +60,14 @@ class CompileBackend(Backend):
         if options.mode not in MODES:
             raise ConfigError(f"backend.compile.mode={options.mode!r} is not one of {', '.join(MODES)}")
         validate_inductor_flags("backend.compile.inductor_config", options.inductor_config)
+
+    def incompatibility(self, options: CompileOptions, others: Sequence[Any]) -> str | None:
+        if options.cuda_graphs:
+            for other in others:
+                if other.backend.stage in (Stage.CACHE, Stage.PLACEMENT):
+                    return (f"cuda_graphs=true replays one fixed graph per step, and {other.name} decides on the "
+                            "host what runs (or moves weights) during the step; use backend.compile.cuda_graphs=false")
+        return None
 
     def apply(self, pipe: Any, options: CompileOptions, ctx: StackContext) -> None:
         flags = {**(RECIPE_INDUCTOR_FLAGS if options.tuning_flags else {}), **options.inductor_config}
@@ -86,6 +97,18 @@ class CompileBackend(Backend):
 
     def build(self, pipe: Any, options: CompileOptions, ctx: StackContext) -> None:
         """torch.compile is lazy: one call at the bench shapes triggers (and times) compilation."""
+        self._compile(pipe, options, ctx)
+        if options.cuda_graphs and ctx.device.is_gpu:
+            transformer = pipe.transformer
+            original = transformer._compiled_call_impl or transformer._call_impl
+            run = CudaGraphRunner(lambda **t: original(**t, joint_attention_kwargs=None, return_dict=False)[0])
+            # Module.__call__ goes through _compiled_call_impl when it is set; the snapshot restores it.
+            transformer._compiled_call_impl = TransformerForward(run, fallback=original, what="compile cuda_graphs")
+            with ctx.timed("cuda_graph_capture"):
+                ctx.run_once()
+            ctx.stats.setdefault("compile", {})["cuda_graphs"] = len(run.graphs)
+
+    def _compile(self, pipe: Any, options: CompileOptions, ctx: StackContext) -> None:
         if not options.cache:
             with compile_breakdown(ctx), ctx.timed("compile"):
                 ctx.run_once()

@@ -167,7 +167,7 @@ def test_example_inputs_follow_the_pipeline(tiny_pipe):
 def test_forward_adapter_matches_the_transformer_interface():
     from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
-    from fluxopt_plugins.aoti import AotiTransformerForward
+    from fluxopt import TransformerForward
 
     expected = {"hidden_states": torch.zeros(1, 4, 8), "timestep": torch.zeros(1),
                 "guidance": torch.zeros(1), "img_ids": torch.zeros(4, 3), "txt_ids": torch.zeros(2, 3),
@@ -178,7 +178,7 @@ def test_forward_adapter_matches_the_transformer_interface():
         seen.update(inputs)
         return inputs["hidden_states"] + 1
 
-    forward = AotiTransformerForward(run, expected)
+    forward = TransformerForward(run, dtypes={k: v.dtype for k, v in expected.items()}, device=torch.device("cpu"))
     call = {**expected, "guidance": torch.zeros(1, dtype=torch.float64), "txt_ids": torch.zeros(1, 2, 3)}
     out = forward(**call, joint_attention_kwargs=None, return_dict=False)
     assert isinstance(out, tuple) and len(out) == 1 and torch.equal(out[0], torch.ones(1, 4, 8))
@@ -188,6 +188,10 @@ def test_forward_adapter_matches_the_transformer_interface():
         forward(**expected, joint_attention_kwargs={"scale": 0.5})
     with pytest.raises(ValueError, match="needs 'guidance'"):
         forward(**{**expected, "guidance": None})
+    fallback_calls = []
+    with_fallback = TransformerForward(run, fallback=lambda **kw: fallback_calls.append(kw) or "eager")
+    assert with_fallback(**expected, joint_attention_kwargs={"scale": 0.5}) == "eager"  # LoRA scale: not graphed
+    assert fallback_calls[0]["joint_attention_kwargs"] == {"scale": 0.5}
 
 
 def test_fingerprint_sees_weight_rewrites_and_values_only_when_asked():
@@ -207,7 +211,7 @@ def test_fingerprint_sees_weight_rewrites_and_values_only_when_asked():
 @pytest.mark.gpu
 @gpu
 def test_cuda_graph_runner_replays_per_shape():
-    from fluxopt_plugins.aoti import CudaGraphRunner
+    from fluxopt import CudaGraphRunner
 
     weight = torch.randn(8, 8, device="cuda")
     calls = []

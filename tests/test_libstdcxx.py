@@ -43,7 +43,16 @@ def test_versions_are_read_from_the_binary(machine):
 
 def test_a_compiler_with_a_newer_libstdcxx_is_replaced_by_a_compatible_one(machine):
     chosen, why = choose_compiler("gcc15-g++", loaded=machine)
-    assert chosen == "g++" and "GLIBCXX_3.4.34" in why and "crash on load" in why
+    assert chosen == "g++" and "gcc15-libstdc++" in why and "crash on load" in why
+
+
+def test_the_same_version_tag_in_another_file_is_not_trusted(machine, tmp_path):
+    """The H100 case: /opt/gcc/bin/g++ and the loaded library both say GLIBCXX_3.4.33, yet the
+    packages it built crashed on load; the compiler that links the loaded file is preferred."""
+    other = fake_libstdcxx(tmp_path / "opt-gcc-libstdc++.so.6", "3.4.32")
+    fake_compiler(tmp_path / "bin", "opt-g++", other)
+    assert choose_compiler("opt-g++", loaded=machine)[0] == "g++"
+    assert choose_compiler("opt-g++", loaded=machine, candidates=())[0] == "opt-g++"  # nothing better: kept
 
 
 def test_a_compatible_configured_compiler_is_kept(machine):
