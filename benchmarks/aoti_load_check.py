@@ -1,6 +1,8 @@
-"""Can this torch build load AOTInductor packages? Compiles a one-Linear model with
-``aoti_compile_and_package`` (weights in the package, and weights bound at load time as the
-``aoti`` backend does), then loads each in a child process and reports how the child ended.
+"""Can this torch build load AOTInductor packages, and with which C++ compiler? Compiles a
+one-Linear model with ``aoti_compile_and_package`` (weights in the package, and weights bound at
+load time), once with Inductor's configured compiler and once with the one the ``aoti`` backend
+chooses (``fluxopt_plugins._libstdcxx``), loads each in a child process and reports how the
+child ended. Exit status 0 when the chosen compiler's packages load.
 
     python benchmarks/aoti_load_check.py [--device cuda]
 
@@ -37,17 +39,32 @@ def main() -> None:
     x = torch.randn(8, 64, device=args.device)
     program = torch.export.export(model, (x,), strict=False)
     print(f"torch {torch.__version__} on {args.device}")
+    from torch._inductor.cpp_builder import get_cpp_compiler
+
+    from fluxopt_plugins._libstdcxx import choose_compiler
+
+    configured = get_cpp_compiler()
+    chosen, why = choose_compiler(configured)
+    print(f"configured compiler {configured}; chosen {chosen}: {why}")
+    chosen_ok = True
     with tempfile.TemporaryDirectory() as tmp:
         weights = Path(tmp, "weights.pt")
         torch.save({"weight": model.weight.detach(), "bias": model.bias.detach(), "x": x}, weights)
-        for mode, configs in (("embedded", {}), ("shared", {"aot_inductor.package_constants_in_so": False})):
-            path = torch._inductor.aoti_compile_and_package(program, package_path=str(Path(tmp, f"{mode}.pt2")),
-                                                            inductor_configs={"max_autotune": False, **configs})
-            proc = subprocess.run([sys.executable, "-c", CHILD, path, str(weights), mode], capture_output=True, text=True)
-            if proc.returncode == 0:
-                print(f"{mode}: loaded, max |aoti - eager| = {proc.stdout.strip()}")
-            else:
-                print(f"{mode}: load FAILED, exit {proc.returncode} {(proc.stderr.strip().splitlines() or [''])[-1]}")
+        for label, cxx in (("configured", configured), ("chosen", chosen)):
+            for mode, configs in (("embedded", {}), ("shared", {"aot_inductor.package_constants_in_so": False})):
+                with torch._inductor.config.patch({"cpp.cxx": (None, cxx)}):
+                    path = torch._inductor.aoti_compile_and_package(
+                        program, package_path=str(Path(tmp, f"{label}-{mode}.pt2")),
+                        inductor_configs={"max_autotune": False, **configs})
+                proc = subprocess.run([sys.executable, "-c", CHILD, path, str(weights), mode], capture_output=True,
+                                      text=True)
+                if proc.returncode == 0:
+                    print(f"{label} ({cxx}) {mode}: loaded, max |aoti - eager| = {proc.stdout.strip()}")
+                else:
+                    chosen_ok &= label != "chosen"
+                    print(f"{label} ({cxx}) {mode}: load FAILED, exit {proc.returncode} "
+                          f"{(proc.stderr.strip().splitlines() or [''])[-1]}")
+    sys.exit(0 if chosen_ok else 1)
 
 
 if __name__ == "__main__":

@@ -52,10 +52,15 @@ class ComputeCounter:
     """Counts computed vs reused transformer steps (and optionally attention calls) per generation."""
 
     def __init__(self, pipe: Any, stats: dict[str, Any], backend: str, count_attention: bool = False,
-                 key: str = "cache", decision: Callable[[], bool] | None = None):
+                 key: str = "cache", decision: Callable[[], bool] | None = None, blind: bool = False):
         """``decision``, when the cache library exposes it, says after each step whether that step
         was computed; it is read outside the transformer, so it stays right when the blocks are
-        compiled (block hooks inside a compiled graph are not reliable observers)."""
+        compiled (block hooks inside a compiled graph are not reliable observers).
+
+        ``blind``: a graph backend (compile, aoti, TensorRT) will run the blocks, so hooks on them
+        would observe nothing, and under torch.compile each hook's closure would add guards and
+        recompile every block (seen on the H100: the recompile limit was hit and the blocks fell
+        back to eager). No hook is installed and the counts say "unavailable"."""
         self.stats = stats
         self.decision = decision
         self.transformer = pipe.transformer
@@ -67,9 +72,10 @@ class ComputeCounter:
         tail = transformer_blocks(transformer)[-1]
         # groups: 0 = steps (outer: transformer, inner: the tail block's children)
         #         1 = attention calls (outer: every attention module, inner: its children)
+        self.blind = blind and decision is None
         groups: list[tuple[int, list[tuple[torch.nn.Module, Iterable[torch.nn.Module]]]]] = (
-            [] if decision is not None else [(0, [(transformer, list(tail.children()))])])
-        if count_attention:
+            [] if decision is not None or self.blind else [(0, [(transformer, list(tail.children()))])])
+        if count_attention and not self.blind:
             groups.append((1, [(attn, list(attn.children())) for attn in attention_modules(transformer)]))
         n_outer = sum(len(units) for _, units in groups)
         self.calls = torch.zeros(2, dtype=torch.int64, device=device)
@@ -130,11 +136,11 @@ class ComputeCounter:
         if self.decision is not None:
             calls[0], computed[0] = self.decided
             self.decided = [0, 0]
-        elif _compiled(self.transformer):
+        elif self.blind or _compiled(self.transformer):
             self.stats[self.key] = {"backend": self.backend, "steps": calls[0], "computed_steps": None,
                                     "skipped_steps": None,
-                                    "counts": "unavailable: the transformer's blocks are compiled, and hooks "
-                                              "inside a compiled graph do not observe which blocks ran"}
+                                    "counts": "unavailable: a graph backend (compile, aoti, TensorRT) runs the "
+                                              "transformer's blocks, and hooks cannot observe which of them ran"}
             return
         gen = {"steps": calls[0], "computed_steps": computed[0], "skipped_steps": calls[0] - computed[0]}
         if self.count_attention:
@@ -156,3 +162,10 @@ class ComputeCounter:
 STEP_CACHE_GROUP = "step-cache"
 STEP_CACHE_REASON = ("both cache the transformer's steps; a transformer holds one cache technique "
                      "(diffusers enable_cache refuses a second)")
+
+
+def graph_follows(ctx: Any) -> bool:
+    """Whether the stack being applied holds a graph backend (it runs after the cache's apply)."""
+    from fluxopt import Stage
+
+    return bool(ctx.stack) and any(e.backend.stage == Stage.GRAPH for e in ctx.stack.entries)

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from fluxopt import Backend, ConfigError, Package, Requirements, StackContext, Stage, hookimpl
-from fluxopt_plugins._cache_probe import STEP_CACHE_GROUP, STEP_CACHE_REASON, ComputeCounter, transformer_blocks
+from fluxopt_plugins._cache_probe import (STEP_CACHE_GROUP, STEP_CACHE_REASON, ComputeCounter, graph_follows,
+                                          transformer_blocks)
 
 IMPLEMENTATIONS = ("diffusers", "para_attn")
 PARA_ATTN = Package("para_attn", "pip install 'fluxopt[para-attn]'")
@@ -64,7 +65,7 @@ class FBCacheBackend(Backend):
             ComputeCounter(pipe, ctx.stats, self.name, decision=_diffusers_decision(pipe.transformer))
         else:
             # Probes go on the original blocks first: para_attn moves them into its own wrapper.
-            ComputeCounter(pipe, ctx.stats, self.name)
+            ComputeCounter(pipe, ctx.stats, self.name, blind=graph_follows(ctx))
             from para_attn.first_block_cache.diffusers_adapters import apply_cache_on_pipe
 
             apply_cache_on_pipe(pipe, residual_diff_threshold=options.residual_diff_threshold)

@@ -27,7 +27,7 @@ from typing import Any, Optional
 import torch
 
 from fluxopt import Backend, ConfigError, StackContext, Stage, hookimpl
-from fluxopt_plugins._cache_probe import STEP_CACHE_GROUP, STEP_CACHE_REASON, ComputeCounter
+from fluxopt_plugins._cache_probe import STEP_CACHE_GROUP, STEP_CACHE_REASON, ComputeCounter, graph_follows
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 FLUX_FIRST_TIMESTEP = 1000  # sigma = 1 at the first step, times the scheduler's 1000 train steps
@@ -50,7 +50,8 @@ class _StepCache(Backend):
         raise NotImplementedError
 
     def apply(self, pipe: Any, options: Any, ctx: StackContext) -> None:
-        ComputeCounter(pipe, ctx.stats, self.name, count_attention=self.count_attention)
+        ComputeCounter(pipe, ctx.stats, self.name, count_attention=self.count_attention,
+                       blind=graph_follows(ctx))
         pipe.transformer.enable_cache(self.config(pipe, options, ctx))
 
 
