@@ -65,6 +65,7 @@ class ComputeCounter:
         self.decision = decision
         self.transformer = pipe.transformer
         self.decided = [0, 0]  # steps, computed steps counted through ``decision``
+        self.scheduler_steps = 0  # steps of the current generation, counted outside the transformer
         self.backend = backend
         self.key = key
         transformer = pipe.transformer
@@ -117,6 +118,7 @@ class ComputeCounter:
         @functools.wraps(original)
         def step(*args: Any, **kwargs: Any) -> Any:
             out = original(*args, **kwargs)
+            self.scheduler_steps += 1
             if self.decision is not None:
                 self.decided[0] += 1
                 self.decided[1] += int(bool(self.decision()))
@@ -130,6 +132,7 @@ class ComputeCounter:
 
     # ------------------------------------------------------------------ report
     def end_generation(self) -> None:
+        steps, self.scheduler_steps = self.scheduler_steps, 0
         calls, computed = self.calls.tolist(), self.computed.tolist()
         self.calls.zero_()
         self.computed.zero_()
@@ -137,7 +140,7 @@ class ComputeCounter:
             calls[0], computed[0] = self.decided
             self.decided = [0, 0]
         elif self.blind or _compiled(self.transformer):
-            self.stats[self.key] = {"backend": self.backend, "steps": calls[0], "computed_steps": None,
+            self.stats[self.key] = {"backend": self.backend, "steps": steps, "computed_steps": None,
                                     "skipped_steps": None,
                                     "counts": "unavailable: a graph backend (compile, aoti, TensorRT) runs the "
                                               "transformer's blocks, and hooks cannot observe which of them ran"}

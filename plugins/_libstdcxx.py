@@ -7,10 +7,10 @@ symbols the loaded library lacks or implements differently; seen on the H100 mac
 on: every package segfaulted on load in ``std::regex``. The same one-Linear package built with
 the system ``g++`` loaded and ran.
 
-So before compiling, compare the newest ``GLIBCXX_x.y.z`` symbol version each compiler's
-libstdc++ provides with the newest one the loaded libstdc++ provides, and use the configured
-compiler only if it is not newer; otherwise the first compatible candidate (``g++``,
-``/usr/bin/g++``, ``c++``); otherwise refuse with the reason.
+So before compiling, check the configured compiler against the loaded runtime: neither the
+libstdc++ it links (its newest ``GLIBCXX_x.y.z`` symbol version) nor its own GCC version (its
+headers) may be newer. Otherwise use the first compatible candidate (``/usr/bin/g++``, ``g++``,
+``c++``); otherwise refuse with the reason.
 """
 
 from __future__ import annotations
@@ -20,7 +20,10 @@ import shutil
 import subprocess
 from pathlib import Path
 
-FALLBACK_COMPILERS = ("g++", "/usr/bin/g++", "c++")
+FALLBACK_COMPILERS = ("/usr/bin/g++", "g++", "c++")
+# libstdc++'s newest symbol version -> the GCC release that ships that runtime.
+GCC_OF_GLIBCXX = {(3, 4, 29): 11, (3, 4, 30): 12, (3, 4, 31): 13, (3, 4, 32): 13, (3, 4, 33): 14, (3, 4, 34): 15,
+                  (3, 4, 35): 16}
 _VERSION = re.compile(rb"GLIBCXX_(\d+)\.(\d+)(?:\.(\d+))?")
 
 
@@ -47,57 +50,76 @@ def loaded_libstdcxx(maps: Path = Path("/proc/self/maps")) -> Path | None:
 
 
 def compiler_libstdcxx(compiler: str) -> Path | None:
-    """The libstdc++ a compiler links against (``-print-file-name``), or None."""
+    """The libstdc++ a compiler links against (``-print-file-name=libstdc++.so``, the linker name
+    it resolves at link time), or None."""
+    out = _ask(compiler, "-print-file-name=libstdc++.so")
+    path = Path(out) if out else None
+    return path.resolve() if path is not None and path.is_absolute() and path.exists() else None
+
+
+def compiler_major(compiler: str) -> int | None:
+    """The compiler's major version (``-dumpversion``): its C++ headers are that GCC's."""
+    out = _ask(compiler, "-dumpversion")
+    try:
+        return int(out.split(".")[0]) if out else None
+    except ValueError:
+        return None
+
+
+def _ask(compiler: str, flag: str) -> str | None:
     exe = shutil.which(compiler)
     if exe is None:
         return None
     try:
-        out = subprocess.run([exe, "-print-file-name=libstdc++.so.6"], capture_output=True, text=True,
-                             timeout=30, check=True).stdout.strip()
+        return subprocess.run([exe, flag], capture_output=True, text=True, timeout=30, check=True).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
-    path = Path(out)
-    return path.resolve() if path.is_absolute() and path.exists() else None
 
 
 def _fmt(version: tuple[int, ...] | None) -> str:
     return "GLIBCXX_" + ".".join(map(str, version)) if version else "unknown"
 
 
+def compatible(compiler: str, have: tuple[int, ...]) -> tuple[bool, str]:
+    """Whether packages built by ``compiler`` can run on a libstdc++ providing ``have``: neither the
+    library it links nor its headers (its GCC version) may be newer."""
+    lib = compiler_libstdcxx(compiler)
+    lib_version = glibcxx_version(lib) if lib else None
+    major = compiler_major(compiler)
+    runtime_major = GCC_OF_GLIBCXX.get(have)
+    desc = f"{compiler} (GCC {major if major is not None else '?'}, links {_fmt(lib_version)})"
+    if lib_version is not None and lib_version > have:
+        return False, desc
+    if major is not None and runtime_major is not None and major > runtime_major:
+        return False, desc
+    return lib_version is not None or major is not None, desc
+
+
 def choose_compiler(configured: str, loaded: Path | None = None,
                     candidates: tuple[str, ...] = FALLBACK_COMPILERS) -> tuple[str, str]:
-    """(compiler to use, why). Raises RuntimeError when no candidate is compatible.
+    """(compiler to use, why): the configured one if compatible, else the first compatible
+    candidate. Raises RuntimeError when none is.
 
-    Best is a compiler that links the very libstdc++ this process loaded (same file); the
-    version tag alone is not enough: on the H100 machine, ``/opt/gcc/bin/g++`` and the system
-    library both report GLIBCXX_3.4.33, yet packages built by the former crashed in std::regex."""
+    The library a compiler links is not enough: on the H100 machine ``/opt/gcc/bin/g++`` links the
+    very libstdc++ the process loaded (GLIBCXX_3.4.33, GCC 14's runtime), but its headers are a
+    newer GCC's, and every package it built crashed on load in std::regex."""
     loaded = loaded or loaded_libstdcxx()
     have = glibcxx_version(loaded) if loaded else None
     if have is None:
         return configured, "no libstdc++ loaded in this process to compare with; using the configured compiler"
-    loaded_file = loaded.resolve()
-    own = compiler_libstdcxx(configured)
-    if own is not None and own.resolve() == loaded_file:
-        return configured, f"{configured} links the libstdc++ this process loaded ({loaded_file})"
-    for candidate in candidates:
-        lib = compiler_libstdcxx(candidate)
-        if candidate != configured and lib is not None and lib.resolve() == loaded_file:
-            return candidate, (f"{configured} links {own} rather than the libstdc++ this process loaded "
-                               f"({loaded_file}): its packages may crash on load; using {candidate}, which links it")
-    needs = glibcxx_version(own or Path("/nonexistent"))
-    if needs is not None and needs <= have:
-        return configured, (f"{configured} links {own} ({_fmt(needs)}), not the loaded {loaded_file} ({_fmt(have)}), "
-                            "but no compiler links the loaded one; keeping it as its version is not newer")
-    tried = [f"{configured} ({_fmt(needs)})"]
+    runtime = f"{loaded} ({_fmt(have)}, GCC {GCC_OF_GLIBCXX.get(have, '?')}'s runtime)"
+    ok, desc = compatible(configured, have)
+    if ok:
+        return configured, f"{desc} is compatible with the loaded {runtime}"
+    tried = [desc]
     for candidate in candidates:
         if candidate == configured:
             continue
-        version = glibcxx_version(compiler_libstdcxx(candidate) or Path("/nonexistent"))
-        if version is not None and version <= have:
-            return candidate, (f"{configured} links a newer libstdc++ ({_fmt(needs)}) than this process loaded "
-                               f"({loaded}, {_fmt(have)}): its packages would crash on load; using {candidate} "
-                               f"({_fmt(version)})")
-        tried.append(f"{candidate} ({_fmt(version)})")
-    raise RuntimeError(f"no C++ compiler builds AOTInductor packages this process can load: it loaded {loaded} "
-                       f"({_fmt(have)}), and the compilers found need newer ones: {', '.join(tried)}. Install a "
-                       "g++ matching the system libstdc++ or set CXX to one")
+        ok, other = compatible(candidate, have)
+        if ok:
+            return candidate, (f"{desc} is newer than the loaded {runtime}: its packages would crash on load; "
+                               f"using {other}")
+        tried.append(other)
+    raise RuntimeError(f"no C++ compiler builds AOTInductor packages this process can load: it loaded {runtime}, "
+                       f"and the compilers found are newer: {', '.join(tried)}. Install a g++ no newer than that "
+                       "runtime or set CXX to one")

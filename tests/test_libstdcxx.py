@@ -17,50 +17,50 @@ def fake_libstdcxx(path: Path, newest: str) -> Path:
     return path
 
 
-def fake_compiler(directory: Path, name: str, library: Path) -> None:
+def fake_compiler(directory: Path, name: str, library: Path, version: str) -> None:
     script = directory / name
-    script.write_text(f"#!/bin/sh\necho {library}\n")
+    script.write_text(f'#!/bin/sh\ncase "$1" in -dumpversion) echo {version};; *) echo {library};; esac\n')
     script.chmod(script.stat().st_mode | stat.S_IXUSR)
 
 
 @pytest.fixture
 def machine(tmp_path, monkeypatch):
-    """The H100 machine's situation: the process loaded GLIBCXX_3.4.32 (gcc 13), Inductor is
-    configured with a gcc whose libstdc++ is newer (3.4.34), the system g++ matches."""
+    """A machine where the process loaded GLIBCXX_3.4.33 (GCC 14's runtime), Inductor is configured
+    with a GCC 15 whose libstdc++ is newer (3.4.34), and the system g++ is GCC 13."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    loaded = fake_libstdcxx(tmp_path / "system-libstdc++.so.6", "3.4.32")
+    loaded = fake_libstdcxx(tmp_path / "system-libstdc++.so.6", "3.4.33")
     newer = fake_libstdcxx(tmp_path / "gcc15-libstdc++.so.6", "3.4.34")
-    fake_compiler(bin_dir, "gcc15-g++", newer)
-    fake_compiler(bin_dir, "g++", loaded)
+    fake_compiler(bin_dir, "gcc15-g++", newer, "15.2.0")
+    fake_compiler(bin_dir, "g++", loaded, "13")
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     return loaded
 
 
 def test_versions_are_read_from_the_binary(machine):
-    assert glibcxx_version(machine) == (3, 4, 32)
+    assert glibcxx_version(machine) == (3, 4, 33)
 
 
 def test_a_compiler_with_a_newer_libstdcxx_is_replaced_by_a_compatible_one(machine):
-    chosen, why = choose_compiler("gcc15-g++", loaded=machine)
-    assert chosen == "g++" and "gcc15-libstdc++" in why and "crash on load" in why
+    chosen, why = choose_compiler("gcc15-g++", loaded=machine, candidates=("g++",))
+    assert chosen == "g++" and "GCC 15" in why and "crash on load" in why
 
 
-def test_the_same_version_tag_in_another_file_is_not_trusted(machine, tmp_path):
-    """The H100 case: /opt/gcc/bin/g++ and the loaded library both say GLIBCXX_3.4.33, yet the
-    packages it built crashed on load; the compiler that links the loaded file is preferred."""
-    other = fake_libstdcxx(tmp_path / "opt-gcc-libstdc++.so.6", "3.4.32")
-    fake_compiler(tmp_path / "bin", "opt-g++", other)
-    assert choose_compiler("opt-g++", loaded=machine)[0] == "g++"
-    assert choose_compiler("opt-g++", loaded=machine, candidates=())[0] == "opt-g++"  # nothing better: kept
+def test_newer_headers_are_refused_even_when_the_loaded_library_is_linked(machine, tmp_path):
+    """The H100 case: /opt/gcc/bin/g++ links the very libstdc++ the process loaded, but it is a
+    newer GCC than that runtime, and every package it built crashed on load."""
+    fake_compiler(tmp_path / "bin", "opt-g++", machine, "15.2.0")
+    assert choose_compiler("opt-g++", loaded=machine, candidates=("g++",))[0] == "g++"
+    fake_compiler(tmp_path / "bin", "same-g++", machine, "14.2.0")
+    assert choose_compiler("same-g++", loaded=machine, candidates=("g++",))[0] == "same-g++"
 
 
 def test_a_compatible_configured_compiler_is_kept(machine):
-    assert choose_compiler("g++", loaded=machine)[0] == "g++"
+    assert choose_compiler("g++", loaded=machine, candidates=())[0] == "g++"
 
 
 def test_no_compatible_compiler_is_an_error_naming_what_was_tried(machine, tmp_path):
-    with pytest.raises(RuntimeError, match=r"gcc15-g\+\+ \(GLIBCXX_3.4.34\)"):
+    with pytest.raises(RuntimeError, match=r"gcc15-g\+\+ \(GCC 15, links GLIBCXX_3.4.34\)"):
         choose_compiler("gcc15-g++", loaded=machine, candidates=("gcc15-g++",))
 
 
