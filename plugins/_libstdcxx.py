@@ -9,8 +9,11 @@ the system ``g++`` loaded and ran.
 
 So before compiling, check the configured compiler against the loaded runtime: neither the
 libstdc++ it links (its newest ``GLIBCXX_x.y.z`` symbol version) nor its own GCC version (its
-headers) may be newer. Otherwise use the first compatible candidate (``/usr/bin/g++``, ``g++``,
-``c++``); otherwise refuse with the reason.
+headers) may be newer; then build and load a one-Linear package with it in a child process
+(:func:`package_loads`), the ground truth. Otherwise use the first candidate that passes
+(``/usr/bin/g++``, ``g++``, ``c++``); otherwise refuse with the reason. Checked on the H100
+(2026-11-25, ``benchmarks/aoti_compiler_probe.py``): the configured ``/opt/gcc/bin/g++`` passes
+the version checks, its probe package dies with SIGSEGV; ``/usr/bin/g++``'s loads and is correct.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 FALLBACK_COMPILERS = ("/usr/bin/g++", "g++", "c++")
@@ -96,30 +100,69 @@ def compatible(compiler: str, have: tuple[int, ...]) -> tuple[bool, str]:
 
 
 def choose_compiler(configured: str, loaded: Path | None = None,
-                    candidates: tuple[str, ...] = FALLBACK_COMPILERS) -> tuple[str, str]:
+                    candidates: tuple[str, ...] = FALLBACK_COMPILERS,
+                    verify: Callable[[str], tuple[bool, str]] | None = None) -> tuple[str, str]:
     """(compiler to use, why): the configured one if compatible, else the first compatible
     candidate. Raises RuntimeError when none is.
 
-    The library a compiler links is not enough: on the H100 machine ``/opt/gcc/bin/g++`` links the
-    very libstdc++ the process loaded (GLIBCXX_3.4.33, GCC 14's runtime), but its headers are a
-    newer GCC's, and every package it built crashed on load in std::regex."""
+    The version checks are necessary, not sufficient: on the H100 machine ``/opt/gcc/bin/g++``
+    (a GCC 13.3 wrapper whose own libstdc++ cannot be located) passes them, yet every package it
+    built crashed on load, while the system ``/usr/bin/g++``, the same GCC 13.3, worked. So
+    ``verify(compiler)`` (``package_loads``, cached by the caller) has the last word."""
     loaded = loaded or loaded_libstdcxx()
     have = glibcxx_version(loaded) if loaded else None
     if have is None:
         return configured, "no libstdc++ loaded in this process to compare with; using the configured compiler"
     runtime = f"{loaded} ({_fmt(have)}, GCC {GCC_OF_GLIBCXX.get(have, '?')}'s runtime)"
-    ok, desc = compatible(configured, have)
+
+    def usable(compiler: str) -> tuple[bool, str]:
+        ok, desc = compatible(compiler, have)
+        if not ok:
+            return False, f"{desc}: newer than the loaded {runtime}"
+        if verify is None:
+            return True, f"{desc}: compatible with the loaded {runtime}"
+        loads, why = verify(compiler)
+        return loads, f"{desc}: {why}"
+
+    ok, first = usable(configured)
     if ok:
-        return configured, f"{desc} is compatible with the loaded {runtime}"
-    tried = [desc]
+        return configured, first
+    tried = [first]
     for candidate in candidates:
-        if candidate == configured:
+        if candidate == configured or shutil.which(candidate) == shutil.which(configured):
             continue
-        ok, other = compatible(candidate, have)
+        ok, other = usable(candidate)
         if ok:
-            return candidate, (f"{desc} is newer than the loaded {runtime}: its packages would crash on load; "
-                               f"using {other}")
+            return candidate, f"{first}; using {other}"
         tried.append(other)
-    raise RuntimeError(f"no C++ compiler builds AOTInductor packages this process can load: it loaded {runtime}, "
-                       f"and the compilers found are newer: {', '.join(tried)}. Install a g++ no newer than that "
-                       "runtime or set CXX to one")
+    raise RuntimeError(f"no C++ compiler builds AOTInductor packages this process can load: "
+                       f"{'; '.join(tried)}. Install a g++ no newer than the loaded runtime or set CXX to one")
+
+
+PROBE_CHILD = "import sys, torch; m = torch._inductor.aoti_load_package(sys.argv[1]); print(float(m(torch.ones(2, 4)).sum()))"
+
+
+def package_loads(compiler: str, workdir: Path) -> tuple[bool, str]:
+    """Build a one-Linear AOTInductor package for the CPU with ``compiler`` and load it in a
+    child process: the loader's crash does not depend on the model or the device, so this is the
+    ground truth the version checks above only approximate (a few seconds)."""
+    import sys
+
+    import torch
+
+    model = torch.nn.Linear(4, 4)
+    with torch.no_grad():
+        model.weight.fill_(0.5)
+        model.bias.fill_(0.25)
+    program = torch.export.export(model, (torch.ones(2, 4),), strict=False)
+    path = Path(workdir) / f"probe-{Path(compiler).name}.pt2"
+    try:
+        with torch._inductor.config.patch({"cpp.cxx": (None, compiler)}):
+            torch._inductor.aoti_compile_and_package(program, package_path=str(path))
+    except Exception as exc:  # noqa: BLE001 - a compiler that cannot build is not usable
+        return False, f"{compiler} could not build a package ({type(exc).__name__})"
+    proc = subprocess.run([sys.executable, "-c", PROBE_CHILD, str(path)], capture_output=True, text=True, timeout=300)
+    if proc.returncode == 0 and proc.stdout.strip() == "18.0":  # 2 x 4 outputs of 4 * 0.5 + 0.25
+        return True, f"a package built by {compiler} loads and computes correctly"
+    how = f"exit {proc.returncode}" if proc.returncode >= 0 else f"signal {-proc.returncode}"
+    return False, f"a package built by {compiler} failed to load ({how})"

@@ -38,9 +38,12 @@ import dataclasses
 import itertools
 import json
 import logging
+import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,7 +55,7 @@ import torch._inductor.cpp_builder
 from fluxopt import (RECIPE_INDUCTOR_FLAGS, Backend, ConfigError, FluxoptError, Shapes, StackContext, Stage,
                      CudaGraphRunner, TransformerForward, has_subclass_weights, hookimpl, module_fingerprint,
                      transformer_inputs, validate_inductor_flags)
-from fluxopt_plugins._libstdcxx import choose_compiler, compiler_libstdcxx
+from fluxopt_plugins._libstdcxx import choose_compiler, compiler_libstdcxx, loaded_libstdcxx, package_loads
 
 
 log = logging.getLogger("fluxopt.aoti")
@@ -245,7 +248,7 @@ class AotiBackend(Backend):
             raise ConfigError("backend.aoti.weights=shared cannot bind tensor-subclass weights (a quantized "
                               "transformer); use backend.aoti.weights=embedded")
         configured = torch._inductor.cpp_builder.get_cpp_compiler()
-        cxx, cxx_reason = choose_compiler(configured)
+        cxx, cxx_reason = choose_compiler(configured, verify=lambda compiler: verified_compiler(compiler, ctx))
         if cxx != configured:
             ctx.enter_context("aoti: C++ compiler", torch._inductor.config.patch({"cpp.cxx": (None, cxx)}))
         inputs = transformer_inputs(transformer, ctx.shapes, device, dtype)
@@ -341,6 +344,23 @@ class AotiBackend(Backend):
             "package_bytes": sum(p.stat().st_size for p in entry.glob("*.pt2")),
             "entry": entry.name,
         }
+
+
+def verified_compiler(compiler: str, ctx: StackContext) -> tuple[bool, str]:
+    """``package_loads`` for ``compiler``, cached in the artifact cache per compiler binary,
+    loaded libstdc++ and torch version (a few seconds the first time on a machine)."""
+    exe = shutil.which(compiler) or compiler
+    key = {"compiler": os.path.realpath(exe), "compiler_mtime": os.path.getmtime(exe) if os.path.exists(exe) else None,
+           "libstdcxx": str(loaded_libstdcxx())}
+
+    def probe(tmp: Path) -> None:
+        with tempfile.TemporaryDirectory() as work:
+            ok, why = package_loads(compiler, Path(work))
+        (tmp / "verdict.json").write_text(json.dumps({"loads": ok, "why": why}))
+
+    entry = ctx.artifact("aoti_compiler_check", key, probe)
+    verdict = json.loads((entry / "verdict.json").read_text())
+    return bool(verdict["loads"]), verdict["why"]
 
 
 class AotiMismatchError(FluxoptError):

@@ -43,7 +43,7 @@ def test_versions_are_read_from_the_binary(machine):
 
 def test_a_compiler_with_a_newer_libstdcxx_is_replaced_by_a_compatible_one(machine):
     chosen, why = choose_compiler("gcc15-g++", loaded=machine, candidates=("g++",))
-    assert chosen == "g++" and "GCC 15" in why and "crash on load" in why
+    assert chosen == "g++" and "GCC 15" in why and "newer than the loaded" in why
 
 
 def test_newer_headers_are_refused_even_when_the_loaded_library_is_linked(machine, tmp_path):
@@ -69,3 +69,22 @@ def test_this_process_has_a_libstdcxx_loaded():
 
     path = loaded_libstdcxx()
     assert path is not None and glibcxx_version(path) is not None
+
+
+def test_the_ground_truth_overrules_the_version_checks(machine, tmp_path):
+    """The H100 case: the configured compiler passes the version checks but its package crashes
+    on load; the first candidate whose package loads is used."""
+    fake_compiler(tmp_path / "bin", "opt-g++", machine, "13.3.0")
+    verdicts = {"opt-g++": (False, "failed to load (signal 11)"), "g++": (True, "loads")}
+    chosen, why = choose_compiler("opt-g++", loaded=machine, candidates=("g++",), verify=verdicts.__getitem__)
+    assert chosen == "g++" and "signal 11" in why
+    with pytest.raises(RuntimeError, match="signal 11"):
+        choose_compiler("opt-g++", loaded=machine, candidates=(), verify=verdicts.__getitem__)
+
+
+def test_a_real_package_is_built_and_loaded_with_the_system_compiler(tmp_path):
+    from fluxopt_plugins._libstdcxx import package_loads
+
+    ok, why = package_loads("g++", tmp_path)
+    assert ok, why
+    assert not package_loads("no-such-compiler-xyz", tmp_path)[0]
