@@ -77,7 +77,7 @@ def test_self_check_refuses_a_package_that_computes_something_else():
 
     expected = torch.randn(4, 16, dtype=torch.bfloat16)
     assert self_check("transformer", expected + 1e-3 * torch.randn_like(expected), expected) < 5e-2
-    with pytest.raises(AotiMismatchError, match="relative L2 error of 0.4"):
+    with pytest.raises(AotiMismatchError, match=r"relative L2 error of 0\.(4|39)"):
         self_check("transformer", 1.4 * expected, expected)
     with pytest.raises(AotiMismatchError):
         self_check("transformer", torch.full_like(expected, float("nan")), expected)
