@@ -1,13 +1,20 @@
-"""Markdown table of a GPU results file (``docs/results/*-h100-*.json``: a list of runs, each
+"""Markdown tables of a GPU results file (``docs/results/*-h100-*.json``: a list of runs, each
 with the command that produced it and its result.json content), one row per measured stack.
 
-    python benchmarks/results_table.py docs/results/2026-11-24-h100-backends.json
+    python benchmarks/results_table.py docs/results/2026-11-24-h100-backends.json [--profile]
+    python benchmarks/results_table.py --render docs/results/2026-11-25-h100-issue15.md [--check]
+
+``--render`` regenerates every block of a Markdown file written between
+``<!-- table: FILE.json [--profile] -->`` and ``<!-- end table -->`` (``--check``: exit 1 if
+the file would change), so the numbers in docs come from their records, never typed.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -48,11 +55,62 @@ def rows(results: dict[str, Any]) -> list[dict[str, str]]:
     return out
 
 
+PROFILE_COLUMNS = ("run", "stack", "step (ms)", "GEMM", "attention", "quantize", "norm/elementwise", "other",
+                   "GPU idle", "floor (ms)", "% of floor")
+
+
+def _ms(value: Any) -> str:
+    return "—" if value is None else f"{value:.1f}"
+
+
+def profile_rows(results: dict[str, Any]) -> list[dict[str, str]]:
+    """One row per profiled stack: where one denoising step's milliseconds went (bench.profile)."""
+    out = []
+    for number, run in enumerate(results["runs"], 1):
+        data = run["result"]
+        for r in ([data["baseline"]] if data.get("baseline") else []) + data.get("stacks", []):
+            prof = r.get("profile")
+            if not prof:
+                continue
+            parts = prof["breakdown_ms"]
+            step = (r.get("step_latency") or {}).get("median")
+            out.append({"run": str(number), "stack": stack_label(r), "step (ms)": _ms(step * 1000 if step else None),
+                        "GEMM": _ms(parts["gemm"]), "attention": _ms(parts["attention"]),
+                        "quantize": _ms(parts["quantize"]), "norm/elementwise": _ms(parts["norm_elementwise"]),
+                        "other": _ms(parts["other"]), "GPU idle": _ms(prof.get("gpu_idle_ms")),
+                        "floor (ms)": _ms(prof.get("floor_ms")),
+                        "% of floor": "—" if prof.get("pct_of_floor") is None else f"{prof['pct_of_floor']:.0f}%"})
+    return out
+
+
+def table(path: Path, profile: bool) -> str:
+    results = json.loads(path.read_text())
+    return markdown_table(profile_rows(results), PROFILE_COLUMNS) if profile else \
+        markdown_table(rows(results), COLUMNS)
+
+
+BLOCK = re.compile(r"(<!-- table: (\S+)( --profile)? -->\n)(.*?)(<!-- end table -->)", re.S)
+
+
+def render(doc: Path) -> str:
+    text = doc.read_text()
+    return BLOCK.sub(lambda m: m.group(1) + table(doc.parent / m.group(2), bool(m.group(3))) + "\n" + m.group(5), text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("results", type=Path)
+    parser.add_argument("path", type=Path, help="a results JSON, or with --render a Markdown file")
+    parser.add_argument("--profile", action="store_true", help="the per-step time breakdown table")
+    parser.add_argument("--render", action="store_true", help="regenerate the marked tables of a Markdown file")
+    parser.add_argument("--check", action="store_true", help="with --render: fail if the file is not up to date")
     args = parser.parse_args()
-    print(markdown_table(rows(json.loads(args.results.read_text())), COLUMNS))
+    if not args.render:
+        print(table(args.path, args.profile))
+        return
+    new = render(args.path)
+    if args.check:
+        sys.exit(0 if new == args.path.read_text() else 1)
+    args.path.write_text(new)
 
 
 if __name__ == "__main__":

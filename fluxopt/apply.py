@@ -42,14 +42,15 @@ class AppliedStack:
     the stack, and whatever a backend raised otherwise, always after rolling everything back.
     """
 
-    def __init__(self, stack: Stack, pipe: Any, ctx: StackContext, snapshot: PipelineSnapshot,
+    def __init__(self, stack: Stack, pipe: Any, ctx: StackContext, snapshot: PipelineSnapshot | None,
                  restore_globals: Any, build_s: float):
         self.stack = stack
         self.pipe = pipe
         self.ctx = ctx
         self.build_s = build_s
-        self._snapshot: PipelineSnapshot | None = snapshot
+        self._snapshot = snapshot
         self._restore_globals = restore_globals
+        self._closed = False
 
     @property
     def stats(self) -> dict[str, Any]:
@@ -57,14 +58,14 @@ class AppliedStack:
 
     @property
     def closed(self) -> bool:
-        return self._snapshot is None
+        return self._closed
 
     def close(self) -> None:
         """Undo the stack (idempotent)."""
-        if self._snapshot is None:
+        if self._closed:
             return
-        snapshot, self._snapshot = self._snapshot, None
-        _rollback(self.ctx, snapshot, self._restore_globals)
+        self._closed = True
+        _rollback(self.pipe, self.ctx, self._snapshot, self._restore_globals)
 
     def __enter__(self) -> AppliedStack:
         return self
@@ -77,11 +78,14 @@ class AppliedStack:
         return f"<AppliedStack {self.stack.name} ({state})>"
 
 
-def _rollback(ctx: StackContext, snapshot: PipelineSnapshot, restore_globals: Any) -> None:
+def _rollback(pipe: Any, ctx: StackContext, snapshot: PipelineSnapshot | None, restore_globals: Any) -> None:
     try:
         ctx.undo()
     finally:
-        snapshot.restore()
+        if snapshot is not None:
+            snapshot.restore()
+        else:
+            vars(pipe).pop(MARKER, None)
         restore_globals()
 
 
@@ -126,14 +130,15 @@ def apply_to_pipeline(pipe: Any, stack: Stack, ctx: StackContext, *, build: bool
                       restorable: bool = True, on_phase: Callable[[str], None] | None = None) -> AppliedStack:
     """Apply ``stack`` to ``pipe`` in stage order, then (``build``) run each backend's build.
 
-    ``restorable=False`` keeps no copy of replaced weights (for a pipeline that is thrown away
-    after measuring: no memory is spent on originals); structure and process-wide state are
-    still restored on close. ``on_phase`` is told when "apply" and "build" start.
+    ``restorable=False`` takes no snapshot of the pipeline (for a pipeline that is thrown away
+    after measuring: a snapshot would keep the original weights alive next to the quantized
+    ones, and the measured peak memory would include them); process-wide state and the
+    journal are still undone on close. ``on_phase`` is told when "apply" and "build" start.
     """
     on_phase = on_phase or (lambda name: None)
     check_pipeline(pipe)
     restore_globals = compiler_state.snapshot()
-    snapshot = PipelineSnapshot(pipe, keep_tensors=restorable)
+    snapshot = PipelineSnapshot(pipe) if restorable else None
     vars(pipe)[MARKER] = stack.name
     try:
         on_phase("apply")
@@ -146,11 +151,11 @@ def apply_to_pipeline(pipe: Any, stack: Stack, ctx: StackContext, *, build: bool
                 entry.backend.build(pipe, entry.options, ctx)
     except BaseException:
         try:
-            _rollback(ctx, snapshot, restore_globals)
+            _rollback(pipe, ctx, snapshot, restore_globals)
         except Exception as undo_error:  # noqa: BLE001 - the original error matters more
             log.error("rolling back stack %s after a failure also failed: %s", stack.name, undo_error)
         raise
     build_s = time.perf_counter() - start
-    if restorable:
+    if snapshot is not None:
         snapshot.offload_replaced()
     return AppliedStack(stack, pipe, ctx, snapshot, restore_globals, build_s)

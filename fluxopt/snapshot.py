@@ -52,11 +52,9 @@ def _plain_objects(obj: Any) -> list[Any]:
 class PipelineSnapshot:
     """What :meth:`restore` needs to return ``pipe`` to its state at construction time."""
 
-    def __init__(self, pipe: Any, keep_tensors: bool = True):
-        """``keep_tensors=False`` records structure only (cheap, but replaced weights are not
-        restored): for pipelines that are thrown away after measuring."""
+    def __init__(self, pipe: Any):
         self.dicts: list[tuple[Any, dict[str, Any]]] = []
-        self.tensors: list[list[Any]] = []  # [tensor object, original data, original device]
+        self.tensors: list[list[Any]] = []  # [owner module, table, name, tensor object, original data, device]
         seen: set[int] = set()
         roots = [pipe, *[c for c in getattr(pipe, "components", {}).values() if c is not None]]
         for root in roots:
@@ -65,11 +63,13 @@ class PipelineSnapshot:
                 self._record(obj, seen)
                 for plain in _plain_objects(obj):
                     self._record(plain, seen)
-            if keep_tensors and isinstance(root, torch.nn.Module):
-                for t in itertools.chain(root.parameters(), root.buffers()):
-                    if id(t) not in seen:
-                        seen.add(id(t))
-                        self.tensors.append([t, t.data, t.device])
+            if isinstance(root, torch.nn.Module):
+                for owner in root.modules():
+                    for table in ("_parameters", "_buffers"):
+                        for name, t in vars(owner)[table].items():
+                            if t is not None and id(t) not in seen:
+                                seen.add(id(t))
+                                self.tensors.append([owner, table, name, t, t.data, t.device])
 
     def _record(self, obj: Any, seen: set[int]) -> None:
         if id(obj) in seen:
@@ -82,18 +82,25 @@ class PipelineSnapshot:
         self.dicts.append((obj, _copy_dict(state)))
 
     def offload_replaced(self) -> None:
-        """Move originals that no longer back a live tensor to host memory (GPU memory back)."""
+        """Move originals the pipeline no longer uses to host memory, so keeping it restorable
+        costs no GPU memory: a tensor object a backend swapped out (quantized weights) is pointed
+        at a host copy; data swapped inside a live tensor (``module.to``) is kept as a host copy."""
         for entry in self.tensors:
-            tensor, data, _ = entry
-            if data.device.type != "cpu" and not _same_storage(tensor, data):
-                entry[1] = data.to("cpu")
+            owner, table, name, tensor, data, _ = entry
+            if data.device.type == "cpu":
+                continue
+            if vars(owner)[table].get(name) is not tensor:  # the object itself was replaced
+                entry[4] = data.to("cpu")
+                tensor.data = entry[4]
+            elif not _same_storage(tensor, data):
+                entry[4] = data.to("cpu")
 
     def restore(self) -> None:
         for obj, state in self.dicts:
             live = vars(obj)
             live.clear()
             live.update(_copy_dict(state))
-        for tensor, data, device in self.tensors:
+        for _, _, _, tensor, data, device in self.tensors:
             if not _same_storage(tensor, data):
                 tensor.data = data.to(device)
 

@@ -152,3 +152,34 @@ def test_api_refuses_bad_shapes(pipe):
         fluxopt.apply_stack(pipe, "fuse_qkv", height=70, width=64)
     with pytest.raises(ConfigError, match="steps=0 must be a positive integer"):
         fluxopt.apply_stack(pipe, "fuse_qkv", steps=0)
+
+
+def test_a_throwaway_pipeline_keeps_no_original_weights_alive(pipe):
+    """The runner applies stacks with restorable=False: replaced weights must be freed, or the
+    measured peak memory counts them (a snapshot once kept 24 GB of bf16 weights next to the
+    fp8 ones on the H100: 36 GiB instead of 14)."""
+    import gc
+    import weakref
+
+    from fluxopt import plugins  # noqa: F401 - registry
+    from fluxopt.apply import apply_to_pipeline
+    from fluxopt.context import StackContext
+    from fluxopt.environment import detect_device
+    from fluxopt.shapes import Shapes
+    from fluxopt.stack import build_stack
+
+    linear = pipe.transformer.transformer_blocks[0].attn.to_q
+    original = weakref.ref(linear.weight)
+    ctx = StackContext(device=detect_device("cpu"), dtype=torch.float32, model=None, cache_dir=None,
+                       shapes=Shapes(64, 64, STEPS, 3.5, 64))
+    applied = apply_to_pipeline(pipe, build_stack({"torchao_int8": {}}), ctx, build=False, restorable=False)
+    gc.collect()
+    assert original() is None
+    applied.close()  # process-wide state only: this pipeline is meant to be thrown away
+    with pytest.raises(ConfigError, match="quantized"):  # and a second stack on it is refused
+        fluxopt.apply_stack(pipe, {"torchao_int8": {}}, build=False, **KW)
+    fresh = fluxopt.load_model("tiny", device="cpu")
+    kept = weakref.ref(fresh.transformer.transformer_blocks[0].attn.to_q.weight)
+    with fluxopt.apply_stack(fresh, {"torchao_int8": {}}, build=False, **KW):
+        gc.collect()
+        assert kept() is not None  # restorable: the original waits (in host memory) to be put back
