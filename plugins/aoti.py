@@ -180,8 +180,9 @@ def probe_load(path: Path) -> None:
         how = f"was killed by {signal.Signals(-proc.returncode).name}"
     else:
         how = f"exited with {proc.returncode}: {(proc.stderr.strip().splitlines() or [''])[-1]}"
-    raise AotiLoadError(f"aoti: a process loading the AOTInductor package {how} (torch {torch.__version__}); this "
-                        "torch build cannot run AOTInductor packages here, use backend=compile instead")
+    raise AotiLoadError(f"aoti: a process loading the AOTInductor package {how} (torch {torch.__version__}); "
+                        "packages built here cannot be loaded by this process (see stats.aoti.cxx_reason); "
+                        "use backend=compile instead")
 
 
 def load_package(path: Path, module: torch.nn.Module | None, prefix: str, single_threaded: bool) -> Any:
