@@ -174,8 +174,14 @@ def preflight(argv: list[str]) -> list[RunPlan]:
     the relaunch under torchrun (its requirements include being launched so)."""
     texts, multirun = _split_argv(argv)
     overrides = parse_overrides(texts)
+    selected = {name for ov in overrides if ov.key_or_group == "backend" and not ov.is_delete()
+                for names in _stack_choices(ov.value()) for name in names}
     for ov in overrides:
         _check_override(ov)
+        parts = ov.key_or_group.split(".")
+        if parts[0] == "backend" and len(parts) > 2 and parts[1] not in selected and not ov.is_add():
+            raise ConfigError(f"{ov.key_or_group} is an option of the backend '{parts[1]}', which this command does "
+                              f"not select; add +backend={parts[1]} (or put it in the +backend=[...] list)")
     plans = []
     GlobalHydra.instance().clear()
     context, config_name = _config_source(argv)

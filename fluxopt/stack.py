@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import itertools
+import math
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -133,6 +134,9 @@ def _check_types(backend: Backend, values: Mapping[str, Any]) -> None:
         if not _accepts(annotation, value):
             allowed = getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
             raise ConfigError(f"backend.{backend.name}.{key}={value!r} is not a valid {allowed}")
+        numbers = value if isinstance(value, (list, tuple)) else [value]
+        if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
+            raise ConfigError(f"backend.{backend.name}.{key}={value!r} is not allowed: numbers must be finite")
 
 
 def parse_options(backend: Backend, values: Any) -> Any:
