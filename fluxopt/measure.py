@@ -29,7 +29,7 @@ class LatencyStats:
 
     median: float
     mean: float
-    std: float
+    std: float | None  # None for one sample: no spread was measured
     min: float
     max: float
     p90: float
@@ -43,7 +43,7 @@ class LatencyStats:
             raise ValueError("no timed iterations")
         p90 = float(np.percentile(xs, 90))
         return cls(median=statistics.median(xs), mean=statistics.fmean(xs),
-                   std=statistics.stdev(xs) if len(xs) > 1 else 0.0, min=xs[0], max=xs[-1], p90=p90,
+                   std=statistics.stdev(xs) if len(xs) > 1 else None, min=xs[0], max=xs[-1], p90=p90,
                    n=len(xs), samples=list(samples))
 
     def to_dict(self) -> dict[str, Any]:

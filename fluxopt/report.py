@@ -34,7 +34,8 @@ def stack_row(r: dict[str, Any]) -> dict[str, str]:
 
     speedup = "1 (ref)" if r["stack"] == "baseline" else (
         "—" if r.get("speedup") is None else
-        f"{r['speedup']:.2f} ± {r['speedup_uncertainty']:.2f}" + (" (noise)" if r.get("within_noise") else ""))
+        f"{r['speedup']:.2f}" + (f" ± {r['speedup_uncertainty']:.2f}" if r.get("speedup_uncertainty") else "")
+        + (" (noise)" if r.get("within_noise") else ""))
     if r["stack"] == "baseline":
         verdict = "reference"
     elif fid:
@@ -52,7 +53,8 @@ def stack_row(r: dict[str, Any]) -> dict[str, str]:
         "stack": r["stack"],
         "steps skipped": skipped,
         "status": status,
-        "latency (s)": "—" if not lat else f"{lat['median']:.3f} ± {lat['std']:.3f}",
+        "latency (s)": "—" if not lat else (f"{lat['median']:.3f} (n=1)" if lat.get("n") == 1 or lat.get("std") is None
+                                            else f"{lat['median']:.3f} ± {lat['std']:.3f}"),
         "per step (ms)": "—" if not step else f"{step['median'] * 1e3:.1f}",
         "speedup": speedup,
         "build (s)": _fmt(r.get("build_s"), ".1f"),

@@ -46,7 +46,9 @@ log = logging.getLogger("fluxopt")
 def _speedup(base: dict[str, Any], other: dict[str, Any]) -> tuple[float, float]:
     """Ratio of medians and its 1-sigma uncertainty (relative spreads added in quadrature)."""
     speedup = base["median"] / other["median"]
-    rel = math.hypot((base["std"] or 0.0) / base["median"], (other["std"] or 0.0) / other["median"])
+    if base.get("std") is None or other.get("std") is None:  # a single sample has no measured spread
+        return speedup, None
+    rel = math.hypot(base["std"] / base["median"], other["std"] / other["median"])
     return speedup, speedup * rel
 
 
@@ -156,7 +158,8 @@ class Run:
                           stack.name)
         if result.latency and self.baseline and self.baseline.latency:
             result.speedup, result.speedup_uncertainty = _speedup(self.baseline.latency, result.latency)
-            result.within_noise = abs(result.speedup - 1.0) <= 2 * result.speedup_uncertainty
+            result.within_noise = (None if result.speedup_uncertainty is None
+                                   else abs(result.speedup - 1.0) <= 2 * result.speedup_uncertainty)
         return result
 
     def _apply_build_measure(self, stack: Stack, result: StackResult, reference: list[Sample],

@@ -92,7 +92,8 @@ def summary_rows(results: list[tuple[Path, dict[str, Any]]],
             speedup = stack.get("speedup")
             within = stack.get("within_noise") or (speedup is not None and abs(speedup - 1) <= noise)
             if speedup is not None:
-                row["speedup"] = f"{speedup:.2f} ± {stack['speedup_uncertainty']:.2f}" + (" (noise)" if within else "")
+                sigma = stack.get("speedup_uncertainty")
+                row["speedup"] = f"{speedup:.2f}" + (f" ± {sigma:.2f}" if sigma else "") + (" (noise)" if within else "")
             row.update({"warm start": _warm_start(stack), "device": device,
                         "run": str(run_dir.relative_to(root)) or "."})
             env = data.get("environment") or {}

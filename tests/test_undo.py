@@ -183,3 +183,34 @@ def test_a_throwaway_pipeline_keeps_no_original_weights_alive(pipe):
     with fluxopt.apply_stack(fresh, {"torchao_int8": {}}, build=False, **KW):
         gc.collect()
         assert kept() is not None  # restorable: the original waits (in host memory) to be put back
+
+
+def _any(pipe, predicate) -> bool:
+    return any(predicate(m) for m in pipe.transformer.modules())
+
+
+EFFECTS = {  # what each backend must visibly do to the model while applied
+    "fuse_qkv": lambda p: _any(p, lambda m: hasattr(m, "to_qkv")) and hasattr(p.vae.decoder.mid_block.attentions[0],
+                                                                            "to_qkv"),
+    "channels_last": lambda p: all(m.weight.is_contiguous(memory_format=torch.channels_last)
+                                   for m in p.vae.modules() if isinstance(m, torch.nn.Conv2d) and m.weight.ndim == 4),
+    "torchao_int8": lambda p: _any(p, lambda m: isinstance(m, torch.nn.Linear) and type(m.weight).__name__ != "Parameter"
+                                   or isinstance(m, torch.nn.Linear) and type(m.weight.data).__name__ != "Tensor"),
+    "compile-regional": lambda p: all(getattr(b, "_compiled_call_impl", None) is not None
+                                      for b in p.transformer.transformer_blocks),
+    "compile": lambda p: p.transformer._compiled_call_impl is not None,
+    "taylorseer": lambda p: _any(p, lambda m: getattr(m, "_diffusers_hook", None) is not None
+                                 and "taylorseer" in " ".join(m._diffusers_hook.hooks)),
+    "fbcache": lambda p: _any(p, lambda m: getattr(m, "_diffusers_hook", None) is not None
+                              and any("fbc" in name for name in m._diffusers_hook.hooks)),
+    "bnb_nf4": lambda p: _any(p, lambda m: type(m).__name__ == "Linear4bit"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EFFECTS))
+def test_each_backend_visibly_changes_the_model_and_close_removes_it(pipe, name):
+    effect = EFFECTS[name]
+    assert not effect(pipe)
+    with fluxopt.apply_stack(pipe, CPU_STACKS[name], build=False, **KW):
+        assert effect(pipe), f"{name} applied but its effect is not on the model"
+    assert not effect(pipe)

@@ -62,7 +62,7 @@ class NanOutput(Backend):
 
 @dataclass
 class DegradeOptions:
-    noise: float = 0.5  # relative noise added to every transformer output: finite, but far from the baseline
+    noise: float = 1.0  # relative noise added to every transformer output: finite, but far from the baseline
 
 
 class DegradedOutput(Backend):

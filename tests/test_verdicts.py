@@ -1,0 +1,129 @@
+"""Tests that fail when the verdict machinery breaks: the fidelity gate on degraded but finite
+outputs (every metric, both gates, at the threshold), timing against a known injected delay,
+and a single timed sample never reported as "± 0"."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from fluxopt import Sample, plugins
+from fluxopt.fidelity import evaluate
+from fluxopt.measure import Generator, LatencyStats, measure
+
+LOSSLESS = {"psnr": 30.0, "ssim": 0.95, "latent_rel_l2": 0.05}
+LOSSY = {"psnr": 20.0, "ssim": 0.75, "latent_rel_l2": 0.25}
+
+
+def sample(image: np.ndarray, latents: torch.Tensor) -> Sample:
+    return Sample("p", 0, image.astype(np.float32), latents)
+
+
+@pytest.fixture(scope="module")
+def reference() -> list[Sample]:
+    rng = np.random.default_rng(0)
+    x = np.linspace(0, 1, 64, dtype=np.float32)
+    image = np.stack([np.outer(x, x), np.outer(1 - x, x), np.full((64, 64), 0.5, np.float32)], axis=2)
+    image = np.clip(image + 0.05 * rng.standard_normal(image.shape), 0, 1)
+    return [sample(image, torch.from_numpy(rng.standard_normal((16, 64)).astype(np.float32)))]
+
+
+def degraded(ref: Sample, image_noise: float, latent_noise: float) -> Sample:
+    rng = np.random.default_rng(1)
+    image = np.clip(ref.image + image_noise * rng.standard_normal(ref.image.shape), 0, 1)
+    latents = ref.latents + latent_noise * ref.latents.norm() / ref.latents.numel() ** 0.5 * torch.from_numpy(
+        rng.standard_normal(tuple(ref.latents.shape)).astype(np.float32))
+    return sample(image, latents)
+
+
+@pytest.mark.parametrize("thresholds", [LOSSLESS, LOSSY], ids=["lossless", "lossy"])
+def test_identical_outputs_pass_and_clearly_degraded_ones_fail(reference, thresholds):
+    metrics = plugins.metrics()
+    assert evaluate(reference, reference, metrics, thresholds)["passed"]
+    bad = evaluate(reference, [degraded(reference[0], 0.3, 1.0)], metrics, thresholds)
+    assert not bad["passed"]
+    for name in thresholds:  # each gated metric fails on its own
+        assert bad["metrics"][name]["passed"] is False, name
+        assert name in bad["reason"]
+
+
+@pytest.mark.parametrize("name", sorted(LOSSLESS))
+def test_each_metric_gates_at_its_threshold(reference, name):
+    """Set the threshold exactly at the measured value: it passes; nudge it past: it fails."""
+    metrics = plugins.metrics()
+    out = [degraded(reference[0], 0.02, 0.02)]
+    value = evaluate(reference, out, metrics, {})["metrics"][name]["worst"]
+    higher = metrics[name].higher_is_better
+    assert evaluate(reference, out, metrics, {name: value})["passed"]
+    nudged = value * (1.001 if higher else 0.999)
+    result = evaluate(reference, out, metrics, {name: nudged})
+    assert not result["passed"] and result["metrics"][name]["passed"] is False
+
+
+def test_metrics_move_with_the_damage(reference):
+    metrics = plugins.metrics()
+    small = evaluate(reference, [degraded(reference[0], 0.01, 0.01)], metrics, {})["metrics"]
+    large = evaluate(reference, [degraded(reference[0], 0.1, 0.3)], metrics, {})["metrics"]
+    assert small["psnr"]["worst"] > large["psnr"]["worst"] + 10
+    assert small["ssim"]["worst"] > large["ssim"]["worst"]
+    assert small["latent_rel_l2"]["worst"] < large["latent_rel_l2"]["worst"]
+    assert 0.25 < large["latent_rel_l2"]["worst"] < 0.35  # 0.3 relative noise, measured as such
+
+
+def test_prompts_are_compared_pairwise_and_counts_must_match(reference):
+    with pytest.raises(ValueError, match="different numbers of samples"):
+        evaluate(reference, [], plugins.metrics(), LOSSY)
+
+
+def test_timing_measures_an_injected_delay(tiny_pipe):
+    """Every transformer call sleeps 100 ms more (a sleep: robust to a busy CPU): the per-step
+    median grows by about 100 ms, end to end by about steps x 100 ms, and warm-up calls are not
+    in the samples."""
+    from fluxopt.environment import detect_device
+    from fluxopt.shapes import Shapes
+
+    shapes = Shapes(height=64, width=64, steps=4, guidance_scale=3.5, max_sequence_length=64)
+    device = detect_device("cpu")
+    base = measure(Generator(tiny_pipe, shapes, device), ["a circle"], 0, warmup=1, iterations=3)
+    transformer = tiny_pipe.transformer
+    original = transformer.forward
+
+    def slow(*args, **kwargs):
+        time.sleep(0.1)
+        return original(*args, **kwargs)
+
+    transformer.forward = slow
+    try:
+        slowed = measure(Generator(tiny_pipe, shapes, device), ["a circle"], 0, warmup=2, iterations=3)
+    finally:
+        del transformer.forward
+    step_delta = slowed.step_latency.median - base.step_latency.median
+    assert 0.08 < step_delta < 0.13, step_delta
+    total_delta = slowed.latency.median - base.latency.median
+    assert 0.33 < total_delta < 0.55, total_delta
+    assert slowed.latency.n == 3 and len(slowed.latency.samples) == 3  # warm-up excluded
+
+
+def test_one_sample_is_marked_n1_and_never_shows_plus_minus_zero():
+    from fluxopt.report import stack_row
+
+    stats = LatencyStats.from_samples([0.5])
+    assert stats.n == 1 and stats.std is None
+    row = stack_row({"stack": "x", "status": "ok", "latency": stats.to_dict(), "speedup": 2.0,
+                     "speedup_uncertainty": None})
+    assert "± 0" not in row["latency (s)"] and "n=1" in row["latency (s)"]
+    assert "±" not in row["speedup"]
+
+
+def test_a_degraded_stack_fails_the_run_through_the_cli(tmp_path, plugin_env):
+    """End to end: finite but wrong outputs fail the gate, and the run exits 1."""
+    from conftest import read_result, run_cli
+
+    proc = run_cli("+backend=fault_degrade", "bench.iterations=1", f"hydra.run.dir={tmp_path}", env=plugin_env)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    (stack,) = read_result(tmp_path)["stacks"]
+    assert stack["status"] == "failed" and stack["phase"] == "fidelity"
+    assert stack["reason"].startswith("fidelity: ") and "non-finite" not in stack["reason"]
