@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-DOCS = sorted(p for p in (REPO / "docs").rglob("*.md") if "<!-- table:" in p.read_text())
+DOCS = sorted(p for p in [REPO / "README.md", *(REPO / "docs").rglob("*.md")] if "<!-- table:" in p.read_text())
 
 
 def test_some_doc_has_generated_tables():
