@@ -96,9 +96,10 @@ def progress(enabled: bool = True) -> Iterator[Callable[[str, str], None]]:
 
 
 def print_run(data: dict[str, Any], output_dir: Path) -> None:
-    from fluxopt.report import print_table
+    from fluxopt.report import print_table, verdict_sentence
 
     print_table(data)
+    print(verdict_sentence(data, output_dir))
     dropped = dropped_records()
     if dropped:
         say(f"{dropped} library log record(s) and warning(s) kept off the console; see the log in {output_dir}")

@@ -126,16 +126,36 @@ def render_run_markdown(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# The console table: what a person decides on, in at most 120 columns (report.md has every column).
+CONSOLE_COLUMNS = ("stack", "status", "per step (ms)", "speedup", "build (s)", "peak mem (GiB)", "PSNR", "fidelity")
+CONSOLE_WIDTH = 120
+
+
 def print_table(data: dict[str, Any], console: Console | None = None) -> None:
     table = Table(title=f"fluxopt — {data['model']['name']} on {data['environment'].get('device', {}).get('name')}")
-    for column in COLUMNS:
-        table.add_column(column, overflow="fold")
+    for column in CONSOLE_COLUMNS:
+        table.add_column(column, overflow="fold", max_width=40 if column == "status" else None)
     for row in run_rows(data):
-        table.add_row(*(escape(row[c]) for c in COLUMNS))  # "[torchao]" in a reason is not markup
+        table.add_row(*(escape(row[c]) for c in CONSOLE_COLUMNS))  # "[torchao]" in a reason is not markup
     console = console or Console()
-    if not console.is_terminal:  # logs and CI: do not squeeze the table into 80 columns
-        console.width = max(console.width, 220)
+    console.width = min(console.width, CONSOLE_WIDTH) if console.is_terminal else CONSOLE_WIDTH
     console.print(table)
+
+
+def verdict_sentence(data: dict[str, Any], output_dir: Path) -> str:
+    """One sentence: the fastest stack that passed its gate, its speedup, where the evidence is."""
+    passed = [s for s in data.get("stacks", []) if s.get("status") == "ok" and s.get("speedup")]
+    where = f"images in {Path(output_dir) / 'images'}, full table in {Path(output_dir) / 'report.md'}"
+    if not passed:
+        return f"No stack passed its fidelity gate faster than the baseline; {where}."
+    best = max(passed, key=lambda s: s["speedup"])
+    if best["speedup"] <= 1.0:
+        return (f"No stack that passed its gate was faster than the baseline (best: {best['stack']}, "
+                f"{best['speedup']:.2f}x); {where}.")
+    noise = " (within the noise)" if best.get("within_noise") else ""
+    trained = "" if data["model"].get("trained") else f" ({data['model']['name']} has random weights: " \
+        "speedups on a small model on this device say little about a large one on a GPU)"
+    return f"Fastest stack that passed: {best['stack']}, {best['speedup']:.2f}x end to end{noise}{trained}; {where}."
 
 
 def write_run_report(data: dict[str, Any], output_dir: Path) -> Path:

@@ -119,3 +119,26 @@ def test_gpu_only_backend_on_cpu_says_so_before_loading(tmp_path):
     assert "stack 'torchao_fp8' cannot run here: torchao_fp8 needs an NVIDIA GPU with CUDA" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "run" / "result.json").exists()
+
+
+def test_console_table_fits_120_columns_and_ends_with_the_verdict(tmp_path):
+    import io
+
+    from rich.console import Console
+
+    from fluxopt.report import print_table, verdict_sentence
+
+    stacks = [{"stack": name, "status": "ok", "speedup": speedup, "within_noise": False,
+               "latency": {"median": 1.0, "std": 0.1, "n": 3}, "step_latency": {"median": 0.1},
+               "fidelity": {"passed": True, "metrics": {"psnr": {"worst": 40.0}}}}
+              for name, speedup in (("torchao_fp8+compile", 1.8), ("compile", 1.35))]
+    stacks.append({"stack": "aoti", "status": "failed", "phase": "build",
+                   "reason": "AotiLoadError: aoti: a process loading the AOTInductor package was killed by SIGSEGV " * 2})
+    data = {"model": {"name": "flux-dev-random", "trained": False}, "environment": {"device": {"name": "H100"}},
+            "baseline": None, "stacks": stacks}
+    out = io.StringIO()
+    print_table(data, Console(file=out, width=250))
+    assert max(len(line) for line in out.getvalue().splitlines()) <= 120
+    sentence = verdict_sentence(data, tmp_path)
+    assert sentence.startswith("Fastest stack that passed: torchao_fp8+compile, 1.80x end to end")
+    assert str(tmp_path / "report.md") in sentence
