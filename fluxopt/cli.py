@@ -330,7 +330,8 @@ def _terminate(signum: int, frame: Any) -> None:
 
 def main() -> None:
     argv = sys.argv[1:]
-    os.environ.setdefault(INVOCATION_ENV, secrets.token_hex(8))
+    if not launch.in_torchrun():  # torchrun ranks keep the id of the command that launched them
+        os.environ[INVOCATION_ENV] = secrets.token_hex(8)
     try:
         status = launch.maybe_relaunch(argv, required_processes(preflight(argv)))
     except FluxoptError as exc:

@@ -26,10 +26,9 @@ from typing import Any, Optional
 
 import torch
 
-from fluxopt import Backend, ConfigError, StackContext, Stage, hookimpl
+from fluxopt import DTYPES, Backend, ConfigError, StackContext, Stage, hookimpl
 from fluxopt_plugins._cache_probe import STEP_CACHE_GROUP, STEP_CACHE_REASON, ComputeCounter, graph_follows
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 FLUX_FIRST_TIMESTEP = 1000  # sigma = 1 at the first step, times the scheduler's 1000 train steps
 
 

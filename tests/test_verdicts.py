@@ -78,13 +78,15 @@ def test_prompts_are_compared_pairwise_and_counts_must_match(reference):
         evaluate(reference, [], plugins.metrics(), LOSSY)
 
 
-def test_timing_measures_an_injected_delay(tiny_pipe):
-    """Every transformer call sleeps 100 ms more (a sleep: robust to a busy CPU): the per-step
-    median grows by about 100 ms, end to end by about steps x 100 ms, and warm-up calls are not
-    in the samples."""
+def test_timing_measures_an_injected_delay():
+    """Every transformer call sleeps 100 ms more: the per-step median grows by at least that and
+    end to end by at least steps x that (a loaded CI machine wakes sleepers late, so the upper
+    bounds are loose), and warm-up calls are not in the samples."""
+    import fluxopt
     from fluxopt.environment import detect_device
     from fluxopt.shapes import Shapes
 
+    tiny_pipe = fluxopt.load_model("tiny", device="cpu")
     shapes = Shapes(height=64, width=64, steps=4, guidance_scale=3.5, max_sequence_length=64)
     device = detect_device("cpu")
     base = measure(Generator(tiny_pipe, shapes, device), ["a circle"], 0, warmup=1, iterations=3)
@@ -101,9 +103,9 @@ def test_timing_measures_an_injected_delay(tiny_pipe):
     finally:
         del transformer.forward
     step_delta = slowed.step_latency.median - base.step_latency.median
-    assert 0.08 < step_delta < 0.13, step_delta
+    assert 0.09 < step_delta < 0.4, step_delta
     total_delta = slowed.latency.median - base.latency.median
-    assert 0.33 < total_delta < 0.55, total_delta
+    assert 4 * 0.09 < total_delta < 4 * 0.4, total_delta
     assert slowed.latency.n == 3 and len(slowed.latency.samples) == 3  # warm-up excluded
 
 
@@ -127,3 +129,25 @@ def test_a_degraded_stack_fails_the_run_through_the_cli(tmp_path, plugin_env):
     (stack,) = read_result(tmp_path)["stacks"]
     assert stack["status"] == "failed" and stack["phase"] == "fidelity"
     assert stack["reason"].startswith("fidelity: ") and "non-finite" not in stack["reason"]
+
+
+def test_a_backend_that_changes_the_step_count_is_measured(tiny_pipe):
+    """The final latents are those of the last step that ran, whatever the step count: a
+    backend that runs fewer steps than asked (a distilled schedule) no longer breaks the
+    measurement (it raised KeyError: 'latents')."""
+    from fluxopt.environment import detect_device
+    from fluxopt.shapes import Shapes
+
+    class FewerSteps:
+        def __init__(self, pipe):
+            self.pipe = pipe
+
+        def set_progress_bar_config(self, **kwargs):
+            self.pipe.set_progress_bar_config(**kwargs)
+
+        def __call__(self, **kwargs):
+            return self.pipe(**{**kwargs, "num_inference_steps": 2})
+
+    shapes = Shapes(height=64, width=64, steps=4, guidance_scale=3.5, max_sequence_length=64)
+    sample, total, per_step = Generator(FewerSteps(tiny_pipe), shapes, detect_device("cpu"))("a circle", 0)
+    assert sample.latents.shape[0] == 1 and total > 0 and per_step is not None

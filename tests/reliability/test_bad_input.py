@@ -89,9 +89,16 @@ def test_bad_input_is_one_clear_line_before_anything_loads(line, status, text, t
     monkeypatch.chdir(tmp_path)
     (tmp_path / "afile").write_text("a file where a directory is expected")
     before = listing(tmp_path)
-    import fluxopt.models as models
+    import fluxopt.cli  # noqa: F401 - import everything first: patch the names the runner really calls
+    import fluxopt.models
+    import fluxopt.runner
 
-    monkeypatch.setattr(models, "load_pipeline", lambda *a, **k: pytest.fail("a model was loaded"))
+    def loaded(*args, **kwargs):
+        pytest.fail("a model was loaded")
+
+    monkeypatch.setattr(fluxopt.models, "load_pipeline", loaded)
+    monkeypatch.setattr(fluxopt.runner, "load_pipeline", loaded)
+    monkeypatch.delenv("FLUXOPT_INVOCATION", raising=False)
     code, err = run_main(line.split(" "), monkeypatch, capsys)
     lines = err.strip().splitlines()
     assert code == status, err
