@@ -44,6 +44,7 @@ def two_runs(tmp_path_factory) -> tuple[dict, dict]:
     return results[0], results[1]
 
 
+@pytest.mark.xdist_group("aoti_two_runs")  # one worker builds the shared fixture once
 def test_aoti_cold_build_runs_the_pipeline_losslessly(two_runs):
     cold, _ = two_runs
     (stack,) = cold["stacks"]
@@ -63,6 +64,7 @@ def test_aoti_cold_build_runs_the_pipeline_losslessly(two_runs):
     assert Path(stats["artifacts"]["aoti"]["path"], "transformer.pt2").is_file()
 
 
+@pytest.mark.xdist_group("aoti_two_runs")  # one worker builds the shared fixture once
 def test_aoti_second_process_loads_the_package_from_the_cache(two_runs):
     cold, warm = two_runs
     (c,), (w,) = cold["stacks"], warm["stacks"]

@@ -35,6 +35,7 @@ def _rows(sweep: Path) -> dict[str, dict]:
     return {row["stack"]: row for row in json.loads((sweep / "summary.json").read_text())["rows"]}
 
 
+@pytest.mark.xdist_group("fault_sweep")  # one worker builds the shared fixture once
 def test_sweep_records_each_failure_with_phase_and_goes_on(fault_sweep):
     sweep, _, _ = fault_sweep
     rows = _rows(sweep)
@@ -51,6 +52,7 @@ def test_sweep_records_each_failure_with_phase_and_goes_on(fault_sweep):
     assert "needs an NVIDIA GPU" in rows["fault_needs_cuda"]["reason"]
 
 
+@pytest.mark.xdist_group("fault_sweep")  # one worker builds the shared fixture once
 def test_sweep_summary_files(fault_sweep):
     sweep, _, proc = fault_sweep
     for name in ("summary.md", "summary.csv", "summary.json", "speedup_vs_fidelity.png", "grid.png"):
@@ -64,6 +66,7 @@ def test_sweep_summary_files(fault_sweep):
     assert "sweep summary of 7 run(s)" in proc.stdout
 
 
+@pytest.mark.xdist_group("fault_sweep")  # one worker builds the shared fixture once
 def test_report_regenerates_summary_from_result_files_alone(fault_sweep, tmp_path):
     sweep, _, _ = fault_sweep
     before = json.loads((sweep / "summary.json").read_text())
@@ -76,6 +79,7 @@ def test_report_regenerates_summary_from_result_files_alone(fault_sweep, tmp_pat
     assert (sweep / "grid.png").exists() and (sweep / "summary.md").exists()
 
 
+@pytest.mark.xdist_group("fault_sweep")  # one worker builds the shared fixture once
 def test_restarted_sweep_skips_complete_jobs_and_force_keeps_old_results(fault_sweep, plugin_env):
     sweep, args, _ = fault_sweep
     job = sweep / "+backend=compile,bench.iterations=2"

@@ -34,6 +34,7 @@ def _runs(root: Path) -> dict[str, dict]:
     return {p.parent.name: read_result(p.parent) for p in root.glob("*/result.json")}
 
 
+@pytest.mark.xdist_group("joblib_sweeps")  # one worker builds the shared fixture once
 def test_joblib_sweep_pins_each_worker_to_a_pool_gpu(sweeps):
     parallel, _, _ = sweeps
     runs = _runs(parallel)
@@ -52,6 +53,7 @@ def test_joblib_sweep_pins_each_worker_to_a_pool_gpu(sweeps):
         assert set.union(*by_pid.values()) == {"0", "1"}
 
 
+@pytest.mark.xdist_group("joblib_sweeps")  # one worker builds the shared fixture once
 def test_joblib_sweep_writes_summary_once_and_agrees_with_sequential(sweeps):
     parallel, sequential, proc = sweeps
     assert proc.stdout.count("sweep summary of 2 run(s)") == 1  # on_multirun_end, in the parent
