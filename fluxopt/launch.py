@@ -19,7 +19,6 @@ import sys
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 from fluxopt.environment import LAUNCHED_ENV, MULTICAST_OFF
 from fluxopt.errors import ConfigError

@@ -23,7 +23,6 @@ restorable does not cost GPU memory.
 from __future__ import annotations
 
 import copy
-import itertools
 import types
 from typing import Any
 

@@ -4,7 +4,6 @@ CUDA-graph path on a GPU."""
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import pytest
@@ -129,13 +128,12 @@ def test_bad_options_are_refused(options, message):
 def test_dynamic_range_must_cover_the_bench_shapes():
     backend, options_class = aoti()
     options = options_class(dynamic=True, min_resolution=256, max_resolution=512)
-    with contextlib.ExitStack() as stack:
-        from fluxopt.environment import detect_device
+    from fluxopt.environment import detect_device
 
-        ctx = StackContext(device=detect_device("cpu"), dtype=torch.float32, model=None, shapes=SHAPES,
-                           cache_dir=Path("/nonexistent"))
-        with pytest.raises(ConfigError, match="16 image tokens, outside the dynamic range 256..1024"):
-            backend.apply(None, options, ctx)
+    ctx = StackContext(device=detect_device("cpu"), dtype=torch.float32, model=None, shapes=SHAPES,
+                       cache_dir=Path("/nonexistent"))
+    with pytest.raises(ConfigError, match="16 image tokens, outside the dynamic range 256..1024"):
+        backend.apply(None, options, ctx)
 
 
 def test_example_inputs_follow_the_pipeline(tiny_pipe):

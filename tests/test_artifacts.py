@@ -3,7 +3,6 @@ between processes, permissions, ``StackContext.artifact`` and ``fluxopt-cache``.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -296,7 +295,7 @@ def test_two_processes_building_the_same_key_build_once(cache, tmp_path):
 
 
 # ---------------------------------------------------------------------------------- context
-def make_ctx(cache_dir: Path, device: DeviceInfo, exit_stack: contextlib.ExitStack) -> StackContext:
+def make_ctx(cache_dir: Path, device: DeviceInfo) -> StackContext:
     from fluxopt.plugins import model as resolve_model
 
     shapes = Shapes(height=64, width=64, steps=2, guidance_scale=3.5, max_sequence_length=128)
@@ -306,34 +305,31 @@ def make_ctx(cache_dir: Path, device: DeviceInfo, exit_stack: contextlib.ExitSta
 
 def test_stack_context_artifact_records_hits_and_rebuilds(tmp_path, device):
     build = Builder()
-    with contextlib.ExitStack() as stack:
-        ctx = make_ctx(tmp_path / "c", device, stack)
-        entry = ctx.artifact("demo", {"opt": 1}, build)
-        info = ctx.stats["artifacts"]["demo"]
-        assert info["cache_hit"] is False and info["built"] is True and info["path"] == str(entry)
-        key = json.loads((entry / MANIFEST).read_text())["key"]
-        assert key["model"] == "tiny" and key["shapes"]["height"] == 64 and key["dtype"] == "torch.float32"
-        assert key["backend"] == "demo" and key["opt"] == 1
-    with contextlib.ExitStack() as stack:
-        ctx = make_ctx(tmp_path / "c", device, stack)
-        assert ctx.artifact("demo", {"opt": 1}, build) == entry
-        assert ctx.stats["artifacts"]["demo"]["cache_hit"] is True and build.calls == 1
-        _flip_byte(entry)
-        ctx.artifact("demo", {"opt": 1}, build)
-        assert ctx.stats["artifacts"]["demo"]["rebuilt"] == "checksum mismatch in model.pt2" and build.calls == 2
-        ctx.artifact("demo", {"opt": 2}, build)
-        assert build.calls == 3
+    ctx = make_ctx(tmp_path / "c", device)
+    entry = ctx.artifact("demo", {"opt": 1}, build)
+    info = ctx.stats["artifacts"]["demo"]
+    assert info["cache_hit"] is False and info["built"] is True and info["path"] == str(entry)
+    key = json.loads((entry / MANIFEST).read_text())["key"]
+    assert key["model"] == "tiny" and key["shapes"]["height"] == 64 and key["dtype"] == "torch.float32"
+    assert key["backend"] == "demo" and key["opt"] == 1
+    ctx = make_ctx(tmp_path / "c", device)
+    assert ctx.artifact("demo", {"opt": 1}, build) == entry
+    assert ctx.stats["artifacts"]["demo"]["cache_hit"] is True and build.calls == 1
+    _flip_byte(entry)
+    ctx.artifact("demo", {"opt": 1}, build)
+    assert ctx.stats["artifacts"]["demo"]["rebuilt"] == "checksum mismatch in model.pt2" and build.calls == 2
+    ctx.artifact("demo", {"opt": 2}, build)
+    assert build.calls == 3
 
 
 def test_lookup_only_reports_and_removes_corrupt_entries(tmp_path, device):
-    with contextlib.ExitStack() as stack:
-        ctx = make_ctx(tmp_path / "c", device, stack)
-        assert ctx.artifact("demo", {"x": 1}, None) is None
-        entry = ctx.artifact("demo", {"x": 1}, Builder())
-        assert ctx.artifact("demo", {"x": 1}, None) == entry
-        _truncate(entry)
-        assert ctx.artifact("demo", {"x": 1}, None) is None
-        assert "truncated" in ctx.stats["artifacts"]["demo"]["rebuilt"] and not entry.exists()
+    ctx = make_ctx(tmp_path / "c", device)
+    assert ctx.artifact("demo", {"x": 1}, None) is None
+    entry = ctx.artifact("demo", {"x": 1}, Builder())
+    assert ctx.artifact("demo", {"x": 1}, None) == entry
+    _truncate(entry)
+    assert ctx.artifact("demo", {"x": 1}, None) is None
+    assert "truncated" in ctx.stats["artifacts"]["demo"]["rebuilt"] and not entry.exists()
 
 
 # ---------------------------------------------------------------------------------- CLI

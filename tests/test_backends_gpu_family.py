@@ -7,7 +7,6 @@ end to end on the tiny model; the GPU-only ones are marked ``gpu``.
 
 from __future__ import annotations
 
-import contextlib
 
 import pytest
 import torch
@@ -351,11 +350,10 @@ def test_sequential_offload_refuses_a_compiled_transformer():
     pipe = tiny_pipe()
     pipe.transformer.compile()  # lazy: nothing is compiled until the first call
     backend = lookup_backend("offload")
-    with contextlib.ExitStack() as stack:
-        ctx = StackContext(device=H100, dtype=torch.float32, model=None, cache_dir=None,
-                           shapes=Shapes(height=64, width=64, steps=STEPS, guidance_scale=3.5, max_sequence_length=128))
-        with pytest.raises(ConfigError, match="sequential cannot be combined with compile"):
-            backend.apply(pipe, parse_options(backend, {"mode": "sequential"}), ctx)
+    ctx = StackContext(device=H100, dtype=torch.float32, model=None, cache_dir=None,
+                       shapes=Shapes(height=64, width=64, steps=STEPS, guidance_scale=3.5, max_sequence_length=128))
+    with pytest.raises(ConfigError, match="sequential cannot be combined with compile"):
+        backend.apply(pipe, parse_options(backend, {"mode": "sequential"}), ctx)
 
 
 def test_sequential_offload_with_a_graph_backend_is_refused_before_loading():
