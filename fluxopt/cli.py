@@ -34,7 +34,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from fluxopt import console, launch, plugins, sweep
+from fluxopt import console, engines, launch, plugins, search, sweep
 from fluxopt.config import RunConfig, measurement_config, register_configs
 from fluxopt.environment import INVOCATION_ENV
 from fluxopt.errors import ConfigError, ExitStatus, FluxoptError, UnavailableError
@@ -114,10 +114,9 @@ def _check_override(ov: Override) -> None:
         hint = f" Did you mean '{close[0]}'?" if close else ""
         raise ConfigError(f"unknown setting '{key}'.{hint} Settings: {', '.join(sorted(TOP_LEVEL - {'backend'}))}; "
                           "groups: model=, bench=, fidelity=, +backend=")
-    if key == "hydra/launcher":
-        from fluxopt.gpu_pool import check_launcher
-
-        check_launcher(_text(ov.value()))
+    if key in ("hydra/launcher", "hydra/sweeper"):
+        engines.check_installed(key, _text(ov.value()))
+        engines.register_engine(_text(ov.value()))
     elif key == "backend" and not ov.is_delete():
         for names in _stack_choices(ov.value()):
             build_stack(names)  # unknown names, empty stacks and incompatible pairs raise here
@@ -153,9 +152,15 @@ def _compose_error(exc: BaseException, job: list[str]) -> ConfigError:
     return ConfigError(": ".join(parts) + where)
 
 
+def _searching(overrides: list[Override]) -> bool:
+    return any(ov.key_or_group == "hydra/sweeper" and _text(ov.value()) == "fluxopt_search" for ov in overrides)
+
+
 def _jobs(overrides: list[Override], multirun: bool) -> list[list[str]]:
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 
+    if _searching(overrides):  # the search proposes the stacks and the swept options: check the fixed part
+        return [[ov.input_line for ov in overrides if not ov.is_sweep_override()]]
     if not multirun:
         for ov in overrides:
             if ov.is_sweep_override():
@@ -174,12 +179,19 @@ def preflight(argv: list[str]) -> list[RunPlan]:
     the relaunch under torchrun (its requirements include being launched so)."""
     texts, multirun = _split_argv(argv)
     overrides = parse_overrides(texts)
+    searching = _searching(overrides)
+    if searching and not multirun:
+        raise ConfigError("hydra/sweeper=fluxopt_search runs a sweep: add -m")
     selected = {name for ov in overrides if ov.key_or_group == "backend" and not ov.is_delete()
                 for names in _stack_choices(ov.value()) for name in names}
     for ov in overrides:
         _check_override(ov)
         parts = ov.key_or_group.split(".")
-        if parts[0] == "backend" and len(parts) > 2 and parts[1] not in selected and not ov.is_add():
+        if searching and parts[0] == "backend" and len(parts) == 1:
+            raise ConfigError(f"'{ov.input_line}': the search chooses the stacks; name the backends it may combine "
+                              "with search.backends=[a,b,...]")
+        if parts[0] == "backend" and len(parts) > 2 and parts[1] not in selected and not ov.is_add() \
+                and not searching:
             raise ConfigError(f"{ov.key_or_group} is an option of the backend '{parts[1]}', which this command does "
                               f"not select; add +backend={parts[1]} (or put it in the +backend=[...] list)")
     plans = []
@@ -195,6 +207,11 @@ def preflight(argv: list[str]) -> list[RunPlan]:
                     raise _compose_error(exc, job if multirun else []) from None
                 check_writable_dir("hydra.sweep.dir" if multirun else "hydra.run.dir", Path(run_dir))
                 plan = plan_run(cfg, check_requirements=False)
+                if multirun:
+                    engines.check_resources(cfg.hydra.launcher)
+                if searching:
+                    search.limits_from(cfg)
+                    search.search_space(search.backends_from(cfg))
                 # In a sweep a stack this machine cannot run is recorded as refused and the other
                 # jobs still run; a single run ends at once.
                 if not multirun and (launch.in_torchrun() or required_processes([plan]) == 1):

@@ -62,11 +62,22 @@ class CacheConfig:
 
 
 @dataclass
+class SearchConfig:
+    """What ``hydra/sweeper=fluxopt_search`` looks for: the fastest stack (speedup against the
+    baseline of its own job) that passes its fidelity gate and these limits."""
+
+    backends: Optional[list[str]] = None  # the backends to combine; None: every one this machine can run
+    min_psnr: Optional[float] = None  # dB, worst prompt; None: the fidelity gate only
+    max_memory_gib: Optional[float] = None  # peak memory while generating; None: no limit
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
     fidelity: FidelityConfig = field(default_factory=FidelityConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
     backend: dict[str, Any] = field(default_factory=dict)  # selected backends -> their options
     device: str = "auto"
     save_images: bool = True

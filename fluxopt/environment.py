@@ -119,6 +119,27 @@ def launch_info(env: Mapping[str, str] | None = None) -> dict[str, Any] | None:
             "world_size": int(env.get("WORLD_SIZE", "1")), **{k: env.get(k) for k in MULTICAST_OFF}}
 
 
+def scheduler_info() -> dict[str, Any] | None:
+    """Which engine ran this job and with what: the Ray node, task and assigned resources, or
+    the submitit/SLURM job. None when run directly (or by joblib: see ``gpu_assignment``)."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ctx = ray.get_runtime_context()
+        if ctx.worker.mode == ray.WORKER_MODE:
+            return {"engine": "ray", "node_id": ctx.get_node_id(), "node_ip": ray.util.get_node_ip_address(),
+                    "task_id": ctx.get_task_id(), "resources": ctx.get_assigned_resources(),
+                    "accelerator_ids": {k: v for k, v in ctx.get_accelerator_ids().items() if v}, "pid": os.getpid()}
+    submitit = sys.modules.get("submitit")
+    if submitit is not None:
+        try:
+            job = submitit.JobEnvironment()
+        except RuntimeError:  # not inside a submitit job
+            return None
+        return {"engine": f"submitit-{job.cluster}", "job_id": job.job_id, "hostname": job.hostname,
+                "global_rank": job.global_rank, "num_tasks": job.num_tasks, "pid": os.getpid()}
+    return None
+
+
 def capture_environment(device: DeviceInfo) -> dict[str, Any]:
     """Everything recorded next to the numbers so a result can be reproduced and compared."""
     env: dict[str, Any] = {
@@ -139,6 +160,7 @@ def capture_environment(device: DeviceInfo) -> dict[str, Any]:
         # GPU pool slot of a parallel sweep job (fluxopt/gpu_pool.py) and torchrun rank, when any.
         "gpu_assignment": gpu_assignment(),
         "distributed": launch_info(),
+        "scheduler": scheduler_info(),
     }
     if device.is_gpu:
         props = torch.cuda.get_device_properties(torch.cuda.current_device())

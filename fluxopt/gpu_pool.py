@@ -30,7 +30,6 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from fluxopt.environment import GPU_ASSIGNMENT_ENV
-from fluxopt.errors import ConfigError
 
 log = logging.getLogger("fluxopt")
 
@@ -112,29 +111,3 @@ class GpuPoolCallback(Callback):
         record = assign(self.pool, int(config.hydra.job.num), lock_dir)
         log.info("job %s: CUDA_VISIBLE_DEVICES=%s (GPU pool slot %s, pid %s)", record["job_num"],
                  record["cuda_visible_devices"], record["slot"], record["pid"])
-
-
-# Launcher configs fluxopt ships or documents -> (Hydra plugin module, how to install it).
-LAUNCHER_PLUGINS = {
-    "fluxopt_joblib": ("hydra_plugins.hydra_joblib_launcher", "pip install 'fluxopt[launchers]'"),
-    "joblib": ("hydra_plugins.hydra_joblib_launcher", "pip install 'fluxopt[launchers]'"),
-    "fluxopt_slurm": ("hydra_plugins.hydra_submitit_launcher", "pip install 'fluxopt[slurm]'"),
-    "submitit_slurm": ("hydra_plugins.hydra_submitit_launcher", "pip install 'fluxopt[slurm]'"),
-    "submitit_local": ("hydra_plugins.hydra_submitit_launcher", "pip install 'fluxopt[slurm]'"),
-}
-
-
-def check_launcher(name: str) -> None:
-    """Refuse a launcher whose Hydra plugin is not installed, saying how to get it."""
-    import importlib.util
-
-    if name not in LAUNCHER_PLUGINS:
-        return
-    module, install = LAUNCHER_PLUGINS[name]
-    try:
-        found = importlib.util.find_spec(module) is not None
-    except ModuleNotFoundError:
-        found = False
-    if not found:
-        raise ConfigError(f"hydra/launcher={name} needs the Hydra launcher plugin '{module}', which is not "
-                          f"installed ({install})")

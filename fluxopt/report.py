@@ -102,6 +102,28 @@ def environment_lines(env: dict[str, Any]) -> list[str]:
     ]
 
 
+SEARCH_FILE = "search.json"  # the search sweeper's trial log, in the sweep directory
+
+
+def search_lines(record: dict[str, Any]) -> list[str]:
+    """The search section of a sweep summary: the winner and its command, then every trial."""
+    limits = ", ".join(f"{k} {v}" for k, v in (record.get("limits") or {}).items() if v is not None) or "none"
+    best = record.get("best")
+    lines = ["## Search", "", f"Objective: {record.get('objective')}; limits: {limits}; "
+             f"{len(record.get('trials') or [])} trial(s) over {', '.join(record.get('backends') or [])}.", ""]
+    if best:
+        lines += [f"**Best: {best['stack']}, {best['speedup']:.2f}x.** Measure it again:", "",
+                  f"    {best['command']}", "", "Use it in serving code:", "",
+                  *[f"    {line}" for line in best["python"].splitlines()], ""]
+    else:
+        lines += ["**No trial met its fidelity gate and the limits.**", ""]
+    rows = [{"trial": str(t["number"]), "stack": t["stack"], "state": t["state"],
+             "speedup": _fmt(t.get("value"), ".2f") if t.get("value") is not None else "—",
+             "why not": t.get("reason") or "", "job": "—" if t.get("job") is None else str(t["job"])}
+            for t in record.get("trials") or []]
+    return lines + [markdown_table(rows, ("trial", "stack", "state", "speedup", "why not", "job")), ""]
+
+
 def render_run_markdown(data: dict[str, Any]) -> str:
     shapes = data["shapes"]
     memory_kind = (data.get("baseline") or {}).get("memory_kind")

@@ -287,6 +287,8 @@ def run_failed(data: Mapping[str, Any]) -> list[str]:
         if s.get("status") == Status.FAILED.value or (
                 s.get("status") == Status.SKIPPED.value and data.get("mode") == "stack"):
             failed.append(f"{s.get('stack')}: {s.get('reason')}")
-    if not data.get("complete"):
+    if data.get("job_crash"):
+        failed.append(f"the job's process died: {data['job_crash']}")
+    elif not data.get("complete"):
         failed.append("the run did not complete")
     return failed

@@ -164,6 +164,11 @@ def parse_options(backend: Backend, values: Any) -> Any:
                           f"Valid options: {describe_options(backend.options_class)}") from None
 
 
+def option_defaults() -> dict[str, dict[str, Any]]:
+    """Every registered backend's default options (what a reproducing command can leave out)."""
+    return {name: dataclasses.asdict(b.options_class()) for name, b in plugins.backends().items()}
+
+
 def build_stack(selection: Mapping[str, Any] | Sequence[str] | str) -> Stack:
     """Resolve a backend name, a list of names, or a mapping name -> options into a Stack in
     stage order, refusing unknown names, bad options and incompatible combinations."""

@@ -15,13 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from fluxopt.report import environment_lines, fidelity_note, markdown_table, stack_row
 from fluxopt.environment import INVOCATION_ENV
-from fluxopt.files import save_figure_atomic, write_json_atomic, write_text_atomic
+from fluxopt.files import move_aside, save_figure_atomic, write_json_atomic, write_text_atomic
 from fluxopt.launch import writes_results
-from fluxopt.result import RESULT_FILE, UnreadableResult, load_result
+from fluxopt.plan import selected_backends
+from fluxopt.report import SEARCH_FILE, environment_lines, fidelity_note, markdown_table, search_lines, stack_row
+from fluxopt.result import RESULT_FILE, SCHEMA_VERSION, UnreadableResult, load_result
 from fluxopt.runner import run_failed
 
 SUMMARY_COLUMNS = ("stack", "status", "latency (s)", "per step (ms)", "speedup", "build (s)", "warm start",
@@ -50,6 +51,36 @@ def failures(results: list[tuple[Path, dict[str, Any]]], invocation: str | None 
     return [f"{run_dir.name}: {why}" for run_dir, data in results
             if invocation is None or (data.get("provenance") or {}).get("invocation") == invocation
             for why in run_failed(data)]
+
+
+def job_dir(job_config: DictConfig) -> Path:
+    """Where a sweep job writes its result (``hydra.sweep.dir``/``hydra.sweep.subdir``)."""
+    return Path(str(job_config.hydra.sweep.dir)) / str(job_config.hydra.sweep.subdir)
+
+
+def record_crashed_job(job_config: DictConfig, reason: str) -> Path:
+    """Record, from the launching process, that a job's process died (killed, out of memory,
+    lost node): its result.json is marked incomplete with the reason, or written if the job
+    died before writing one, so the summary lists it and the sweep's verdict is negative.
+    Called by fluxopt's Ray and submitit launchers; returns the job's directory."""
+    directory = job_dir(job_config)
+    path = directory / RESULT_FILE
+    try:
+        data = load_result(path)
+    except UnreadableResult:
+        move_aside(path, "unreadable")
+        data = None
+    if data is None:
+        stack = "+".join(selected_backends(job_config)) or "baseline"
+        data = {"schema_version": SCHEMA_VERSION, "mode": "stack", "model": {"name": job_config.model.name},
+                "config": OmegaConf.to_container(job_config, resolve=False), "baseline": None,
+                "requested": [stack], "stacks": [],
+                "provenance": {"invocation": os.environ.get(INVOCATION_ENV),
+                               "overrides": list(job_config.hydra.overrides.task)}}
+        data["config"].pop("hydra", None)
+    data.update(complete=False, job_crash=reason)
+    write_json_atomic(path, data)
+    return directory
 
 
 def _device(data: dict[str, Any]) -> str:
@@ -106,7 +137,8 @@ def summary_rows(results: list[tuple[Path, dict[str, Any]]],
         for name in data.get("requested") or []:
             if name not in measured and not data.get("complete"):
                 row = {c: "—" for c in SUMMARY_COLUMNS}
-                row.update({"stack": name, "status": "not run (the job was interrupted)", "device": device,
+                why = f"job process died: {data['job_crash']}" if data.get("job_crash") else "the job was interrupted"
+                row.update({"stack": name, "status": f"not run ({why})", "device": device,
                             "run": str(run_dir.relative_to(root)) or "."})
                 rows.append((row, {"stack": name, "status": "not run", "run_dir": str(run_dir), "device": device}))
     return rows
@@ -174,6 +206,25 @@ def _grid(results: list[tuple[Path, dict[str, Any]]], path: Path) -> bool:
     return True
 
 
+def read_search(root: Path) -> dict[str, Any] | None:
+    """The search sweeper's trial log in ``root``, if this sweep was a search."""
+    import json
+
+    try:
+        return json.loads((root / SEARCH_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def verdict_failures(root: Path, results: list[tuple[Path, dict[str, Any]]], invocation: str | None = None) -> list[str]:
+    """Why a sweep's verdict is negative. For a search, trials that fail or miss a limit are part
+    of searching: the verdict is whether some trial met the gate and the limits."""
+    record = read_search(root)
+    if record is not None and (invocation is None or record.get("invocation") == invocation):
+        return [] if record.get("best") else [f"search: no trial met its fidelity gate and the limits ({root / SEARCH_FILE})"]
+    return failures(results, invocation)
+
+
 def write_summary(root: Path) -> dict[str, Any]:
     """Write the summary files into ``root``; returns the summary.json content."""
     root = Path(root)
@@ -181,9 +232,11 @@ def write_summary(root: Path) -> dict[str, Any]:
     pairs = summary_rows(results, root)
     rows, records = [row for row, _ in pairs], [record for _, record in pairs]
     spread = baseline_spread(results)
-    failed = failures(results)
+    failed = verdict_failures(root, results)
+    searched = read_search(root)
     summary = {"root": str(root), "runs": len(results), "passed": not failed, "failures": failed,
-               "unreadable": [str(p) for p in unreadable], "baseline_spread": spread, "rows": records}
+               "unreadable": [str(p) for p in unreadable], "baseline_spread": spread, "rows": records,
+               "search": searched}
     write_json_atomic(root / "summary.json", summary)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(SUMMARY_COLUMNS))
@@ -192,17 +245,21 @@ def write_summary(root: Path) -> dict[str, Any]:
     write_text_atomic(root / "summary.csv", buffer.getvalue())
     _plot(records, root / "speedup_vs_fidelity.png")
     has_grid = _grid(results, root / "grid.png")
-    write_text_atomic(root / "summary.md", _markdown(results, rows, spread, has_grid, failed))
+    write_text_atomic(root / "summary.md", _markdown(results, rows, spread, has_grid, failed, searched))
     return summary
 
 
 def _markdown(results: list[tuple[Path, dict[str, Any]]], rows: list[dict[str, str]],
-              spread: dict[str, dict[str, float]], has_grid: bool, failed: list[str]) -> str:
+              spread: dict[str, dict[str, float]], has_grid: bool, failed: list[str],
+              searched: dict[str, Any] | None = None) -> str:
     lines = ["# fluxopt bake-off summary", ""]
     if not results:
         return "\n".join(lines + ["No readable result.json found.", ""])
-    lines += ["**Verdict: every requested stack passed.**" if not failed else
+    passed = "a stack met the fidelity gate and the limits" if searched else "every requested stack passed"
+    lines += [f"**Verdict: {passed}.**" if not failed else
               f"**Verdict: {len(failed)} failure(s)**: " + "; ".join(failed), ""]
+    if searched:
+        lines += search_lines(searched)
     first = results[0][1]
     shapes = first.get("shapes") or {}
     if shapes:
@@ -240,7 +297,7 @@ class SweepSummaryCallback(Callback):
         root = Path(config.hydra.sweep.dir)
         summary = write_summary(root)
         results, _ = collect(root)
-        SWEEP_FAILURES[:] = failures(results, os.environ.get(INVOCATION_ENV))
+        SWEEP_FAILURES[:] = verdict_failures(root, results, os.environ.get(INVOCATION_ENV))
         print(f"fluxopt: sweep summary of {summary['runs']} run(s): {root / 'summary.md'}")
 
 

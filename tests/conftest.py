@@ -72,8 +72,12 @@ def plugin_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """Install the example third-party plugin and the test-only fault plugin (real
     ``pip install`` of their packages, entry points included) into a private target directory;
     returns the environment under which ``python -m fluxopt`` sees them."""
+    import shutil
+
     target = tmp_path_factory.mktemp("site")
+    sources = tmp_path_factory.mktemp("plugin-src")  # a private copy: xdist workers build concurrently
+    copies = [shutil.copytree(src, sources / src.name, ignore=shutil.ignore_patterns("build", "*.egg-info"))
+              for src in (REPO / "examples" / "fluxopt-example-plugin", REPO / "tests" / "fault_plugin")]
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                    "--target", str(target), str(REPO / "examples" / "fluxopt-example-plugin"),
-                    str(REPO / "tests" / "fault_plugin")], check=True, capture_output=True, text=True)
+                    "--target", str(target), *map(str, copies)], check=True, capture_output=True, text=True)
     return {"PYTHONPATH": os.pathsep.join(filter(None, [str(target), os.environ.get("PYTHONPATH")]))}

@@ -82,20 +82,6 @@ def test_gpu_pool_claims_distinct_slots_per_process(tmp_path, monkeypatch):
     held.close()
 
 
-def test_slurm_launcher_without_plugin_fails_clearly():
-    proc = run_cli("-m", "hydra/launcher=fluxopt_slurm", "+backend=fuse_qkv", timeout=120)
-    assert proc.returncode == 2
-    assert "hydra_submitit_launcher" in proc.stderr and "fluxopt[slurm]" in proc.stderr
-
-
-def test_launcher_configs_ship():
-    conf = Path(__file__).resolve().parent.parent / "conf" / "hydra" / "launcher"
-    slurm = (conf / "fluxopt_slurm.yaml").read_text()
-    for key in ("submitit_slurm", "partition:", "gpus_per_node:", "timeout_min:"):
-        assert key in slurm
-    assert "joblib@launcher" in (conf / "fluxopt_joblib.yaml").read_text()
-
-
 # ---- context_parallel -------------------------------------------------------------------------
 
 def _cp():

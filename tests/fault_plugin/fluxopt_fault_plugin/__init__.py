@@ -3,6 +3,8 @@ third-party plugin. Used by the fault-tolerance tests."""
 
 from __future__ import annotations
 
+import os
+import signal
 from dataclasses import dataclass
 from typing import Any
 
@@ -104,7 +106,19 @@ class NeedsCuda(Backend):
         raise AssertionError("must never be applied without CUDA")
 
 
+class KilledProcess(Backend):
+    """The job's process dies (as under the OOM killer): only a launcher that runs jobs in other
+    processes can record it and let the rest of the sweep finish."""
+
+    name = "fault_crash"
+    options_class = FaultOptions
+    stage = Stage.WEIGHTS
+
+    def apply(self, pipe: Any, options: FaultOptions, ctx: Any) -> None:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 @hookimpl
 def fluxopt_backends() -> list[Backend]:
-    return [RaiseInApply(), RaiseInBuild(), NanOutput(), DegradedOutput(), OutOfMemory(), NeedsCuda()]
+    return [RaiseInApply(), RaiseInBuild(), NanOutput(), DegradedOutput(), OutOfMemory(), NeedsCuda(), KilledProcess()]
 

@@ -1,0 +1,292 @@
+"""Search instead of enumeration (``hydra/sweeper=fluxopt_search``): Optuna proposes stacks, one
+yes/no choice per backend (``stack.<backend>``) plus any backend options given as distributions
+on the command line; fluxopt turns each proposal into a run, refuses incompatible ones before
+any model loads, and scores a run by its speedup when it passes its fidelity gate and the
+limits (``search.min_psnr``, ``search.max_memory_gib``).
+
+The Optuna side lives in ``hydra_plugins/fluxopt_launchers/search_sweeper.py``; this module is
+the part that knows fluxopt, testable without Optuna. Every trial, run or refused, is written to
+``search.json`` in the sweep directory, and the summary shows them with the winner's command.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.utils import JobReturn, JobStatus
+from omegaconf import DictConfig
+
+from fluxopt import plugins
+from fluxopt.backend import Stage
+from fluxopt.environment import INVOCATION_ENV, detect_device
+from fluxopt.errors import ConfigError, FluxoptError
+from fluxopt.files import write_json_atomic
+from fluxopt.report import SEARCH_FILE
+from fluxopt.result import RESULT_FILE, UnreadableResult, load_result
+from fluxopt.selection import Limits, Pick, ineligible
+from fluxopt.stack import build_stack, option_defaults, unknown_backend_message
+
+CHOICE_PREFIX = "stack."  # a search dimension "stack.<backend>=true" puts <backend> in the stack
+
+
+def default_backends(device: str = "auto") -> list[str]:
+    """What the search combines when ``search.backends`` is not set: every backend this machine
+    can run in one process, except placement (offloading trades speed for memory)."""
+    info = detect_device(device)
+    names = []
+    for name, backend in sorted(plugins.backends().items()):
+        options = backend.options_class()
+        if backend.stage is Stage.PLACEMENT or backend.processes(options) != 1:
+            continue
+        if backend.unmet_requirement(options, info) is None:
+            names.append(name)
+    return names
+
+
+def search_space(backends: Sequence[str]) -> dict[str, str]:
+    """Optuna sweep parameters: a yes/no choice per backend."""
+    known = sorted(plugins.backends())
+    for name in backends:
+        if name not in known:
+            raise ConfigError(f"search.backends: {unknown_backend_message(name, known)}")
+    if not backends:
+        raise ConfigError("search.backends is empty: the search needs at least one backend to combine")
+    return {f"{CHOICE_PREFIX}{name}": "choice(false,true)" for name in backends}
+
+
+def _value(override: str) -> tuple[str, Any]:
+    parsed = OverridesParser.create().parse_overrides([override])[0]
+    return parsed.key_or_group, parsed.value()
+
+
+@dataclass
+class Proposal:
+    """One trial turned into fluxopt overrides: the stack, the options of its backends, the
+    fixed settings. ``refused`` says why it cannot run (then nothing is launched)."""
+
+    number: int
+    params: dict[str, Any]
+    stack: list[str]
+    overrides: list[str]
+    refused: str | None = None
+
+    @property
+    def label(self) -> str:
+        return "+".join(self.stack) or "(empty)"
+
+    def key(self) -> tuple[str, ...]:
+        return tuple(sorted(self.overrides))
+
+
+def propose(number: int, trial_overrides: Sequence[str]) -> Proposal:
+    """Turn Optuna's overrides for one trial (``stack.compile=True``, ``backend.compile.mode=...``,
+    fixed settings) into a fluxopt job, or say why it is refused."""
+    chosen: list[str] = []
+    options: dict[str, dict[str, Any]] = {}
+    option_overrides: list[tuple[str, str]] = []
+    fixed: list[str] = []
+    params: dict[str, Any] = {}
+    for text in trial_overrides:
+        key, value = _value(text)
+        if key.startswith(CHOICE_PREFIX):
+            params[key] = value
+            if value is True or str(value).lower() == "true":
+                chosen.append(key[len(CHOICE_PREFIX):])
+        elif key.startswith("backend."):
+            params[key] = value
+            _, name, option = key.split(".", 2)
+            options.setdefault(name, {})[option] = value
+            option_overrides.append((name, text))
+        else:
+            fixed.append(text)
+    overrides = [f"+backend=[{','.join(chosen)}]"] if chosen else []
+    overrides += [text for name, text in option_overrides if name in chosen]  # options of unused backends drop out
+    proposal = Proposal(number, params, chosen, overrides + fixed)
+    if not chosen:
+        proposal.refused = "no backend chosen (the baseline is measured in every job anyway)"
+        return proposal
+    try:
+        stack = build_stack({name: options.get(name) or None for name in chosen})
+    except FluxoptError as exc:
+        proposal.refused = str(exc)
+        return proposal
+    proposal.stack = stack.names  # stage order, as the run will name it
+    return proposal
+
+
+def score(data: Mapping[str, Any] | None, limits: Limits) -> tuple[float | None, str | None]:
+    """A finished job's objective (its stack's speedup) or why it has none."""
+    if not data:
+        return None, "the job left no result (see its directory)"
+    if data.get("job_crash"):
+        return None, f"the job's process died: {data['job_crash']}"
+    stacks = [s for s in data.get("stacks") or [] if s.get("stack") != "baseline"]
+    if len(stacks) != 1:
+        return None, f"expected one measured stack, found {len(stacks)}"
+    why = ineligible(stacks[0], limits)
+    if why is not None:
+        return None, why
+    speedup = float(stacks[0]["speedup"])
+    return (speedup, None) if math.isfinite(speedup) else (None, f"speedup {speedup} is not finite")
+
+
+@dataclass
+class TrialRecord:
+    number: int
+    stack: str
+    params: dict[str, Any]
+    overrides: list[str]
+    state: str  # "complete", "refused", "infeasible", "repeat"
+    value: float | None = None  # speedup
+    reason: str | None = None
+    job: int | None = None  # Hydra job number (None: nothing was launched)
+    run_dir: str | None = None
+
+
+@dataclass(frozen=True)
+class Measured:
+    """What one launched job gave (a repeated proposal reuses it instead of measuring again)."""
+
+    value: float | None
+    reason: str | None
+    data: Mapping[str, Any] | None
+    job: int
+    run_dir: str | None
+
+
+@dataclass
+class SearchLog:
+    """Every trial of one search, written to ``search.json`` after each batch."""
+
+    sweep_dir: Path
+    limits: Limits
+    backends: list[str]
+    trials: list[TrialRecord] = field(default_factory=list)
+    runs: dict[tuple[str, ...], Measured] = field(default_factory=dict)  # by Proposal.key()
+
+    def best(self) -> TrialRecord | None:
+        done = [t for t in self.trials if t.state == "complete" and t.value is not None]
+        return max(done, key=lambda t: t.value) if done else None
+
+    def winner(self) -> Pick | None:
+        top = self.best()
+        if top is None:
+            return None
+        data = self.runs[tuple(sorted(top.overrides))].data or {}
+        stacks = [s for s in data.get("stacks") or [] if s.get("stack") != "baseline"]
+        return Pick(stacks[0], data, option_defaults()) if stacks else None
+
+    def to_dict(self) -> dict[str, Any]:
+        pick = self.winner()
+        return {"objective": "speedup (maximize), each stack against the baseline of its own job",
+                "invocation": os.environ.get(INVOCATION_ENV),
+                "limits": self.limits.as_dict(), "backends": self.backends,
+                "trials": [dataclasses.asdict(t) for t in self.trials],
+                "best": None if pick is None else {"stack": pick.name, "speedup": pick.stack.get("speedup"),
+                                                   "command": pick.command(), "python": pick.python()}}
+
+    def write(self) -> None:
+        write_json_atomic(self.sweep_dir / SEARCH_FILE, self.to_dict())
+
+
+def limits_from(config: DictConfig) -> Limits:
+    search = config.get("search") or {}
+    return Limits(min_psnr=search.get("min_psnr"), max_memory_gib=search.get("max_memory_gib"))
+
+
+def backends_from(config: DictConfig) -> list[str]:
+    search = config.get("search") or {}
+    chosen = search.get("backends")
+    return list(chosen) if chosen is not None else default_backends(str(config.get("device", "auto")))
+
+
+class InfeasibleTrial(Exception):
+    """The trial's stack was refused, failed, or missed a limit; Optuna records it as failed."""
+
+
+def _job_data(ret: JobReturn) -> Mapping[str, Any] | None:
+    """The run's record: what the task returned, else its result file (the job may have died)."""
+    try:
+        value = ret.return_value
+    except Exception:  # noqa: BLE001 - a job that raised: its record on disk says why
+        value = None
+    if isinstance(value, Mapping):
+        return value
+    if ret.working_dir:
+        try:
+            return load_result(Path(ret.working_dir) / RESULT_FILE)
+        except UnreadableResult:
+            return None
+    return None
+
+
+class _InfeasibleReturn(JobReturn):
+    """A trial without a value: reading it raises (Optuna then records a failed trial with the
+    reason), without Hydra's "Error executing job" log line, which would misreport a refusal."""
+
+    @property
+    def return_value(self) -> Any:
+        raise self._return_value
+
+    @return_value.setter
+    def return_value(self, value: Any) -> None:
+        self._return_value = value
+
+
+def _returned(value: float | None, reason: str | None, overrides: Sequence[str]) -> JobReturn:
+    if value is None:
+        ret: JobReturn = _InfeasibleReturn(overrides=list(overrides), status=JobStatus.FAILED)
+        ret.return_value = InfeasibleTrial(reason)
+    else:
+        ret = JobReturn(overrides=list(overrides), status=JobStatus.COMPLETED)
+        ret.return_value = value
+    return ret
+
+
+class SearchLauncher:
+    """Stands between Optuna's sweeper and the real launcher (basic, joblib, Ray, submitit):
+    turns each batch of trials into fluxopt jobs, launches only the new, compatible ones, and
+    hands back each trial's speedup (or a failure naming why) in the order Optuna asked."""
+
+    def __init__(self, launcher: Any, log: SearchLog) -> None:
+        self.launcher = launcher
+        self.log = log
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list[JobReturn]:
+        start = len(self.log.trials)
+        proposals = [propose(start + i, overrides) for i, overrides in enumerate(job_overrides)]
+        new: dict[tuple[str, ...], Proposal] = {}
+        for p in proposals:
+            if p.refused is None and p.key() not in self.log.runs:
+                new.setdefault(p.key(), p)
+        batch = list(new.values())
+        returns = self.launcher.launch([p.overrides for p in batch], initial_job_idx) if batch else []
+        if len(returns) != len(batch):
+            raise RuntimeError(f"the launcher returned {len(returns)} results for {len(batch)} jobs")
+        launched_now = set()
+        for job, (p, ret) in enumerate(zip(batch, returns, strict=True), start=initial_job_idx):
+            data = _job_data(ret)
+            value, reason = score(data, self.log.limits)
+            self.log.runs[p.key()] = Measured(value, reason, data, job, ret.working_dir)
+            launched_now.add(p.key())
+        answers = []
+        for p in proposals:
+            record = TrialRecord(number=p.number, stack=p.label, params=p.params, overrides=p.overrides,
+                                 state="refused", reason=p.refused)
+            if p.refused is None:
+                measured = self.log.runs[p.key()]
+                first = p.key() in launched_now and all(t.overrides != p.overrides for t in self.log.trials)
+                record.state = ("complete" if measured.value is not None else "infeasible") if first else "repeat"
+                record.value, record.reason = measured.value, measured.reason
+                record.job, record.run_dir = measured.job, measured.run_dir
+            self.log.trials.append(record)
+            answers.append(_returned(record.value, record.reason, p.overrides))
+        self.log.write()
+        return answers
