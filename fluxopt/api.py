@@ -23,6 +23,7 @@ from fluxopt.context import StackContext
 from fluxopt.environment import DeviceInfo, detect_device
 from fluxopt.errors import ConfigError, UnavailableError
 from fluxopt.models import load_pipeline, resolve_dtype
+from fluxopt.result import RESULT_FILE, UnreadableResult, load_result
 from fluxopt.shapes import Shapes
 from fluxopt.stack import build_stack
 
@@ -61,12 +62,39 @@ def _shapes(height: Any, width: Any, steps: Any, guidance_scale: Any, max_sequen
                   max_sequence_length=max_sequence_length)
 
 
-def apply_stack(pipe: Any, backends: str | Sequence[str] | Mapping[str, Mapping[str, Any] | None], *,
-                height: int = 1024, width: int = 1024, steps: int = 28, guidance_scale: float = 3.5,
-                max_sequence_length: int = 512, build: bool = True,
+def stack_from_result(path: str | Path, stack: str) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """The backends and options of the stack named ``stack`` (e.g. ``"torchao_fp8+compile"``) in a
+    bake-off's result.json, or in any result.json below a directory, and the shapes it was measured at."""
+    path = Path(path)
+    files = sorted(path.rglob(RESULT_FILE)) if path.is_dir() else [path]
+    seen = []
+    for file in files:
+        try:
+            data = load_result(file)
+        except UnreadableResult as exc:
+            raise ConfigError(str(exc)) from None
+        if data is None:
+            raise ConfigError(f"{file}: no such result file")
+        for record in data.get("stacks") or []:
+            seen.append(record.get("stack"))
+            if record.get("stack") == stack:
+                options = record.get("options") or {}
+                return {name: options.get(name) or {} for name in record.get("backends") or []}, data.get("shapes") or {}
+    raise ConfigError(f"stack={stack!r} is not in {path}; stacks there: {', '.join(sorted(set(map(str, seen)))) or 'none'}")
+
+
+def apply_stack(pipe: Any, backends: str | Path | Sequence[str] | Mapping[str, Mapping[str, Any] | None], *,
+                stack: str | None = None,
+                height: int | None = None, width: int | None = None, steps: int | None = None,
+                guidance_scale: float | None = None, max_sequence_length: int = 512, build: bool = True,
                 cache_dir: str | Path | None = None, restorable: bool = True) -> AppliedStack:
     """Apply backends (a name, names, or names -> options) to ``pipe`` in stage order and
     return the :class:`AppliedStack`, a context manager whose ``close()`` undoes everything.
+
+    ``backends`` may also be a :class:`pathlib.Path` to a bake-off's result.json (or a sweep
+    directory) with ``stack`` naming one of its stacks: that stack's backends and options are
+    applied, at the shapes it was measured at unless given here. Default shapes: 1024x1024,
+    28 steps, guidance 3.5.
 
     The shapes are those you will serve: graph backends specialise on them. With ``build``,
     ahead-of-time work (compilation, export, engine build) happens now, with one warm-up
@@ -79,6 +107,19 @@ def apply_stack(pipe: Any, backends: str | Sequence[str] | Mapping[str, Mapping[
     """
     if backends is None:
         raise ConfigError("backends is None: name at least one backend, e.g. apply_stack(pipe, ['compile'])")
+    measured: dict[str, Any] = {}
+    if isinstance(backends, Path):
+        if stack is None:
+            raise ConfigError("apply_stack(pipe, Path(...)) needs stack=<name> (e.g. stack='torchao_fp8+compile')")
+        backends, measured = stack_from_result(backends, stack)
+    elif stack is not None:
+        raise ConfigError("stack= names a stack of a result file: pass the file as a pathlib.Path")
+
+    def pick(value: Any, key: str, default: Any) -> Any:
+        return value if value is not None else measured.get(key, default)
+
+    height, width = pick(height, "height", 1024), pick(width, "width", 1024)
+    steps, guidance_scale = pick(steps, "steps", 28), pick(guidance_scale, "guidance_scale", 3.5)
     stack = build_stack(backends)
     shapes = _shapes(height, width, steps, guidance_scale, max_sequence_length)
     check_pipeline(pipe)

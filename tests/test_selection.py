@@ -1,0 +1,107 @@
+"""From bake-off to serving (issue 16): ``fluxopt-report --best`` under limits, the reproducing
+command and Python call, and ``apply_stack`` from a result file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import fluxopt
+from fluxopt import report_cli
+from fluxopt.errors import ConfigError
+from fluxopt.result import SCHEMA_VERSION
+from fluxopt.selection import Limits, best
+from fluxopt.stack import option_defaults
+
+GIB = 2**30
+
+
+def _stack(name, speedup, psnr, peak_gib, passed=True, status="ok", options=None):
+    backends = name.split("+")
+    return {"stack": name, "backends": backends, "status": status, "speedup": speedup,
+            "peak_memory_bytes": int(peak_gib * GIB),
+            "options": options or {b: {} for b in backends},
+            "fidelity": {"passed": passed, "metrics": {"psnr": {"worst": psnr}}}}
+
+
+def _write_run(directory: Path, stacks: list[dict]) -> Path:
+    directory.mkdir(parents=True)
+    data = {"schema_version": SCHEMA_VERSION, "complete": True, "mode": "bakeoff", "model": {"name": "flux-mini"},
+            "shapes": {"height": 256, "width": 256, "steps": 8, "guidance_scale": 3.5},
+            "provenance": {"overrides": ["model=flux-mini", "bench.iterations=5", "hydra.run.dir=x"]},
+            "requested": [s["stack"] for s in stacks], "stacks": stacks}
+    (directory / "result.json").write_text(json.dumps(data))
+    return directory / "result.json"
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    compile_opts = {"compile": {**option_defaults()["compile"], "regional": not option_defaults()["compile"]["regional"]}}
+    _write_run(tmp_path / "a", [_stack("fuse_qkv", 1.1, 100.0, 10),
+                                _stack("compile", 1.4, 48.0, 12, options=compile_opts)])
+    _write_run(tmp_path / "b", [_stack("torchao_fp8+compile", 1.8, 36.0, 20),
+                                _stack("taylorseer", 2.5, 19.0, 10, passed=False),
+                                _stack("trt_fp8", None, None, 0, status="skipped")])
+    return tmp_path
+
+
+def _runs(root):
+    return [json.loads(p.read_text()) for p in sorted(root.rglob("result.json"))]
+
+
+@pytest.mark.parametrize(("limits", "winner"), [
+    ({}, "torchao_fp8+compile"),                     # the failed-gate 2.5x is never picked
+    ({"min_psnr": 36.0}, "torchao_fp8+compile"),     # at the boundary: allowed
+    ({"min_psnr": 36.01}, "compile"),
+    ({"max_memory_gib": 19.99}, "compile"),
+    ({"max_memory_gib": 12.0}, "compile"),           # at the boundary: allowed
+    ({"min_psnr": 49.0, "max_memory_gib": 11.0}, "fuse_qkv"),
+    ({"min_psnr": 101.0}, None),
+])
+def test_best_respects_gate_and_limits(sweep, limits, winner):
+    pick, passed_over = best(_runs(sweep), Limits(**limits), option_defaults())
+    assert (pick.name if pick else None) == winner
+    reasons = dict(passed_over)
+    assert reasons["taylorseer"] == "failed its fidelity gate" and reasons["trt_fp8"].startswith("skipped")
+    assert len(passed_over) + (pick is not None) == 5
+
+
+def test_reproducing_command_and_python_name_only_changed_options(sweep):
+    pick, _ = best(_runs(sweep), Limits(min_psnr=40), option_defaults())
+    regional = str(not option_defaults()["compile"]["regional"]).lower()
+    assert pick.command() == f"python -m fluxopt +backend=compile backend.compile.regional={regional} " \
+                             "model=flux-mini bench.iterations=5"
+    assert f"fluxopt.apply_stack(pipe, {{'compile': {{'regional': {regional.capitalize()}}}}}, height=256, width=256, " \
+           "steps=8, guidance_scale=3.5)" in pick.python()
+
+
+def test_report_best_prints_command_and_snippet_and_exit_status(sweep, capsys):
+    with pytest.raises(SystemExit) as done:
+        report_cli.main([str(sweep), "--best", "--max-memory-gib", "15"])
+    out = capsys.readouterr().out
+    assert done.value.code == 0
+    assert out.startswith("best: compile, 1.40x, PSNR 48.0 dB, peak 12.0 GiB")
+    assert "python -m fluxopt +backend=compile" in out and "fluxopt.apply_stack(pipe" in out
+    assert "torchao_fp8+compile: peak memory 20.00 GiB > max_memory_gib 15.0" in out
+    with pytest.raises(SystemExit) as done:
+        report_cli.main([str(sweep), "--best", "--min-psnr", "200"])
+    assert done.value.code == 1 and "no stack" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as done:
+        report_cli.main([str(sweep), "--best", "--min-psnr", "nan"])
+    assert done.value.code == 2 and "--min-psnr=nan is not allowed" in capsys.readouterr().err
+
+
+def test_apply_stack_from_a_result_file(tmp_path):
+    path = _write_run(tmp_path / "run", [_stack("fuse_qkv", 1.2, 100.0, 1)])
+    pipe = fluxopt.load_model("tiny", device="cpu")
+    attn = pipe.transformer.transformer_blocks[0].attn
+    assert not getattr(attn, "fused_projections", False)
+    with fluxopt.apply_stack(pipe, path.parent, stack="fuse_qkv", height=64, width=64, steps=2):
+        assert attn.fused_projections  # the recorded stack, really applied
+    assert not getattr(attn, "fused_projections", False)
+    with pytest.raises(ConfigError, match=r"stack='compile' is not in .*stacks there: fuse_qkv"):
+        fluxopt.apply_stack(pipe, path, stack="compile")
+    with pytest.raises(ConfigError, match="needs stack="):
+        fluxopt.apply_stack(pipe, path)
