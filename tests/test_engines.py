@@ -16,6 +16,7 @@ from fluxopt.cli import preflight
 from fluxopt.errors import ConfigError
 from fluxopt.selection import Limits
 
+ALLOW_CRASH = {"FLUXOPT_TEST_ALLOW_CRASH": "1"}  # the fault plugin's fault_crash backend runs only with it
 CRASH_SWEEP = ("-m", "+backend=fuse_qkv,fault_crash,channels_last", "bench.iterations=1", "save_images=false")
 
 
@@ -47,7 +48,7 @@ def _check_crash_sweep(proc, sweep_dir: Path, engine: str) -> list[dict]:
 def test_ray_sweep_records_a_crashed_job_and_finishes_the_others(tmp_path, plugin_env):
     sweep_dir = tmp_path / "ray"
     proc = run_cli(*CRASH_SWEEP, "hydra/launcher=fluxopt_ray", "hydra.launcher.ray.remote.num_gpus=0",
-                   f"hydra.sweep.dir={sweep_dir}", env=plugin_env)
+                   f"hydra.sweep.dir={sweep_dir}", env={**plugin_env, **ALLOW_CRASH})
     for record in _check_crash_sweep(proc, sweep_dir, "ray"):
         assert record["node_id"] and record["node_ip"] and record["task_id"]
         assert record["resources"] == {"CPU": 1.0}  # what the job asked Ray for (num_cpus=1, num_gpus=0)
@@ -57,7 +58,7 @@ def test_ray_sweep_records_a_crashed_job_and_finishes_the_others(tmp_path, plugi
 def test_submitit_local_sweep_records_a_crashed_job_and_finishes_the_others(tmp_path, plugin_env):
     sweep_dir = tmp_path / "submitit"
     proc = run_cli(*CRASH_SWEEP, "hydra/launcher=fluxopt_submitit_local", "hydra.launcher.gpus_per_node=0",
-                   "hydra.launcher.cpus_per_task=1", f"hydra.sweep.dir={sweep_dir}", env=plugin_env)
+                   "hydra.launcher.cpus_per_task=1", f"hydra.sweep.dir={sweep_dir}", env={**plugin_env, **ALLOW_CRASH})
     records = _check_crash_sweep(proc, sweep_dir, "submitit-local")
     assert all(r["job_id"] for r in records)
     assert list((sweep_dir / ".submitit").iterdir())  # submitit's job folders: pickled task, logs, results
