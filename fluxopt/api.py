@@ -120,13 +120,13 @@ def apply_stack(pipe: Any, backends: str | Path | Sequence[str] | Mapping[str, M
 
     height, width = pick(height, "height", 1024), pick(width, "width", 1024)
     steps, guidance_scale = pick(steps, "steps", 28), pick(guidance_scale, "guidance_scale", 3.5)
-    stack = build_stack(backends)
+    built = build_stack(backends)
     shapes = _shapes(height, width, steps, guidance_scale, max_sequence_length)
     check_pipeline(pipe)
     device = _pipe_device(pipe)
-    unmet = stack.unmet_requirements(device)
+    unmet = built.unmet_requirements(device)
     if unmet:
-        raise UnavailableError(f"stack '{stack.name}' cannot run here: " + "; ".join(unmet))
+        raise UnavailableError(f"stack '{built.name}' cannot run here: " + "; ".join(unmet))
 
     def run_once() -> None:
         with torch.inference_mode():
@@ -136,5 +136,5 @@ def apply_stack(pipe: Any, backends: str | Path | Sequence[str] | Mapping[str, M
 
     ctx = StackContext(device=device, dtype=pipe.transformer.dtype, model=None, shapes=shapes,
                        cache_dir=Path(cache_dir) if cache_dir else default_cache_dir(),
-                       prompts=("warm-up",), run_once=run_once, stack=stack)
-    return apply_to_pipeline(pipe, stack, ctx, build=build, restorable=restorable)
+                       prompts=("warm-up",), run_once=run_once, stack=built)
+    return apply_to_pipeline(pipe, built, ctx, build=build, restorable=restorable)

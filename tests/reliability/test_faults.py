@@ -140,7 +140,7 @@ def test_report_skips_a_result_of_the_wrong_shape(tmp_path):
 # ------------------------------------------------------------------------------- interrupts
 def _start_long_run(run_dir: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "fluxopt", "+backend=compile", "backend.compile.backend=eager",
-                             "backend.compile.cache=false", "bench.iterations=150", f"hydra.run.dir={run_dir}"],
+                             "backend.compile.cache=false", "bench.iterations=60", f"hydra.run.dir={run_dir}"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
