@@ -1,6 +1,6 @@
 """fluxopt: find which optimization stack makes FLUX fastest on your hardware, then use it.
 
-This module is the public API: serving code uses ``apply_stack`` (and ``load_model``,
+This module is the public API: serving code uses ``apply_stack`` and ``benchmark`` (and ``load_model``,
 ``available_backends``); plugins (built-in ones in ``fluxopt_plugins`` and third-party ones)
 import everything they need from here and nothing else (an import-linter contract checks it).
 """
@@ -8,6 +8,7 @@ import everything they need from here and nothing else (an import-linter contrac
 from fluxopt.api import AppliedStack, apply_stack, available_backends, load_model
 from fluxopt.artifacts import INDUCTOR
 from fluxopt.backend import EXCLUSIVE_STAGES, Backend, Package, Requirements, Stage
+from fluxopt.benchmarking import benchmark
 from fluxopt.compiler_state import RECIPE_INDUCTOR_FLAGS, validate_inductor_flags
 from fluxopt.context import StackContext
 from fluxopt.cuda_graphs import CudaGraphRunner, TransformerForward
@@ -27,6 +28,6 @@ __all__ = [
     "DTYPES", "EXCLUSIVE_STAGES", "INDUCTOR", "RECIPE_INDUCTOR_FLAGS", "AppliedStack", "Backend", "ConfigError", "CudaGraphRunner", "TransformerForward",
     "DeviceInfo", "FluxoptError", "GenerationDefaults", "Metric", "ModelLoadError", "ModelSpec", "Package",
     "Requirements", "Sample", "Shapes", "StackContext", "StackResult", "Stage", "UnavailableError", "__version__",
-    "apply_stack", "available_backends", "file_sha256", "has_subclass_weights", "hookimpl", "load_model", "module_fingerprint",
+    "apply_stack", "available_backends", "benchmark", "file_sha256", "has_subclass_weights", "hookimpl", "load_model", "module_fingerprint",
     "private_dir", "transformer_inputs", "validate_inductor_flags", "verify_checksums",
 ]

@@ -30,7 +30,7 @@ from fluxopt.stack import build_stack
 __all__ = ["AppliedStack", "apply_stack", "available_backends", "load_model"]
 
 
-def _pipe_device(pipe: Any) -> DeviceInfo:
+def pipeline_device(pipe: Any) -> DeviceInfo:
     return detect_device("cuda" if pipe.transformer.device.type == "cuda" else "cpu")
 
 
@@ -47,7 +47,7 @@ def load_model(name: str = "tiny", device: str = "auto", dtype: str = "auto", pa
                          path=path)
 
 
-def _shapes(height: Any, width: Any, steps: Any, guidance_scale: Any, max_sequence_length: Any) -> Shapes:
+def check_shapes(height: Any, width: Any, steps: Any, guidance_scale: Any, max_sequence_length: Any) -> Shapes:
     for name, value in (("height", height), ("width", width), ("steps", steps),
                         ("max_sequence_length", max_sequence_length)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -121,9 +121,9 @@ def apply_stack(pipe: Any, backends: str | Path | Sequence[str] | Mapping[str, M
     height, width = pick(height, "height", 1024), pick(width, "width", 1024)
     steps, guidance_scale = pick(steps, "steps", 28), pick(guidance_scale, "guidance_scale", 3.5)
     built = build_stack(backends)
-    shapes = _shapes(height, width, steps, guidance_scale, max_sequence_length)
+    shapes = check_shapes(height, width, steps, guidance_scale, max_sequence_length)
     check_pipeline(pipe)
-    device = _pipe_device(pipe)
+    device = pipeline_device(pipe)
     unmet = built.unmet_requirements(device)
     if unmet:
         raise UnavailableError(f"stack '{built.name}' cannot run here: " + "; ".join(unmet))

@@ -55,13 +55,17 @@ def _speedup(base: dict[str, Any], other: dict[str, Any]) -> tuple[float, float]
 class Run:
     def __init__(self, cfg: DictConfig | Mapping[str, Any], output_dir: Path, stacks: list[Stack] | None = None,
                  provenance: Mapping[str, Any] | None = None,
-                 on_phase: Callable[[str, str], None] | None = None):
+                 on_phase: Callable[[str, str], None] | None = None,
+                 plan: RunPlan | None = None, pipeline: Any = None):
         """``stacks`` replaces the stacks the config selects (benchmark scripts compare a chosen
         list); ``provenance`` (command line, overrides) is recorded as given; ``on_phase(stack,
-        phase)`` is told when each phase starts (progress displays)."""
+        phase)`` is told when each phase starts (progress displays). With ``pipeline`` (and its
+        ``plan``), every stack is applied to that pipeline and undone after it, instead of to a
+        freshly loaded one: ``fluxopt.benchmark`` on a pipeline the user built."""
         self.cfg = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
         self.output_dir = Path(output_dir)
-        self.plan: RunPlan = plan_run(self.cfg, stacks)
+        self.plan: RunPlan = plan or plan_run(self.cfg, stacks)
+        self.pipeline = pipeline
         self.provenance = dict(provenance or {})
         self.on_phase = on_phase or (lambda stack, phase: None)
         self.results: list[StackResult] = []
@@ -75,6 +79,8 @@ class Run:
 
     # ------------------------------------------------------------------ pipeline
     def _load(self) -> Any:
+        if self.pipeline is not None:
+            return self.pipeline
         p = self.plan
         return load_pipeline(p.spec, p.device.torch_device, p.dtype, p.cache_dir,
                              path=self.cfg.model.get("path"), revision=self.cfg.model.get("revision"))
@@ -176,7 +182,9 @@ class Run:
         gen = Generator(pipe, p.shapes, p.device)
         ctx = StackContext(device=p.device, dtype=p.dtype, model=p.spec, shapes=p.shapes, cache_dir=p.cache_dir,
                            prompts=p.prompts, stack=stack, run_once=lambda: gen(p.prompts[0], p.seed))
-        applied = apply_to_pipeline(pipe, stack, ctx, restorable=False, on_phase=lambda name: enter(Phase(name)))
+        # A fresh pipeline per stack needs no copy of replaced weights; the user's own must get them back.
+        applied = apply_to_pipeline(pipe, stack, ctx, restorable=self.pipeline is not None,
+                                    on_phase=lambda name: enter(Phase(name)))
         try:
             result.build_s = applied.build_s
             result.build_phases_s = ctx.stats.pop("build_phases_s", {})
