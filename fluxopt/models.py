@@ -3,6 +3,8 @@ authors use. Built-in specs are registered through the ``fluxopt_models`` hook."
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,9 +56,20 @@ def _build_tiny(directory: Path) -> None:
 
 
 def _flux_dev_random(device: torch.device, dtype: torch.dtype):
-    from fluxopt.random_flux import build_random_flux_dev
+    from fluxopt.random_flux import build_random_flux
 
-    return build_random_flux_dev(device, dtype)
+    return build_random_flux(device, dtype, guidance_embeds=True)
+
+
+def _flux_schnell_random(device: torch.device, dtype: torch.dtype):
+    from fluxopt.random_flux import build_random_flux
+
+    return build_random_flux(device, dtype, guidance_embeds=False)
+
+
+# FLUX.1-dev: guidance-distilled, 28 steps; FLUX.1-schnell: timestep-distilled, 4 steps, no guidance.
+DEV_DEFAULTS = GenerationDefaults(steps=28, guidance_scale=3.5, height=1024, width=1024, max_sequence_length=512)
+SCHNELL_DEFAULTS = GenerationDefaults(steps=4, guidance_scale=0.0, height=1024, width=1024, max_sequence_length=256)
 
 
 def _tiny_version() -> int:
@@ -74,20 +87,40 @@ BUILTIN_MODELS = (
     ModelSpec(
         name="flux-dev",
         description="black-forest-labs/FLUX.1-dev (gated; needs a Hugging Face login and download)",
-        defaults=GenerationDefaults(steps=28, guidance_scale=3.5, height=1024, width=1024, max_sequence_length=512),
-        hub_id="black-forest-labs/FLUX.1-dev"),
+        defaults=DEV_DEFAULTS, hub_id="black-forest-labs/FLUX.1-dev"),
     ModelSpec(
         name="flux-schnell",
         description="black-forest-labs/FLUX.1-schnell (timestep-distilled, 4 steps, no guidance)",
-        defaults=GenerationDefaults(steps=4, guidance_scale=0.0, height=1024, width=1024, max_sequence_length=256),
-        hub_id="black-forest-labs/FLUX.1-schnell"),
+        defaults=SCHNELL_DEFAULTS, hub_id="black-forest-labs/FLUX.1-schnell"),
     ModelSpec(
         name="flux-dev-random",
         description="FLUX.1-dev shapes (19+38 blocks, 3072 wide) with random weights made on the device: "
                     "real cost per step, no download, meaningless images",
-        defaults=GenerationDefaults(steps=28, guidance_scale=3.5, height=1024, width=1024, max_sequence_length=512),
-        factory=_flux_dev_random, trained=False),
+        defaults=DEV_DEFAULTS, factory=_flux_dev_random, trained=False),
+    ModelSpec(
+        name="flux-schnell-random",
+        description="FLUX.1-schnell shapes (no guidance embedding; 4 steps, guidance 0, 256 text tokens) with "
+                    "random weights made on the device",
+        defaults=SCHNELL_DEFAULTS, factory=_flux_schnell_random, trained=False),
 )
+
+
+def checkpoint_defaults(spec: ModelSpec, path: str | None) -> GenerationDefaults:
+    """The generation defaults for ``spec`` loaded from ``path``: a local FLUX.1-schnell directory
+    (its transformer has no guidance embedding) gets schnell's 4 steps and no guidance whatever
+    model name it is loaded under, a FLUX.1-dev directory dev's; otherwise the spec's own."""
+    if not path or not (Path(path) / "transformer" / "config.json").is_file():
+        return spec.defaults
+    try:
+        config = json.loads((Path(path) / "transformer" / "config.json").read_text())
+    except (OSError, ValueError):
+        return spec.defaults  # loading reports the damaged checkpoint with its file name
+    if not isinstance(config, dict) or "guidance_embeds" not in config:
+        return spec.defaults
+    base = SCHNELL_DEFAULTS if not config["guidance_embeds"] else DEV_DEFAULTS
+    keep = spec.defaults
+    return dataclasses.replace(base, height=keep.height, width=keep.width, prompts=keep.prompts,
+                               max_sequence_length=min(base.max_sequence_length, keep.max_sequence_length))
 
 
 @hookimpl

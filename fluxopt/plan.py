@@ -23,7 +23,7 @@ from fluxopt import plugins
 from fluxopt.artifacts import default_cache_dir
 from fluxopt.environment import DeviceInfo, detect_device
 from fluxopt.errors import ConfigError, UnavailableError
-from fluxopt.models import ModelSpec, resolve_dtype
+from fluxopt.models import GenerationDefaults, ModelSpec, checkpoint_defaults, resolve_dtype
 from fluxopt.shapes import Shapes
 from fluxopt.stack import Stack, build_stack
 
@@ -66,9 +66,8 @@ def selected_backends(cfg: Any) -> dict[str, Any]:
     return dict(node or {})
 
 
-def resolve_shapes(bench: Mapping[str, Any], spec: ModelSpec) -> Shapes:
-    d = spec.defaults
-
+def resolve_shapes(bench: Mapping[str, Any], d: GenerationDefaults) -> Shapes:
+    """The bench settings, each defaulting to the model's own (``d``)."""
     def pick(key: str, default: Any) -> Any:
         value = bench.get(key)
         return default if value is None else value
@@ -141,11 +140,12 @@ def plan_run(cfg: Any, stacks: list[Stack] | None = None, check_memory: bool = T
     spec = plugins.model(cfg.model.name)
     dtype = resolve_dtype(cfg.model.get("dtype", "auto"), device.is_gpu)
     bench = cfg.bench
-    shapes = resolve_shapes(bench, spec)
+    defaults = checkpoint_defaults(spec, cfg.model.get("path"))
+    shapes = resolve_shapes(bench, defaults)
     if check_memory:
         check_fits(shapes, device)
     prompts = bench.get("prompts")
-    prompts = check_prompts(list(prompts) if prompts is not None else (spec.defaults.prompts or DEFAULT_PROMPTS))
+    prompts = check_prompts(list(prompts) if prompts is not None else (defaults.prompts or DEFAULT_PROMPTS))
     seed = _int("bench.seed", bench.get("seed", 0), 0, "an integer >= 0")
     warmup = _int("bench.warmup", bench.get("warmup", 1), 0, "an integer >= 0 (untimed calls before timing)")
     iterations = _int("bench.iterations", bench.get("iterations", 3), 1, "an integer >= 1 (timed calls)")

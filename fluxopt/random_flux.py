@@ -1,5 +1,7 @@
-"""``flux-dev-random``: a FluxPipeline with FLUX.1-dev's transformer and VAE configuration and
-random weights created directly on the device, for performance work without a download.
+"""``flux-dev-random`` / ``flux-schnell-random``: a FluxPipeline with FLUX.1-dev's (or -schnell's)
+transformer and VAE configuration and random weights created directly on the device, for
+performance work without a download. The two differ in the guidance embedding (schnell is
+timestep-distilled and has none) and in their generation defaults (see ``fluxopt.models``).
 
 The cost per denoising step is the real model's; the images are noise-like, so fidelity
 numbers on it only say whether a backend computes the same function, not whether images
@@ -55,12 +57,14 @@ FLUX_DEV_CLIP = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=
 FLUX_DEV_T5 = dict(d_model=4096, d_kv=64, d_ff=1024, num_layers=2, num_heads=64, dropout_rate=0.0)
 
 
-def build_random_flux_dev(device: torch.device, dtype: torch.dtype, seed: int = 0):
-    """Built directly on ``device`` in ``dtype`` (no 48 GB fp32 detour through host memory)."""
+def build_random_flux(device: torch.device, dtype: torch.dtype, guidance_embeds: bool = True, seed: int = 0):
+    """Built directly on ``device`` in ``dtype`` (no 48 GB fp32 detour through host memory);
+    ``guidance_embeds=False`` gives FLUX.1-schnell's transformer."""
     from fluxopt.tiny_model import assemble_flux_pipeline
 
     init_dtype = dtype if dtype.is_floating_point else torch.float32
+    transformer = {**FLUX_DEV_TRANSFORMER, "guidance_embeds": guidance_embeds}
     with torch.device(device), _default_dtype(init_dtype):
-        pipe = assemble_flux_pipeline(FLUX_DEV_CLIP, FLUX_DEV_T5, FLUX_DEV_TRANSFORMER, FLUX_VAE, seed)
+        pipe = assemble_flux_pipeline(FLUX_DEV_CLIP, FLUX_DEV_T5, transformer, FLUX_VAE, seed)
         _init_like_trained(pipe.transformer)
     return pipe.to(device=device, dtype=dtype)
