@@ -18,6 +18,8 @@ from rich.console import Console
 PREFIX = "fluxopt"
 # Loggers whose records stay on the console whatever the verbosity (besides fluxopt's warnings).
 CONSOLE_LOGGERS = ("HYDRA", "hydra")
+# Libraries whose logging is routed through the root handlers (console filter, run log file).
+LIBRARY_LOGGERS = ("torch", "torchao", "diffusers", "transformers")
 
 
 def error(message: str) -> None:
@@ -37,6 +39,7 @@ class _ConsoleFilter(logging.Filter):
     def __init__(self) -> None:
         super().__init__()
         self.dropped = 0
+        self._last: logging.LogRecord | None = None  # one record passes every console handler in turn
 
     def filter(self, record: logging.LogRecord) -> bool:
         root = record.name.split(".")[0]
@@ -44,7 +47,9 @@ class _ConsoleFilter(logging.Filter):
             return record.levelno >= logging.WARNING
         if root in CONSOLE_LOGGERS:
             return True
-        self.dropped += 1
+        if record is not self._last:
+            self.dropped += 1
+            self._last = record
         return False
 
 
@@ -61,8 +66,14 @@ def quiet_libraries(output_dir: Path, verbose: bool) -> None:
     transformers.utils.logging.disable_progress_bar()
     logging.captureWarnings(True)
     warnings.simplefilter("default")
-    for name in ("torch", "torchao", "diffusers", "transformers"):
-        logging.getLogger(name).propagate = True
+    # torch (torch._inductor, torch._dynamo...) and diffusers install their own stderr handlers and
+    # some stop propagation: their records would bypass both the console filter and the log file.
+    for name in [n for n in list(logging.root.manager.loggerDict) if n.split(".")[0] in LIBRARY_LOGGERS]:
+        logger = logging.getLogger(name)
+        logger.propagate = True
+        for handler in [h for h in logger.handlers
+                        if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]:
+            logger.removeHandler(handler)
     if verbose:
         return
     for handler in logging.getLogger().handlers:
