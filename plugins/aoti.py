@@ -222,6 +222,15 @@ class AotiBackend(Backend):
             raise ConfigError("backend.aoti.min_resolution must be smaller than max_resolution")
         validate_inductor_flags("backend.aoti.inductor_config", options.inductor_config)
 
+    def incompatibility(self, options: AotiOptions, others: Any) -> str | None:
+        # Known before anything loads: quantized weights are tensor subclasses, which a package
+        # cannot bind as constants at load time (the build would refuse them after loading).
+        quantizers = [e.name for e in others if e.backend.exclusive_group == "quantization"]
+        if options.weights == "shared" and quantizers:
+            return (f"backend.aoti.weights=shared cannot bind the quantized weights of {quantizers[0]}; "
+                    "use backend.aoti.weights=embedded")
+        return None
+
     def apply(self, pipe: Any, options: AotiOptions, ctx: StackContext) -> None:
         """Only checks: the export needs the final weights, so everything happens in ``build``."""
         if options.dynamic:

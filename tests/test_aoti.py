@@ -125,6 +125,13 @@ def test_bad_options_are_refused(options, message):
         build_stack({"aoti": options})
 
 
+@pytest.mark.parametrize("quantizer", ["torchao_fp8", "torchao_int8", "bnb_nf4"])
+def test_shared_weights_with_a_quantizer_are_refused_before_loading(quantizer):
+    with pytest.raises(ConfigError, match=f"weights=shared cannot bind the quantized weights of {quantizer}"):
+        build_stack({quantizer: {}, "aoti": {"weights": "shared"}})
+    assert build_stack({quantizer: {}, "aoti": {"weights": "embedded"}}).names == [quantizer, "aoti"]
+
+
 def test_dynamic_range_must_cover_the_bench_shapes():
     backend, options_class = aoti()
     options = options_class(dynamic=True, min_resolution=256, max_resolution=512)
