@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
+from fluxopt.errors import UnavailableError
 from fluxopt.hookspecs import hookimpl
 from fluxopt.measure import Sample
 
@@ -70,10 +71,16 @@ def evaluate(reference: Sequence[Sample], candidate: Sequence[Sample], metrics: 
     if bad:
         return {"passed": False, "reason": f"non-finite values (NaN/inf) in the output for prompt(s) {bad}",
                 "metrics": {}}
-    report: dict[str, Any] = {"passed": True, "reason": None, "metrics": {}}
+    report: dict[str, Any] = {"passed": True, "reason": None, "metrics": {}, "unavailable": {}}
     failures = []
     for name, metric in metrics.items():
-        values = [metric.compute(r, c) for r, c in zip(reference, candidate)]
+        try:
+            values = [metric.compute(r, c) for r, c in zip(reference, candidate, strict=True)]
+        except UnavailableError as exc:  # e.g. its weights are not on this machine
+            report["unavailable"][name] = str(exc)
+            if thresholds.get(name) is not None:  # a gate that cannot be judged is not passed
+                failures.append(f"{name} has a threshold but is not available ({exc})")
+            continue
         worst = min(values) if metric.higher_is_better else max(values)
         threshold = thresholds.get(name)
         passed = None
