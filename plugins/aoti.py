@@ -14,12 +14,19 @@ padded copies, packed CPU GEMM weights); the live transformer's weights are then
 (``release_weights``: the package holds the only copy; the stack's snapshot restores them on
 close). ``shared`` packages code only and binds the live module's tensors at load time
 (``load_constants(user_managed=True)``), which is right only when Inductor kept every weight as
-it was: with ``max_autotune`` it makes derived constants the live module lacks, and on the H100
-a shared package computed a different function (PSNR 21.7 against eager). Either way the
+it was: with ``max_autotune`` it makes derived constants the live module lacks. Either way the
 package's output is compared with the eager transformer's on example inputs before it is
 installed (``self_check``): a package that computes something else fails the stack. The cache
 key holds a fingerprint of the module's structure (and, embedded, of its values) and the C++
 compiler the package was built with.
+
+Numerics (``eager_rounding``): FLUX scales the timestep and guidance by 1000 in the model dtype
+before their sinusoidal embeddings; eager rounds the product to bf16 (0.7 -> 700.0), a fused
+Inductor kernel keeps it in fp32 (699.2). The whole-graph package thus embeds a different
+timestep, which a deep transformer amplifies (relative L2 0.51 against eager on flux-dev-random,
+PSNR 21.7 on the images); regional compile never saw it because the embeddings stay eager.
+Inductor's ``emulate_precision_casts`` keeps eager's roundings, so the package computes eager's
+function (on by default).
 
 C++ compiler: Inductor's configured compiler is used only if the libstdc++ it links is not
 newer than the one this process loaded; otherwise a compatible one (``g++``) is chosen, for the
@@ -75,6 +82,9 @@ class AotiOptions:
     max_autotune: bool = True  # Inductor max_autotune (GEMM/conv autotuning at compile time)
     tuning_flags: bool = True  # the recipe's Inductor flags (conv_1x1_as_mm, coordinate descent, no epilogue fusion)
     inductor_config: dict[str, Any] = field(default_factory=dict)  # extra Inductor options for AOTI
+    # round intermediates to the model dtype where eager does (Inductor's emulate_precision_casts):
+    # without it the fused timestep/guidance embedding sees 699.2 where eager sees 700.0 (bf16)
+    eager_rounding: bool = True
     cuda_graphs: bool = True  # record/replay the loaded package under CUDA graphs (GPU only)
     dynamic: bool = False  # dynamic image-token dimension (one package for a range of resolutions)
     min_resolution: int = 256  # dynamic: smallest square side covered, in pixels (multiple of 16)
@@ -132,7 +142,8 @@ def vae_example(vae: torch.nn.Module, shapes: Shapes, device: torch.device) -> t
 
 def inductor_configs(options: AotiOptions, weights: str) -> dict[str, Any]:
     """What the package is compiled with (the recipe flags are passed here, never set globally)."""
-    configs: dict[str, Any] = {"max_autotune": options.max_autotune}
+    configs: dict[str, Any] = {"max_autotune": options.max_autotune,
+                               "emulate_precision_casts": options.eager_rounding}
     if options.tuning_flags:
         configs.update(RECIPE_INDUCTOR_FLAGS)
     if weights == "shared":

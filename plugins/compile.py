@@ -43,10 +43,19 @@ class CompileOptions:
     compile_vae: bool = False  # also compile vae.decode
     tuning_flags: bool = False  # the recipe's Inductor flags (slower compile, a bit faster kernels)
     inductor_config: dict[str, Any] = field(default_factory=dict)  # extra torch._inductor.config flags
+    # round fused intermediates to the model dtype where eager does (emulate_precision_casts), so
+    # the compiled transformer computes eager's function, not a more precise neighbour of it
+    eager_rounding: bool = True
     cache: bool = True  # persistent compile caches in cache.dir (warm start in later processes)
     # replay the whole compiled transformer as one CUDA graph per input shape (GPU only): no host
     # overhead per kernel; needs a transformer without host syncs (no step cache, no offload)
     cuda_graphs: bool = False
+
+
+def inductor_flags(options: CompileOptions) -> dict[str, Any]:
+    """The Inductor configuration the stack compiles under (patched, never set globally)."""
+    return {**(RECIPE_INDUCTOR_FLAGS if options.tuning_flags else {}),
+            "emulate_precision_casts": options.eager_rounding, **options.inductor_config}
 
 
 class CompileBackend(Backend):
@@ -70,9 +79,7 @@ class CompileBackend(Backend):
         return None
 
     def apply(self, pipe: Any, options: CompileOptions, ctx: StackContext) -> None:
-        flags = {**(RECIPE_INDUCTOR_FLAGS if options.tuning_flags else {}), **options.inductor_config}
-        if flags:
-            ctx.enter_context("compile: Inductor flags", torch._inductor.config.patch(flags))
+        ctx.enter_context("compile: Inductor flags", torch._inductor.config.patch(inductor_flags(options)))
         fullgraph = options.fullgraph
         if fullgraph is None:
             fullgraph = not (ctx.stack and any(e.backend.stage == Stage.CACHE for e in ctx.stack.entries))

@@ -17,8 +17,9 @@ from fluxopt.stack import build_stack
 
 # The recipe's flags and embedded weights as the default bake-off runs them; max_autotune off to keep
 # the suite fast (with it, on a CPU, Inductor makes derived weight constants: embedded packages hold them).
+# bf16, as on a GPU: the dtype whose roundings a whole-graph package must reproduce (eager_rounding).
 AOTI_ARGS = ("+backend=aoti", "backend.aoti.max_autotune=false", "bench.steps=2", "bench.height=64",
-             "bench.width=64", "bench.iterations=2")
+             "bench.width=64", "bench.iterations=2", "model.dtype=bfloat16")
 SHAPES = Shapes(height=64, width=64, steps=2, guidance_scale=3.5, max_sequence_length=128)
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -57,7 +58,8 @@ def test_aoti_cold_build_runs_the_pipeline_losslessly(two_runs):
     assert stats["aoti"]["cache_hit"] is False and stats["aoti"]["warm_start"] is False
     assert stats["aoti"]["weights"] == "embedded" and stats["aoti"]["cuda_graphs"] is False
     assert stats["aoti"]["released_weight_bytes"] > 0  # the package holds the only copy of the weights
-    assert stats["aoti"]["self_check"]["transformer_rel_l2"] < 1e-4  # fp32 on the CPU: same function
+    # eager's bf16 roundings kept: the same function, bit for bit on the CPU (0.035 without them)
+    assert stats["aoti"]["self_check"]["transformer_rel_l2"] < 1e-4
     assert stats["aoti"]["cxx"] and stats["aoti"]["cxx_reason"]
     assert stats["artifacts"]["aoti"]["built"] is True and stats["artifacts"]["aoti"]["size_bytes"] > 0
     assert Path(stats["artifacts"]["aoti"]["path"], "transformer.pt2").is_file()
@@ -73,6 +75,31 @@ def test_aoti_second_process_loads_the_package_from_the_cache(two_runs):
     assert w["stats"]["artifacts"]["aoti"]["path"] == c["stats"]["artifacts"]["aoti"]["path"]
     assert "export" not in w["build_phases_s"] and "aoti_compile" not in w["build_phases_s"]
     assert w["build_s"] < c["build_s"] / 3, (c["build_s"], w["build_s"])
+
+
+def _timestep_embedding_input(t: torch.Tensor) -> torch.Tensor:
+    """What FLUX does before its sinusoidal timestep embedding: scale in the model dtype, then fp32."""
+    return (t.to(torch.bfloat16) * 1000).float()
+
+
+@pytest.mark.parametrize("eager_rounding", [True, False])
+def test_eager_rounding_makes_whole_graph_inductor_compute_eagers_timestep(eager_rounding):
+    """The cause of the H100's aoti mismatch: a fused kernel skips eager's bf16 rounding of
+    timestep * 1000 (699.2 instead of 700.0) unless Inductor emulates the casts."""
+    from fluxopt_plugins.aoti import inductor_configs
+    from fluxopt_plugins.compile import CompileOptions, inductor_flags
+
+    _, options = aoti()
+    t = torch.tensor([0.7], dtype=torch.bfloat16)
+    eager = _timestep_embedding_input(t)
+    assert eager.item() == 700.0
+    for flags in (inductor_configs(options(eager_rounding=eager_rounding), "embedded"),
+                  inductor_flags(CompileOptions(eager_rounding=eager_rounding))):
+        torch._dynamo.reset()
+        with torch._inductor.config.patch(flags):
+            fused = torch.compile(_timestep_embedding_input, fullgraph=True)(t)
+        assert (fused.item() == 700.0) is eager_rounding, (flags, fused.item())
+    torch._dynamo.reset()
 
 
 def test_self_check_refuses_a_package_that_computes_something_else():
