@@ -12,6 +12,7 @@ from fluxopt.benchmarking import benchmark
 from fluxopt.compiler_state import RECIPE_INDUCTOR_FLAGS, validate_inductor_flags
 from fluxopt.context import StackContext
 from fluxopt.cuda_graphs import CudaGraphRunner, TransformerForward
+from fluxopt.eager_rounding import keep_eager_timestep_rounding
 from fluxopt.environment import DeviceInfo
 from fluxopt.errors import ConfigError, FluxoptError, ModelLoadError, UnavailableError
 from fluxopt.fidelity import Metric
@@ -28,6 +29,6 @@ __all__ = [
     "DTYPES", "EXCLUSIVE_STAGES", "INDUCTOR", "RECIPE_INDUCTOR_FLAGS", "AppliedStack", "Backend", "ConfigError", "CudaGraphRunner", "TransformerForward",
     "DeviceInfo", "FluxoptError", "GenerationDefaults", "Metric", "ModelLoadError", "ModelSpec", "Package",
     "Requirements", "Sample", "Shapes", "StackContext", "StackResult", "Stage", "UnavailableError", "__version__",
-    "apply_stack", "available_backends", "benchmark", "file_sha256", "has_subclass_weights", "hookimpl", "load_model", "module_fingerprint",
+    "apply_stack", "available_backends", "benchmark", "file_sha256", "has_subclass_weights", "hookimpl", "keep_eager_timestep_rounding", "load_model", "module_fingerprint",
     "private_dir", "transformer_inputs", "validate_inductor_flags", "verify_checksums",
 ]

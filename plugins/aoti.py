@@ -20,13 +20,10 @@ installed (``self_check``): a package that computes something else fails the sta
 key holds a fingerprint of the module's structure (and, embedded, of its values) and the C++
 compiler the package was built with.
 
-Numerics (``eager_rounding``): FLUX scales the timestep and guidance by 1000 in the model dtype
-before their sinusoidal embeddings; eager rounds the product to bf16 (0.7 -> 700.0), a fused
-Inductor kernel keeps it in fp32 (699.2). The whole-graph package thus embeds a different
-timestep, which a deep transformer amplifies (relative L2 0.51 against eager on flux-dev-random,
-PSNR 21.7 on the images); regional compile never saw it because the embeddings stay eager.
-Inductor's ``emulate_precision_casts`` keeps eager's roundings, so the package computes eager's
-function (on by default).
+Numerics (``eager_rounding``, on by default): the exported graph keeps eager's bf16 rounding of
+the scaled timestep and guidance, which Inductor's fusion would otherwise drop (see
+``fluxopt.eager_rounding``; without it the package scored a relative L2 of 0.51 against eager on
+flux-dev-random).
 
 C++ compiler: Inductor's configured compiler is used only if the libstdc++ it links is not
 newer than the one this process loaded; otherwise a compatible one (``g++``) is chosen, for the
@@ -60,7 +57,7 @@ import torch
 import torch._inductor.cpp_builder
 
 from fluxopt import (RECIPE_INDUCTOR_FLAGS, Backend, ConfigError, FluxoptError, Shapes, StackContext, Stage,
-                     CudaGraphRunner, TransformerForward, has_subclass_weights, hookimpl, module_fingerprint,
+                     CudaGraphRunner, TransformerForward, has_subclass_weights, hookimpl, keep_eager_timestep_rounding, module_fingerprint,
                      transformer_inputs, validate_inductor_flags)
 from fluxopt_plugins._libstdcxx import choose_compiler, compiler_libstdcxx, loaded_libstdcxx, package_loads
 
@@ -82,8 +79,8 @@ class AotiOptions:
     max_autotune: bool = True  # Inductor max_autotune (GEMM/conv autotuning at compile time)
     tuning_flags: bool = True  # the recipe's Inductor flags (conv_1x1_as_mm, coordinate descent, no epilogue fusion)
     inductor_config: dict[str, Any] = field(default_factory=dict)  # extra Inductor options for AOTI
-    # round intermediates to the model dtype where eager does (Inductor's emulate_precision_casts):
-    # without it the fused timestep/guidance embedding sees 699.2 where eager sees 700.0 (bf16)
+    # keep eager's rounding of the scaled timestep/guidance (fluxopt.eager_rounding): without it
+    # the fused embedding sees 699.2 where eager sees 700.0 (bf16) and the images drift
     eager_rounding: bool = True
     cuda_graphs: bool = True  # record/replay the loaded package under CUDA graphs (GPU only)
     dynamic: bool = False  # dynamic image-token dimension (one package for a range of resolutions)
@@ -142,8 +139,7 @@ def vae_example(vae: torch.nn.Module, shapes: Shapes, device: torch.device) -> t
 
 def inductor_configs(options: AotiOptions, weights: str) -> dict[str, Any]:
     """What the package is compiled with (the recipe flags are passed here, never set globally)."""
-    configs: dict[str, Any] = {"max_autotune": options.max_autotune,
-                               "emulate_precision_casts": options.eager_rounding}
+    configs: dict[str, Any] = {"max_autotune": options.max_autotune}
     if options.tuning_flags:
         configs.update(RECIPE_INDUCTOR_FLAGS)
     if weights == "shared":
@@ -269,9 +265,11 @@ class AotiBackend(Backend):
             raise ConfigError("backend.aoti.weights=shared cannot bind tensor-subclass weights (a quantized "
                               "transformer); use backend.aoti.weights=embedded")
         configured = torch._inductor.cpp_builder.get_cpp_compiler()
-        cxx, cxx_reason = choose_compiler(configured, verify=lambda compiler: verified_compiler(compiler, ctx))
+        with ctx.timed("compiler_check"):  # cached per compiler: a few minutes once per machine
+            cxx, cxx_reason = choose_compiler(configured, verify=lambda compiler: verified_compiler(compiler, ctx))
         if cxx != configured:
             ctx.enter_context("aoti: C++ compiler", torch._inductor.config.patch({"cpp.cxx": (None, cxx)}))
+        rounded = options.eager_rounding and keep_eager_timestep_rounding(transformer)
         inputs = transformer_inputs(transformer, ctx.shapes, device, dtype)
         z = vae_example(pipe.vae, ctx.shapes, device) if options.vae else None
         configs = inductor_configs(options, weights)
@@ -362,6 +360,7 @@ class AotiBackend(Backend):
             "cxx": cxx,
             "cxx_reason": cxx_reason,
             "self_check": check,
+            "eager_rounding": rounded,
             "package_bytes": sum(p.stat().st_size for p in entry.glob("*.pt2")),
             "entry": entry.name,
         }

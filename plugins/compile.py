@@ -23,7 +23,7 @@ from typing import Any, Optional
 import torch
 
 from fluxopt import (INDUCTOR, RECIPE_INDUCTOR_FLAGS, Backend, ConfigError, CudaGraphRunner, StackContext, Stage,
-                     TransformerForward, hookimpl, module_fingerprint, private_dir, validate_inductor_flags)
+                     TransformerForward, hookimpl, keep_eager_timestep_rounding, module_fingerprint, private_dir, validate_inductor_flags)
 
 
 MEGA_CACHE = "mega_cache.bin"
@@ -43,8 +43,8 @@ class CompileOptions:
     compile_vae: bool = False  # also compile vae.decode
     tuning_flags: bool = False  # the recipe's Inductor flags (slower compile, a bit faster kernels)
     inductor_config: dict[str, Any] = field(default_factory=dict)  # extra torch._inductor.config flags
-    # round fused intermediates to the model dtype where eager does (emulate_precision_casts), so
-    # the compiled transformer computes eager's function, not a more precise neighbour of it
+    # whole graph: keep eager's rounding of the scaled timestep/guidance (fluxopt.eager_rounding);
+    # without it the fused embedding sees 699.2 where eager sees 700.0 and the images drift
     eager_rounding: bool = True
     cache: bool = True  # persistent compile caches in cache.dir (warm start in later processes)
     # replay the whole compiled transformer as one CUDA graph per input shape (GPU only): no host
@@ -54,8 +54,7 @@ class CompileOptions:
 
 def inductor_flags(options: CompileOptions) -> dict[str, Any]:
     """The Inductor configuration the stack compiles under (patched, never set globally)."""
-    return {**(RECIPE_INDUCTOR_FLAGS if options.tuning_flags else {}),
-            "emulate_precision_casts": options.eager_rounding, **options.inductor_config}
+    return {**(RECIPE_INDUCTOR_FLAGS if options.tuning_flags else {}), **options.inductor_config}
 
 
 class CompileBackend(Backend):
@@ -84,6 +83,8 @@ class CompileBackend(Backend):
         if fullgraph is None:
             fullgraph = not (ctx.stack and any(e.backend.stage == Stage.CACHE for e in ctx.stack.entries))
         ctx.stats.setdefault("compile", {})["fullgraph"] = fullgraph
+        if options.eager_rounding and not options.regional:  # regional: the embeddings stay eager
+            ctx.stats["compile"]["eager_rounding"] = keep_eager_timestep_rounding(pipe.transformer)
         kwargs = {"fullgraph": fullgraph, "dynamic": options.dynamic, "backend": options.backend,
                   "mode": None if options.mode == "default" else options.mode}
         if options.regional:
