@@ -9,6 +9,11 @@ for _ in $(seq "$wait"); do
   sleep 1
 done
 cp -r /tmp/out/. "$OUT/"
+# result.json is rewritten after every stack: a run cut short (the machine is taken back after
+# 30 minutes held) still returns the stacks it finished
+for run in /tmp/res/*_run; do
+  [ -f "$run/result.json" ] && cp "$run/result.json" "$OUT/$(basename "$run").partial.json"
+done
 tail -5 /tmp/out/background.log
 if kill -0 "$pid" 2>/dev/null; then echo "still running"; exit 3; fi
 echo "finished"; exit 0

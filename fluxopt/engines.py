@@ -26,17 +26,17 @@ ENGINE_PLUGINS = {
 
 # fluxopt's own Hydra plugin classes (package hydra_plugins.fluxopt_launchers), by config name.
 FLUXOPT_ENGINES = {
-    "fluxopt_ray": "hydra_plugins.fluxopt_launchers.ray_launcher.FluxoptRayLauncher",
-    "fluxopt_submitit_local": "hydra_plugins.fluxopt_launchers.submitit_launcher.FluxoptSubmititLocalLauncher",
-    "fluxopt_slurm": "hydra_plugins.fluxopt_launchers.submitit_launcher.FluxoptSlurmLauncher",
-    "fluxopt_search": "hydra_plugins.fluxopt_launchers.search_sweeper.FluxoptSearchSweeper",
+    "fluxopt_ray": "hydra_plugins.fluxopt_launchers._ray_launcher.FluxoptRayLauncher",
+    "fluxopt_submitit_local": "hydra_plugins.fluxopt_launchers._submitit_launcher.FluxoptSubmititLocalLauncher",
+    "fluxopt_slurm": "hydra_plugins.fluxopt_launchers._submitit_launcher.FluxoptSlurmLauncher",
+    "fluxopt_search": "hydra_plugins.fluxopt_launchers._search_sweeper.FluxoptSearchSweeper",
 }
 
 
 def register_engine(name: str) -> None:
-    """Register fluxopt's plugin class for a launcher/sweeper config with Hydra. Hydra finds
-    plugins by scanning the ``hydra_plugins`` namespace, which an editable install's import hook
-    hides from that scan; registering by name works for every kind of install."""
+    """Register fluxopt's plugin class for a launcher/sweeper config with Hydra, by name: only the
+    engine a run asks for is imported (Hydra's scan of ``hydra_plugins`` would import them all,
+    failing loudly for engines not installed, and misses editable installs)."""
     if name not in FLUXOPT_ENGINES:
         return
     from hydra.core.plugins import Plugins

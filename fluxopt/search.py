@@ -4,7 +4,7 @@ on the command line; fluxopt turns each proposal into a run, refuses incompatibl
 any model loads, and scores a run by its speedup when it passes its fidelity gate and the
 limits (``search.min_psnr``, ``search.max_memory_gib``).
 
-The Optuna side lives in ``hydra_plugins/fluxopt_launchers/search_sweeper.py``; this module is
+The Optuna side lives in ``hydra_plugins/fluxopt_launchers/_search_sweeper.py``; this module is
 the part that knows fluxopt, testable without Optuna. Every trial, run or refused, is written to
 ``search.json`` in the sweep directory, and the summary shows them with the winner's command.
 """

@@ -58,3 +58,10 @@ def test_installed_wheel_runs_outside_the_checkout(wheel, tmp_path):
     assert check.stdout.startswith(str(target))
     git = json.loads((tmp_path / "run" / "result.json").read_text())["environment"]["git"]
     assert git["source"] == "recorded at install" and len(git["revision"]) == 40  # known without a checkout
+    # Hydra's plugin scan (which imports every public module under hydra_plugins) leaves fluxopt's
+    # engines alone: on a machine without Ray or submitit it would print an import error each run
+    scan = subprocess.run([sys.executable, "-c", "import sys; from hydra.core.plugins import Plugins; "
+                           "Plugins.instance(); print(sorted(m for m in sys.modules if 'fluxopt_launchers' in m))"],
+                          cwd=workdir, env=env, capture_output=True, text=True, check=True)
+    assert scan.stdout.strip() == "['hydra_plugins.fluxopt_launchers']", scan.stdout
+    assert "Error importing" not in proc.stderr + scan.stderr
