@@ -25,10 +25,10 @@ COLUMNS = ("run", "stack", "per step (ms)", "latency (s)", "speedup", "build (s)
 
 
 # The options worth a reader's eye in the table (the JSON has them all).
-SHOWN = {"compile": ("regional", "cuda_graphs"), "torchao_fp8": ("granularity",),
+SHOWN = {"compile": ("regional", "cuda_graphs", "eager_rounding"), "torchao_fp8": ("granularity",),
          "torchao_int8": ("inductor_tuning",), "fbcache": ("residual_diff_threshold",),
          "attention": ("kernel",), "offload": ("mode",), "trt_fp8": ("stop_after", "calib_steps"),
-         "aoti": ("max_autotune", "weights", "cuda_graphs"), "taylorseer": ("cache_interval",)}
+         "aoti": ("max_autotune", "weights", "cuda_graphs", "eager_rounding"), "taylorseer": ("cache_interval",)}
 
 
 def stack_label(r: dict[str, Any]) -> str:

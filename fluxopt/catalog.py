@@ -1,13 +1,16 @@
 """``python -m fluxopt.catalog``: every registered backend, what it needs and whether it can
-run on this machine (Markdown, so docs/backends.md is generated from the code itself)."""
+run on this machine (Markdown, so docs/backends.md is generated from the code itself:
+``python -m fluxopt.catalog --device cpu --render docs/backends.md`` rewrites its marked block)."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from fluxopt import plugins
 from fluxopt.backend import EXCLUSIVE_STAGES
 from fluxopt.environment import detect_device
+from fluxopt.files import write_text_atomic
 from fluxopt.stack import describe_options
 
 
@@ -31,10 +34,25 @@ def render(device: str = "auto") -> str:
     return "\n".join(lines + ["", "Options (`backend.<name>.<option>=value`):", ""] + details) + "\n"
 
 
+BEGIN, END = "<!-- catalog: python -m fluxopt.catalog --device cpu -->\n", "<!-- end catalog -->"
+
+
+def render_into(text: str, catalog: str) -> str:
+    """``text`` with the block between the catalog markers replaced by ``catalog``."""
+    head, rest = text.split(BEGIN, 1)
+    return head + BEGIN + catalog + rest[rest.index(END):]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    print(render(parser.parse_args().device))
+    parser.add_argument("--render", type=Path, help="rewrite the marked catalog block of this Markdown file")
+    args = parser.parse_args()
+    catalog = render(args.device)
+    if args.render:
+        write_text_atomic(args.render, render_into(args.render.read_text(), catalog))
+    else:
+        print(catalog, end="")
 
 
 if __name__ == "__main__":

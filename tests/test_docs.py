@@ -22,3 +22,15 @@ def test_generated_tables_are_up_to_date(doc):
     proc = subprocess.run([sys.executable, "benchmarks/results_table.py", "--render", "--check", str(doc)], cwd=REPO,
                           capture_output=True, text=True)
     assert proc.returncode == 0, f"{doc} is stale: run python benchmarks/results_table.py --render {doc}"
+
+
+def test_backend_catalog_in_docs_is_generated_from_the_code():
+    """docs/backends.md's backend table and option list equal ``python -m fluxopt.catalog``'s
+    output (the table header names the machine's CPU, which differs between machines)."""
+    from fluxopt.catalog import BEGIN, END, render
+
+    text = (REPO / "docs" / "backends.md").read_text()
+    block = text.split(BEGIN, 1)[1].split(END, 1)[0]
+    generated = render("cpu")
+    assert block.split("\n", 1)[1] == generated.split("\n", 1)[1], \
+        "docs/backends.md is stale: python -m fluxopt.catalog --device cpu --render docs/backends.md"
