@@ -46,6 +46,7 @@ def test_benchmark_measures_stacks_on_the_users_pipeline_and_leaves_it_as_it_was
     ({"stacks": ["fuse_qkv"], "fidelity": {"losless": {"psnr": 30}}}, "'losless' is not allowed"),
 ])
 def test_benchmark_refuses_bad_input_before_running(tiny_pipe, tmp_path, kwargs, message):
+    kwargs = dict(kwargs)  # the parameter is shared by every run of this test
     with pytest.raises(ConfigError, match=message):
         fluxopt.benchmark(tiny_pipe, kwargs.pop("stacks"), output_dir=tmp_path / "out", **kwargs)
     assert not (tmp_path / "out").exists()
