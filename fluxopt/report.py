@@ -165,19 +165,20 @@ def print_table(data: dict[str, Any], console: Console | None = None) -> None:
 
 
 def verdict_sentence(data: dict[str, Any], output_dir: Path) -> str:
-    """One sentence: the fastest stack that passed its gate, its speedup, where the evidence is."""
+    """One sentence: the fastest stack that passed its gate, its speedup, where the evidence is;
+    on a model with random weights, why its speedups do not carry over to a real one on a GPU."""
     passed = [s for s in data.get("stacks", []) if s.get("status") == "ok" and s.get("speedup")]
     where = f"images in {Path(output_dir) / 'images'}, full table in {Path(output_dir) / 'report.md'}"
+    caveat = "" if data["model"].get("trained") else f" ({data['model']['name']} has random weights: " \
+        "speedups on a small model on this device say little about a large one on a GPU)"
     if not passed:
-        return f"No stack passed its fidelity gate faster than the baseline; {where}."
+        return f"No stack passed its fidelity gate faster than the baseline{caveat}; {where}."
     best = max(passed, key=lambda s: s["speedup"])
     if best["speedup"] <= 1.0:
         return (f"No stack that passed its gate was faster than the baseline (best: {best['stack']}, "
-                f"{best['speedup']:.2f}x); {where}.")
+                f"{best['speedup']:.2f}x){caveat}; {where}.")
     noise = " (within the noise)" if best.get("within_noise") else ""
-    trained = "" if data["model"].get("trained") else f" ({data['model']['name']} has random weights: " \
-        "speedups on a small model on this device say little about a large one on a GPU)"
-    return f"Fastest stack that passed: {best['stack']}, {best['speedup']:.2f}x end to end{noise}{trained}; {where}."
+    return f"Fastest stack that passed: {best['stack']}, {best['speedup']:.2f}x end to end{noise}{caveat}; {where}."
 
 
 def write_run_report(data: dict[str, Any], output_dir: Path) -> Path:

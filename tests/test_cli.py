@@ -142,3 +142,13 @@ def test_console_table_fits_120_columns_and_ends_with_the_verdict(tmp_path):
     sentence = verdict_sentence(data, tmp_path)
     assert sentence.startswith("Fastest stack that passed: torchao_fp8+compile, 1.80x end to end")
     assert str(tmp_path / "report.md") in sentence
+
+
+@pytest.mark.parametrize(("trained", "speedups"), [(False, (1.8,)), (False, (0.9,)), (False, ()), (True, (1.8,))])
+def test_verdict_explains_random_weights_whatever_the_outcome(tmp_path, trained, speedups):
+    from fluxopt.report import verdict_sentence
+
+    stacks = [{"stack": f"s{i}", "status": "ok", "speedup": s} for i, s in enumerate(speedups)]
+    sentence = verdict_sentence({"model": {"name": "tiny", "trained": trained}, "stacks": stacks}, tmp_path)
+    assert ("tiny has random weights: speedups on a small model" in sentence) is (not trained), sentence
+    assert str(tmp_path / "images") in sentence
