@@ -8,12 +8,21 @@ active backend is restored through the stack's exit stack so it cannot leak into
 stack. Kernels that quantize (SageAttention's int8 QK / fp8 PV) are lossy; the others are
 exact attention up to float noise. diffusers 0.42.1 has no plain ``aiter`` kernel: AMD's
 kernel is ``aiter_fa2_hub`` (downloaded from the Hub by the ``kernels`` package).
+
+``kernel=auto`` measures instead of guessing: every lossless kernel this machine can run is
+timed at the model's own attention shape (batch x image+text tokens x heads x head dim, in the
+run's dtype) and checked against SDPA's math kernel; the fastest one within ``max_rel_error``
+is used. Every kernel's time, TFLOP/s, error or failure goes into ``stats.attention_benchmark``.
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
+
+import torch
 
 from fluxopt import Backend, ConfigError, Package, Requirements, StackContext, Stage, hookimpl
 
@@ -54,9 +63,74 @@ KERNELS_TABLE: dict[str, tuple[Requirements, bool]] = {
 }
 
 
+AUTO = "auto"
+REFERENCE = "_native_math"  # SDPA's math kernel: what every other kernel is checked against
+
+
 @dataclass
 class AttentionOptions:
-    kernel: str = "_native_cudnn"  # a diffusers AttentionBackendName value (see KERNELS_TABLE)
+    kernel: str = "_native_cudnn"  # a diffusers AttentionBackendName value (see KERNELS_TABLE), or auto
+    max_rel_error: float = 2e-2  # auto: largest relative L2 error against the math kernel (bf16 noise ~4e-3)
+    iterations: int = 10  # auto: timed calls per kernel (after one warm-up call)
+
+
+Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def attention_flops(batch: int, tokens: int, heads: int, head_dim: int) -> float:
+    """QK^T and PV: two matmuls of 2 x tokens^2 x head_dim multiply-adds per head."""
+    return 4.0 * batch * heads * tokens * tokens * head_dim
+
+
+def _time_ms(fn: Callable[[], Any], iterations: int, device: torch.device) -> float:
+    """Median milliseconds of one call, after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(iterations):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1000)
+    return sorted(times)[len(times) // 2]
+
+
+def benchmark_kernels(kernels: Mapping[str, Kernel], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      reference: torch.Tensor, iterations: int, max_rel_error: float) -> dict[str, dict[str, Any]]:
+    """Each kernel's median time, TFLOP/s and relative L2 error against ``reference`` on
+    ``(batch, tokens, heads, head_dim)`` inputs; a kernel that raises is recorded with its error."""
+    batch, tokens, heads, head_dim = q.shape
+    flops = attention_flops(batch, tokens, heads, head_dim)
+    results: dict[str, dict[str, Any]] = {}
+    for name, kernel in kernels.items():
+        try:
+            with torch.no_grad():
+                out = kernel(q, k, v)
+                err = float((out.double() - reference.double()).norm() / reference.double().norm().clamp_min(1e-12))
+                ms = _time_ms(lambda: kernel(q, k, v), iterations, q.device) if err <= max_rel_error else None
+        except Exception as exc:  # noqa: BLE001 - a kernel that cannot run this shape is a result, not a crash
+            results[name] = {"correct": False, "error": f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"}
+            continue
+        results[name] = {"correct": err <= max_rel_error, "rel_error": err, "ms": ms,
+                         "tflops": flops / (ms * 1e9) if ms else None}
+    return results
+
+
+def fastest_correct(results: Mapping[str, Mapping[str, Any]]) -> str | None:
+    timed = {name: r["ms"] for name, r in results.items() if r.get("correct") and r.get("ms") is not None}
+    return min(timed, key=timed.__getitem__) if timed else None
+
+
+def _dispatch(kernel: str) -> Kernel:
+    from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+    return lambda q, k, v: dispatch_attention_fn(q, k, v, backend=kernel)
 
 
 class AttentionBackend(Backend):
@@ -66,25 +140,54 @@ class AttentionBackend(Backend):
     stage = Stage.ATTENTION
 
     def validate_options(self, options: AttentionOptions) -> None:
-        if options.kernel not in KERNELS_TABLE:
+        if options.kernel != AUTO and options.kernel not in KERNELS_TABLE:
             raise ConfigError(f"backend.attention.kernel={options.kernel!r} is not one of "
-                              f"{', '.join(KERNELS_TABLE)}")
+                              f"{AUTO}, {', '.join(KERNELS_TABLE)}")
+        if not 0 < options.max_rel_error < 1:
+            raise ConfigError(f"backend.attention.max_rel_error={options.max_rel_error} must be between 0 and 1")
+        if options.iterations < 1:
+            raise ConfigError(f"backend.attention.iterations={options.iterations} must be at least 1")
 
     def unmet_requirement(self, options: AttentionOptions, device: Any) -> str | None:
         entry = KERNELS_TABLE.get(options.kernel)
         return entry[0].unmet(device) if entry else None
 
     def is_lossless(self, options: AttentionOptions) -> bool:
+        if options.kernel == AUTO:  # picks among lossless kernels only
+            return True
         entry = KERNELS_TABLE.get(options.kernel)
         return bool(entry and entry[1])
+
+    def choose_kernel(self, pipe: Any, options: AttentionOptions, ctx: StackContext) -> str:
+        """kernel=auto: the fastest lossless kernel that runs here and matches the math kernel."""
+        config = pipe.transformer.config
+        shapes = ctx.shapes
+        device = next(pipe.transformer.parameters()).device
+        gen = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(shapes.batch_size, shapes.latent_tokens + shapes.max_sequence_length,
+                               config.num_attention_heads, config.attention_head_dim, generator=gen
+                               ).to(device, ctx.dtype) for _ in range(3))
+        candidates = [name for name, (req, lossless) in KERNELS_TABLE.items()
+                      if lossless and req.unmet(ctx.device) is None]
+        with torch.no_grad():
+            reference = _dispatch(REFERENCE)(q.float(), k.float(), v.float())
+        results = benchmark_kernels({name: _dispatch(name) for name in candidates}, q, k, v, reference,
+                                    options.iterations, options.max_rel_error)
+        ctx.stats["attention_benchmark"] = {"shape": list(q.shape), "dtype": str(ctx.dtype), "kernels": results}
+        chosen = fastest_correct(results)
+        if chosen is None:
+            raise ConfigError("backend.attention.kernel=auto: no attention kernel matched the math kernel within "
+                              f"max_rel_error={options.max_rel_error} ({results})")
+        return chosen
 
     def apply(self, pipe: Any, options: AttentionOptions, ctx: StackContext) -> None:
         from diffusers.models.attention_dispatch import _AttentionBackendRegistry
 
+        kernel = self.choose_kernel(pipe, options, ctx) if options.kernel == AUTO else options.kernel
         previous = _AttentionBackendRegistry._active_backend
         ctx.callback("attention: active attention backend", lambda: _AttentionBackendRegistry.set_active_backend(previous))
-        pipe.transformer.set_attention_backend(options.kernel)
-        ctx.stats["attention_kernel"] = options.kernel
+        pipe.transformer.set_attention_backend(kernel)
+        ctx.stats["attention_kernel"] = kernel
 
 
 @hookimpl
