@@ -38,3 +38,20 @@ def test_wrapper_installs_once_and_changes_nothing_in_eager():
     assert keep_eager_timestep_rounding(transformer) is False  # already wrapped
     assert torch.equal(transformer.time_text_embed.time_proj(t), before)
     assert keep_eager_timestep_rounding(torch.nn.Linear(2, 2)) is False  # not a FLUX transformer
+
+
+def test_wrapper_rounds_only_low_precision_inputs():
+    """float32 timesteps pass unchanged (eager does not round them); bf16-typed ones are rounded."""
+    seen = []
+
+    class Record(torch.nn.Module):
+        def forward(self, t):
+            seen.append(t)
+            return t
+
+    wrapper = EagerRoundedTimesteps(Record())
+    exact = torch.tensor([699.21875])
+    wrapper(exact)
+    assert seen[-1].item() == 699.21875
+    wrapper(torch.tensor([700.0], dtype=torch.bfloat16))
+    assert seen[-1].item() == 700.0
