@@ -214,3 +214,47 @@ def test_each_backend_visibly_changes_the_model_and_close_removes_it(pipe, name)
     with fluxopt.apply_stack(pipe, CPU_STACKS[name], build=False, **KW):
         assert effect(pipe), f"{name} applied but its effect is not on the model"
     assert not effect(pipe)
+
+
+def test_process_wide_settings_a_backend_changes_behind_the_context_are_restored(pipe, monkeypatch):
+    """A backend (a third-party one, or a library it calls) that flips Inductor and torch.backends
+    settings directly, not through the stack's context: close still puts them back."""
+    import torch._inductor.config as inductor_config
+
+    from fluxopt.stack import lookup_backend
+
+    backend_class = type(lookup_backend("channels_last"))
+    original_apply = backend_class.apply
+    before = (inductor_config.epilogue_fusion, torch.backends.cudnn.benchmark)
+
+    def misbehaving_apply(self, pipe, options, ctx):
+        original_apply(self, pipe, options, ctx)
+        inductor_config.epilogue_fusion = not before[0]
+        torch.backends.cudnn.benchmark = not before[1]
+
+    monkeypatch.setattr(backend_class, "apply", misbehaving_apply)
+    with fluxopt.apply_stack(pipe, ["channels_last"], build=False, **KW):
+        assert (inductor_config.epilogue_fusion, torch.backends.cudnn.benchmark) != before
+    assert (inductor_config.epilogue_fusion, torch.backends.cudnn.benchmark) == before
+
+
+def test_changes_registered_on_the_context_are_undone_on_close(pipe, monkeypatch):
+    """What a backend registers on the stack's context (an attribute set on an object outside
+    the pipeline, an undo callback) is undone on close, newest first."""
+    from fluxopt.stack import lookup_backend
+
+    backend_class = type(lookup_backend("channels_last"))
+    original_apply = backend_class.apply
+    outside = type("Outside", (), {})()
+    undone = []
+
+    def registering_apply(self, pipe, options, ctx):
+        original_apply(self, pipe, options, ctx)
+        ctx.set_attr("outside flag", outside, "flag", True)
+        ctx.callback("first", lambda: undone.append("first"))
+        ctx.callback("second", lambda: undone.append("second"))
+
+    monkeypatch.setattr(backend_class, "apply", registering_apply)
+    with fluxopt.apply_stack(pipe, ["channels_last"], build=False, **KW):
+        assert outside.flag is True and undone == []
+    assert not hasattr(outside, "flag") and undone == ["second", "first"]
