@@ -34,3 +34,21 @@ def test_backend_catalog_in_docs_is_generated_from_the_code():
     generated = render("cpu")
     assert block.split("\n", 1)[1] == generated.split("\n", 1)[1], \
         "docs/backends.md is stale: python -m fluxopt.catalog --device cpu --render docs/backends.md"
+
+
+def test_mutation_scores_in_docs_come_from_the_committed_listing():
+    doc = REPO / "docs" / "testing.md"
+    assert "<!-- mutation: " in doc.read_text()
+    proc = subprocess.run([sys.executable, "benchmarks/mutation_scores.py", "--render", "--check", str(doc)],
+                          cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, f"{doc} is stale: run python benchmarks/mutation_scores.py --render {doc}"
+
+
+def test_mutation_scores_count_each_status():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from mutation_scores import counts
+
+    listing = ("    fluxopt.a.x_f__mutmut_1: killed\n    fluxopt.a.x_f__mutmut_2: survived\n"
+               "    fluxopt.a.xǁCǁm__mutmut_1: timeout\n    fluxopt.b.x_g__mutmut_1: not checked\n")
+    assert counts(listing) == {"fluxopt.a": {"killed": 1, "survived": 1, "timeout": 1},
+                               "fluxopt.b": {"not checked": 1}}

@@ -4,6 +4,7 @@ command and Python call, and ``apply_stack`` from a result file."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -105,3 +106,45 @@ def test_apply_stack_from_a_result_file(tmp_path):
         fluxopt.apply_stack(pipe, path, stack="compile")
     with pytest.raises(ConfigError, match="needs stack="):
         fluxopt.apply_stack(pipe, path)
+
+
+@pytest.mark.parametrize(("stack", "limits", "reason"), [
+    ({"status": "failed", "reason": "boom"}, {}, "failed: boom"),
+    ({"status": "ok", "speedup": None}, {}, "no speedup measured"),
+    (_stack("a", 1.5, None, 1), {"min_psnr": 30}, "PSNR None dB < min_psnr 30"),
+    (_stack("a", 1.5, 29.504, 1), {"min_psnr": 30}, "PSNR 29.50 dB < min_psnr 30"),
+    ({**_stack("a", 1.5, 40, 1), "peak_memory_bytes": None}, {"max_memory_gib": 10}, "peak memory unknown > max_memory_gib 10"),
+    (_stack("a", 1.5, 40, 10.5), {"max_memory_gib": 10}, "peak memory 10.50 GiB > max_memory_gib 10"),
+    (_stack("a", 1.5, 40, 10), {"min_psnr": 40, "max_memory_gib": 10}, None),
+])
+def test_ineligible_says_why_in_words(stack, limits, reason):
+    from fluxopt.selection import ineligible
+
+    assert ineligible(stack, Limits(**limits)) == reason
+
+
+def test_command_lists_one_or_several_backends_and_drops_stack_and_hydra_overrides():
+    from fluxopt.selection import Pick
+
+    run = {"model": {"name": "flux-mini"}, "shapes": {}, "provenance": {"overrides": [
+        "+backend=[a,b]", "~search.min_psnr", "hydra.run.dir=x", "backend.compile.mode=default", "bench.steps=4"]}}
+    single = Pick({"stack": "fuse_qkv", "backends": ["fuse_qkv"], "options": {"fuse_qkv": {}}}, run)
+    assert single.command() == "python -m fluxopt +backend=fuse_qkv model=flux-mini bench.steps=4"
+    double = Pick({"stack": "torchao_fp8+compile", "backends": ["torchao_fp8", "compile"],
+                   "options": {"torchao_fp8": {}, "compile": {}}}, run)
+    assert double.command().startswith("python -m fluxopt '+backend=[torchao_fp8,compile]' model=flux-mini")
+    assert double.python().splitlines()[1] == "applied = fluxopt.apply_stack(pipe, {'torchao_fp8': {}, 'compile': {}})"
+
+
+@pytest.mark.parametrize(("limits", "message"), [
+    ({"min_psnr": 0}, "search.min_psnr=0 is not allowed: a finite number > 0 (dB)"),
+    ({"max_memory_gib": -1}, "search.max_memory_gib=-1 is not allowed: a finite number > 0 (GiB)"),
+    ({"max_memory_gib": float("inf")}, "search.max_memory_gib=inf"),
+    ({"min_psnr": True}, "search.min_psnr=True"),
+    ({"min_psnr": "30"}, "search.min_psnr='30'"),
+    ({"min_psnr": 30, "max_memory_gib": 0}, "search.max_memory_gib=0"),  # the second is checked too
+    ({"max_memory_gib": 0, "setting_prefix": "--"}, "--max-memory-gib=0 is not allowed"),
+])
+def test_bad_limits_name_the_setting_and_what_is_allowed(limits, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        Limits(**limits)
