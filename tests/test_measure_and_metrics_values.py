@@ -82,3 +82,22 @@ def test_non_finite_latents_alone_fail_the_check():
     out = _sample(ref.copy(), torch.tensor([[float("nan"), 0.0, 0.0, 0.0]]))
     report = evaluate([_sample(ref)], [out], plugins.metrics(), {})
     assert report["passed"] is False and "non-finite" in report["reason"]
+
+
+def test_cpu_peak_memory_sampler_sees_a_transient_allocation():
+    """A 256 MiB buffer that lives 0.2 s and is freed before the sampler stops still raises the
+    peak: it is sampled while generating, not read at the end."""
+    import time
+
+    import psutil
+
+    from fluxopt.measure import _RssSampler
+
+    with _RssSampler() as sampler:
+        start = psutil.Process().memory_info().rss
+        buffer = np.ones(256 * 2**20, dtype=np.uint8)
+        time.sleep(0.2)
+        del buffer
+        time.sleep(0.05)
+    assert sampler.peak >= start + 200 * 2**20
+    assert not sampler._thread.is_alive()
