@@ -11,11 +11,11 @@ failed, or the mutant timed out) / checked mutants; mutants not checked are coun
 
 from __future__ import annotations
 
-import argparse
 import collections
 import re
-import sys
 from pathlib import Path
+
+from results_table import markdown_cli
 
 from fluxopt.report import markdown_table
 
@@ -53,18 +53,7 @@ def render(doc: Path) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("path", type=Path, help="a mutmut listing, or with --render a Markdown file")
-    parser.add_argument("--render", action="store_true")
-    parser.add_argument("--check", action="store_true")
-    args = parser.parse_args()
-    if not args.render:
-        print(table(args.path))
-        return
-    new = render(args.path)
-    if args.check:
-        sys.exit(0 if new == args.path.read_text() else 1)
-    args.path.write_text(new)
+    markdown_cli(__doc__, "a mutmut listing", lambda args: table(args.path), render)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import argparse
 import json
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -97,20 +98,30 @@ def render(doc: Path) -> str:
     return BLOCK.sub(lambda m: m.group(1) + table(doc.parent / m.group(2), bool(m.group(3))) + "\n" + m.group(5), text)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("path", type=Path, help="a results JSON, or with --render a Markdown file")
-    parser.add_argument("--profile", action="store_true", help="the per-step time breakdown table")
+def markdown_cli(description: str, what: str, table_of: Callable[[argparse.Namespace], str],
+                 render_doc: Callable[[Path], str], options: Callable[[argparse.ArgumentParser], None] = lambda p: None,
+                 ) -> None:
+    """The command line shared by the scripts that generate docs tables: print one table, or
+    (``--render``) regenerate the marked blocks of a Markdown file (``--check``: exit 1 if stale)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("path", type=Path, help=f"{what}, or with --render a Markdown file")
+    options(parser)
     parser.add_argument("--render", action="store_true", help="regenerate the marked tables of a Markdown file")
     parser.add_argument("--check", action="store_true", help="with --render: fail if the file is not up to date")
     args = parser.parse_args()
     if not args.render:
-        print(table(args.path, args.profile))
+        print(table_of(args))
         return
-    new = render(args.path)
+    new = render_doc(args.path)
     if args.check:
         sys.exit(0 if new == args.path.read_text() else 1)
     args.path.write_text(new)
+
+
+def main() -> None:
+    markdown_cli(__doc__, "a results JSON", lambda args: table(args.path, args.profile), render,
+                 lambda parser: parser.add_argument("--profile", action="store_true",
+                                                    help="the per-step time breakdown table"))
 
 
 if __name__ == "__main__":
