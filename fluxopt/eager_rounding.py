@@ -12,6 +12,8 @@ Inductor cannot fold away, is free. Regional compile never saw it: the embedding
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 # explicit mantissa bits of the dtypes whose rounding eager applies (float32 needs none)
@@ -42,13 +44,13 @@ class EagerRoundedTimesteps(torch.nn.Module):
         return self.time_proj(timesteps)
 
 
-def keep_eager_timestep_rounding(transformer: torch.nn.Module) -> bool:
-    """Install ``EagerRoundedTimesteps`` on a FLUX transformer (a module swap: the stack's
-    snapshot undoes it). False when the transformer has no ``time_text_embed.time_proj`` or
-    already has the wrapper."""
+def keep_eager_timestep_rounding(transformer: torch.nn.Module) -> Callable[[], None] | None:
+    """Install ``EagerRoundedTimesteps`` on a FLUX transformer and return the function that puts
+    the original ``time_proj`` back (register it on the stack's context); None, changing nothing,
+    when the transformer has no ``time_text_embed.time_proj`` or already has the wrapper."""
     embed = getattr(transformer, "time_text_embed", None)
     time_proj = getattr(embed, "time_proj", None)
     if time_proj is None or isinstance(time_proj, EagerRoundedTimesteps):
-        return False
+        return None
     embed.time_proj = EagerRoundedTimesteps(time_proj)
-    return True
+    return lambda: setattr(embed, "time_proj", time_proj)

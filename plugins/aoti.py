@@ -269,7 +269,10 @@ class AotiBackend(Backend):
             cxx, cxx_reason = choose_compiler(configured, verify=lambda compiler: verified_compiler(compiler, ctx))
         if cxx != configured:
             ctx.enter_context("aoti: C++ compiler", torch._inductor.config.patch({"cpp.cxx": (None, cxx)}))
-        rounded = options.eager_rounding and keep_eager_timestep_rounding(transformer)
+        undo = keep_eager_timestep_rounding(transformer) if options.eager_rounding else None
+        if undo is not None:
+            ctx.callback("aoti: eager timestep rounding", undo)
+        rounded = undo is not None
         inputs = transformer_inputs(transformer, ctx.shapes, device, dtype)
         z = vae_example(pipe.vae, ctx.shapes, device) if options.vae else None
         configs = inductor_configs(options, weights)

@@ -84,7 +84,10 @@ class CompileBackend(Backend):
             fullgraph = not (ctx.stack and any(e.backend.stage == Stage.CACHE for e in ctx.stack.entries))
         ctx.stats.setdefault("compile", {})["fullgraph"] = fullgraph
         if options.eager_rounding and not options.regional:  # regional: the embeddings stay eager
-            ctx.stats["compile"]["eager_rounding"] = keep_eager_timestep_rounding(pipe.transformer)
+            undo = keep_eager_timestep_rounding(pipe.transformer)
+            if undo is not None:
+                ctx.callback("compile: eager timestep rounding", undo)
+            ctx.stats["compile"]["eager_rounding"] = undo is not None
         kwargs = {"fullgraph": fullgraph, "dynamic": options.dynamic, "backend": options.backend,
                   "mode": None if options.mode == "default" else options.mode}
         if options.regional:

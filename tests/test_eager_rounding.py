@@ -28,16 +28,20 @@ def test_ties_round_to_even(dtype):
     assert torch.equal(round_like(midpoints, dtype), midpoints.to(dtype).float())
 
 
-def test_wrapper_installs_once_and_changes_nothing_in_eager():
+def test_wrapper_installs_once_changes_nothing_in_eager_and_is_undone():
     pipe = build_tiny_pipeline()
     transformer = pipe.transformer.to(torch.bfloat16)
     t = torch.tensor([0.7], dtype=torch.bfloat16) * 1000
     before = transformer.time_text_embed.time_proj(t)
-    assert keep_eager_timestep_rounding(transformer) is True
+    original = transformer.time_text_embed.time_proj
+    undo = keep_eager_timestep_rounding(transformer)
     assert isinstance(transformer.time_text_embed.time_proj, EagerRoundedTimesteps)
-    assert keep_eager_timestep_rounding(transformer) is False  # already wrapped
+    assert keep_eager_timestep_rounding(transformer) is None  # already wrapped
     assert torch.equal(transformer.time_text_embed.time_proj(t), before)
-    assert keep_eager_timestep_rounding(torch.nn.Linear(2, 2)) is False  # not a FLUX transformer
+    undo()
+    assert transformer.time_text_embed.time_proj is original
+    assert "time_proj" in transformer.time_text_embed._modules  # a submodule again, not an attribute
+    assert keep_eager_timestep_rounding(torch.nn.Linear(2, 2)) is None  # not a FLUX transformer
 
 
 def test_wrapper_rounds_only_low_precision_inputs():
