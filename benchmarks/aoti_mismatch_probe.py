@@ -71,10 +71,10 @@ def main() -> None:
     args = parser.parse_args()
     import torch._inductor.cpp_builder as builder
 
-    from fluxopt_plugins._libstdcxx import choose_compiler, package_loads
+    from fluxopt_plugins._libstdcxx import choose_compiler, packages_load
 
     work = Path(tempfile.mkdtemp())
-    cxx, why = choose_compiler(builder.get_cpp_compiler(), verify=lambda c: package_loads(c, work))
+    cxx, why = choose_compiler(builder.get_cpp_compiler(), verify=lambda cs: {c: v[:2] for c, v in packages_load(cs, work).items()})
     torch._inductor.config.cpp.cxx = (None, cxx)
     torch.manual_seed(0)
     if args.tiny:

@@ -64,7 +64,7 @@ class StackContext:
         return value
 
     def set_attr(self, name: str, obj: Any, attr: str, value: Any) -> None:
-        """Set ``obj.<attr> = value`` on an object outside the pipeline; restored exactly on close
+        """Set ``obj.<attr> = value`` on any object (in the pipeline too); restored exactly on close
         (an attribute that was not in the instance's ``__dict__`` is removed again)."""
         had = attr in vars(obj)
         previous = vars(obj).get(attr)

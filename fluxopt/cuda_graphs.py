@@ -50,6 +50,15 @@ class CudaGraphRunner:
                 out = self.fn(**static)
         return graph, static, out
 
+    def release(self) -> None:
+        """Free the recorded graphs, their buffers and pool, and drop ``fn`` (and what it holds, such
+        as a loaded AOTInductor package): run when the stack closes, so nothing held by a
+        replaced forward outlives the stack even where a reference to this runner does."""
+        for graph, _, _ in self.graphs.values():
+            graph.reset()
+        self.graphs.clear()
+        self.fn = _released
+
     def __call__(self, **inputs: torch.Tensor) -> torch.Tensor:
         key = self._signature(inputs)
         if key not in self.graphs:
@@ -59,6 +68,10 @@ class CudaGraphRunner:
             static[name].copy_(value)
         graph.replay()
         return out.clone()
+
+
+def _released(**_: torch.Tensor) -> torch.Tensor:
+    raise RuntimeError("this CUDA graph runner was released when its stack closed")
 
 
 class TransformerForward:

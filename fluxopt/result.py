@@ -49,6 +49,9 @@ class StackResult:
     build_phases_s: dict[str, float] = field(default_factory=dict)
     peak_memory_bytes: int | None = None
     memory_kind: str | None = None
+    # GPU memory the closed stack left allocated beyond what was allocated before it (a leak that
+    # would inflate every later stack's peak); None on the CPU
+    left_allocated_bytes: int | None = None
     speedup: float | None = None  # baseline median / stack median
     speedup_uncertainty: float | None = None
     within_noise: bool | None = None

@@ -41,6 +41,7 @@ from fluxopt.result import RESULT_FILE, SCHEMA_VERSION, Phase, StackResult, Stat
 from fluxopt.stack import Stack
 
 log = logging.getLogger("fluxopt")
+LEAK_WARNING_BYTES = 256 * 2**20  # allocator rounding and cached workspaces stay below this
 
 
 def _speedup(base: dict[str, Any], other: dict[str, Any]) -> tuple[float, float]:
@@ -144,6 +145,7 @@ class Run:
             result.reason = f"not run: the GPU is unusable in this process after an earlier failure ({self.device_lost})"
             return result
         phase = [Phase.LOAD]  # the phase in progress, for attributing a failure
+        allocated_before = torch.cuda.memory_allocated() if self.plan.device.is_gpu else None
         try:
             self._apply_build_measure(stack, result, reference, phase)
         except (KeyboardInterrupt, DiskFullError):
@@ -162,6 +164,11 @@ class Run:
                 self.device_lost = f"{stack.name}: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
                 log.error("the GPU is unusable after stack %s; the remaining stacks are recorded as not run",
                           stack.name)
+        if allocated_before is not None and not self.device_lost:
+            result.left_allocated_bytes = max(0, torch.cuda.memory_allocated() - allocated_before)
+            if result.left_allocated_bytes > LEAK_WARNING_BYTES:
+                log.warning("stack %s left %.2f GiB allocated after it closed; later stacks' peak memory includes it",
+                            stack.name, result.left_allocated_bytes / 2**30)
         if result.latency and self.baseline and self.baseline.latency:
             result.speedup, result.speedup_uncertainty = _speedup(self.baseline.latency, result.latency)
             result.within_noise = (None if result.speedup_uncertainty is None

@@ -10,7 +10,8 @@ the system ``g++`` loaded and ran.
 So before compiling, check the configured compiler against the loaded runtime: neither the
 libstdc++ it links (its newest ``GLIBCXX_x.y.z`` symbol version) nor its own GCC version (its
 headers) may be newer; then build and load a one-Linear package with it in a child process
-(:func:`package_loads`), the ground truth. Otherwise use the first candidate that passes
+(:func:`package_loads`), the ground truth (the compatible candidates' probes run side by side:
+one after the other they took 214 s on the H100). Otherwise use the first candidate that passes
 (``/usr/bin/g++``, ``g++``, ``c++``); otherwise refuse with the reason. Checked on the H100
 (2026-11-25, ``benchmarks/aoti_compiler_probe.py``): the configured ``/opt/gcc/bin/g++`` passes
 the version checks, its probe package dies with SIGSEGV; ``/usr/bin/g++``'s loads and is correct.
@@ -18,10 +19,15 @@ the version checks, its probe package dies with SIGSEGV; ``/usr/bin/g++``'s load
 
 from __future__ import annotations
 
+import os
 import re
+import resource
 import shutil
 import subprocess
+import sys
+import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 FALLBACK_COMPILERS = ("/usr/bin/g++", "g++", "c++")
@@ -101,68 +107,103 @@ def compatible(compiler: str, have: tuple[int, ...]) -> tuple[bool, str]:
 
 def choose_compiler(configured: str, loaded: Path | None = None,
                     candidates: tuple[str, ...] = FALLBACK_COMPILERS,
-                    verify: Callable[[str], tuple[bool, str]] | None = None) -> tuple[str, str]:
+                    verify: Callable[[list[str]], dict[str, tuple[bool, str]]] | None = None) -> tuple[str, str]:
     """(compiler to use, why): the configured one if compatible, else the first compatible
     candidate. Raises RuntimeError when none is.
 
     The version checks are necessary, not sufficient: on the H100 machine ``/opt/gcc/bin/g++``
     (a GCC 13.3 wrapper whose own libstdc++ cannot be located) passes them, yet every package it
     built crashed on load, while the system ``/usr/bin/g++``, the same GCC 13.3, worked. So
-    ``verify(compiler)`` (``package_loads``, cached by the caller) has the last word."""
+    ``verify(compilers)`` (:func:`packages_load`, cached by the caller) has the last word; it is
+    given every version-compatible compiler at once, so their probes can run side by side."""
     loaded = loaded or loaded_libstdcxx()
     have = glibcxx_version(loaded) if loaded else None
     if have is None:
         return configured, "no libstdc++ loaded in this process to compare with; using the configured compiler"
     runtime = f"{loaded} ({_fmt(have)}, GCC {GCC_OF_GLIBCXX.get(have, '?')}'s runtime)"
-
-    def usable(compiler: str) -> tuple[bool, str]:
-        ok, desc = compatible(compiler, have)
+    order: list[str] = []  # the configured compiler, then each installed candidate; one name per binary
+    for compiler in (configured, *candidates):
+        if (compiler == configured or shutil.which(compiler)) and _binary(compiler) not in map(_binary, order):
+            order.append(compiler)
+    checks = {c: compatible(c, have) for c in order}
+    verdicts = verify([c for c in order if checks[c][0]]) if verify is not None else {}
+    tried = []
+    for compiler in order:
+        ok, desc = checks[compiler]
         if not ok:
-            return False, f"{desc}: newer than the loaded {runtime}"
-        if verify is None:
-            return True, f"{desc}: compatible with the loaded {runtime}"
-        loads, why = verify(compiler)
-        return loads, f"{desc}: {why}"
-
-    ok, first = usable(configured)
-    if ok:
-        return configured, first
-    tried = [first]
-    for candidate in candidates:
-        if candidate == configured or shutil.which(candidate) == shutil.which(configured):
+            tried.append(f"{desc}: newer than the loaded {runtime}")
             continue
-        ok, other = usable(candidate)
-        if ok:
-            return candidate, f"{first}; using {other}"
-        tried.append(other)
+        loads, why = verdicts.get(compiler, (True, f"compatible with the loaded {runtime}"))
+        if loads:
+            reason = f"{desc}: {why}"
+            return compiler, reason if not tried else f"{'; '.join(tried)}; using {reason}"
+        tried.append(f"{desc}: {why}")
     raise RuntimeError(f"no C++ compiler builds AOTInductor packages this process can load: "
                        f"{'; '.join(tried)}. Install a g++ no newer than the loaded runtime or set CXX to one")
 
 
-PROBE_CHILD = "import sys, torch; m = torch._inductor.aoti_load_package(sys.argv[1]); print(float(m(torch.ones(2, 4)).sum()))"
+def _binary(compiler: str) -> str:
+    exe = shutil.which(compiler)
+    return os.path.realpath(exe) if exe else compiler
 
 
-def package_loads(compiler: str, workdir: Path) -> tuple[bool, str]:
-    """Build a one-Linear AOTInductor package for the CPU with ``compiler`` and load it in a
-    child process: the loader's crash does not depend on the model or the device, so this is the
-    ground truth the version checks above only approximate (a few seconds)."""
-    import sys
+# A child builds a one-Linear CPU package with the compiler in argv[1]; a grandchild loads it.
+BUILD_CHILD = """
+import sys, torch
+model = torch.nn.Linear(4, 4)
+with torch.no_grad():
+    model.weight.fill_(0.5)
+    model.bias.fill_(0.25)
+program = torch.export.export(model, (torch.ones(2, 4),), strict=False)
+with torch._inductor.config.patch({"cpp.cxx": (None, sys.argv[1])}):
+    torch._inductor.aoti_compile_and_package(program, package_path=sys.argv[2])
+"""
+LOAD_CHILD = "import sys, torch; m = torch._inductor.aoti_load_package(sys.argv[1]); print(float(m(torch.ones(2, 4)).sum()))"
+PROBE_TIMEOUT_S = 900
 
-    import torch
 
-    model = torch.nn.Linear(4, 4)
-    with torch.no_grad():
-        model.weight.fill_(0.5)
-        model.bias.fill_(0.25)
-    program = torch.export.export(model, (torch.ones(2, 4),), strict=False)
-    path = Path(workdir) / f"probe-{Path(compiler).name}.pt2"
+def package_loads(compiler: str, workdir: Path) -> tuple[bool, str, dict[str, float]]:
+    """Build a one-Linear AOTInductor package for the CPU with ``compiler`` in a child process and
+    load it in another: the loader's crash does not depend on the model or the device, so this is
+    the ground truth the version checks above only approximate. Both run in children (nothing in
+    this process is patched), so probes of several compilers can run side by side; the seconds
+    each took come back as the third element. Core dumps are off: a crash is the expected answer."""
+    path = Path(workdir) / f"probe-{abs(hash(_binary(compiler)))}.pt2"
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    build = _child([BUILD_CHILD, compiler, str(path)])
+    timings["build_s"] = round(time.perf_counter() - start, 1)
+    if build.returncode != 0 or not path.exists():
+        return False, f"{compiler} could not build a package ({_ended(build)})", timings
+    start = time.perf_counter()
+    load = _child([LOAD_CHILD, str(path)])
+    timings["load_s"] = round(time.perf_counter() - start, 1)
+    if load.returncode == 0 and load.stdout.strip() == "18.0":  # 2 x 4 outputs of 4 * 0.5 + 0.25
+        return True, f"a package built by {compiler} loads and computes correctly", timings
+    return False, f"a package built by {compiler} failed to load ({_ended(load)})", timings
+
+
+def packages_load(compilers: list[str], workdir: Path) -> dict[str, tuple[bool, str, dict[str, float]]]:
+    """:func:`package_loads` for every compiler at once (threads waiting on child processes)."""
+    if not compilers:
+        return {}
+    with ThreadPoolExecutor(max_workers=len(compilers)) as pool:
+        return dict(zip(compilers, pool.map(lambda c: package_loads(c, workdir), compilers), strict=True))
+
+
+def _child(args: list[str]) -> subprocess.CompletedProcess:
+    def no_core_dump() -> None:
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
     try:
-        with torch._inductor.config.patch({"cpp.cxx": (None, compiler)}):
-            torch._inductor.aoti_compile_and_package(program, package_path=str(path))
-    except Exception as exc:  # noqa: BLE001 - a compiler that cannot build is not usable
-        return False, f"{compiler} could not build a package ({type(exc).__name__})"
-    proc = subprocess.run([sys.executable, "-c", PROBE_CHILD, str(path)], capture_output=True, text=True, timeout=300)
-    if proc.returncode == 0 and proc.stdout.strip() == "18.0":  # 2 x 4 outputs of 4 * 0.5 + 0.25
-        return True, f"a package built by {compiler} loads and computes correctly"
-    how = f"exit {proc.returncode}" if proc.returncode >= 0 else f"signal {-proc.returncode}"
-    return False, f"a package built by {compiler} failed to load ({how})"
+        return subprocess.run([sys.executable, "-c", *args], capture_output=True, text=True, timeout=PROBE_TIMEOUT_S,
+                              preexec_fn=no_core_dump)
+    except subprocess.TimeoutExpired:
+        return subprocess.CompletedProcess(args, 124, "", f"timed out after {PROBE_TIMEOUT_S} s")
+
+
+def _ended(proc: subprocess.CompletedProcess) -> str:
+    if proc.returncode < 0:
+        return f"signal {-proc.returncode}"
+    last = (proc.stderr.strip().splitlines() or [""])[-1]
+    return f"exit {proc.returncode}" + (f": {last[:200]}" if last else "")

@@ -59,7 +59,8 @@ import torch._inductor.cpp_builder
 from fluxopt import (RECIPE_INDUCTOR_FLAGS, Backend, ConfigError, FluxoptError, Shapes, StackContext, Stage,
                      CudaGraphRunner, TransformerForward, has_subclass_weights, hookimpl, keep_eager_timestep_rounding, module_fingerprint,
                      transformer_inputs, validate_inductor_flags)
-from fluxopt_plugins._libstdcxx import choose_compiler, compiler_libstdcxx, loaded_libstdcxx, package_loads
+from fluxopt_plugins._libstdcxx import (choose_compiler, compiler_libstdcxx, loaded_libstdcxx, package_loads,
+                                        packages_load)
 
 
 log = logging.getLogger("fluxopt.aoti")
@@ -265,8 +266,10 @@ class AotiBackend(Backend):
             raise ConfigError("backend.aoti.weights=shared cannot bind tensor-subclass weights (a quantized "
                               "transformer); use backend.aoti.weights=embedded")
         configured = torch._inductor.cpp_builder.get_cpp_compiler()
+        probes: dict[str, dict[str, Any]] = {}
         with ctx.timed("compiler_check"):  # cached per compiler: a few minutes once per machine
-            cxx, cxx_reason = choose_compiler(configured, verify=lambda compiler: verified_compiler(compiler, ctx))
+            cxx, cxx_reason = choose_compiler(configured,
+                                              verify=lambda compilers: verified_compilers(compilers, ctx, probes))
         if cxx != configured:
             ctx.enter_context("aoti: C++ compiler", torch._inductor.config.patch({"cpp.cxx": (None, cxx)}))
         undo = keep_eager_timestep_rounding(transformer) if options.eager_rounding else None
@@ -340,13 +343,15 @@ class AotiBackend(Backend):
         vae_decode = None
         if vae_compiled is not None:
             vae_decode = AotiVaeDecode(CudaGraphRunner(vae_compiled) if use_graphs else vae_compiled, z.dtype, device)
+        ctx.callback("aoti: release the packages and their CUDA graphs",
+                     lambda: release_packages(forward, vae_decode))
         released = 0
         if weights == "embedded" and options.release_weights:
             released = release_weights(transformer)
-        # Instance attributes shadowing the class methods; the stack's snapshot removes them on close.
-        transformer.forward = forward
+        # Instance attributes shadowing the class methods, removed on close (with or without a snapshot).
+        ctx.set_attr("aoti: transformer forward", transformer, "forward", forward)
         if vae_decode is not None:
-            pipe.vae.decode = vae_decode
+            ctx.set_attr("aoti: VAE decode", pipe.vae, "decode", vae_decode)
         with ctx.timed("warmup"), torch.no_grad():  # first call; on GPU records the CUDA graph
             transformer(**inputs, return_dict=False)
             if vae_decode is not None:
@@ -362,6 +367,7 @@ class AotiBackend(Backend):
             "vae": options.vae,
             "cxx": cxx,
             "cxx_reason": cxx_reason,
+            "compiler_probes": probes,
             "self_check": check,
             "eager_rounding": rounded,
             "package_bytes": sum(p.stat().st_size for p in entry.glob("*.pt2")),
@@ -369,21 +375,31 @@ class AotiBackend(Backend):
         }
 
 
-def verified_compiler(compiler: str, ctx: StackContext) -> tuple[bool, str]:
-    """``package_loads`` for ``compiler``, cached in the artifact cache per compiler binary,
-    loaded libstdc++ and torch version (a few seconds the first time on a machine)."""
-    exe = shutil.which(compiler) or compiler
-    key = {"compiler": os.path.realpath(exe), "compiler_mtime": os.path.getmtime(exe) if os.path.exists(exe) else None,
-           "libstdcxx": str(loaded_libstdcxx())}
+def verified_compilers(compilers: list[str], ctx: StackContext,
+                       probes: dict[str, dict[str, Any]]) -> dict[str, tuple[bool, str]]:
+    """``package_loads`` for each compiler, the uncached ones probed side by side, each verdict
+    cached in the artifact cache per compiler binary and loaded libstdc++ (minutes once per
+    machine). ``probes`` receives, per compiler, whether it was cached and the probe's seconds."""
+    keys = {}
+    for compiler in compilers:
+        exe = shutil.which(compiler) or compiler
+        keys[compiler] = {"compiler": os.path.realpath(exe),
+                          "compiler_mtime": os.path.getmtime(exe) if os.path.exists(exe) else None,
+                          "libstdcxx": str(loaded_libstdcxx())}
+    missing = [c for c in compilers if ctx.artifact("aoti_compiler_check", keys[c], None) is None]
+    with tempfile.TemporaryDirectory() as work:
+        fresh = packages_load(missing, Path(work))
+    verdicts = {}
+    for compiler in compilers:
+        def write(tmp: Path, compiler: str = compiler) -> None:  # an entry found above may vanish since
+            ok, why, seconds = fresh[compiler] if compiler in fresh else package_loads(compiler, tmp)
+            (tmp / "verdict.json").write_text(json.dumps({"loads": ok, "why": why, "seconds": seconds}))
 
-    def probe(tmp: Path) -> None:
-        with tempfile.TemporaryDirectory() as work:
-            ok, why = package_loads(compiler, Path(work))
-        (tmp / "verdict.json").write_text(json.dumps({"loads": ok, "why": why}))
-
-    entry = ctx.artifact("aoti_compiler_check", key, probe)
-    verdict = json.loads((entry / "verdict.json").read_text())
-    return bool(verdict["loads"]), verdict["why"]
+        entry = ctx.artifact("aoti_compiler_check", keys[compiler], write)
+        verdict = json.loads((entry / "verdict.json").read_text())
+        verdicts[compiler] = (bool(verdict["loads"]), verdict["why"])
+        probes[compiler] = {"cached": compiler not in missing, **verdict.get("seconds", {})}
+    return verdicts
 
 
 class AotiMismatchError(FluxoptError):
@@ -400,6 +416,21 @@ def self_check(what: str, got: torch.Tensor, expected: torch.Tensor) -> float:
                                 f"{err:.3g} on the example inputs (tolerance {tolerance:g} for {expected.dtype}); "
                                 "it computes a different function")
     return err
+
+
+def release_packages(*forwards: TransformerForward | AotiVaeDecode | None) -> None:
+    """Drop the loaded packages (which hold the weights bound to them) and free their CUDA graphs
+    when the stack closes, whoever still references the forward that wrapped them."""
+    for forward in forwards:
+        if forward is None:
+            continue
+        if isinstance(forward.run, CudaGraphRunner):
+            forward.run.release()
+        forward.run = _closed
+
+
+def _closed(**_: torch.Tensor) -> torch.Tensor:
+    raise RuntimeError("aoti: this package was released when its stack closed")
 
 
 def release_weights(module: torch.nn.Module) -> int:

@@ -115,6 +115,7 @@ class CompileBackend(Backend):
             run = CudaGraphRunner(lambda **t: original(**t, joint_attention_kwargs=None, return_dict=False)[0])
             # Module.__call__ goes through _compiled_call_impl when it is set; the snapshot restores it.
             transformer._compiled_call_impl = TransformerForward(run, fallback=original, what="compile cuda_graphs")
+            ctx.callback("compile: free the CUDA graphs", run.release)
             with ctx.timed("cuda_graph_capture"):
                 ctx.run_once()
             ctx.stats.setdefault("compile", {})["cuda_graphs"] = len(run.graphs)

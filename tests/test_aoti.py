@@ -217,6 +217,29 @@ def test_forward_adapter_matches_the_transformer_interface():
     assert fallback_calls[0]["joint_attention_kwargs"] == {"scale": 0.5}
 
 
+def test_closing_releases_the_package_whoever_still_holds_the_forward():
+    """A loaded package holds the weights bound to it: on close the forwards that wrapped it drop
+    it, so a reference someone kept to the forward cannot keep the weights alive."""
+    import weakref
+
+    from fluxopt import TransformerForward
+    from fluxopt_plugins.aoti import AotiVaeDecode, release_packages
+
+    class Package:  # stands in for a loaded AOTInductor package
+        def __call__(self, **inputs):
+            return inputs["hidden_states"]
+
+    package = Package()
+    alive = weakref.ref(package)
+    forward = TransformerForward(package, what="aoti")
+    decode = AotiVaeDecode(package, torch.float32, torch.device("cpu"))
+    del package
+    release_packages(forward, decode, None)
+    assert alive() is None
+    with pytest.raises(RuntimeError, match="released when its stack closed"):
+        forward(hidden_states=torch.ones(1))
+
+
 def test_fingerprint_sees_weight_rewrites_and_values_only_when_asked():
     from fluxopt.tiny_model import build_tiny_pipeline
 
@@ -251,6 +274,11 @@ def test_cuda_graph_runner_replays_per_shape():
     assert len(calls) == 2 and len(runner.graphs) == 1  # warm-up + capture, then replays only
     c = torch.randn(6, 8, device="cuda")
     assert torch.allclose(runner(x=c), torch.relu(c @ weight)) and len(runner.graphs) == 2
+    held = torch.cuda.memory_allocated()
+    runner.release()  # what a closing stack does: graphs, static buffers and fn are dropped
+    assert not runner.graphs and torch.cuda.memory_allocated() < held
+    with pytest.raises(RuntimeError, match="released when its stack closed"):
+        runner(x=a)
 
 
 @pytest.mark.gpu

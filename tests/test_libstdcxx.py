@@ -73,18 +73,42 @@ def test_this_process_has_a_libstdcxx_loaded():
 
 def test_the_ground_truth_overrules_the_version_checks(machine, tmp_path):
     """The H100 case: the configured compiler passes the version checks but its package crashes
-    on load; the first candidate whose package loads is used."""
+    on load; the first candidate whose package loads is used. Every version-compatible compiler
+    is handed to ``verify`` in one call (their probes run side by side), once each."""
     fake_compiler(tmp_path / "bin", "opt-g++", machine, "13.3.0")
     verdicts = {"opt-g++": (False, "failed to load (signal 11)"), "g++": (True, "loads")}
-    chosen, why = choose_compiler("opt-g++", loaded=machine, candidates=("g++",), verify=verdicts.__getitem__)
+    asked = []
+
+    def verify(compilers):
+        asked.append(list(compilers))
+        return {c: verdicts[c] for c in compilers}
+
+    chosen, why = choose_compiler("opt-g++", loaded=machine, candidates=("g++", "g++"), verify=verify)
     assert chosen == "g++" and "signal 11" in why
+    assert asked == [["opt-g++", "g++"]]
     with pytest.raises(RuntimeError, match="signal 11"):
-        choose_compiler("opt-g++", loaded=machine, candidates=(), verify=verdicts.__getitem__)
+        choose_compiler("opt-g++", loaded=machine, candidates=(), verify=verify)
 
 
 def test_a_real_package_is_built_and_loaded_with_the_system_compiler(tmp_path):
-    from fluxopt_plugins._libstdcxx import package_loads
+    from fluxopt_plugins._libstdcxx import packages_load
 
-    ok, why = package_loads("g++", tmp_path)
+    verdicts = packages_load(["g++", "no-such-compiler-xyz"], tmp_path)
+    ok, why, seconds = verdicts["g++"]
     assert ok, why
-    assert not package_loads("no-such-compiler-xyz", tmp_path)[0]
+    assert seconds["build_s"] > 0 and seconds["load_s"] > 0
+    ok, why, seconds = verdicts["no-such-compiler-xyz"]
+    assert not ok and "could not build" in why and "load_s" not in seconds
+
+
+def test_a_crashing_load_is_a_verdict_not_a_crash(tmp_path, monkeypatch):
+    """What the H100's configured compiler did: the loading process dies of a signal. The probe
+    reports it, without writing a core dump (on a 16-core machine a dump can take longer than
+    the probe); the calling process goes on."""
+    import fluxopt_plugins._libstdcxx as libstdcxx
+
+    monkeypatch.setattr(libstdcxx, "LOAD_CHILD", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)")
+    ok, why, _ = libstdcxx.package_loads("g++", tmp_path)
+    assert not ok and "signal 11" in why
+    limit = libstdcxx._child(["import resource; print(resource.getrlimit(resource.RLIMIT_CORE))"])
+    assert limit.stdout.strip() == "(0, 0)"
