@@ -1,11 +1,11 @@
 """Markdown tables of a GPU results file (``docs/results/*-h100-*.json``: a list of runs, each
 with the command that produced it and its result.json content), one row per measured stack.
 
-    python benchmarks/results_table.py docs/results/2026-11-24-h100-backends.json [--profile]
+    python benchmarks/results_table.py docs/results/2026-11-24-h100-backends.json [--profile | --build]
     python benchmarks/results_table.py --render docs/results/2026-11-25-h100-issue15.md [--check]
 
 ``--render`` regenerates every block of a Markdown file written between
-``<!-- table: FILE.json [--profile] -->`` and ``<!-- end table -->`` (``--check``: exit 1 if
+``<!-- table: FILE.json [--profile | --build] -->`` and ``<!-- end table -->`` (``--check``: exit 1 if
 the file would change), so the numbers in docs come from their records, never typed.
 """
 
@@ -84,18 +84,41 @@ def profile_rows(results: dict[str, Any]) -> list[dict[str, str]]:
     return out
 
 
-def table(path: Path, profile: bool) -> str:
+BUILD_COLUMNS = ("run", "stack", "build (s)", "build phases (s)", "left allocated after close (GiB)")
+
+
+def build_rows(results: dict[str, Any]) -> list[dict[str, str]]:
+    """One row per built stack: where its build time went, and the GPU memory it left allocated
+    after it closed (which every later stack's peak memory includes)."""
+    out = []
+    for number, run in enumerate(results["runs"], 1):
+        for r in run["result"].get("stacks", []):
+            if r.get("build_s") is None:
+                continue
+            phases = ", ".join(f"{name} {seconds:.1f}" for name, seconds in (r.get("build_phases_s") or {}).items())
+            left = r.get("left_allocated_bytes")
+            out.append({"run": str(number), "stack": stack_label(r), "build (s)": f"{r['build_s']:.1f}",
+                        "build phases (s)": phases or "—",
+                        "left allocated after close (GiB)": "—" if left is None else f"{left / 2**30:.2f}"})
+    return out
+
+
+def table(path: Path, kind: str | None) -> str:
+    """``kind``: None (the stacks), "profile" (per-step breakdown) or "build" (build phases, memory left)."""
     results = json.loads(path.read_text())
-    return markdown_table(profile_rows(results), PROFILE_COLUMNS) if profile else \
-        markdown_table(rows(results), COLUMNS)
+    if kind == "profile":
+        return markdown_table(profile_rows(results), PROFILE_COLUMNS)
+    if kind == "build":
+        return markdown_table(build_rows(results), BUILD_COLUMNS)
+    return markdown_table(rows(results), COLUMNS)
 
 
-BLOCK = re.compile(r"(<!-- table: (\S+)( --profile)? -->\n)(.*?)(<!-- end table -->)", re.S)
+BLOCK = re.compile(r"(<!-- table: (\S+)(?: --(profile|build))? -->\n)(.*?)(<!-- end table -->)", re.S)
 
 
 def render(doc: Path) -> str:
     text = doc.read_text()
-    return BLOCK.sub(lambda m: m.group(1) + table(doc.parent / m.group(2), bool(m.group(3))) + "\n" + m.group(5), text)
+    return BLOCK.sub(lambda m: m.group(1) + table(doc.parent / m.group(2), m.group(3)) + "\n" + m.group(5), text)
 
 
 def markdown_cli(description: str, what: str, table_of: Callable[[argparse.Namespace], str],
@@ -119,9 +142,14 @@ def markdown_cli(description: str, what: str, table_of: Callable[[argparse.Names
 
 
 def main() -> None:
-    markdown_cli(__doc__, "a results JSON", lambda args: table(args.path, args.profile), render,
-                 lambda parser: parser.add_argument("--profile", action="store_true",
-                                                    help="the per-step time breakdown table"))
+    def options(parser: argparse.ArgumentParser) -> None:
+        kind = parser.add_mutually_exclusive_group()
+        kind.add_argument("--profile", dest="kind", action="store_const", const="profile",
+                          help="the per-step time breakdown table")
+        kind.add_argument("--build", dest="kind", action="store_const", const="build",
+                          help="the build phases and the memory each stack left allocated")
+
+    markdown_cli(__doc__, "a results JSON", lambda args: table(args.path, args.kind), render, options)
 
 
 if __name__ == "__main__":

@@ -12,9 +12,13 @@ Weights: ``embedded`` (the default, as in the flux-fast recipe) bakes the weight
 package in the layout Inductor chose for them, derived constants included (transposed or
 padded copies, packed CPU GEMM weights); the live transformer's weights are then released
 (``release_weights``: the package holds the only copy; the stack's snapshot restores them on
-close). ``shared`` packages code only and binds the live module's tensors at load time
-(``load_constants(user_managed=True)``), which is right only when Inductor kept every weight as
-it was: with ``max_autotune`` it makes derived constants the live module lacks. Either way the
+close). ``shared`` packages code only and hands the live module's tensors to the package at
+load time, which is right only when Inductor kept every weight as it was: with ``max_autotune``
+it makes derived constants the live module lacks. The package gets its own copy
+(``load_constants(user_managed=False)``) and the live weights are released as for ``embedded``:
+zero-copy binding (``user_managed=True``) leaks a reference to every bound tensor in the
+AOTInductor runtime of torch 2.11 to 2.13 (pytorch PR 194480), so a bake-off's dropped pipeline
+kept one transformer's weights (22 GiB on flux-dev-random) allocated for every later stack. Either way the
 package's output is compared with the eager transformer's on example inputs before it is
 installed (``self_check``): a package that computes something else fails the stack. The cache
 key holds a fingerprint of the module's structure (and, embedded, of its values) and the C++
@@ -88,7 +92,7 @@ class AotiOptions:
     min_resolution: int = 256  # dynamic: smallest square side covered, in pixels (multiple of 16)
     max_resolution: int = 1024  # dynamic: largest square side covered, in pixels (multiple of 16)
     weights: str = "embedded"  # embedded (weights in the package) | shared (bind the live weights at load)
-    release_weights: bool = True  # embedded: free the live transformer's weights (the package has its own)
+    release_weights: bool = True  # free the live transformer's weights (the package has its own copy)
     self_check: bool = True  # compare the package's output with eager on example inputs before using it
     vae: bool = False  # also export + AOT-compile the VAE decoder
     # load the package in a child process first, so that a torch build whose AOTInductor runtime
@@ -194,7 +198,8 @@ def probe_load(path: Path) -> None:
 
 
 def load_package(path: Path, module: torch.nn.Module | None, prefix: str, single_threaded: bool) -> Any:
-    """Load an AOTI package; with ``module``, bind its live tensors as the package's constants."""
+    """Load an AOTI package; with ``module``, copy its live tensors into the package's constants
+    (a copy the package owns and frees with it; see the module docstring for why not zero-copy)."""
     compiled = torch._inductor.aoti_load_package(str(path), run_single_threaded=single_threaded)
     if module is not None:
         live = {f"{prefix}.{name}": t.detach()
@@ -204,7 +209,7 @@ def load_package(path: Path, module: torch.nn.Module | None, prefix: str, single
         if missing:
             raise RuntimeError(f"aoti: the package needs constants the live module lacks ({missing[:3]}...); "
                                "use backend.aoti.weights=embedded")
-        compiled.load_constants({n: live[n] for n in needed}, check_full_update=True, user_managed=True)
+        compiled.load_constants({n: live[n] for n in needed}, check_full_update=True, user_managed=False)
     return compiled
 
 
@@ -346,7 +351,7 @@ class AotiBackend(Backend):
         ctx.callback("aoti: release the packages and their CUDA graphs",
                      lambda: release_packages(forward, vae_decode))
         released = 0
-        if weights == "embedded" and options.release_weights:
+        if options.release_weights:
             released = release_weights(transformer)
         # Instance attributes shadowing the class methods, removed on close (with or without a snapshot).
         ctx.set_attr("aoti: transformer forward", transformer, "forward", forward)
