@@ -118,9 +118,10 @@ def foreign_changes(transformer: Any) -> list[str]:
     if getattr(transformer, "fused_projections", False) or any(
             getattr(m, "fused_projections", False) for m in modules):
         found.append("fused QKV projections")
-    registry = getattr(transformer, "_diffusers_hook", None)
-    if registry is not None and getattr(registry, "hooks", None):
-        found.append(f"diffusers hooks ({', '.join(sorted(registry.hooks))})")
+    # diffusers keeps one HookRegistry per module; step caches hook the blocks, not the transformer
+    hooks = sorted({name for m in modules for name in getattr(getattr(m, "_diffusers_hook", None), "hooks", None) or ()})
+    if hooks:
+        found.append(f"diffusers hooks ({', '.join(hooks)})")
     if has_subclass_weights(transformer):
         found.append("quantized (tensor-subclass) weights")
     return found

@@ -109,10 +109,34 @@ def test_applying_twice_is_refused_and_reapplying_after_close_is_clean(pipe):
     again.close()
 
 
-def test_optimizations_made_outside_fluxopt_are_detected(pipe):
-    pipe.transformer.fuse_qkv_projections()
-    with pytest.raises(ConfigError, match="optimized outside fluxopt .*fused QKV"):
-        fluxopt.apply_stack(pipe, ["fuse_qkv"], **KW)
+def _compile(transformer):
+    transformer.compile()
+
+
+def _first_block_cache(transformer):
+    from diffusers.hooks import FirstBlockCacheConfig
+
+    transformer.enable_cache(FirstBlockCacheConfig(threshold=0.1))
+
+
+def _int8_weights(transformer):
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    quantize_(transformer, Int8WeightOnlyConfig())
+
+
+@pytest.mark.parametrize("change, named", [
+    (lambda t: t.fuse_qkv_projections(), "fused QKV projections"),
+    (_compile, "torch.compile"),
+    (_first_block_cache, r"diffusers hooks \(fbc_"),
+    (_int8_weights, r"quantized \(tensor-subclass\) weights"),
+], ids=["fused_qkv", "compile", "hooks", "quantized"])
+def test_optimizations_made_outside_fluxopt_are_detected(pipe, change, named):
+    """Applying a stack over optimizations fluxopt did not make would measure (and later undo)
+    something else: each kind is refused, and named."""
+    change(pipe.transformer)
+    with pytest.raises(ConfigError, match=f"optimized outside fluxopt \\({named}"):
+        fluxopt.apply_stack(pipe, ["channels_last"], **KW)
 
 
 @pytest.mark.parametrize("thing, message", [
@@ -129,6 +153,7 @@ def test_only_flux_pipelines_are_accepted(thing, message):
     (None, "backends is None"),
     ([], "the stack is empty"),
     ({"compile": {"inductor_config": {"max_autotune": "lots"}}}, r"max_autotune='lots' must be a bool"),
+    ({"compile": {"inductor_config": {"cpu_gpu_bw": True}}}, r"cpu_gpu_bw=True must be a float"),
     ({"compile": {"regional": "yes"}}, r"backend.compile.regional='yes' is not a valid bool"),
     ({"fbcache": {"residual_diff_threshold": "0.1"}}, r"residual_diff_threshold='0.1' is not a valid float"),
     ({"fbcache": {"treshold": 0.1}}, "has no option 'treshold'"),
@@ -258,3 +283,52 @@ def test_changes_registered_on_the_context_are_undone_on_close(pipe, monkeypatch
     with fluxopt.apply_stack(pipe, ["channels_last"], build=False, **KW):
         assert outside.flag is True and undone == []
     assert not hasattr(outside, "flag") and undone == ["second", "first"]
+
+
+def test_the_context_restores_an_existing_attribute_exits_contexts_and_survives_a_failing_undo():
+    """Mutation-testing gaps: an attribute the object already had gets its old value back (not
+    removed); an entered context manager is exited; one failing undo does not stop the others,
+    and its error is the one raised."""
+    import contextlib
+
+    from fluxopt.context import StackContext
+
+    ctx = StackContext.__new__(StackContext)
+    ctx._undo = []
+    holder = type("Holder", (), {})()
+    holder.mode = "original"
+    ctx.set_attr("mode", holder, "mode", "changed")
+    events = []
+
+    @contextlib.contextmanager
+    def scoped():
+        events.append("enter")
+        yield "value"
+        events.append("exit")
+
+    assert ctx.enter_context("scoped", scoped()) == "value"
+
+    def failing():
+        raise RuntimeError("this undo failed")
+
+    ctx.callback("failing", failing)
+    ctx.callback("last", lambda: events.append("last undo"))
+    assert holder.mode == "changed"
+    with pytest.raises(RuntimeError, match="this undo failed"):
+        ctx.undo()
+    assert events == ["enter", "last undo", "exit"] and holder.mode == "original"
+
+
+def test_build_time_is_the_builds_wall_time(pipe):
+    import time
+
+    start = time.perf_counter()
+    with fluxopt.apply_stack(pipe, ["fuse_qkv"], **KW) as applied:
+        elapsed = time.perf_counter() - start
+    assert 0 < applied.build_s <= elapsed
+
+
+def test_an_integer_is_a_valid_value_for_a_float_inductor_flag():
+    from fluxopt.compiler_state import validate_inductor_flags
+
+    validate_inductor_flags("backend.compile.inductor_config", {"cpu_gpu_bw": 50, "max_autotune": False})
