@@ -115,8 +115,7 @@ def foreign_changes(transformer: Any) -> list[str]:
     modules = list(transformer.modules())
     if any(getattr(m, "_compiled_call_impl", None) is not None for m in modules):
         found.append("torch.compile")
-    if getattr(transformer, "fused_projections", False) or any(
-            getattr(m, "fused_projections", False) for m in modules):
+    if any(getattr(m, "fused_projections", False) for m in modules):  # the transformer is one of them
         found.append("fused QKV projections")
     # diffusers keeps one HookRegistry per module; step caches hook the blocks, not the transformer
     hooks = sorted({name for m in modules for name in getattr(getattr(m, "_diffusers_hook", None), "hooks", None) or ()})

@@ -153,7 +153,7 @@ def test_only_flux_pipelines_are_accepted(thing, message):
     (None, "backends is None"),
     ([], "the stack is empty"),
     ({"compile": {"inductor_config": {"max_autotune": "lots"}}}, r"max_autotune='lots' must be a bool"),
-    ({"compile": {"inductor_config": {"cpu_gpu_bw": True}}}, r"cpu_gpu_bw=True must be a float"),
+    ({"compile": {"inductor_config": {"max_autotune": False, "cpu_gpu_bw": True}}}, r"cpu_gpu_bw=True must be a float"),
     ({"compile": {"regional": "yes"}}, r"backend.compile.regional='yes' is not a valid bool"),
     ({"fbcache": {"residual_diff_threshold": "0.1"}}, r"residual_diff_threshold='0.1' is not a valid float"),
     ({"fbcache": {"treshold": 0.1}}, "has no option 'treshold'"),
@@ -250,17 +250,22 @@ def test_process_wide_settings_a_backend_changes_behind_the_context_are_restored
 
     backend_class = type(lookup_backend("channels_last"))
     original_apply = backend_class.apply
-    before = (inductor_config.epilogue_fusion, torch.backends.cudnn.benchmark)
+    def settings():
+        return (inductor_config.epilogue_fusion, torch.backends.cudnn.benchmark,
+                torch.backends.cuda.flash_sdp_enabled())
+
+    before = settings()
 
     def misbehaving_apply(self, pipe, options, ctx):
         original_apply(self, pipe, options, ctx)
         inductor_config.epilogue_fusion = not before[0]
         torch.backends.cudnn.benchmark = not before[1]
+        torch.backends.cuda.enable_flash_sdp(not before[2])  # an attention kernel switch
 
     monkeypatch.setattr(backend_class, "apply", misbehaving_apply)
     with fluxopt.apply_stack(pipe, ["channels_last"], build=False, **KW):
-        assert (inductor_config.epilogue_fusion, torch.backends.cudnn.benchmark) != before
-    assert (inductor_config.epilogue_fusion, torch.backends.cudnn.benchmark) == before
+        assert all(now != then for now, then in zip(settings(), before, strict=True))
+    assert settings() == before
 
 
 def test_changes_registered_on_the_context_are_undone_on_close(pipe, monkeypatch):
