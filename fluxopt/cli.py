@@ -35,13 +35,13 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from fluxopt import console, engines, launch, plugins, search, sweep
-from fluxopt.config import RunConfig, measurement_config, register_configs
+from fluxopt.config import RunConfig, register_configs
 from fluxopt.environment import INVOCATION_ENV
 from fluxopt.errors import ConfigError, ExitStatus, FluxoptError, UnavailableError
 from fluxopt.files import move_aside, write_json_atomic, write_text_atomic
 from fluxopt.plan import RunPlan, check_runnable, check_writable_dir, plan_run, selected_backends
 from fluxopt.result import RESULT_FILE, SCHEMA_VERSION, Phase, Status, UnreadableResult, load_result
-from fluxopt.runner import Run, run_failed
+from fluxopt.runner import Run, can_reuse, run_failed
 from fluxopt.stack import build_stack, describe_options, lookup_backend
 
 log = logging.getLogger("fluxopt")
@@ -268,9 +268,7 @@ def _previous(output_dir: Path, config: dict[str, Any]) -> dict[str, Any] | None
         return None
     if previous is None:
         return None
-    reusable = (config.get("resume", True) and previous.get("complete") and not run_failed(previous)
-                and measurement_config(previous.get("config") or {}) == measurement_config(config))
-    if reusable:
+    if can_reuse(previous, config):
         return previous
     if launch.writes_results():
         moved = move_aside(path, "previous")

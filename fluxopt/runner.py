@@ -28,6 +28,7 @@ from PIL import Image
 
 from fluxopt import plugins, profiling
 from fluxopt.apply import apply_to_pipeline
+from fluxopt.config import measurement_config
 from fluxopt.context import StackContext
 from fluxopt.environment import capture_environment
 from fluxopt.errors import DiskFullError
@@ -307,3 +308,11 @@ def run_failed(data: Mapping[str, Any]) -> list[str]:
     elif not data.get("complete"):
         failed.append("the run did not complete")
     return failed
+
+
+def can_reuse(previous: Mapping[str, Any], config: Mapping[str, Any]) -> bool:
+    """Whether ``previous`` (a result.json already in the output directory) stands for a run of
+    ``config`` (resume): it completed, nothing in it failed, and it measured the same thing
+    (``measurement_config``: not output paths, ``resume`` or verbosity). ``resume=false`` never reuses."""
+    return bool(config.get("resume", True) and previous.get("complete") and not run_failed(previous)
+                and measurement_config(previous.get("config") or {}) == measurement_config(config))
