@@ -53,6 +53,11 @@ def test_a_run_that_did_not_finish_and_pass_is_never_reused(previous, why):
     assert not can_reuse(previous, CONFIG), why
 
 
+def test_a_config_that_does_not_say_resumes():  # resume defaults to true
+    config = {k: v for k, v in CONFIG.items() if k != "resume"}
+    assert can_reuse(finished(config), config)
+
+
 def test_resume_false_measures_again():
     assert not can_reuse(finished(CONFIG), {**CONFIG, "resume": False})
 
