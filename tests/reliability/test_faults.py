@@ -138,10 +138,13 @@ def test_report_skips_a_result_of_the_wrong_shape(tmp_path):
 
 
 # ------------------------------------------------------------------------------- interrupts
-def _start_long_run(run_dir: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "fluxopt", "+backend=compile", "backend.compile.backend=eager",
-                             "backend.compile.cache=false", "bench.iterations=60", f"hydra.run.dir={run_dir}"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def _start_long_run(run_dir: Path, plugin_env: dict[str, str]) -> subprocess.Popen:
+    """A run whose stack is still timing when the test signals it, on any machine: the test-only
+    ``fault_slow`` backend adds 2 s to every transformer call (a CI run once finished a plain
+    compile stack's 60 iterations of the tiny model within the second the test waited)."""
+    return subprocess.Popen([sys.executable, "-m", "fluxopt", "+backend=fault_slow", "backend.fault_slow.delay_s=2",
+                             "bench.iterations=3", f"hydra.run.dir={run_dir}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **plugin_env})
 
 
 def _wait_for_baseline(run_dir: Path, proc: subprocess.Popen) -> None:
@@ -153,9 +156,9 @@ def _wait_for_baseline(run_dir: Path, proc: subprocess.Popen) -> None:
     time.sleep(1.0)
 
 
-def test_ctrl_c_prints_one_line_keeps_partial_results_and_exits_130(tmp_path):
+def test_ctrl_c_prints_one_line_keeps_partial_results_and_exits_130(tmp_path, plugin_env):
     run_dir = tmp_path / "run"
-    proc = _start_long_run(run_dir)
+    proc = _start_long_run(run_dir, plugin_env)
     _wait_for_baseline(run_dir, proc)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
@@ -167,9 +170,9 @@ def test_ctrl_c_prints_one_line_keeps_partial_results_and_exits_130(tmp_path):
     assert data["complete"] is False and data["interrupted"] is True and data["baseline"]["status"] == "ok"
 
 
-def test_kill_9_mid_run_leaves_a_parseable_result(tmp_path):
+def test_kill_9_mid_run_leaves_a_parseable_result(tmp_path, plugin_env):
     run_dir = tmp_path / "run"
-    proc = _start_long_run(run_dir)
+    proc = _start_long_run(run_dir, plugin_env)
     _wait_for_baseline(run_dir, proc)
     proc.kill()
     proc.wait(timeout=60)

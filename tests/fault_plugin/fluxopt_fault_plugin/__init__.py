@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -125,7 +126,26 @@ class KilledProcess(Backend):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+@dataclass
+class SlowOptions:
+    delay_s: float = 0.2  # added to every transformer call
+
+
+class SlowSteps(Backend):
+    """Correct but slow: a stack that is still running when an interrupt test signals it,
+    however fast the machine (the tiny model alone can finish in under a second)."""
+
+    name = "fault_slow"
+    options_class = SlowOptions
+    stage = Stage.WEIGHTS
+
+    def apply(self, pipe: Any, options: SlowOptions, ctx: Any) -> None:
+        handle = pipe.transformer.register_forward_pre_hook(lambda module, args: time.sleep(options.delay_s))
+        ctx.callback("fault_slow: delay hook", handle.remove)
+
+
 @hookimpl
 def fluxopt_backends() -> list[Backend]:
-    return [RaiseInApply(), RaiseInBuild(), NanOutput(), DegradedOutput(), OutOfMemory(), NeedsCuda(), KilledProcess()]
+    return [RaiseInApply(), RaiseInBuild(), NanOutput(), DegradedOutput(), OutOfMemory(), NeedsCuda(), KilledProcess(),
+            SlowSteps()]
 
