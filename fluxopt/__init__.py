@@ -21,6 +21,7 @@ from fluxopt.fingerprint import has_subclass_weights, module_fingerprint
 from fluxopt.hookspecs import hookimpl
 from fluxopt.measure import Sample
 from fluxopt.models import GenerationDefaults, ModelSpec, verify_checksums
+from fluxopt.preset import Preset
 from fluxopt.result import StackResult
 from fluxopt.shapes import DTYPES, Shapes, transformer_inputs
 from fluxopt.version import __version__
@@ -28,7 +29,7 @@ from fluxopt.version import __version__
 __all__ = [
     "DTYPES", "EXCLUSIVE_STAGES", "INDUCTOR", "RECIPE_INDUCTOR_FLAGS", "AppliedStack", "Backend", "ConfigError", "CudaGraphRunner", "TransformerForward",
     "DeviceInfo", "FluxoptError", "GenerationDefaults", "Metric", "ModelLoadError", "ModelSpec", "Package",
-    "Requirements", "Sample", "Shapes", "StackContext", "StackResult", "Stage", "UnavailableError", "__version__",
+    "Preset", "Requirements", "Sample", "Shapes", "StackContext", "StackResult", "Stage", "UnavailableError", "__version__",
     "apply_stack", "available_backends", "benchmark", "file_sha256", "has_subclass_weights", "hookimpl", "keep_eager_timestep_rounding", "load_model", "module_fingerprint",
     "private_dir", "transformer_inputs", "validate_inductor_flags", "verify_checksums",
 ]

@@ -149,6 +149,7 @@ def apply_to_pipeline(pipe: Any, stack: Stack, ctx: StackContext, *, build: bool
             on_phase("build")
             for entry in stack.entries:
                 entry.backend.build(pipe, entry.options, ctx)
+        ctx.install_outer_calls(pipe.transformer)
     except BaseException:
         try:
             _rollback(pipe, ctx, snapshot, restore_globals)

@@ -97,6 +97,9 @@ class Backend:
     # Backends sharing a group (e.g. "quantization") are mutually exclusive, for this reason.
     exclusive_group: ClassVar[str | None] = None
     exclusive_reason: ClassVar[str] = ""
+    # Acts only between transformer calls, on the host (e.g. through ``ctx.wrap_transformer_call``),
+    # never inside one: graph capture, CUDA graphs and fullgraph compilation are unaffected.
+    between_steps: ClassVar[bool] = False
 
     def unmet_requirement(self, options: Any, device: DeviceInfo) -> str | None:
         """Why this backend (with these options) cannot run here, or None."""

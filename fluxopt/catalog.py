@@ -1,4 +1,4 @@
-"""``python -m fluxopt.catalog``: every registered backend, what it needs and whether it can
+"""``python -m fluxopt.catalog``: every registered backend and preset, what it needs and whether it can
 run on this machine (Markdown, so docs/backends.md is generated from the code itself:
 ``python -m fluxopt.catalog --device cpu --render docs/backends.md`` rewrites its marked block)."""
 
@@ -31,7 +31,14 @@ def render(device: str = "auto") -> str:
                      f"| {conflicts or '—'} | {'available' if reason is None else reason} | {backend.description} |")
         described = describe_options(backend.options_class)
         details.append(f"- `{name}`: {described}" if described else f"- `{name}`: no options")
-    return "\n".join(lines + ["", "Options (`backend.<name>.<option>=value`):", ""] + details) + "\n"
+    presets = ["", "Presets (`+backend=<name>` selects all their backends with these options; "
+               "`backend.<backend>.<option>=value` still overrides):", ""]
+    for name, preset in sorted(plugins.presets().items()):
+        stack = ", ".join(f"{b}({', '.join(f'{k}={v!r}' for k, v in o.items())})" if o else b
+                          for b, o in preset.backends.items())
+        presets.append(f"- `{name}`: {preset.description}. Stack: {stack}. Source: {preset.source or '—'}.")
+        presets.extend(f"  - differs: {d}" for d in preset.deviations)
+    return "\n".join(lines + ["", "Options (`backend.<name>.<option>=value`):", ""] + details + presets) + "\n"
 
 
 BEGIN, END = "<!-- catalog: python -m fluxopt.catalog --device cpu -->\n", "<!-- end catalog -->"

@@ -182,8 +182,10 @@ def preflight(argv: list[str]) -> list[RunPlan]:
     searching = _searching(overrides)
     if searching and not multirun:
         raise ConfigError("hydra/sweeper=fluxopt_search runs a sweep: add -m")
-    selected = {name for ov in overrides if ov.key_or_group == "backend" and not ov.is_delete()
-                for names in _stack_choices(ov.value()) for name in names}
+    presets = plugins.presets()
+    selected = {backend for ov in overrides if ov.key_or_group == "backend" and not ov.is_delete()
+                for names in _stack_choices(ov.value()) for name in names
+                for backend in (presets[name].backends if name in presets else (name,))}
     for ov in overrides:
         _check_override(ov)
         parts = ov.key_or_group.split(".")

@@ -108,3 +108,10 @@ def register_configs() -> None:
     cs.store(name="fluxopt_run_schema", node=RunConfig)
     for name, backend in plugins.backends().items():
         cs.store(group="backend", name=name, node=backend.options_class, package=f"backend.{name}")
+    backends = plugins.backends()
+    for name, preset in plugins.presets().items():
+        # each backend typed like +backend=<backend> (so its other options can be overridden);
+        # one not installed stays a plain mapping and build_stack names it as unknown
+        node = {b: OmegaConf.merge(OmegaConf.structured(backends[b].options_class), dict(o)) if b in backends
+                else dict(o) for b, o in preset.backends.items()}
+        cs.store(group="backend", name=name, node=node, package="backend")

@@ -46,6 +46,8 @@ class StackContext:
     run_once: Callable[[], Any] | None = None
     stats: dict[str, Any] = field(default_factory=dict)
     _undo: list[tuple[str, Callable[[], Any]]] = field(default_factory=list, repr=False)
+    _outer_calls: list[tuple[str, Callable[[Callable[..., Any]], Callable[..., Any]]]] = field(
+        default_factory=list, repr=False)
 
     # ------------------------------------------------------------------ changes
     @property
@@ -77,6 +79,21 @@ class StackContext:
                 vars(obj).pop(attr, None)
 
         self.callback(name, restore)
+
+    def wrap_transformer_call(self, name: str, wrap: Callable[[Callable[..., Any]], Callable[..., Any]]) -> None:
+        """Ask for ``wrap(call) -> call`` around the transformer's whole call, installed once every
+        backend is built, outside whatever they made of it (compiled module, CUDA graph runner,
+        AOTInductor package, engine). For decisions taken on the host between steps, such as a
+        fixed-schedule step cache: inside a graph they would be captured once and replayed."""
+        self._outer_calls.append((name, wrap))
+
+    def install_outer_calls(self, transformer: Any) -> None:
+        """Install the requested wrappers, first requested innermost; each undone on close."""
+        while self._outer_calls:
+            name, wrap = self._outer_calls.pop(0)
+            inner = transformer._compiled_call_impl or transformer._call_impl
+            # Module.__call__ goes through _compiled_call_impl when it is set
+            self.set_attr(name, transformer, "_compiled_call_impl", wrap(inner))
 
     def undo(self) -> None:
         """Run every registered undo, newest first. All of them run even if one fails; the

@@ -41,6 +41,18 @@ def fluxopt_backends() -> list[Any]:
 
 
 @hookspec
+def fluxopt_presets() -> list[Any]:
+    """Return presets: published recipes (stacks with their options) under one name.
+
+    :return: a list of :class:`fluxopt.Preset` (``name``, ``description``, ``backends``: backend
+        name -> options, ``source``, ``deviations``). Each is registered in Hydra's ConfigStore
+        as ``backend/<name>``, so ``+backend=<name>`` selects its backends with its options,
+        and ``apply_stack(pipe, "<name>")`` applies them. A preset may not share a name with a
+        backend.
+    """
+
+
+@hookspec
 def fluxopt_models() -> list[Any]:
     """Return the models (how to obtain a FluxPipeline) this plugin provides.
 

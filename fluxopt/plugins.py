@@ -87,6 +87,17 @@ def backends() -> dict[str, Any]:
 
 
 @lru_cache(maxsize=1)
+def presets() -> dict[str, Any]:
+    """All registered presets by name; a preset named like a backend is refused."""
+    table = _collect("fluxopt_presets", "preset")
+    clash = sorted(set(table) & set(backends()))
+    if clash:
+        raise ConfigError(f"the preset '{clash[0]}' has the name of a backend; presets and backends share "
+                          "+backend=<name>, so a plugin must rename one of them")
+    return table
+
+
+@lru_cache(maxsize=1)
 def models() -> dict[str, Any]:
     """All registered model specs by name."""
     return _collect("fluxopt_models", "model")

@@ -79,8 +79,24 @@ def unknown_backend_message(name: str, known: Sequence[str]) -> str:
 def lookup_backend(name: str) -> Backend:
     registry = plugins.backends()
     if name not in registry:
-        raise ConfigError(unknown_backend_message(name, list(registry)))
+        raise ConfigError(unknown_backend_message(name, [*registry, *plugins.presets()]))
     return registry[name]
+
+
+def expand_presets(items: Sequence[tuple[Any, Any]]) -> list[tuple[Any, Any]]:
+    """``(name, options)`` pairs with every preset name replaced by its backends and their options."""
+    presets = plugins.presets()
+    expanded: list[tuple[Any, Any]] = []
+    for name, values in items:
+        preset = presets.get(name) if isinstance(name, str) else None
+        if preset is None:
+            expanded.append((name, values))
+            continue
+        if values:
+            raise ConfigError(f"preset '{name}' takes no options of its own; set its backends' options "
+                              f"instead ({', '.join(f'backend.{b}.<option>' for b in preset.backends)})")
+        expanded.extend((backend, dict(options)) for backend, options in preset.backends.items())
+    return expanded
 
 
 def describe_options(options_class: type) -> str:
@@ -181,6 +197,7 @@ def build_stack(selection: Mapping[str, Any] | Sequence[str] | str) -> Stack:
     else:
         raise ConfigError(f"a stack is a backend name, a list of names or a mapping name -> options; "
                           f"got {selection!r}")
+    items = expand_presets(items)
     if not items:
         raise ConfigError("the stack is empty: name at least one backend "
                           f"(known backends: {', '.join(sorted(plugins.backends()))})")

@@ -36,7 +36,7 @@ class CompileOptions:
     regional: bool = False  # compile_repeated_blocks instead of the whole transformer
     mode: str = "default"  # one of MODES
     # Fail on graph breaks instead of silently slicing the graph. None (auto): True, except with a
-    # step cache in the stack, whose per-step skip decision is a data-dependent branch.
+    # step cache inside the transformer, whose per-step skip decision is a data-dependent branch.
     fullgraph: Optional[bool] = None
     dynamic: Optional[bool] = None  # True avoids recompiles when the resolution changes
     backend: str = "inductor"
@@ -48,7 +48,8 @@ class CompileOptions:
     eager_rounding: bool = True
     cache: bool = True  # persistent compile caches in cache.dir (warm start in later processes)
     # replay the whole compiled transformer as one CUDA graph per input shape (GPU only): no host
-    # overhead per kernel; needs a transformer without host syncs (no step cache, no offload)
+    # overhead per kernel; needs a transformer without host syncs (no offload, no step cache but
+    # one that decides between steps, such as fixed_cache)
     cuda_graphs: bool = False
 
 
@@ -72,7 +73,7 @@ class CompileBackend(Backend):
     def incompatibility(self, options: CompileOptions, others: Sequence[Any]) -> str | None:
         if options.cuda_graphs:
             for other in others:
-                if other.backend.stage in (Stage.CACHE, Stage.PLACEMENT):
+                if other.backend.stage in (Stage.CACHE, Stage.PLACEMENT) and not other.backend.between_steps:
                     return (f"cuda_graphs=true replays one fixed graph per step, and {other.name} decides on the "
                             "host what runs (or moves weights) during the step; use backend.compile.cuda_graphs=false")
         return None
@@ -81,7 +82,8 @@ class CompileBackend(Backend):
         ctx.enter_context("compile: Inductor flags", torch._inductor.config.patch(inductor_flags(options)))
         fullgraph = options.fullgraph
         if fullgraph is None:
-            fullgraph = not (ctx.stack and any(e.backend.stage == Stage.CACHE for e in ctx.stack.entries))
+            fullgraph = not (ctx.stack and any(e.backend.stage == Stage.CACHE and not e.backend.between_steps
+                                               for e in ctx.stack.entries))
         ctx.stats.setdefault("compile", {})["fullgraph"] = fullgraph
         if options.eager_rounding and not options.regional:  # regional: the embeddings stay eager
             undo = keep_eager_timestep_rounding(pipe.transformer)

@@ -63,7 +63,7 @@ def register_plugin():
 
 
 def _clear(plugins: Any) -> None:
-    for fn in (plugins.backends, plugins.models, plugins.metrics):
+    for fn in (plugins.backends, plugins.presets, plugins.models, plugins.metrics):
         fn.cache_clear()
 
 

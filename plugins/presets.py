@@ -1,0 +1,48 @@
+"""Built-in presets: published recipes under one name (``+backend=<name>``).
+
+``flux_fast`` is the recipe of huggingface/flux-fast as far as this machine allows, with each
+difference stated in ``deviations``; ``fp8_graphs`` is fluxopt's own fastest stack that passes
+the lossy gate on the H100 (docs/results/), so the two can be measured side by side:
+``python -m fluxopt -m +backend=flux_fast,fp8_graphs``.
+"""
+
+from __future__ import annotations
+
+from fluxopt import Preset, hookimpl
+
+FLUX_FAST = Preset(
+    name="flux_fast",
+    description=("flux-fast's recipe: fused QKV, channels_last VAE, torchao fp8 dynamic quantization (per row), "
+                 "Inductor tuning flags, torch.export + AOTInductor (transformer and VAE decoder) + CUDA graphs"),
+    backends={
+        "fuse_qkv": {"transformer": True, "vae": True},
+        "channels_last": {},
+        "torchao_fp8": {"granularity": "row"},
+        "aoti": {"max_autotune": False, "tuning_flags": True, "cuda_graphs": True, "weights": "embedded",
+                 "vae": True},
+    },
+    source="https://github.com/huggingface/flux-fast (utils/pipeline_utils.py: optimize)",
+    deviations=(
+        "attention: Flash Attention 3 with fp8 inputs has no installable wheel here; SDPA's default runs "
+        "instead (cuDNN on the H100, the fastest bf16 kernel fluxopt measured at FLUX's shape)",
+        "GEMM autotuning is off (backend.aoti.max_autotune=false; set it true for the original): on the H100 "
+        "none of Inductor's candidates beat cuBLAS for any fp8 GEMM shape, at ~96 s of autotuning per shape "
+        "(docs/results/2026-11-25-h100-issue15h.md)",
+        "fp8 quantization of the transformer only; flux-fast also quantizes the VAE's Linear layers",
+        "channels_last on the VAE only; flux-fast also sets it on the transformer, whose Linear layers have "
+        "no channel dimension to reorder",
+    ),
+)
+
+FP8_GRAPHS = Preset(
+    name="fp8_graphs",
+    description="torchao fp8 (per row) + regional torch.compile + CUDA graphs: fluxopt's fastest stack that "
+                "passes the lossy gate on the H100 (docs/results/)",
+    backends={"torchao_fp8": {"granularity": "row"}, "compile": {"regional": True, "cuda_graphs": True}},
+    source="fluxopt's H100 bake-offs (docs/results/2026-11-25-h100-issue15h.md)",
+)
+
+
+@hookimpl
+def fluxopt_presets() -> list[Preset]:
+    return [FLUX_FAST, FP8_GRAPHS]
