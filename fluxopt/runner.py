@@ -78,6 +78,7 @@ class Run:
         self.device_lost: str | None = None  # why the CUDA context cannot run more stacks
         self.profiling = bool(self.cfg.bench.get("profile", False))
         self.profile_info: dict[str, Any] = {}
+        self.file_labels: set[str] = {"baseline"}  # names of the stacks' image, profile and log files so far
 
     # ------------------------------------------------------------------ pipeline
     def _load(self) -> Any:
@@ -91,6 +92,16 @@ class Run:
         p = self.plan
         return measure(Generator(pipe, p.shapes, p.device), p.prompts, p.seed, warmup=p.warmup,
                        iterations=p.iterations, on_phase=lambda phase: self._enter(label, phase))
+
+    def _file_label(self, name: str) -> str:
+        """The stack's name for its files, made unique within the run (a plan may measure one stack
+        with different options twice): ``name``, then ``name-2``, ``name-3``..."""
+        label, n = name, 1
+        while label in self.file_labels:
+            n += 1
+            label = f"{name}-{n}"
+        self.file_labels.add(label)
+        return label
 
     def _enter(self, label: str, phase: str) -> None:
         log.info("%s: %s", label, phase)
@@ -128,7 +139,7 @@ class Run:
             self._enter("baseline", "profile")
             self.profile_info = {"step_flops": profiling.step_flops(pipe.transformer, p.shapes),
                                  "ceilings_tflops": profiling.matmul_ceilings() if p.device.is_gpu else {}}
-            self._profile(self.baseline, Generator(pipe, p.shapes, p.device), fp8_gemm=False)
+            self._profile(self.baseline, Generator(pipe, p.shapes, p.device), "baseline", fp8_gemm=False)
         self.baseline.images = self._save_images("baseline", m.samples)
         del pipe
         self._release()
@@ -137,6 +148,7 @@ class Run:
     def measure_stack(self, stack: Stack, reference: list[Sample]) -> StackResult:
         result = StackResult(stack=stack.name, backends=stack.names, status=Status.OK.value,
                              options=stack.options_dict(), lossless=stack.is_lossless())
+        label = self._file_label(stack.name)
         unmet = stack.unmet_requirements(self.plan.device)
         if unmet:
             result.status, result.reason = Status.SKIPPED.value, "; ".join(unmet)
@@ -148,7 +160,7 @@ class Run:
         phase = [Phase.LOAD]  # the phase in progress, for attributing a failure
         allocated_before = torch.cuda.memory_allocated() if self.plan.device.is_gpu else None
         try:
-            self._apply_build_measure(stack, result, reference, phase)
+            self._apply_build_measure(stack, result, reference, phase, label)
         except (KeyboardInterrupt, DiskFullError):
             raise
         except Exception as exc:  # noqa: BLE001 - any backend failure is recorded, the run goes on
@@ -157,7 +169,7 @@ class Run:
                 result.reason = "out of memory: " + str(exc).splitlines()[0]
             else:
                 result.reason = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
-            self._log_failure(stack.name, exc)
+            self._log_failure(label, exc)
         finally:
             try:
                 self._release()
@@ -177,8 +189,9 @@ class Run:
         return result
 
     def _apply_build_measure(self, stack: Stack, result: StackResult, reference: list[Sample],
-                             phase: list[Phase]) -> None:
-        """Load a fresh pipeline, apply and build the stack, measure it and judge its fidelity."""
+                             phase: list[Phase], label: str) -> None:
+        """Load a fresh pipeline, apply and build the stack, measure it and judge its fidelity;
+        its images and profile go under ``label``."""
         p = self.plan
 
         def enter(name: Phase) -> None:
@@ -202,10 +215,11 @@ class Run:
             self._fill(result, m)
             if self.profiling:
                 self._enter(stack.name, "profile")
-                self._profile(result, gen, fp8_gemm=any("fp8" in n and "weight_only" not in n for n in stack.names))
+                self._profile(result, gen, label,
+                              fp8_gemm=any("fp8" in n and "weight_only" not in n for n in stack.names))
             result.stats = ctx.stats
             enter(Phase.FIDELITY)
-            result.images = self._save_images(stack.name, m.samples)
+            result.images = self._save_images(label, m.samples)
             thresholds = self.cfg.fidelity.lossless if result.lossless else self.cfg.fidelity.lossy
             result.fidelity = evaluate(reference, m.samples, plugins.metrics(), dict(thresholds))
             result.fidelity["model"] = p.spec.name
@@ -216,10 +230,10 @@ class Run:
         finally:
             applied.close()  # process-wide state back to what it was before this stack
 
-    def _profile(self, result: StackResult, gen: Generator, fp8_gemm: bool) -> None:
-        """One profiled step: breakdown, trace file, and how close the step is to the floor."""
+    def _profile(self, result: StackResult, gen: Generator, label: str, fp8_gemm: bool) -> None:
+        """One profiled step: breakdown, trace file (named ``label``), and how close the step is to the floor."""
         p = self.plan
-        path = self.output_dir / "profiles" / f"{result.stack}.json"
+        path = self.output_dir / "profiles" / f"{label}.json"
         profile = profiling.profile_one_step(lambda on_step: gen(p.prompts[0], p.seed, on_step), p.shapes.steps,
                                              p.device.is_gpu, path)
         profile["trace"] = str(path.relative_to(self.output_dir))

@@ -168,3 +168,24 @@ def test_global_state_does_not_leak_between_stacks(tmp_path):
     img_alone = [np.asarray(Image.open(tmp_path / "alone" / p)) for p in single["stacks"][0]["images"]]
     assert len(img_after) == len(img_alone) > 0  # an empty comparison must not pass
     assert all(np.array_equal(x, y) for x, y in zip(img_after, img_alone))
+
+
+def test_one_stack_measured_twice_with_other_options_keeps_both_images_and_profiles(tmp_path):
+    """A plan may hold one backend list twice (different options): neither overwrites the other's files."""
+    from hydra import compose, initialize_config_module
+
+    from fluxopt.config import register_configs
+    from fluxopt.runner import Run
+    from fluxopt.stack import build_stack
+
+    register_configs()
+    with initialize_config_module(config_module="fluxopt.conf", version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["bench.iterations=1", "bench.steps=6", "bench.profile=true"])
+    stacks = [build_stack({"fixed_cache": {"warmup_steps": 1, "interval": k}}) for k in (2, 3)]
+    data = Run(cfg, tmp_path, stacks=stacks).execute()
+    first, second = data["stacks"]
+    assert first["stack"] == second["stack"] == "fixed_cache"
+    assert first["images"] and second["images"] and not set(first["images"]) & set(second["images"])
+    assert first["profile"]["trace"] != second["profile"]["trace"]
+    for record in (first, second):
+        assert all((tmp_path / p).is_file() for p in [*record["images"], record["profile"]["trace"]])
