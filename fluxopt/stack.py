@@ -84,18 +84,38 @@ def lookup_backend(name: str) -> Backend:
 
 
 def expand_presets(items: Sequence[tuple[Any, Any]]) -> list[tuple[Any, Any]]:
-    """``(name, options)`` pairs with every preset name replaced by its backends and their options."""
+    """``(name, options)`` pairs with every preset name replaced by its backends and their options.
+    A backend also named on its own keeps the preset's place and options, with its own options
+    on top (as ``+backend=<preset> backend.<name>.<option>=...`` does in Hydra)."""
     presets = plugins.presets()
     expanded: list[tuple[Any, Any]] = []
+    from_preset: dict[str, int] = {}  # backend -> its index in expanded, for backends a preset brought
+    explicit = []
     for name, values in items:
         preset = presets.get(name) if isinstance(name, str) else None
         if preset is None:
-            expanded.append((name, values))
+            explicit.append((name, values))
             continue
         if values:
             raise ConfigError(f"preset '{name}' takes no options of its own; set its backends' options "
                               f"instead ({', '.join(f'backend.{b}.<option>' for b in preset.backends)})")
-        expanded.extend((backend, dict(options)) for backend, options in preset.backends.items())
+        for backend, options in preset.backends.items():
+            if backend in from_preset:
+                raise ConfigError(f"backend '{backend}' is in two presets of the stack; combine presets that "
+                                  "share no backend, or list the backends yourself")
+            from_preset[backend] = len(expanded)
+            expanded.append((backend, dict(options)))
+    for name, values in explicit:
+        index = from_preset.pop(name, None) if isinstance(name, str) else None
+        if index is None:
+            expanded.append((name, values))
+            continue
+        if values is not None and not isinstance(values, Mapping):  # parse_options names the problem
+            expanded.append((name, values))
+            continue
+        if isinstance(values, DictConfig):
+            values = OmegaConf.to_container(values, resolve=True)
+        expanded[index] = (name, {**expanded[index][1], **(values or {})})
     return expanded
 
 

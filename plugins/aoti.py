@@ -55,7 +55,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch._inductor.cpp_builder
@@ -72,6 +72,11 @@ log = logging.getLogger("fluxopt.aoti")
 WEIGHT_MODES = ("embedded", "shared")
 # Largest relative L2 error of the package against eager on example inputs, by dtype.
 SELF_CHECK_TOLERANCE = {torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16: 5e-2}
+# With quantized weights (dynamic fp8 activations), one rounding flipped by Inductor's fusion of the
+# scale computation moves a whole row: one call of flux-dev-random's fp8 transformer differed from
+# eager fp8 by 0.098 (H100, docs/results/2026-11-26-h100-issue15i.md), where the packages that
+# computed another function (the timestep rounding bug) scored 0.39 to 0.51.
+QUANTIZED_SELF_CHECK_TOLERANCE = 0.25
 TRANSFORMER_PACKAGE = "transformer.pt2"
 VAE_PACKAGE = "vae_decoder.pt2"
 TOKEN_INPUTS = ("hidden_states", "img_ids")  # inputs whose token dimension is dynamic
@@ -94,6 +99,8 @@ class AotiOptions:
     weights: str = "embedded"  # embedded (weights in the package) | shared (bind the live weights at load)
     release_weights: bool = True  # free the live transformer's weights (the package has its own copy)
     self_check: bool = True  # compare the package's output with eager on example inputs before using it
+    # largest relative L2 error of that comparison; None: by dtype (bf16 0.05), 0.25 with quantized weights
+    self_check_tolerance: Optional[float] = None
     vae: bool = False  # also export + AOT-compile the VAE decoder
     # load the package in a child process first, so that a torch build whose AOTInductor runtime
     # crashes on load fails this stack instead of killing the whole bake-off (costs a few seconds)
@@ -234,6 +241,9 @@ class AotiBackend(Backend):
         if options.min_resolution >= options.max_resolution:
             raise ConfigError("backend.aoti.min_resolution must be smaller than max_resolution")
         validate_inductor_flags("backend.aoti.inductor_config", options.inductor_config)
+        if options.self_check_tolerance is not None and not 0 < options.self_check_tolerance < 1:
+            raise ConfigError(f"backend.aoti.self_check_tolerance={options.self_check_tolerance} must be between 0 "
+                              "and 1 (a relative L2 error), or null for the default")
 
     def incompatibility(self, options: AotiOptions, others: Any) -> str | None:
         # Known before anything loads: quantized weights are tensor subclasses, which a package
@@ -258,7 +268,7 @@ class AotiBackend(Backend):
     def cache_key(self, options: AotiOptions) -> dict[str, Any]:
         """Options that change the package (replay, checks and weight release are decided at load)."""
         key = dataclasses.asdict(options)
-        for name in ("cuda_graphs", "probe_load", "self_check", "release_weights"):
+        for name in ("cuda_graphs", "probe_load", "self_check", "self_check_tolerance", "release_weights"):
             key.pop(name)
         return key
 
@@ -338,11 +348,14 @@ class AotiBackend(Backend):
                                             single_threaded=use_graphs)
         check: dict[str, float] = {}
         if options.self_check:
+            tolerance = self_check_tolerance(options, transformer, dtype)
             with ctx.timed("self_check"), torch.no_grad():
                 check["transformer_rel_l2"] = self_check(
-                    "transformer", compiled(**inputs), _TransformerGraph(transformer)(**inputs))
+                    "transformer", compiled(**inputs), _TransformerGraph(transformer)(**inputs), tolerance)
                 if vae_compiled is not None:
-                    check["vae_rel_l2"] = self_check("VAE decoder", vae_compiled(z=z), _VaeDecodeGraph(pipe.vae)(z))
+                    check["vae_rel_l2"] = self_check("VAE decoder", vae_compiled(z=z), _VaeDecodeGraph(pipe.vae)(z),
+                                                     options.self_check_tolerance or SELF_CHECK_TOLERANCE[z.dtype])
+            check["tolerance"] = tolerance
         forward = TransformerForward(CudaGraphRunner(compiled) if use_graphs else compiled,
                                      dtypes={k: v.dtype for k, v in inputs.items()}, device=device)
         vae_decode = None
@@ -411,15 +424,21 @@ class AotiMismatchError(FluxoptError):
     """The package computes a different function than the eager module it was exported from."""
 
 
-def self_check(what: str, got: torch.Tensor, expected: torch.Tensor) -> float:
-    """Relative L2 error of the package's output against eager; AotiMismatchError above the
-    tolerance for the dtype (a package that computes something else is never benchmarked)."""
+def self_check_tolerance(options: AotiOptions, transformer: torch.nn.Module, dtype: torch.dtype) -> float:
+    """The transformer's self-check tolerance: the user's, else by dtype, looser with quantized weights."""
+    if options.self_check_tolerance is not None:
+        return options.self_check_tolerance
+    return QUANTIZED_SELF_CHECK_TOLERANCE if has_subclass_weights(transformer) else SELF_CHECK_TOLERANCE[dtype]
+
+
+def self_check(what: str, got: torch.Tensor, expected: torch.Tensor, tolerance: float) -> float:
+    """Relative L2 error of the package's output against eager; AotiMismatchError above
+    ``tolerance`` (a package that computes something else is never benchmarked)."""
     err = float((got.double() - expected.double()).norm() / expected.double().norm().clamp_min(1e-12))
-    tolerance = SELF_CHECK_TOLERANCE.get(expected.dtype, 5e-2)
     if not err <= tolerance:  # NaN fails too
         raise AotiMismatchError(f"aoti: the {what} package's output differs from eager by a relative L2 error of "
-                                f"{err:.3g} on the example inputs (tolerance {tolerance:g} for {expected.dtype}); "
-                                "it computes a different function")
+                                f"{err:.3g} on the example inputs (tolerance {tolerance:g}, "
+                                "backend.aoti.self_check_tolerance); it computes a different function")
     return err
 
 

@@ -108,11 +108,27 @@ def test_self_check_refuses_a_package_that_computes_something_else():
     from fluxopt_plugins.aoti import AotiMismatchError, self_check
 
     expected = torch.randn(4, 16, dtype=torch.bfloat16)
-    assert self_check("transformer", expected + 1e-3 * torch.randn_like(expected), expected) < 5e-2
-    with pytest.raises(AotiMismatchError, match=r"relative L2 error of 0\.(4|39)"):
-        self_check("transformer", 1.4 * expected, expected)
+    assert self_check("transformer", expected + 1e-3 * torch.randn_like(expected), expected, 5e-2) < 5e-2
+    with pytest.raises(AotiMismatchError, match=r"relative L2 error of 0\.(4|39).*tolerance 0\.25"):
+        self_check("transformer", 1.4 * expected, expected, 0.25)
     with pytest.raises(AotiMismatchError):
-        self_check("transformer", torch.full_like(expected, float("nan")), expected)
+        self_check("transformer", torch.full_like(expected, float("nan")), expected, 0.25)
+
+
+def test_self_check_tolerance_is_looser_only_for_quantized_weights_and_the_user_can_set_it():
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    from fluxopt_plugins.aoti import (QUANTIZED_SELF_CHECK_TOLERANCE, SELF_CHECK_TOLERANCE, AotiOptions,
+                                      self_check_tolerance)
+
+    plain = torch.nn.Sequential(torch.nn.Linear(32, 32))
+    assert self_check_tolerance(AotiOptions(), plain, torch.bfloat16) == SELF_CHECK_TOLERANCE[torch.bfloat16]
+    quantize_(plain, Int8WeightOnlyConfig())
+    assert self_check_tolerance(AotiOptions(), plain, torch.bfloat16) == QUANTIZED_SELF_CHECK_TOLERANCE
+    assert QUANTIZED_SELF_CHECK_TOLERANCE < 0.39  # still refuses what the timestep-rounding bug computed
+    assert self_check_tolerance(AotiOptions(self_check_tolerance=0.1), plain, torch.bfloat16) == 0.1
+    with pytest.raises(ConfigError, match="backend.aoti.self_check_tolerance=1.5 must be between 0 and 1"):
+        build_stack({"aoti": {"self_check_tolerance": 1.5}})
 
 
 # ---------------------------------------------------------------------------------- pieces

@@ -33,8 +33,12 @@ def test_a_preset_composes_with_other_backends_and_refuses_options_of_its_own():
     assert stack.names == ["torchao_fp8", "fixed_cache", "compile"]  # stage order
     with pytest.raises(ConfigError, match="preset 'fp8_graphs' takes no options of its own"):
         build_stack({"fp8_graphs": {"regional": False}})
+    tuned = build_stack({"fp8_graphs": None, "compile": {"mode": "max-autotune-no-cudagraphs"}}).options_dict()
+    assert tuned["compile"]["mode"] == "max-autotune-no-cudagraphs" and tuned["compile"]["regional"]
     with pytest.raises(ConfigError, match="'compile' is listed twice"):
-        build_stack(["fp8_graphs", "compile"])
+        build_stack(["compile", "fp8_graphs", "compile"])
+    with pytest.raises(ConfigError, match="backend 'torchao_fp8' is in two presets"):
+        build_stack(["fp8_graphs", "fp8_graphs"])
 
 
 def test_hydra_selects_a_preset_and_its_backends_options_still_override(register_plugin):
