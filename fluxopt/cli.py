@@ -201,6 +201,8 @@ def preflight(argv: list[str]) -> list[RunPlan]:
     context, config_name = _config_source(argv)
     try:
         with context:
+            if multirun and not searching:
+                _check_shared_config(config_name, overrides)
             for job in _jobs(overrides, multirun):
                 try:
                     cfg = compose(config_name=config_name, overrides=job, return_hydra_config=True)
@@ -222,6 +224,26 @@ def preflight(argv: list[str]) -> list[RunPlan]:
     finally:
         GlobalHydra.instance().clear()
     return plans
+
+
+def _check_shared_config(config_name: str, overrides: list[Override]) -> None:
+    """Hydra composes a sweep's shared configuration from the overrides that are not swept before
+    it launches any job; an option of a backend that only a swept ``+backend=`` selects fails
+    there, with a traceback, even though every job would compose."""
+    shared = [ov for ov in overrides if not ov.is_sweep_override()]
+    try:
+        compose(config_name=config_name, overrides=[ov.input_line for ov in shared], return_hydra_config=True)
+    except (HydraException, OmegaConfBaseException, ValueError) as exc:
+        swept = {name for ov in overrides if ov.key_or_group == "backend" and ov.is_sweep_override()
+                 for names in _stack_choices(ov.value()) for name in names}
+        for ov in shared:
+            parts = ov.key_or_group.split(".")
+            if parts[0] == "backend" and len(parts) > 2 and parts[1] in swept:
+                raise ConfigError(f"{ov.key_or_group} sets an option of '{parts[1]}', which only the swept "
+                                  "+backend=... selects; Hydra composes a sweep's shared configuration without "
+                                  "the swept values, so the option has nothing to attach to. Run such stacks as "
+                                  f"their own command: python -m fluxopt +backend=[...] {ov.input_line}") from None
+        raise _compose_error(exc, []) from None
 
 
 def required_processes(plans: list[RunPlan]) -> int:

@@ -182,3 +182,19 @@ def floor_ms(flops: dict[str, float], ceilings: dict[str, float], fp8_gemm: bool
         return None
     gemm_rate = ceilings.get("fp8", bf16) if fp8_gemm else bf16
     return (flops["gemm"] / (gemm_rate * 1e12) + flops["attention"] / (bf16 * 1e12)) * 1000.0
+
+
+def average_step_floor_ms(floor: float | None, cache: dict[str, Any] | None) -> float | None:
+    """The floor of an average step of a generation: a step cache's predicted steps run no
+    transformer, so the floor of one computed step counts only for the computed share
+    (``cache``: the stack's ``stats["cache"]``; without counts, every step is computed)."""
+    if floor is None:
+        return None
+    if cache and cache.get("steps") and cache.get("computed_steps") is not None:
+        return floor * cache["computed_steps"] / cache["steps"]
+    return floor
+
+
+def pct_of_floor(floor: float | None, step_s: float | None) -> float | None:
+    """How close the measured average step (seconds) is to its floor (ms), in percent."""
+    return 100.0 * floor / (step_s * 1000.0) if floor and step_s else None

@@ -215,8 +215,8 @@ class Run:
             self._fill(result, m)
             if self.profiling:
                 self._enter(stack.name, "profile")
-                self._profile(result, gen, label,
-                              fp8_gemm=any("fp8" in n and "weight_only" not in n for n in stack.names))
+                self._profile(result, gen, label, fp8_gemm=any("fp8" in n and "weight_only" not in n for n in stack.names),
+                              cache=ctx.stats.get("cache"))
             result.stats = ctx.stats
             enter(Phase.FIDELITY)
             result.images = self._save_images(label, m.samples)
@@ -230,17 +230,20 @@ class Run:
         finally:
             applied.close()  # process-wide state back to what it was before this stack
 
-    def _profile(self, result: StackResult, gen: Generator, label: str, fp8_gemm: bool) -> None:
-        """One profiled step: breakdown, trace file (named ``label``), and how close the step is to the floor."""
+    def _profile(self, result: StackResult, gen: Generator, label: str, fp8_gemm: bool,
+                 cache: dict[str, Any] | None = None) -> None:
+        """One profiled step: breakdown, trace file (named ``label``), and how close the average step
+        is to the floor (``cache``: the stack's step-cache counts, for the share of computed steps)."""
         p = self.plan
         path = self.output_dir / "profiles" / f"{label}.json"
         profile = profiling.profile_one_step(lambda on_step: gen(p.prompts[0], p.seed, on_step), p.shapes.steps,
                                              p.device.is_gpu, path)
         profile["trace"] = str(path.relative_to(self.output_dir))
-        floor = profiling.floor_ms(self.profile_info["step_flops"], self.profile_info["ceilings_tflops"], fp8_gemm)
-        step_ms = (result.step_latency or {}).get("median")
-        profile["floor_ms"] = floor
-        profile["pct_of_floor"] = 100.0 * floor / (step_ms * 1000.0) if floor and step_ms else None
+        profile["floor_ms"] = profiling.floor_ms(self.profile_info["step_flops"], self.profile_info["ceilings_tflops"],
+                                                 fp8_gemm)  # of one computed step
+        profile["average_step_floor_ms"] = profiling.average_step_floor_ms(profile["floor_ms"], cache)
+        profile["pct_of_floor"] = profiling.pct_of_floor(profile["average_step_floor_ms"],
+                                                         (result.step_latency or {}).get("median"))
         result.profile = profile
 
     def _log_failure(self, stack_name: str, exc: BaseException) -> None:

@@ -67,6 +67,10 @@ CASES = [
     ("cache.dir=/proc/fluxopt", 2, "cache.dir=/proc/fluxopt is not usable"),
     ("hydra.run.dir=afile/run", 2, "hydra.run.dir=afile/run is not usable"),
     ("-m bench.iterations=3,0,2", 2, "bench.iterations=0 is not allowed"),
+    ("-m +backend=[compile,fixed_cache],[fixed_cache,fuse_qkv] backend.fixed_cache.interval=3", 2,
+     "sets an option of 'fixed_cache', which only the swept +backend=... selects"),
+    ("+backend=[fixed_cache,compile] backend.fixed_cache.order=2", 2, "backend.fixed_cache.order=2 is not one of 0, 1"),
+    ("+backend=[flux_fast,fp8_graphs]", 2, "is in two presets of the stack"),
     ("--config-path /nonexistent --config-name config", 2, "--config-path=/nonexistent is not a directory"),
 ]
 
