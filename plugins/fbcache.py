@@ -7,9 +7,9 @@ threshold skips more steps. The number of computed and skipped steps is counted 
 actually ran (see ``_cache_probe``) and reported in the stack's ``stats["cache"]``.
 
 Two implementations: ``diffusers`` (``diffusers.hooks.FirstBlockCacheConfig`` through
-``transformer.enable_cache``, no extra package) and ``para_attn``
-(``para_attn.first_block_cache.diffusers_adapters.apply_cache_on_pipe``, as in the
-"3x faster FLUX serving" recipe).
+``transformer.enable_cache``, no extra package) and ``para_attn`` (ParaAttention's cache, as in the
+"3x faster FLUX serving" recipe, through fluxopt's adapter for diffusers 0.42's FLUX blocks:
+``_para_attn_flux``; para-attn's own adapter calls them with an older signature).
 
 With ``compile``: the cache decision reads a tensor on the host (``.item()``) inside the first
 block, which is a graph break, so it composes with ``backend.compile.fullgraph=false`` only
@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fluxopt import Backend, ConfigError, Package, Requirements, StackContext, Stage, hookimpl
+from fluxopt_plugins._para_attn_flux import apply_first_block_cache
 from fluxopt_plugins._cache_probe import (STEP_CACHE_GROUP, STEP_CACHE_REASON, ComputeCounter, graph_follows,
                                           transformer_blocks)
 
@@ -66,9 +67,7 @@ class FBCacheBackend(Backend):
         else:
             # Probes go on the original blocks first: para_attn moves them into its own wrapper.
             ComputeCounter(pipe, ctx.stats, self.name, blind=graph_follows(ctx))
-            from para_attn.first_block_cache.diffusers_adapters import apply_cache_on_pipe
-
-            apply_cache_on_pipe(pipe, residual_diff_threshold=options.residual_diff_threshold)
+            apply_first_block_cache(pipe, options.residual_diff_threshold, ctx)
 
 
 def _diffusers_decision(transformer: Any) -> Any:

@@ -121,9 +121,15 @@ def test_self_check_tolerance_is_looser_only_for_quantized_weights_and_the_user_
     from fluxopt_plugins.aoti import (QUANTIZED_SELF_CHECK_TOLERANCE, SELF_CHECK_TOLERANCE, AotiOptions,
                                       self_check_tolerance)
 
+    from fluxopt import compiler_state
+
     plain = torch.nn.Sequential(torch.nn.Linear(32, 32))
     assert self_check_tolerance(AotiOptions(), plain, torch.bfloat16) == SELF_CHECK_TOLERANCE[torch.bfloat16]
-    quantize_(plain, Int8WeightOnlyConfig())
+    restore = compiler_state.snapshot()  # torchao's quantize_ sets Inductor flags for the whole process
+    try:
+        quantize_(plain, Int8WeightOnlyConfig())
+    finally:
+        restore()
     assert self_check_tolerance(AotiOptions(), plain, torch.bfloat16) == QUANTIZED_SELF_CHECK_TOLERANCE
     assert QUANTIZED_SELF_CHECK_TOLERANCE < 0.39  # still refuses what the timestep-rounding bug computed
     assert self_check_tolerance(AotiOptions(self_check_tolerance=0.1), plain, torch.bfloat16) == 0.1
