@@ -125,7 +125,7 @@ def test_processes_come_from_the_backends_of_the_requested_stacks():
     assert required_processes(preflight(["+backend=compile"])) == 1
     assert required_processes(preflight(["+backend=context_parallel"])) == 2  # its default world_size
     assert required_processes(preflight(
-        ["-m", "+backend=context_parallel,[context_parallel,compile]", "backend.context_parallel.world_size=4"])) == 4
+        ["-m", "+backend=[context_parallel,compile]", "backend.context_parallel.world_size=2,4"])) == 4
     assert required_processes(preflight([])) == 1  # a bake-off runs every backend alone, in one process
 
 
