@@ -1,7 +1,7 @@
 # Source this on the GPU machine (device tool), from the repo root, with .whl carried:
 #   source benchmarks/device_setup.sh
 # Installs the carried wheels (diffusers, hydra, torchao, modelopt...) and fluxopt itself
-# (non-editable, so plugins/ and conf/ are installed as packages) into /tmp/site, then moves
+# (non-editable, so fluxopt_plugins/ and conf/ are installed as packages) into /tmp/site, then moves
 # to a work directory holding tests/, benchmarks/ and examples/ but no fluxopt/ source tree,
 # so the installed package is the one imported.
 python3 -m pip install -q --no-index --no-deps --no-compile --no-build-isolation --target /tmp/site .whl/*.whl . \

@@ -2,7 +2,7 @@
 ordered and composed before any model is loaded.
 
 A backend is like a torchao technique: an options dataclass plus code that applies it.
-Built-in backends (``plugins/``) and third-party ones use exactly this class.
+Built-in backends (``fluxopt_plugins/``) and third-party ones use exactly this class.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The contract between fluxopt and its plugins: every hook a plugin may implement.
 
-Built-in features use exactly these hooks (``plugins/``), and so does a third-party package
+Built-in features use exactly these hooks (``fluxopt_plugins/``), and so does a third-party package
 that declares an entry point in the group ``fluxopt``::
 
     [project.entry-points.fluxopt]

@@ -1,4 +1,4 @@
-"""The plugin manager: built-in plugins from ``plugins/`` first, then every installed
+"""The plugin manager: built-in plugins from ``fluxopt_plugins/`` first, then every installed
 distribution's entry point in the group ``fluxopt``.
 
 Registration hooks are collected into name -> spec tables; two specs with one name are an
@@ -26,7 +26,7 @@ ENTRY_POINT_GROUP = "fluxopt"
 CORE_PLUGINS = ("fluxopt.models", "fluxopt.fidelity")
 
 
-# Where the built-in plugins live (``plugins/`` in the source tree). Imported by name: the core
+# Where the built-in plugins live (``fluxopt_plugins/`` in the source tree). Imported by name: the core
 # discovers them like any plugin and never depends on one.
 BUILTIN_PACKAGE = "fluxopt_plugins"
 

@@ -2,8 +2,8 @@
 # Retrain and re-evaluate flux-mini (docs/flux-mini.md). Run from the repository root.
 #   scripts/flux_mini.sh train   # on a CUDA GPU: ~2 min VAE + ~4.5 min transformer on one H100
 #   scripts/flux_mini.sh eval    # on any device (CPU: ~3 min): docs/results/flux-mini-*.json + docs/images
-#   scripts/flux_mini.sh ship    # copy runs/flux-mini/full/pipeline into the package (plugins/flux_mini/weights)
-# The step counts are those of the shipped run (plugins/flux_mini/weights/train_config.json);
+#   scripts/flux_mini.sh ship    # copy runs/flux-mini/full/pipeline into the package (fluxopt_plugins/flux_mini/weights)
+# The step counts are those of the shipped run (fluxopt_plugins/flux_mini/weights/train_config.json);
 # replace them with --vae-seconds/--dit-seconds to fit another GPU's time budget.
 set -euo pipefail
 RUN=${RUN:-runs/flux-mini}
@@ -16,8 +16,8 @@ case "${1:-}" in
     python -m fluxopt.flux_mini.evaluate ${WEIGHTS:+--weights "$WEIGHTS"} --out docs/results --images docs/images
     ;;
   ship)
-    rm -rf plugins/flux_mini/weights && cp -r "$RUN/full/pipeline" plugins/flux_mini/weights
-    mv plugins/flux_mini/weights/loss.csv docs/results/flux-mini-loss.csv
+    rm -rf fluxopt_plugins/flux_mini/weights && cp -r "$RUN/full/pipeline" fluxopt_plugins/flux_mini/weights
+    mv fluxopt_plugins/flux_mini/weights/loss.csv docs/results/flux-mini-loss.csv
     python -c 'from fluxopt_plugins.flux_mini import write_checksums; write_checksums()'
     cp "$RUN/full/loss.png" docs/images/flux-mini-loss.png
     ;;

@@ -29,11 +29,11 @@ def test_wheel_contains_every_source_package_and_config(wheel):
         rel = init.relative_to(REPO).as_posix()
         if "/weights/" not in rel:
             assert rel in names, f"{rel} missing from the wheel"
-    for path in (REPO / "plugins").rglob("*.py"):
-        assert "fluxopt_plugins/" + path.relative_to(REPO / "plugins").as_posix() in names
-    for path in (REPO / "plugins" / "flux_mini" / "weights").rglob("*"):
+    for path in (REPO / "fluxopt_plugins").rglob("*.py"):
+        assert "fluxopt_plugins/" + path.relative_to(REPO / "fluxopt_plugins").as_posix() in names
+    for path in (REPO / "fluxopt_plugins" / "flux_mini" / "weights").rglob("*"):
         if path.is_file():
-            assert "fluxopt_plugins/flux_mini/weights/" + path.relative_to(REPO / "plugins/flux_mini/weights").as_posix() in names
+            assert "fluxopt_plugins/flux_mini/weights/" + path.relative_to(REPO / "fluxopt_plugins/flux_mini/weights").as_posix() in names
     for path in (REPO / "conf").rglob("*.yaml"):
         assert "fluxopt/conf/" + path.relative_to(REPO / "conf").as_posix() in names
     assert any(n.endswith("entry_points.txt") for n in names)

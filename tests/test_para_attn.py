@@ -11,7 +11,7 @@ pytest.importorskip("para_attn")
 
 from fluxopt import apply_stack  # noqa: E402
 
-STEPS = 28
+STEPS = 16
 
 
 @pytest.fixture

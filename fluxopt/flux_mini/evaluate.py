@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {"command": "python -m fluxopt.flux_mini.evaluate " + " ".join(argv if argv is not None else sys.argv[1:]),
             "device": args.device, "dtype": args.dtype, "torch": torch.__version__,
-            "python": platform.python_version(), "weights": args.weights or "shipped (plugins/flux_mini/weights)"}
+            "python": platform.python_version(), "weights": args.weights or "shipped (fluxopt_plugins/flux_mini/weights)"}
     if args.only in (None, "accuracy"):
         result = {**meta, "detector_on_ground_truth_renders": detector_on_renders(), "splits": {}}
         for split in ("held_out", "train"):
