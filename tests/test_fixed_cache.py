@@ -25,13 +25,13 @@ def test_the_schedule_computes_warmup_cooldown_and_never_skips_more_than_interva
     schedule = computed_steps(steps, FixedCacheOptions(warmup, interval, cooldown))
     assert len(schedule) == steps
     assert all(schedule[:warmup]) and all(schedule[max(steps - cooldown, 0):])
+    # between warm-up and cool-down: exactly the first step, then every interval-th one
+    assert [i for i in range(warmup, steps - cooldown) if schedule[i]] == list(range(warmup, steps - cooldown, interval))
     run = longest = 0
     for computed in schedule:
         run = 0 if computed else run + 1
         longest = max(longest, run)
     assert longest <= interval - 1
-    middle = max(steps - warmup - cooldown, 0)
-    assert sum(schedule) >= steps - middle + middle // interval  # every interval-th middle step at least
 
 
 def test_order_one_is_exact_for_an_output_linear_in_sigma_and_order_zero_reuses():
@@ -50,6 +50,35 @@ class _Scheduler:
         self.timesteps = torch.arange(steps)
         self.sigmas = torch.linspace(1, 0, steps + 1)
         self.step_index = None
+
+
+def test_predicted_steps_extrapolate_in_the_schedulers_sigma_from_this_generation_only():
+    """An output linear in sigma is predicted exactly (order 1), from the current generation's
+    computed steps, whatever the output type the caller asked for."""
+    scheduler = _Scheduler(8)
+    a, b = torch.randn(2, 3), torch.randn(2, 3)
+    generation = {"offset": 0.0}
+
+    def inner(x, **kwargs):  # positional and keyword arguments reach the transformer unchanged
+        assert x == "latents" and kwargs["flag"] == 1
+        out = a + b * float(scheduler.sigmas[scheduler.step_index or 0]) + generation["offset"]
+        return (out,) if kwargs.get("return_dict") is False else types.SimpleNamespace(sample=out)
+
+    call = ScheduledCall(inner, scheduler, FixedCacheOptions(warmup_steps=1, interval=3, cooldown_steps=0, order=1))
+    for offset in (0.0, 100.0):  # a second image: the first image's outputs must not leak into its predictions
+        generation["offset"] = offset
+        scheduler.step_index = None
+        for step in range(8):
+            expected = a + b * float(scheduler.sigmas[step]) + offset
+            tuple_out = step % 2 == 0
+            out = call("latents", flag=1, return_dict=False) if tuple_out else call("latents", flag=1)
+            got = out[0] if tuple_out else out.sample
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
+            assert call.last_computed == computed_steps(8, call.options)[step]
+            scheduler.step_index = step + 1
+    # after a generation the scheduler's index is past the last step: a direct call computes
+    out = call("latents", flag=1, return_dict=False)[0]
+    assert call.last_computed and out.shape == a.shape
 
 
 def test_calls_within_one_step_keep_their_own_history_and_a_new_generation_reuses_nothing():
@@ -88,7 +117,7 @@ def _generate(pipe, steps=STEPS):
 
 @pytest.mark.parametrize("graph", [None, {"compile": {"backend": "eager", "fullgraph": True}},
                                    {"compile": {"backend": "eager", "regional": True}}],
-                         ids=["eager", "compiled-whole", "compiled-regional"])
+                         ids=["eager", "wholegraph", "regional"])
 def test_only_the_scheduled_steps_run_the_transformer_and_close_restores_it(fresh_tiny, graph):
     pipe = fresh_tiny
     before = _generate(pipe)
@@ -107,8 +136,13 @@ def test_only_the_scheduled_steps_run_the_transformer_and_close_restores_it(fres
         cached = _generate(pipe)
         assert len(calls) == expected < STEPS
         assert len(block_calls) == (expected if graph is None else 0)
-        assert applied.stats["cache"]["computed_steps"] == expected
-        assert applied.stats["cache"]["skipped_steps"] == STEPS - expected
+        cache = applied.stats["cache"]
+        assert cache["backend"] == "fixed_cache" and cache["computed_steps"] == expected
+        assert cache["skipped_steps"] == STEPS - expected
+        assert applied.stats["fixed_cache"]["schedule"] == "".join(
+            "C" if c else "." for c in computed_steps(STEPS, FixedCacheOptions(**options)))
+        # a graph backend's build runs one generation before the cache is installed: all computed
+        assert cache["total"]["computed_steps"] == expected + (STEPS if graph else 0)
         if graph and not graph["compile"].get("regional"):
             assert applied.stats["compile"]["fullgraph"]  # the cache adds no graph break
     if graph is None:
@@ -134,10 +168,17 @@ def test_bad_options_are_refused_naming_the_setting(setting, value, allowed):
         build_stack({"fixed_cache": {setting: value}})
 
 
+def test_the_smallest_allowed_values_are_accepted():
+    build_stack({"fixed_cache": {"warmup_steps": 1, "interval": 1, "cooldown_steps": 0, "order": 0}})
+
+
 def test_a_scheduler_without_sigmas_is_refused(fresh_tiny):
     from diffusers import DDIMScheduler
 
     pipe = fresh_tiny
-    pipe.scheduler = DDIMScheduler()
-    with pytest.raises(ConfigError, match="needs a scheduler with sigmas and step_index"):
-        apply_stack(pipe, "fixed_cache", height=64, width=64, steps=4, max_sequence_length=32, build=False)
+    for has_sigmas in (False, True):  # either attribute missing is refused
+        pipe.scheduler = DDIMScheduler()
+        if has_sigmas:
+            pipe.scheduler.sigmas = torch.ones(5)
+        with pytest.raises(ConfigError, match="needs a scheduler with sigmas and step_index.*got DDIMScheduler"):
+            apply_stack(pipe, "fixed_cache", height=64, width=64, steps=4, max_sequence_length=32, build=False)

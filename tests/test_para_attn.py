@@ -31,7 +31,7 @@ def test_para_attn_first_block_cache_skips_steps_on_diffusers_042_and_is_undone(
 
     call = FluxPipeline.__call__
     before = _generate(mini)
-    with apply_stack(mini, {"fbcache": {"implementation": "para_attn", "residual_diff_threshold": 0.08}},
+    with apply_stack(mini, {"fbcache": {"implementation": "para_attn", "residual_diff_threshold": 0.2}},
                      height=128, width=128, steps=STEPS, max_sequence_length=32) as applied:
         cached = _generate(mini)
         counts = applied.stats["cache"]
@@ -39,7 +39,9 @@ def test_para_attn_first_block_cache_skips_steps_on_diffusers_042_and_is_undone(
         assert applied.stats["cache"]["computed_steps"] == counts["computed_steps"]
     torch.testing.assert_close(again, cached, rtol=0, atol=0)
     assert 0 < counts["computed_steps"] < STEPS and counts["skipped_steps"] == STEPS - counts["computed_steps"]
-    assert (cached - before).norm() / before.norm() < 0.05  # skipped, yet close to the full computation
+    # skipped, yet close to the full computation: 0.032 here; adding the cached residual with the
+    # wrong sign (a surviving mutant) gave 0.134
+    assert (cached - before).norm() / before.norm() < 0.06
     assert FluxPipeline.__call__ is call and "forward" not in vars(mini.transformer)
     assert len(mini.transformer.single_transformer_blocks) > 0
     torch.testing.assert_close(_generate(mini), before, rtol=0, atol=0)
