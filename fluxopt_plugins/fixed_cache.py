@@ -72,8 +72,8 @@ class ScheduledCall:
             self.step, self.slot = step, 0
         else:
             self.slot += 1
-        if step == 0 and self.slot == 0:
-            self.histories = []  # a new generation: nothing from the last image is reused
+        # No reset between generations is needed: every schedule computes steps warmup_steps - 1 and
+        # warmup_steps before its first prediction, and only the last two computed outputs are kept.
         while len(self.histories) <= self.slot:
             self.histories.append([])
         history = self.histories[self.slot]

@@ -72,6 +72,7 @@ def test_predicted_steps_extrapolate_in_the_schedulers_sigma_from_this_generatio
             expected = a + b * float(scheduler.sigmas[step]) + offset
             tuple_out = step % 2 == 0
             out = call("latents", flag=1, return_dict=False) if tuple_out else call("latents", flag=1)
+            assert isinstance(out, tuple) == tuple_out  # return_dict honoured on predicted steps too
             got = out[0] if tuple_out else out.sample
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
             assert call.last_computed == computed_steps(8, call.options)[step]
