@@ -62,14 +62,16 @@ class ScheduledCall:
         self.inner, self.scheduler, self.options = inner, scheduler, options
         self.histories: list[list[tuple[float, torch.Tensor]]] = []
         self.step = -1
+        self.timesteps = None  # the scheduler's timesteps of the current generation (set anew for each)
         self.slot = 0
         self.last_computed = True
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         step = self.scheduler.step_index or 0
-        steps = len(self.scheduler.timesteps)
-        if step != self.step:
-            self.step, self.slot = step, 0
+        timesteps = self.scheduler.timesteps
+        steps = len(timesteps)
+        if step != self.step or timesteps is not self.timesteps:  # a new step, or a new generation
+            self.step, self.slot, self.timesteps = step, 0, timesteps
         else:
             self.slot += 1
         # No reset between generations is needed: every schedule computes steps warmup_steps - 1 and

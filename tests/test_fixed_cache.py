@@ -104,6 +104,17 @@ def test_calls_within_one_step_keep_their_own_history_and_a_new_generation_reuse
     assert cond[6] != cond[5]  # the second generation's first step is computed, not reused
 
 
+def test_one_step_generations_do_not_pile_up_histories():
+    """Two one-step generations share step index 0; the new timesteps tell them apart, so the
+    second generation's call is its first, not a third call of one step."""
+    scheduler = _Scheduler(1)
+    call = ScheduledCall(lambda **k: (torch.ones(1),), scheduler, FixedCacheOptions())
+    for _ in range(5):
+        scheduler.timesteps = torch.arange(1)  # set_timesteps makes new timesteps for each generation
+        call(return_dict=False)
+    assert len(call.histories) == 1 and call.slot == 0
+
+
 @pytest.fixture
 def fresh_tiny():
     from fluxopt.api import load_model
