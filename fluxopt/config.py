@@ -101,14 +101,14 @@ def run_id() -> str:
 
 
 def register_configs() -> None:
-    """Put the schemas and every backend's options into Hydra's ConfigStore (idempotent)."""
+    """Put the schemas, every backend's options and every preset into Hydra's ConfigStore (idempotent)."""
     if not OmegaConf.has_resolver(RUN_ID_RESOLVER):
         OmegaConf.register_new_resolver(RUN_ID_RESOLVER, run_id, use_cache=True)
     cs = ConfigStore.instance()
     cs.store(name="fluxopt_run_schema", node=RunConfig)
-    for name, backend in plugins.backends().items():
-        cs.store(group="backend", name=name, node=backend.options_class, package=f"backend.{name}")
     backends = plugins.backends()
+    for name, backend in backends.items():
+        cs.store(group="backend", name=name, node=backend.options_class, package=f"backend.{name}")
     for name, preset in plugins.presets().items():
         # each backend typed like +backend=<backend> (so its other options can be overridden);
         # one not installed stays a plain mapping and build_stack names it as unknown
