@@ -1,0 +1,53 @@
+"""The profile's arithmetic (issue 15, deliverable 1), which until now ran only on the GPU:
+kernel categories from real kernel names, busy and idle time from overlapping intervals, the
+analytic floor, and the floor of an average step under a step cache."""
+
+from __future__ import annotations
+
+import pytest
+
+from fluxopt import profiling
+
+
+@pytest.mark.parametrize("kernel, expected", [
+    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64", "gemm"),
+    ("nvjet_tst_192x192_64x4_2x1_v_bz_coopB_TNT", "gemm"),
+    ("triton_tem_fused_addmm_gelu_0", "gemm"),
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3", "attention"),
+    ("triton_red_fused__to_copy_abs_amax_clamp_0", "quantize"),
+    ("triton_per_fused__fused_rms_norm__scaled_dot_product_0", "norm_elementwise"),  # named after absorbed ops
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<c10::BFloat16>>", "norm_elementwise"),
+    ("Memset (Device)", "other"),
+])
+def test_kernels_fall_in_their_categories(kernel, expected):
+    assert profiling.category(kernel) == expected
+
+
+def test_busy_time_counts_overlapping_kernels_once_and_the_rest_is_idle():
+    events = [("sm90_xmma_gemm", 4000.0, 0.0, 4000.0),         # 4 ms GEMM
+              ("flash_fwd_kernel", 3000.0, 3000.0, 6000.0),     # overlaps the GEMM by 1 ms
+              ("triton_poi_fused_add_0", 1000.0, 8000.0, 9000.0)]
+    result = profiling.breakdown(events, wall_s=0.010, gpu=True)
+    assert result["breakdown_ms"] == {"gemm": 4.0, "attention": 3.0, "quantize": 0.0, "norm_elementwise": 1.0,
+                                      "other": 0.0}
+    assert result["busy_ms"] == pytest.approx(7.0) and result["gpu_idle_ms"] == pytest.approx(3.0)
+    assert result["kernels"] == 3 and result["wall_ms"] == pytest.approx(10.0)
+    cpu = profiling.breakdown([("aten::mm", 2000.0, 0.0, 5000.0), ("aten::add", 500.0, 1000.0, 1500.0)], 0.01, gpu=False)
+    assert cpu["busy_ms"] == pytest.approx(2.5) and cpu["gpu_idle_ms"] is None  # self times, no idle on a CPU
+
+
+def test_the_floor_charges_gemm_at_the_gemm_rate_and_attention_at_bf16():
+    flops = {"gemm": 60e12, "attention": 20e12}
+    ceilings = {"bf16": 800.0, "fp8": 1200.0}  # TFLOP/s
+    assert profiling.floor_ms(flops, ceilings, fp8_gemm=False) == pytest.approx(100.0)
+    assert profiling.floor_ms(flops, ceilings, fp8_gemm=True) == pytest.approx(75.0)
+    assert profiling.floor_ms(flops, {}, fp8_gemm=False) is None  # no measured rate (CPU): no floor
+
+
+def test_a_step_cache_lowers_the_floor_of_an_average_step_by_its_computed_share():
+    assert profiling.average_step_floor_ms(60.0, {"steps": 28, "computed_steps": 12}) == pytest.approx(60.0 * 12 / 28)
+    assert profiling.average_step_floor_ms(60.0, {"steps": 28, "computed_steps": None}) == 60.0  # counts unknown
+    assert profiling.average_step_floor_ms(60.0, None) == 60.0
+    assert profiling.average_step_floor_ms(None, {"steps": 28, "computed_steps": 12}) is None
+    assert profiling.pct_of_floor(50.0, 0.1) == pytest.approx(50.0)  # 50 ms floor, 100 ms step
+    assert profiling.pct_of_floor(None, 0.1) is None and profiling.pct_of_floor(50.0, None) is None
