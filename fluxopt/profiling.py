@@ -81,39 +81,51 @@ def _events(prof: Any, gpu: bool) -> list[tuple[str, float, float, float]]:
 
 
 def profile_one_step(run_generation: Callable[[Callable[[int], None]], Any], steps: int, gpu: bool,
-                     trace_path: Path) -> dict[str, Any]:
+                     trace_path: Path, span: int = 1) -> dict[str, Any]:
     """Profile the middle denoising step of one generation. ``run_generation(on_step)`` runs one
-    generation and calls ``on_step(i)`` after each step ``i``. Writes the Chrome/Perfetto trace."""
+    generation and calls ``on_step(i)`` after each step ``i``. Writes the Chrome/Perfetto trace.
+
+    ``span`` > 1 profiles that many consecutive steps from the middle one, each on its own, and
+    keeps the slowest: with a step cache the middle step may be a predicted one, whose profile
+    would show only the prediction, not where a computed step's time goes."""
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if gpu else [])
-    prof = torch.profiler.profile(activities=activities)
-    target = steps // 2  # profile from the end of step target-1 to the end of step target
-    clock: dict[str, float] = {}
+    target = steps // 2  # the first window runs from the end of step target-1 to the end of step target
+    last = min(target + max(span, 1), steps) - 1
+    windows: list[tuple[float, int, Any]] = []  # (wall seconds, step, profiler)
+    current: dict[str, Any] = {}
 
     def sync() -> None:
         if gpu:
             torch.cuda.synchronize()
 
+    def start() -> None:
+        sync()
+        current["prof"] = torch.profiler.profile(activities=activities)
+        current["prof"].start()
+        current["start"] = time.perf_counter()
+
+    def stop(step: int) -> None:
+        sync()
+        wall = time.perf_counter() - current["start"]
+        current["prof"].stop()
+        windows.append((wall, step, current.pop("prof")))
+
     def on_step(i: int) -> None:
         if i == target - 1:
-            sync()
-            prof.start()
-            clock["start"] = time.perf_counter()
-        elif i == target and "start" in clock:
-            sync()
-            clock["stop"] = time.perf_counter()
-            prof.stop()
+            start()
+        elif target <= i <= last and "prof" in current:
+            stop(i)
+            if i < last:
+                start()
 
     if steps < 2:  # one step: profile the whole generation
-        sync()
-        prof.start()
-        clock["start"] = time.perf_counter()
+        start()
         run_generation(lambda i: None)
-        sync()
-        clock["stop"] = time.perf_counter()
-        prof.stop()
+        stop(0)
     else:
         run_generation(on_step)
-    result = breakdown(_events(prof, gpu), clock["stop"] - clock["start"], gpu)
+    wall, step, prof = max(windows, key=lambda w: w[0])
+    result = breakdown(_events(prof, gpu), wall, gpu)
     trace_path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{trace_path.name}.", dir=trace_path.parent)
     os.close(fd)
@@ -122,7 +134,9 @@ def profile_one_step(run_generation: Callable[[Callable[[int], None]], Any], ste
         os.replace(tmp, trace_path)
     finally:
         Path(tmp).unlink(missing_ok=True)
-    result["step"] = target if steps >= 2 else "all"
+    result["step"] = step if steps >= 2 else "all"
+    if len(windows) > 1:
+        result["steps_profiled"] = [w[1] for w in windows]
     return result
 
 

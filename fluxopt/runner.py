@@ -43,6 +43,9 @@ from fluxopt.stack import Stack
 
 log = logging.getLogger("fluxopt")
 LEAK_WARNING_BYTES = 256 * 2**20  # allocator rounding and cached workspaces stay below this
+# With a step cache, profile this many steps from the middle one and keep the slowest (a computed
+# one, when the cache skips at most three steps in a row)
+CACHED_STEPS_PROFILED = 4
 
 
 def _speedup(base: dict[str, Any], other: dict[str, Any]) -> tuple[float, float]:
@@ -237,7 +240,7 @@ class Run:
         p = self.plan
         path = self.output_dir / "profiles" / f"{label}.json"
         profile = profiling.profile_one_step(lambda on_step: gen(p.prompts[0], p.seed, on_step), p.shapes.steps,
-                                             p.device.is_gpu, path)
+                                             p.device.is_gpu, path, span=CACHED_STEPS_PROFILED if cache else 1)
         profile["trace"] = str(path.relative_to(self.output_dir))
         profile["floor_ms"] = profiling.floor_ms(self.profile_info["step_flops"], self.profile_info["ceilings_tflops"],
                                                  fp8_gemm)  # of one computed step

@@ -181,11 +181,16 @@ def test_one_stack_measured_twice_with_other_options_keeps_both_images_and_profi
     register_configs()
     with initialize_config_module(config_module="fluxopt.conf", version_base="1.3"):
         cfg = compose(config_name="config", overrides=["bench.iterations=1", "bench.steps=6", "bench.profile=true"])
-    stacks = [build_stack({"fixed_cache": {"warmup_steps": 1, "interval": k}}) for k in (2, 3)]
+    stacks = [build_stack({"fixed_cache": {"warmup_steps": 1, "interval": k}}) for k in (3, 4)]
     data = Run(cfg, tmp_path, stacks=stacks).execute()
     first, second = data["stacks"]
     assert first["stack"] == second["stack"] == "fixed_cache"
     assert first["images"] and second["images"] and not set(first["images"]) & set(second["images"])
     assert first["profile"]["trace"] != second["profile"]["trace"]
+    # the middle step (3) is a predicted one in both; the profile is of a computed step near it
+    for record in (first, second):
+        schedule = record["stats"]["fixed_cache"]["schedule"]
+        assert schedule[3] == "." and schedule[record["profile"]["step"]] == "C", (schedule, record["profile"])
+        assert record["profile"]["steps_profiled"][0] == 3 and record["profile"]["breakdown_ms"]["gemm"] > 0
     for record in (first, second):
         assert all((tmp_path / p).is_file() for p in [*record["images"], record["profile"]["trace"]])
