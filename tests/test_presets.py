@@ -60,7 +60,7 @@ def test_hydra_selects_a_preset_and_its_backends_options_still_override(register
     assert options["fixed_cache"]["interval"] == 3
 
 
-def test_a_misspelt_preset_is_suggested(capsys):
+def test_a_misspelt_preset_is_suggested():
     with pytest.raises(ConfigError, match="Did you mean 'flux_fast'"):
         build_stack("flux_fats")
 
