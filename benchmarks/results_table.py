@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from fluxopt.profiling import average_step_floor_ms, pct_of_floor
+from fluxopt.profiling import average_step_floor_ms, floor_at_clock_ms, pct_of_floor
 from fluxopt.report import markdown_table, stack_row
 
 COLUMNS = ("run", "stack", "per step (ms)", "latency (s)", "speedup", "build (s)", "peak mem (GiB)", "PSNR",
@@ -28,7 +28,7 @@ COLUMNS = ("run", "stack", "per step (ms)", "latency (s)", "speedup", "build (s)
 
 # The options worth a reader's eye in the table (the JSON has them all).
 SHOWN = {"compile": ("regional", "cuda_graphs", "eager_rounding"), "torchao_fp8": ("granularity",),
-         "torchao_int8": ("inductor_tuning",), "fbcache": ("residual_diff_threshold",),
+         "torchao_int8": ("inductor_tuning",), "fbcache": ("residual_diff_threshold", "implementation"),
          "attention": ("kernel",), "offload": ("mode",), "trt_fp8": ("stop_after", "calib_steps"),
          "aoti": ("max_autotune", "weights", "cuda_graphs", "eager_rounding"), "taylorseer": ("cache_interval",),
          "fixed_cache": ("warmup_steps", "interval", "order")}
@@ -59,7 +59,7 @@ def rows(results: dict[str, Any]) -> list[dict[str, str]]:
 
 
 PROFILE_COLUMNS = ("run", "stack", "step (ms)", "GEMM", "attention", "quantize", "norm/elementwise", "other",
-                   "GPU idle", "floor (ms)", "% of floor")
+                   "GPU idle", "floor (ms)", "% of floor", "SM MHz", "power-capped", "% of floor at its clock")
 
 
 def _ms(value: Any) -> str:
@@ -81,12 +81,24 @@ def profile_rows(results: dict[str, Any]) -> list[dict[str, str]]:
             # from the record so that records made before the runner stored it agree
             floor = average_step_floor_ms(prof.get("floor_ms"), (r.get("stats") or {}).get("cache"))
             pct = pct_of_floor(floor, step)
+            ceiling_mhz = ((data.get("profile") or {}).get("ceilings_tflops") or {}).get("sm_mhz")
+            pct_at_clock = pct_of_floor(floor_at_clock_ms(floor, ceiling_mhz, prof.get("gpu_clock")), step)
             out.append({"run": str(number), "stack": stack_label(r), "step (ms)": _ms(step * 1000 if step else None),
                         "GEMM": _ms(parts["gemm"]), "attention": _ms(parts["attention"]),
                         "quantize": _ms(parts["quantize"]), "norm/elementwise": _ms(parts["norm_elementwise"]),
                         "other": _ms(parts["other"]), "GPU idle": _ms(prof.get("gpu_idle_ms")),
-                        "floor (ms)": _ms(floor), "% of floor": "—" if pct is None else f"{pct:.0f}%"})
+                        "floor (ms)": _ms(floor), "% of floor": "—" if pct is None else f"{pct:.0f}%",
+                        **_clock(prof.get("gpu_clock")),
+                        "% of floor at its clock": "—" if pct_at_clock is None else f"{pct_at_clock:.0f}%"})
     return out
+
+
+def _clock(clock: dict[str, Any] | None) -> dict[str, str]:
+    """Mean SM clock over the profiled generation, and the share of it the power limit held back
+    (recorded since 2026-11-26; earlier records show "—")."""
+    if not clock:
+        return {"SM MHz": "—", "power-capped": "—"}
+    return {"SM MHz": f"{clock['sm_mhz_mean']:.0f}", "power-capped": f"{100 * clock['power_capped_share']:.0f}%"}
 
 
 BUILD_COLUMNS = ("run", "stack", "build (s)", "build phases (s)", "left allocated after close (GiB)")

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from fluxopt import gpu_clock
 from fluxopt.shapes import Shapes, transformer_inputs
 
 CATEGORIES = ("gemm", "attention", "quantize", "norm_elementwise", "other")
@@ -118,12 +119,13 @@ def profile_one_step(run_generation: Callable[[Callable[[int], None]], Any], ste
             if i < last:
                 start()
 
-    if steps < 2:  # one step: profile the whole generation
-        start()
-        run_generation(lambda i: None)
-        stop(0)
-    else:
-        run_generation(on_step)
+    with gpu_clock.sampled(torch.cuda.current_device() if gpu else 0) as clock:
+        if steps < 2:  # one step: profile the whole generation
+            start()
+            run_generation(lambda i: None)
+            stop(0)
+        else:
+            run_generation(on_step)
     wall, step, prof = max(windows, key=lambda w: w[0])
     result = breakdown(_events(prof, gpu), wall, gpu)
     trace_path.parent.mkdir(parents=True, exist_ok=True)
@@ -137,6 +139,7 @@ def profile_one_step(run_generation: Callable[[Callable[[int], None]], Any], ste
     result["step"] = step if steps >= 2 else "all"
     if len(windows) > 1:
         result["steps_profiled"] = [w[1] for w in windows]
+    result["gpu_clock"] = clock or None  # over the whole profiled generation
     return result
 
 
@@ -157,12 +160,21 @@ def step_flops(transformer: torch.nn.Module, shapes: Shapes) -> dict[str, float]
     return {"gemm": gemm, "attention": attention}
 
 
-def matmul_ceilings() -> dict[str, float]:
-    """Measured TFLOP/s of a large bf16 matmul (and fp8 with rowwise scales where supported)."""
+def matmul_ceilings() -> dict[str, Any]:
+    """Measured TFLOP/s of a large bf16 matmul (and fp8 with rowwise scales where supported), and
+    the SM clock they ran at (``sm_mhz``; absent without NVML)."""
     n = 8192
     a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    rates = {"bf16": _rate(lambda: a @ b, 2 * n ** 3)}
+    with gpu_clock.sampled(torch.cuda.current_device(), interval_s=0.002) as clock:
+        rates: dict[str, Any] = {"bf16": _rate(lambda: a @ b, 2 * n ** 3)}
+        _fp8_rate(rates, a, b, n)
+    if clock:
+        rates["sm_mhz"] = clock["sm_mhz_mean"]
+    return rates
+
+
+def _fp8_rate(rates: dict[str, Any], a: torch.Tensor, b: torch.Tensor, n: int) -> None:
     if torch.cuda.get_device_capability() >= (8, 9):
         a8 = a.to(torch.float8_e4m3fn)
         b8 = b.to(torch.float8_e4m3fn).t().contiguous().t()  # column-major, as _scaled_mm wants
@@ -173,7 +185,6 @@ def matmul_ceilings() -> dict[str, float]:
                                  2 * n ** 3)
         except RuntimeError:
             pass
-    return rates
 
 
 def _rate(fn: Callable[[], Any], flops: float, repeats: int = 20) -> float:
@@ -207,6 +218,15 @@ def average_step_floor_ms(floor: float | None, cache: dict[str, Any] | None) -> 
     if cache and cache.get("steps") and cache.get("computed_steps") is not None:
         return floor * cache["computed_steps"] / cache["steps"]
     return floor
+
+
+def floor_at_clock_ms(floor: float | None, ceiling_mhz: float | None, clock: dict[str, Any] | None) -> float | None:
+    """The floor at the SM clock the stack actually ran at: the matmul ceilings are measured in a
+    short burst at full clock, but a busy H100 sits at its power limit and clocks down, and
+    compute-bound kernels slow down in proportion (``clock``: the profile's ``gpu_clock``)."""
+    if floor is None or not ceiling_mhz or not clock or not clock.get("sm_mhz_mean"):
+        return None
+    return floor * ceiling_mhz / clock["sm_mhz_mean"]
 
 
 def pct_of_floor(floor: float | None, step_s: float | None) -> float | None:

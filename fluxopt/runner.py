@@ -245,8 +245,11 @@ class Run:
         profile["floor_ms"] = profiling.floor_ms(self.profile_info["step_flops"], self.profile_info["ceilings_tflops"],
                                                  fp8_gemm)  # of one computed step
         profile["average_step_floor_ms"] = profiling.average_step_floor_ms(profile["floor_ms"], cache)
-        profile["pct_of_floor"] = profiling.pct_of_floor(profile["average_step_floor_ms"],
-                                                         (result.step_latency or {}).get("median"))
+        step_s = (result.step_latency or {}).get("median")
+        profile["pct_of_floor"] = profiling.pct_of_floor(profile["average_step_floor_ms"], step_s)
+        at_clock = profiling.floor_at_clock_ms(profile["average_step_floor_ms"],
+                                               self.profile_info["ceilings_tflops"].get("sm_mhz"), profile["gpu_clock"])
+        profile["pct_of_floor_at_clock"] = profiling.pct_of_floor(at_clock, step_s)
         result.profile = profile
 
     def _log_failure(self, stack_name: str, exc: BaseException) -> None:

@@ -51,3 +51,13 @@ def test_a_step_cache_lowers_the_floor_of_an_average_step_by_its_computed_share(
     assert profiling.average_step_floor_ms(None, {"steps": 28, "computed_steps": 12}) is None
     assert profiling.pct_of_floor(50.0, 0.1) == pytest.approx(50.0)  # 50 ms floor, 100 ms step
     assert profiling.pct_of_floor(None, 0.1) is None and profiling.pct_of_floor(50.0, None) is None
+
+
+def test_the_floor_at_a_lower_clock_grows_in_proportion():
+    """The ceilings ran at 1980 MHz; a stack held at 1650 MHz by the power limit has a floor 1.2x higher."""
+    clock = {"sm_mhz_mean": 1650.0}
+    assert profiling.floor_at_clock_ms(60.0, 1980.0, clock) == pytest.approx(72.0)
+    assert profiling.pct_of_floor(profiling.floor_at_clock_ms(60.0, 1980.0, clock), 0.09) == pytest.approx(80.0)
+    assert profiling.floor_at_clock_ms(60.0, None, clock) is None  # ceilings' clock unknown (no NVML)
+    assert profiling.floor_at_clock_ms(60.0, 1980.0, None) is None
+    assert profiling.floor_at_clock_ms(None, 1980.0, clock) is None
