@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from fluxopt.errors import UnavailableError
 from fluxopt.hookspecs import hookimpl
@@ -35,12 +34,16 @@ class Metric:
 def psnr(ref: Sample, out: Sample) -> float:
     if np.array_equal(ref.image, out.image):
         return PSNR_IDENTICAL
+    from skimage.metrics import peak_signal_noise_ratio  # scipy.stats: ~1 s, not before a comparison
+
     return min(float(peak_signal_noise_ratio(ref.image, out.image, data_range=1.0)), PSNR_IDENTICAL)
 
 
 def ssim(ref: Sample, out: Sample) -> float:
     side = min(ref.image.shape[:2])
     win = min(7, side if side % 2 else side - 1)
+    from skimage.metrics import structural_similarity
+
     return float(structural_similarity(ref.image, out.image, channel_axis=2, data_range=1.0, win_size=win))
 
 

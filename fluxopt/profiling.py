@@ -92,8 +92,11 @@ def profile_one_step(run_generation: Callable[[Callable[[int], None]], Any], ste
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if gpu else [])
     target = steps // 2  # the first window runs from the end of step target-1 to the end of step target
     last = min(target + max(span, 1), steps) - 1
-    windows: list[tuple[float, int, Any]] = []  # (wall seconds, step, profiler)
+    # (wall seconds, step, breakdown, trace file): each window's breakdown and trace are taken as it
+    # stops; a profiler's kernel timings exported after a later profiler ran come out as zeros (H100)
+    windows: list[tuple[float, int, dict[str, Any], str]] = []
     current: dict[str, Any] = {}
+    trace_path.parent.mkdir(parents=True, exist_ok=True)
 
     def sync() -> None:
         if gpu:
@@ -108,8 +111,12 @@ def profile_one_step(run_generation: Callable[[Callable[[int], None]], Any], ste
     def stop(step: int) -> None:
         sync()
         wall = time.perf_counter() - current["start"]
-        current["prof"].stop()
-        windows.append((wall, step, current.pop("prof")))
+        prof = current.pop("prof")
+        prof.stop()
+        fd, tmp = tempfile.mkstemp(prefix=f".{trace_path.name}.", dir=trace_path.parent)
+        os.close(fd)
+        prof.export_chrome_trace(tmp)
+        windows.append((wall, step, breakdown(_events(prof, gpu), wall, gpu), tmp))
 
     def on_step(i: int) -> None:
         if i == target - 1:
@@ -119,23 +126,19 @@ def profile_one_step(run_generation: Callable[[Callable[[int], None]], Any], ste
             if i < last:
                 start()
 
-    with gpu_clock.sampled(torch.cuda.current_device() if gpu else 0) as clock:
-        if steps < 2:  # one step: profile the whole generation
-            start()
-            run_generation(lambda i: None)
-            stop(0)
-        else:
-            run_generation(on_step)
-    wall, step, prof = max(windows, key=lambda w: w[0])
-    result = breakdown(_events(prof, gpu), wall, gpu)
-    trace_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{trace_path.name}.", dir=trace_path.parent)
-    os.close(fd)
     try:
-        prof.export_chrome_trace(tmp)
-        os.replace(tmp, trace_path)
+        with gpu_clock.sampled(torch.cuda.current_device() if gpu else 0) as clock:
+            if steps < 2:  # one step: profile the whole generation
+                start()
+                run_generation(lambda i: None)
+                stop(0)
+            else:
+                run_generation(on_step)
+        _, step, result, kept = max(windows, key=lambda w: w[0])
+        os.replace(kept, trace_path)
     finally:
-        Path(tmp).unlink(missing_ok=True)
+        for *_, tmp in windows:
+            Path(tmp).unlink(missing_ok=True)
     result["step"] = step if steps >= 2 else "all"
     if len(windows) > 1:
         result["steps_profiled"] = [w[1] for w in windows]

@@ -58,7 +58,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-import torch._inductor.cpp_builder
 
 from fluxopt import (RECIPE_INDUCTOR_FLAGS, Backend, ConfigError, FluxoptError, Shapes, StackContext, Stage,
                      CudaGraphRunner, TransformerForward, has_subclass_weights, hookimpl, keep_eager_timestep_rounding, module_fingerprint,
@@ -280,7 +279,9 @@ class AotiBackend(Backend):
         if weights == "shared" and any(has_subclass_weights(m) for m in (transformer, pipe.vae)):
             raise ConfigError("backend.aoti.weights=shared cannot bind tensor-subclass weights (a quantized "
                               "transformer); use backend.aoti.weights=embedded")
-        configured = torch._inductor.cpp_builder.get_cpp_compiler()
+        from torch._inductor.cpp_builder import get_cpp_compiler  # Inductor loads in ~1.5 s: not before a build
+
+        configured = get_cpp_compiler()
         probes: dict[str, dict[str, Any]] = {}
         with ctx.timed("compiler_check"):  # cached per compiler: a few minutes once per machine
             cxx, cxx_reason = choose_compiler(configured,

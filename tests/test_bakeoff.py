@@ -194,3 +194,9 @@ def test_one_stack_measured_twice_with_other_options_keeps_both_images_and_profi
         assert record["profile"]["steps_profiled"][0] == 3 and record["profile"]["breakdown_ms"]["gemm"] > 0
     for record in (first, second):
         assert all((tmp_path / p).is_file() for p in [*record["images"], record["profile"]["trace"]])
+        # the trace kept is the computed step's, with its timings (each window's trace is written as it stops)
+        ops = [e for e in json.loads((tmp_path / record["profile"]["trace"]).read_text())["traceEvents"]
+               if e.get("cat") == "cpu_op" and e["name"] in ("aten::mm", "aten::addmm", "aten::linear")]
+        assert ops and all(e["dur"] > 0 for e in ops)
+    assert sorted(p.name for p in (tmp_path / "profiles").iterdir()) == ["baseline.json", "fixed_cache-2.json",
+                                                                          "fixed_cache.json"]  # no window left behind
