@@ -94,8 +94,9 @@ def profile_rows(results: dict[str, Any]) -> list[dict[str, str]]:
 
 
 def _clock(clock: dict[str, Any] | None) -> dict[str, str]:
-    """Mean SM clock over the profiled generation, and the share of it the power limit held back
-    (recorded since 2026-11-26; earlier records show "—")."""
+    """Mean SM clock during the profiled step, and the share of its samples the power limit held
+    back (recorded since 2026-11-26, calls K and L over the whole profiled generation; earlier
+    records show "—")."""
     if not clock:
         return {"SM MHz": "—", "power-capped": "—"}
     return {"SM MHz": f"{clock['sm_mhz_mean']:.0f}", "power-capped": f"{100 * clock['power_capped_share']:.0f}%"}

@@ -9,8 +9,10 @@ the profiled generation and during the burst tells a slow kernel from a slowed-d
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 # NVML's reasons for running below the maximum clock (nvmlClocksEventReason*): the power limit in
@@ -44,45 +46,51 @@ def _reasons(nvml: Any, handle: Any) -> int:
     return int(read(handle))
 
 
-def summarize(samples: list[tuple[float, float, int]], max_mhz: float | None,
-              power_limit_w: float | None) -> dict[str, Any] | None:
-    """(SM MHz, watts, reason bits) samples → means, the share of samples held back by the power
-    limit or a hardware slowdown, and the clock the device could reach."""
-    if not samples:
-        return None
-    n = len(samples)
-    return {"samples": n,
-            "sm_mhz_mean": round(sum(s[0] for s in samples) / n, 1),
-            "sm_mhz_min": min(s[0] for s in samples),
-            "sm_mhz_max_device": max_mhz,
-            "power_w_mean": round(sum(s[1] for s in samples) / n, 1),
-            "power_limit_w": power_limit_w,
-            "power_capped_share": round(sum(1 for s in samples if s[2] & POWER_CAP) / n, 3),
-            "hw_slowdown_share": round(sum(1 for s in samples if s[2] & HW_SLOWDOWN) / n, 3)}
+@dataclass
+class ClockLog:
+    """Timed samples (``time.perf_counter()`` seconds, SM MHz, watts, reason bits), and the
+    device's maximum clock and enforced power limit (read when sampling ends)."""
+
+    samples: list[tuple[float, float, float, int]] = field(default_factory=list)
+    max_mhz: float | None = None
+    power_limit_w: float | None = None
+
+    def summary(self, start: float = float("-inf"), end: float = float("inf")) -> dict[str, Any] | None:
+        """Means over the samples taken between ``start`` and ``end`` (perf_counter seconds), the
+        share held back by the power limit or a hardware slowdown; None without samples there."""
+        chosen = [s for s in self.samples if start <= s[0] <= end]
+        if not chosen:
+            return None
+        n = len(chosen)
+        return {"samples": n,
+                "sm_mhz_mean": round(sum(s[1] for s in chosen) / n, 1),
+                "sm_mhz_min": min(s[1] for s in chosen),
+                "sm_mhz_max_device": self.max_mhz,
+                "power_w_mean": round(sum(s[2] for s in chosen) / n, 1),
+                "power_limit_w": self.power_limit_w,
+                "power_capped_share": round(sum(1 for s in chosen if s[3] & POWER_CAP) / n, 3),
+                "hw_slowdown_share": round(sum(1 for s in chosen if s[3] & HW_SLOWDOWN) / n, 3)}
 
 
 @contextmanager
-def sampled(cuda_index: int = 0, interval_s: float = 0.01) -> Iterator[dict[str, Any]]:
-    """Sample the clock while the block runs; the yielded dict is filled with ``summarize``'s
-    figures on exit (left empty where NVML is missing)."""
-    out: dict[str, Any] = {}
+def sampled(cuda_index: int = 0, interval_s: float = 0.005) -> Iterator[ClockLog]:
+    """Sample the clock from a thread while the block runs (an empty log where NVML is missing)."""
+    log = ClockLog()
     nvml = _nvml()
-    if nvml is None:
-        yield out
-        return
     try:
-        handle = _handle(nvml, cuda_index)
+        handle = _handle(nvml, cuda_index) if nvml is not None else None
     except Exception:
-        yield out
+        handle = None
+    if handle is None:
+        yield log
         return
-    samples: list[tuple[float, float, int]] = []
     stop = threading.Event()
 
     def sample() -> None:
         while not stop.is_set():
             try:
-                samples.append((float(nvml.nvmlDeviceGetClockInfo(handle, nvml.NVML_CLOCK_SM)),
-                                nvml.nvmlDeviceGetPowerUsage(handle) / 1000.0, _reasons(nvml, handle)))
+                log.samples.append((time.perf_counter(), float(nvml.nvmlDeviceGetClockInfo(handle, nvml.NVML_CLOCK_SM)),
+                                    nvml.nvmlDeviceGetPowerUsage(handle) / 1000.0, _reasons(nvml, handle)))
             except Exception:  # a query this driver lacks: stop sampling, keep what was read
                 return
             stop.wait(interval_s)
@@ -90,13 +98,12 @@ def sampled(cuda_index: int = 0, interval_s: float = 0.01) -> Iterator[dict[str,
     thread = threading.Thread(target=sample, name="fluxopt-gpu-clock", daemon=True)
     thread.start()
     try:
-        yield out
+        yield log
     finally:
         stop.set()
         thread.join()
         try:
-            max_mhz = float(nvml.nvmlDeviceGetMaxClockInfo(handle, nvml.NVML_CLOCK_SM))
-            limit_w = nvml.nvmlDeviceGetEnforcedPowerLimit(handle) / 1000.0
+            log.max_mhz = float(nvml.nvmlDeviceGetMaxClockInfo(handle, nvml.NVML_CLOCK_SM))
+            log.power_limit_w = nvml.nvmlDeviceGetEnforcedPowerLimit(handle) / 1000.0
         except Exception:
-            max_mhz = limit_w = None
-        out.update(summarize(samples, max_mhz, limit_w) or {})
+            pass

@@ -92,9 +92,10 @@ def profile_one_step(run_generation: Callable[[Callable[[int], None]], Any], ste
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if gpu else [])
     target = steps // 2  # the first window runs from the end of step target-1 to the end of step target
     last = min(target + max(span, 1), steps) - 1
-    # (wall seconds, step, breakdown, trace file): each window's breakdown and trace are taken as it
-    # stops; a profiler's kernel timings exported after a later profiler ran come out as zeros (H100)
-    windows: list[tuple[float, int, dict[str, Any], str]] = []
+    # (wall seconds, step, breakdown, trace file, (start, end) perf_counter): each window's breakdown and
+    # trace are taken as it stops; a profiler's kernel timings exported after a later profiler ran come
+    # out as zeros (H100)
+    windows: list[tuple[float, int, dict[str, Any], str, tuple[float, float]]] = []
     current: dict[str, Any] = {}
     trace_path.parent.mkdir(parents=True, exist_ok=True)
 
@@ -110,13 +111,14 @@ def profile_one_step(run_generation: Callable[[Callable[[int], None]], Any], ste
 
     def stop(step: int) -> None:
         sync()
-        wall = time.perf_counter() - current["start"]
+        end = time.perf_counter()
+        wall = end - current["start"]
         prof = current.pop("prof")
         prof.stop()
         fd, tmp = tempfile.mkstemp(prefix=f".{trace_path.name}.", dir=trace_path.parent)
         os.close(fd)
         prof.export_chrome_trace(tmp)
-        windows.append((wall, step, breakdown(_events(prof, gpu), wall, gpu), tmp))
+        windows.append((wall, step, breakdown(_events(prof, gpu), wall, gpu), tmp, (current["start"], end)))
 
     def on_step(i: int) -> None:
         if i == target - 1:
@@ -134,15 +136,16 @@ def profile_one_step(run_generation: Callable[[Callable[[int], None]], Any], ste
                 stop(0)
             else:
                 run_generation(on_step)
-        _, step, result, kept = max(windows, key=lambda w: w[0])
+        _, step, result, kept, (start_s, end_s) = max(windows, key=lambda w: w[0])
         os.replace(kept, trace_path)
     finally:
-        for *_, tmp in windows:
-            Path(tmp).unlink(missing_ok=True)
+        for window in windows:
+            Path(window[3]).unlink(missing_ok=True)
     result["step"] = step if steps >= 2 else "all"
     if len(windows) > 1:
         result["steps_profiled"] = [w[1] for w in windows]
-    result["gpu_clock"] = clock or None  # over the whole profiled generation
+    # during the step kept (a generation's mean would count a step cache's idle predicted steps)
+    result["gpu_clock"] = clock.summary(start_s, end_s)
     return result
 
 
@@ -172,8 +175,9 @@ def matmul_ceilings() -> dict[str, Any]:
     with gpu_clock.sampled(torch.cuda.current_device(), interval_s=0.002) as clock:
         rates: dict[str, Any] = {"bf16": _rate(lambda: a @ b, 2 * n ** 3)}
         _fp8_rate(rates, a, b, n)
-    if clock:
-        rates["sm_mhz"] = clock["sm_mhz_mean"]
+    summary = clock.summary()
+    if summary:
+        rates["sm_mhz"] = summary["sm_mhz_mean"]
     return rates
 
 

@@ -61,3 +61,27 @@ def test_the_floor_at_a_lower_clock_grows_in_proportion():
     assert profiling.floor_at_clock_ms(60.0, None, clock) is None  # ceilings' clock unknown (no NVML)
     assert profiling.floor_at_clock_ms(60.0, 1980.0, None) is None
     assert profiling.floor_at_clock_ms(None, 1980.0, clock) is None
+
+
+def test_the_clock_of_a_profile_is_read_during_the_step_kept(monkeypatch, tmp_path):
+    """The SM clock in a profile comes from the samples taken while the kept step ran, not from
+    the whole generation (a step cache's predicted steps leave the GPU idle and its clock up)."""
+    import sys
+    import time
+
+    from fluxopt import gpu_clock
+    from test_gpu_clock import _FakeNvml
+
+    monkeypatch.setitem(sys.modules, "pynvml", _FakeNvml())
+    monkeypatch.setattr(gpu_clock, "_handle", lambda nvml, index: "GPU-0")
+    def generation(on_step):
+        for i in range(6):
+            time.sleep(0.03)
+            on_step(i)
+
+    result = profiling.profile_one_step(generation, steps=6, gpu=False, trace_path=tmp_path / "p.json")
+    assert result["step"] == 3
+    clock = result["gpu_clock"]
+    # ~30 ms of a ~180 ms generation at one sample per 5 ms: a handful, not all of them
+    assert 2 <= clock["samples"] <= 12, clock
+    assert clock["sm_mhz_max_device"] == 1980.0
