@@ -9,7 +9,7 @@
 #   e.g. bash benchmarks/mutmut_scoped.sh docs/results/mutmut-2026-11-26-stack.txt "fluxopt.stack*" \
 #            tests/test_stack.py tests/test_presets.py tests/reliability/test_options_property.py
 #
-# Writes `mutmut results --all true` of that run to OUT.txt; the scratch copy is left in
+# Writes the lines of `mutmut results --all true` that MUTANT_GLOB selects to OUT.txt; the scratch copy is left in
 # /tmp/mutmut-scoped-* for a look at survivors (`cd` there, `mutmut show NAME`).
 set -euo pipefail
 out=$(realpath -m "$1") glob=$2
@@ -32,5 +32,5 @@ open(path, "w").write(text)
 PY
 cd "$scratch"
 OMP_NUM_THREADS=1 mutmut run "$glob" || true  # exit status: survivors are results, not errors
-mutmut results --all true > "$out"
+mutmut results --all true | grep -F "    ${glob%\*}" > "$out"  # the mutants of MUTANT_GLOB only
 echo "results: $out (scratch copy: $scratch)"

@@ -125,9 +125,14 @@ def describe_options(options_class: type) -> str:
     for f in dataclasses.fields(options_class):
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else "???")
-        type_name = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
-        parts.append(f"{f.name}: {type_name} = {default!r}")
+        parts.append(f"{f.name}: {type_name_of(f.type)} = {default!r}")
     return ", ".join(parts)
+
+
+def type_name_of(annotation: Any) -> str:
+    """"bool", "list[float]", "Optional[int]" (a generic's ``__name__`` would drop its arguments);
+    a string annotation (``from __future__ import annotations``) as written."""
+    return annotation.__name__ if isinstance(annotation, type) else str(annotation).replace("typing.", "")
 
 
 def _accepts(annotation: Any, value: Any) -> bool:
@@ -168,8 +173,7 @@ def _check_types(backend: Backend, values: Mapping[str, Any]) -> None:
                               f"Valid options: {describe_options(backend.options_class)}")
         annotation = hints.get(key, Any)
         if not _accepts(annotation, value):
-            allowed = getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
-            raise ConfigError(f"backend.{backend.name}.{key}={value!r} is not a valid {allowed}")
+            raise ConfigError(f"backend.{backend.name}.{key}={value!r} is not a valid {type_name_of(annotation)}")
         numbers = value if isinstance(value, (list, tuple)) else [value]
         if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
             raise ConfigError(f"backend.{backend.name}.{key}={value!r} is not allowed: numbers must be finite")

@@ -225,6 +225,50 @@ def test_torchao_min_features_skips_small_layers():
         apply(tiny_pipe(), {"torchao_int8": {"min_features": sizes[-1] + 1}})
 
 
+def test_torchao_fp8_static_calibrates_on_its_own_prompts_and_close_undoes_it(monkeypatch, tmp_path):
+    """Through apply_to_pipeline: apply_stack refuses the CPU (fp8 GEMMs need an sm 8.9 GPU), but
+    torchao's static float8 tensors also compute on the CPU, so calibration, conversion and undo
+    are checked here."""
+    from torchao.prototype.quantization.float8_static_quant.prototype_float8_tensor import PrototypeFloat8Tensor
+
+    from fluxopt.apply import apply_to_pipeline
+    from fluxopt_plugins.torchao_quant import CALIBRATION_PROMPTS
+
+    pipe = tiny_pipe()
+    reference = generate(pipe)
+    calls = []
+    call = type(pipe).__call__
+
+    def spy(self, *args, **kwargs):
+        calls.append((kwargs["prompt"], kwargs["generator"].initial_seed(), kwargs["num_inference_steps"]))
+        return call(self, *args, **kwargs)
+
+    stack = build_stack(["torchao_fp8_static"])
+    ctx = StackContext(device=CPU, dtype=pipe.transformer.dtype, model=None, cache_dir=tmp_path,
+                       shapes=Shapes(height=64, width=64, steps=STEPS, guidance_scale=3.5, max_sequence_length=128))
+    monkeypatch.setattr(type(pipe), "__call__", spy)
+    applied = apply_to_pipeline(pipe, stack, ctx, build=False)
+    monkeypatch.undo()
+    assert calls == [(CALIBRATION_PROMPTS[0], 1234, STEPS), (CALIBRATION_PROMPTS[1], 1235, STEPS)]
+    skip = stack.entries[0].options.skip
+    scales = []
+    for fqn, m in pipe.transformer.named_modules():
+        if isinstance(m, torch.nn.Linear):
+            static = isinstance(m.weight, PrototypeFloat8Tensor)
+            assert static != any(fqn == p or fqn.startswith(p + ".") for p in skip), fqn
+            if static:
+                scales.append(float(m.weight.act_quant_scale))
+    assert scales and all(0 < s < float("inf") for s in scales) and len(set(scales)) > 1  # one per layer
+    assert applied.stats["build_phases_s"]["calibrate"] > 0
+    assert applied.stats["quantized_linears"]["torchao_fp8_static"]["quantized"] == len(scales)
+    out = generate(pipe)
+    assert abs(out - reference).max() > 0 and abs(out - reference).mean() < 0.1
+    applied.close()
+    assert all(not isinstance(m.weight, PrototypeFloat8Tensor) and type(m) is torch.nn.Linear
+               for m in pipe.transformer.modules() if isinstance(m, torch.nn.Linear))
+    assert (generate(pipe) == reference).all()
+
+
 def test_bnb_nf4_quantizes_transformer_and_t5_and_composes_with_compile():
     """bitsandbytes >= 0.48 runs NF4 on the CPU, so the whole path is checked here: Linear4bit in
     place of the selected layers, changed-but-close numerics, and regional compile (fullgraph)

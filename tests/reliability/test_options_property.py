@@ -36,5 +36,6 @@ def test_any_value_of_any_option_is_valid_or_a_clear_config_error(option, value,
         return
     assert not typo
     assert stack.names == [backend]
+    assert getattr(stack.entries[0].options, key) == value  # taken as given: no silent coercion ("yes" -> True)
     numbers = value if isinstance(value, list) else [value]
     assert not any(isinstance(v, float) and v != v or v in (float("inf"), float("-inf")) for v in numbers)
