@@ -32,5 +32,6 @@ open(path, "w").write(text)
 PY
 cd "$scratch"
 OMP_NUM_THREADS=1 mutmut run "$glob" || true  # exit status: survivors are results, not errors
-mutmut results --all true | grep -F "    ${glob%\*}" > "$out"  # the mutants of MUTANT_GLOB only
+mutmut results --all true | python -c "import fnmatch, sys; sys.stdout.writelines(
+    l for l in sys.stdin if fnmatch.fnmatch(l.strip().split(':')[0], sys.argv[1]))" "$glob" > "$out"  # MUTANT_GLOB's only
 echo "results: $out (scratch copy: $scratch)"
