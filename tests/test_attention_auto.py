@@ -106,3 +106,54 @@ def test_every_kernel_this_gpu_runs_is_measured_at_flux_dev_shape():
     kernels = ctx.stats["attention_benchmark"]["kernels"]
     assert kernels[chosen]["correct"] and kernels[chosen]["tflops"] > 100
     assert "_native_cudnn" in kernels and "_native_flash" in kernels
+
+
+def test_attention_flops_count_two_matmuls_of_tokens_squared():
+    from fluxopt_plugins.attention import attention_flops
+
+    assert attention_flops(batch=2, tokens=3, heads=5, head_dim=7) == 4.0 * 2 * 5 * 3 * 3 * 7
+
+
+def test_the_benchmark_judges_correctness_at_the_bound_and_counts_tflops_from_the_median():
+    """A kernel exactly at max_rel_error is correct and timed, one past it is neither; TFLOP/s are
+    the FLOPs over the median time; a kernel that raises keeps its message's first line."""
+    from fluxopt_plugins import attention
+
+    q = k = v = torch.ones(1, 4, 2, 8)
+    reference = torch.ones(1, 4, 2, 8)
+    kernels = {"exact": lambda q, k, v: reference.clone(),
+               "at_bound": lambda q, k, v: reference * 1.25,  # relative L2 error 0.25
+               "past_bound": lambda q, k, v: reference * 1.2501,
+               "raises": lambda q, k, v: (_ for _ in ()).throw(RuntimeError("no kernel for this shape\ndetails"))}
+    results = attention.benchmark_kernels(kernels, q, k, v, reference, iterations=3, max_rel_error=0.25)
+    assert results["raises"] == {"correct": False, "error": "RuntimeError: no kernel for this shape"}
+    assert results["at_bound"]["correct"] is True and results["at_bound"]["rel_error"] == pytest.approx(0.25)
+    assert results["past_bound"]["correct"] is False and results["past_bound"]["ms"] is None
+    assert results["past_bound"]["tflops"] is None
+    flops = attention.attention_flops(1, 4, 2, 8)
+    for name in ("exact", "at_bound"):
+        ms = results[name]["ms"]
+        assert ms > 0 and results[name]["tflops"] == pytest.approx(flops / (ms * 1e9))
+    # only correct, timed kernels compete
+    assert attention.fastest_correct({"a": {"correct": False, "ms": 0.1}, "b": {"correct": True, "ms": 0.5},
+                                      "c": {"correct": True, "ms": None}}) == "b"
+
+
+def test_time_ms_is_the_median_of_the_timed_calls(monkeypatch):
+    from fluxopt_plugins import attention
+
+    readings = iter([0.0, 0.005, 1.0, 1.001, 2.0, 2.003])  # perf_counter pairs: 5 ms, 1 ms, 3 ms
+    monkeypatch.setattr(attention.time, "perf_counter", lambda: next(readings))
+    calls = []
+    assert attention._time_ms(lambda: calls.append(1), 3, torch.device("cpu")) == pytest.approx(3.0)
+    assert len(calls) == 4  # one warm-up call, then three timed
+
+
+@pytest.mark.parametrize("options, ok", [({"max_rel_error": 0.99}, True), ({"max_rel_error": 1.0}, False),
+                                         ({"iterations": 1}, True), ({"iterations": 0}, False)])
+def test_auto_option_bounds(options, ok):
+    if ok:
+        assert build_stack({"attention": {"kernel": "auto", **options}}).names == ["attention"]
+    else:
+        with pytest.raises(ConfigError, match="backend.attention"):
+            build_stack({"attention": {"kernel": "auto", **options}})

@@ -167,16 +167,24 @@ def _quantized(param) -> bool:
 
 
 def test_torchao_int8_quantizes_selected_linears_and_leaves_skipped_ones():
+    import torch._inductor.config as inductor_config
+
+    from fluxopt_plugins.torchao_quant import TORCHAO_INDUCTOR_FLAGS
+
     pipe = tiny_pipe()
     reference = generate(pipe)
+    flags = {k: inductor_config.get_config_copy()[k] for k in TORCHAO_INDUCTOR_FLAGS}
     applied = apply(pipe, {"torchao_int8": {}})
+    assert {k: inductor_config.get_config_copy()[k] for k in TORCHAO_INDUCTOR_FLAGS} == flags  # not set globally
     skip = parse_options(lookup_backend("torchao_int8"), {}).skip
     linears = {fqn: m for fqn, m in pipe.transformer.named_modules() if isinstance(m, torch.nn.Linear)}
     skipped = {fqn for fqn in linears if any(fqn == p or fqn.startswith(p + ".") for p in skip)}
     assert skipped and len(skipped) < len(linears)
     for fqn, module in linears.items():
         assert _quantized(module.weight) == (fqn not in skipped), fqn
-    assert applied.stats["quantized_linears"]["torchao_int8"]["quantized"] == len(linears) - len(skipped)
+    assert applied.stats["quantized_linears"] == {"torchao_int8": {"quantized": len(linears) - len(skipped),
+                                                                   "linears": len(linears)}}
+    assert list(applied.stats["build_phases_s"]) == ["quantize"]
     out = generate(pipe)
     assert out.shape == reference.shape and abs(out - reference).max() > 0  # really changed numerics
     assert abs(out - reference).mean() < 0.1
@@ -225,6 +233,12 @@ def test_torchao_min_features_skips_small_layers():
         apply(tiny_pipe(), {"torchao_int8": {"min_features": sizes[-1] + 1}})
 
 
+@pytest.mark.parametrize("prompts", [[], ["a cat", "  "]])
+def test_torchao_fp8_static_needs_calibration_prompts(prompts):
+    with pytest.raises(ConfigError, match="calibration_prompts must be a non-empty list of non-empty prompts"):
+        build_stack({"torchao_fp8_static": {"calibration_prompts": prompts}})
+
+
 def test_torchao_fp8_static_calibrates_on_its_own_prompts_and_close_undoes_it(monkeypatch, tmp_path):
     """Through apply_to_pipeline: apply_stack refuses the CPU (fp8 GEMMs need an sm 8.9 GPU), but
     torchao's static float8 tensors also compute on the CPU, so calibration, conversion and undo
@@ -232,7 +246,7 @@ def test_torchao_fp8_static_calibrates_on_its_own_prompts_and_close_undoes_it(mo
     from torchao.prototype.quantization.float8_static_quant.prototype_float8_tensor import PrototypeFloat8Tensor
 
     from fluxopt.apply import apply_to_pipeline
-    from fluxopt_plugins.torchao_quant import CALIBRATION_PROMPTS
+    from fluxopt_plugins.torchao_quant import CALIBRATION_PROMPTS, TORCHAO_INDUCTOR_FLAGS
 
     pipe = tiny_pipe()
     reference = generate(pipe)
@@ -240,16 +254,25 @@ def test_torchao_fp8_static_calibrates_on_its_own_prompts_and_close_undoes_it(mo
     call = type(pipe).__call__
 
     def spy(self, *args, **kwargs):
-        calls.append((kwargs["prompt"], kwargs["generator"].initial_seed(), kwargs["num_inference_steps"]))
-        return call(self, *args, **kwargs)
+        generator = kwargs.pop("generator")
+        calls.append((generator.device.type, generator.initial_seed(), kwargs))
+        return call(self, *args, generator=generator, **kwargs)
 
     stack = build_stack(["torchao_fp8_static"])
     ctx = StackContext(device=CPU, dtype=pipe.transformer.dtype, model=None, cache_dir=tmp_path,
                        shapes=Shapes(height=64, width=64, steps=STEPS, guidance_scale=3.5, max_sequence_length=128))
+    import torch._inductor.config as inductor_config
+
+    flags = {k: inductor_config.get_config_copy()[k] for k in TORCHAO_INDUCTOR_FLAGS}
     monkeypatch.setattr(type(pipe), "__call__", spy)
     applied = apply_to_pipeline(pipe, stack, ctx, build=False)
     monkeypatch.undo()
-    assert calls == [(CALIBRATION_PROMPTS[0], 1234, STEPS), (CALIBRATION_PROMPTS[1], 1235, STEPS)]
+    shapes = {"height": 64, "width": 64, "num_inference_steps": STEPS, "guidance_scale": 3.5, "max_sequence_length": 128,
+              "output_type": "latent"}  # the bench's shapes, the calibration prompts and seeds
+    assert calls == [("cpu", 1234, {"prompt": CALIBRATION_PROMPTS[0], **shapes}),
+                     ("cpu", 1235, {"prompt": CALIBRATION_PROMPTS[1], **shapes})]
+    # torchao's configs would set its Inductor flags process-wide: not while the stack is applied either
+    assert {k: inductor_config.get_config_copy()[k] for k in TORCHAO_INDUCTOR_FLAGS} == flags
     skip = stack.entries[0].options.skip
     scales = []
     for fqn, m in pipe.transformer.named_modules():
@@ -259,8 +282,9 @@ def test_torchao_fp8_static_calibrates_on_its_own_prompts_and_close_undoes_it(mo
             if static:
                 scales.append(float(m.weight.act_quant_scale))
     assert scales and all(0 < s < float("inf") for s in scales) and len(set(scales)) > 1  # one per layer
-    assert applied.stats["build_phases_s"]["calibrate"] > 0
-    assert applied.stats["quantized_linears"]["torchao_fp8_static"]["quantized"] == len(scales)
+    assert set(applied.stats["build_phases_s"]) == {"quantize", "calibrate"}
+    linears = sum(isinstance(m, torch.nn.Linear) for m in pipe.transformer.modules())
+    assert applied.stats["quantized_linears"] == {"torchao_fp8_static": {"quantized": len(scales), "linears": linears}}
     out = generate(pipe)
     assert abs(out - reference).max() > 0 and abs(out - reference).mean() < 0.1
     applied.close()
