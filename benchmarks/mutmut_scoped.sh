@@ -9,6 +9,7 @@
 #   e.g. bash benchmarks/mutmut_scoped.sh docs/results/mutmut-2026-11-26-stack.txt "fluxopt.stack*" \
 #            tests/test_stack.py tests/test_presets.py tests/reliability/test_options_property.py
 #
+# The scratch copy holds the files git tracks: `git add` a new test file first.
 # Writes the lines of `mutmut results --all true` that MUTANT_GLOB selects to OUT.txt; the scratch copy is left in
 # /tmp/mutmut-scoped-* for a look at survivors (`cd` there, `mutmut show NAME`).
 set -euo pipefail

@@ -59,9 +59,9 @@ from typing import Any, Optional
 
 import torch
 
-from fluxopt import (RECIPE_INDUCTOR_FLAGS, Backend, ConfigError, FluxoptError, Shapes, StackContext, Stage,
+from fluxopt import (INDUCTOR, RECIPE_INDUCTOR_FLAGS, Backend, ConfigError, FluxoptError, Shapes, StackContext, Stage,
                      CudaGraphRunner, TransformerForward, has_subclass_weights, hookimpl, keep_eager_timestep_rounding, module_fingerprint,
-                     transformer_inputs, validate_inductor_flags)
+                     private_dir, transformer_inputs, validate_inductor_flags)
 from fluxopt_plugins._libstdcxx import (choose_compiler, compiler_libstdcxx, loaded_libstdcxx, package_loads,
                                         packages_load)
 
@@ -304,6 +304,14 @@ class AotiBackend(Backend):
                "vae_input": list(z.shape) if z is not None else None}
 
         def build_packages(tmp: Path) -> None:
+            # Inductor's compiled kernels and tuning results go to fluxopt's cache (shared with compile,
+            # managed by fluxopt-cache), not /tmp: a build that is interrupted leaves them for the next one
+            from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir
+
+            with temporary_cache_dir(str(private_dir(ctx.cache_dir / INDUCTOR))):
+                _build_packages(tmp)
+
+        def _build_packages(tmp: Path) -> None:
             dynamic_shapes = None
             if options.dynamic:
                 tok = torch.export.Dim("image_tokens", min=low, max=high)
@@ -390,6 +398,7 @@ class AotiBackend(Backend):
             "self_check": check,
             "eager_rounding": rounded,
             "package_bytes": sum(p.stat().st_size for p in entry.glob("*.pt2")),
+            "inductor_cache_dir": str(ctx.cache_dir / INDUCTOR),
             "entry": entry.name,
         }
 

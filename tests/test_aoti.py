@@ -36,9 +36,10 @@ def aoti():
 def two_runs(tmp_path_factory) -> tuple[dict, dict]:
     """The same stack twice in two processes: a cold build, then a warm start from the cache."""
     results = []
+    cache = tmp_path_factory.mktemp("aoti-cache")  # its own: what the cold build writes is told apart
     for name in ("cold", "warm"):
         run_dir = tmp_path_factory.mktemp(f"aoti-{name}")
-        proc = run_cli(*AOTI_ARGS, f"hydra.run.dir={run_dir}")
+        proc = run_cli(*AOTI_ARGS, f"hydra.run.dir={run_dir}", env={"FLUXOPT_CACHE_DIR": str(cache)})
         assert proc.returncode == 0, proc.stderr[-3000:]
         results.append(read_result(run_dir))
     return results[0], results[1]
@@ -64,6 +65,8 @@ def test_aoti_cold_build_runs_the_pipeline_losslessly(two_runs):
     assert stats["aoti"]["cxx"] and stats["aoti"]["cxx_reason"]
     assert stats["artifacts"]["aoti"]["built"] is True and stats["artifacts"]["aoti"]["size_bytes"] > 0
     assert Path(stats["artifacts"]["aoti"]["path"], "transformer.pt2").is_file()
+    # Inductor's compiled kernels are kept in fluxopt's cache (an interrupted build leaves them to the next)
+    assert any(Path(stats["aoti"]["inductor_cache_dir"]).rglob("*.so"))
 
 
 @pytest.mark.xdist_group("aoti_two_runs")  # one worker builds the shared fixture once

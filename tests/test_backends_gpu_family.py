@@ -173,9 +173,10 @@ def test_torchao_int8_quantizes_selected_linears_and_leaves_skipped_ones():
 
     pipe = tiny_pipe()
     reference = generate(pipe)
-    flags = {k: inductor_config.get_config_copy()[k] for k in TORCHAO_INDUCTOR_FLAGS}
-    applied = apply(pipe, {"torchao_int8": {}})
-    assert {k: inductor_config.get_config_copy()[k] for k in TORCHAO_INDUCTOR_FLAGS} == flags  # not set globally
+    off = {k: False for k in TORCHAO_INDUCTOR_FLAGS}  # what torchao would set: off, whatever ran before
+    with inductor_config.patch(off):
+        applied = apply(pipe, {"torchao_int8": {}})
+        assert {k: inductor_config.get_config_copy()[k] for k in TORCHAO_INDUCTOR_FLAGS} == off  # not set globally
     skip = parse_options(lookup_backend("torchao_int8"), {}).skip
     linears = {fqn: m for fqn, m in pipe.transformer.named_modules() if isinstance(m, torch.nn.Linear)}
     skipped = {fqn for fqn in linears if any(fqn == p or fqn.startswith(p + ".") for p in skip)}
@@ -263,16 +264,18 @@ def test_torchao_fp8_static_calibrates_on_its_own_prompts_and_close_undoes_it(mo
                        shapes=Shapes(height=64, width=64, steps=STEPS, guidance_scale=3.5, max_sequence_length=128))
     import torch._inductor.config as inductor_config
 
-    flags = {k: inductor_config.get_config_copy()[k] for k in TORCHAO_INDUCTOR_FLAGS}
+    off = {k: False for k in TORCHAO_INDUCTOR_FLAGS}  # what torchao would set: off, whatever ran before
     monkeypatch.setattr(type(pipe), "__call__", spy)
-    applied = apply_to_pipeline(pipe, stack, ctx, build=False)
+    with inductor_config.patch(off):
+        applied = apply_to_pipeline(pipe, stack, ctx, build=False)
+        flags = {k: inductor_config.get_config_copy()[k] for k in TORCHAO_INDUCTOR_FLAGS}
     monkeypatch.undo()
     shapes = {"height": 64, "width": 64, "num_inference_steps": STEPS, "guidance_scale": 3.5, "max_sequence_length": 128,
               "output_type": "latent"}  # the bench's shapes, the calibration prompts and seeds
     assert calls == [("cpu", 1234, {"prompt": CALIBRATION_PROMPTS[0], **shapes}),
                      ("cpu", 1235, {"prompt": CALIBRATION_PROMPTS[1], **shapes})]
     # torchao's configs would set its Inductor flags process-wide: not while the stack is applied either
-    assert {k: inductor_config.get_config_copy()[k] for k in TORCHAO_INDUCTOR_FLAGS} == flags
+    assert flags == off
     skip = stack.entries[0].options.skip
     scales = []
     for fqn, m in pipe.transformer.named_modules():
