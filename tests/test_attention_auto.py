@@ -120,11 +120,11 @@ def test_the_benchmark_judges_correctness_at_the_bound_and_counts_tflops_from_th
     from fluxopt_plugins import attention
 
     q = k = v = torch.ones(1, 4, 2, 8)
-    reference = torch.ones(1, 4, 2, 8)
-    kernels = {"exact": lambda q, k, v: reference.clone(),
+    reference = torch.full((1, 4, 2, 8), 0.01)  # a norm below 1: the error is relative to it
+    kernels = {"raises": lambda q, k, v: (_ for _ in ()).throw(RuntimeError("no kernel for this shape\ndetails")),
+               "exact": lambda q, k, v: reference.clone(),  # (after a kernel that raised: the others still run)
                "at_bound": lambda q, k, v: reference * 1.25,  # relative L2 error 0.25
-               "past_bound": lambda q, k, v: reference * 1.2501,
-               "raises": lambda q, k, v: (_ for _ in ()).throw(RuntimeError("no kernel for this shape\ndetails"))}
+               "past_bound": lambda q, k, v: reference * 1.2501}
     results = attention.benchmark_kernels(kernels, q, k, v, reference, iterations=3, max_rel_error=0.25)
     assert results["raises"] == {"correct": False, "error": "RuntimeError: no kernel for this shape"}
     assert results["at_bound"]["correct"] is True and results["at_bound"]["rel_error"] == pytest.approx(0.25)

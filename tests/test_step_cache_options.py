@@ -27,7 +27,7 @@ CTX = types.SimpleNamespace(shapes=Shapes(height=64, width=64, steps=7, guidance
     ("magcache", {"retention_ratio": 1.0}, {"retention_ratio": 1.01}),
     ("magcache", {"mag_ratios": [1.0, 0.9]}, {"mag_ratios": [1.0]}),
     ("fastercache", {"spatial_attention_block_skip_range": 2}, {"spatial_attention_block_skip_range": 1}),
-    ("fastercache", {"spatial_attention_timestep_skip_range": [-1.0, 999.0]},
+    ("fastercache", {"spatial_attention_timestep_skip_range": [-1.0, 1000.0]},
      {"spatial_attention_timestep_skip_range": [-1.0, 1000.5]}),
     ("pab", {"spatial_attention_block_skip_range": 2}, {"spatial_attention_block_skip_range": 1}),
     ("pab", {"spatial_attention_timestep_skip_range": [100.0, 100.5]},
@@ -41,8 +41,15 @@ CTX = types.SimpleNamespace(shapes=Shapes(height=64, width=64, steps=7, guidance
 ])
 def test_each_bound_is_accepted_at_its_edge_and_refused_past_it(name, accepted, refused):
     assert build_stack({name: accepted}).names == [name]
-    with pytest.raises(ConfigError, match=f"backend.{name}"):
+    with pytest.raises(ConfigError, match=rf"^backend\.{name}[.:]"):  # the message starts with the setting
         build_stack({name: refused})
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128, 256])
+def test_int4_group_sizes_torchao_supports_are_accepted(group_size):
+    assert build_stack({"torchao_int4": {"group_size": group_size}}).names == ["torchao_int4"]
+    with pytest.raises(ConfigError, match=r"^backend\.torchao_int4\.group_size must be 32, 64, 128 or 256"):
+        build_stack({"torchao_int4": {"group_size": group_size + 1}})
 
 
 def test_a_bad_dtype_names_the_allowed_ones():
