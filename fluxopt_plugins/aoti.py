@@ -85,7 +85,9 @@ PROBE_TIMEOUT_S = 600
 
 @dataclass
 class AotiOptions:
-    max_autotune: bool = True  # Inductor max_autotune (GEMM/conv autotuning at compile time)
+    # Inductor max_autotune (GEMM/conv autotuning at compile time); None: on a GPU only (on the CPU
+    # its C++ GEMM templates added ~20 s to the tiny model's build for no gain beyond noise)
+    max_autotune: Optional[bool] = None
     tuning_flags: bool = True  # the recipe's Inductor flags (conv_1x1_as_mm, coordinate descent, no epilogue fusion)
     inductor_config: dict[str, Any] = field(default_factory=dict)  # extra Inductor options for AOTI
     # keep eager's rounding of the scaled timestep/guidance (fluxopt.eager_rounding): without it
@@ -148,9 +150,9 @@ def vae_example(vae: torch.nn.Module, shapes: Shapes, device: torch.device) -> t
                        shapes.width // scale, generator=torch.Generator().manual_seed(0)).to(device, dtype)
 
 
-def inductor_configs(options: AotiOptions, weights: str) -> dict[str, Any]:
+def inductor_configs(options: AotiOptions, weights: str, gpu: bool) -> dict[str, Any]:
     """What the package is compiled with (the recipe flags are passed here, never set globally)."""
-    configs: dict[str, Any] = {"max_autotune": options.max_autotune}
+    configs: dict[str, Any] = {"max_autotune": gpu if options.max_autotune is None else options.max_autotune}
     if options.tuning_flags:
         configs.update(RECIPE_INDUCTOR_FLAGS)
     if weights == "shared":
@@ -294,7 +296,7 @@ class AotiBackend(Backend):
         rounded = undo is not None
         inputs = transformer_inputs(transformer, ctx.shapes, device, dtype)
         z = vae_example(pipe.vae, ctx.shapes, device) if options.vae else None
-        configs = inductor_configs(options, weights)
+        configs = inductor_configs(options, weights, ctx.device.is_gpu)
         low, high = token_range(options)
         key = {**self.cache_key(options), "weights_mode": weights, "inductor_configs": configs,
                "inputs": signature(inputs), "dynamic_tokens": [low, high] if options.dynamic else None,

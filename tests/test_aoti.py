@@ -15,7 +15,7 @@ from fluxopt import Shapes, Stage, StackContext
 from fluxopt.errors import ConfigError
 from fluxopt.stack import build_stack
 
-# The recipe's flags and embedded weights as the default bake-off runs them; max_autotune off to keep
+# The recipe's flags and embedded weights as the default bake-off runs them; max_autotune off (the CPU default) to keep
 # the suite fast (with it, on a CPU, Inductor makes derived weight constants: embedded packages hold them).
 # bf16, as on a GPU: the dtype whose roundings a whole-graph package must reproduce (eager_rounding).
 AOTI_ARGS = ("+backend=aoti", "backend.aoti.max_autotune=false", "bench.steps=2", "bench.height=64",
@@ -350,3 +350,12 @@ def test_aoti_on_gpu_with_cuda_graphs(tmp_path):
     (stack,) = read_result(tmp_path)["stacks"]
     assert stack["status"] == "ok" and stack["fidelity"]["passed"], stack
     assert stack["stats"]["aoti"]["cuda_graphs"] is True
+
+
+@pytest.mark.parametrize("asked, gpu, expected", [(None, True, True), (None, False, False), (True, False, True),
+                                                  (False, True, False)])
+def test_max_autotune_is_on_for_a_gpu_unless_the_user_says(asked, gpu, expected):
+    from fluxopt_plugins.aoti import AotiOptions, inductor_configs
+
+    configs = inductor_configs(AotiOptions(max_autotune=asked), "embedded", gpu)
+    assert configs["max_autotune"] is expected
