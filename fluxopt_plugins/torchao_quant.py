@@ -99,8 +99,6 @@ class _TorchaoBackend(Backend):
             raise ConfigError(f"backend.{self.name}.min_features must be >= 0 (got {options.min_features})")
 
     def apply(self, pipe: Any, options: Any, ctx: StackContext) -> None:
-        from torchao.quantization import quantize_
-
         transformer = pipe.transformer
         chosen = [fqn for fqn, m in transformer.named_modules() if _selected(m, fqn, options)]
         if not chosen:
@@ -108,11 +106,17 @@ class _TorchaoBackend(Backend):
                               f"min_features={options.min_features})")
         if options.inductor_tuning:
             ctx.enter_context(f"{self.name}: torchao Inductor flags", torch._inductor.config.patch(TORCHAO_INDUCTOR_FLAGS))
-        config = dataclasses.replace(self.make_config(options), set_inductor_config=False)  # no global side effect
-        with ctx.timed("quantize"):
-            quantize_(transformer, config, filter_fn=lambda m, fqn: _selected(m, fqn, options))
+        self.quantize(pipe, options, ctx)
         total = sum(isinstance(m, torch.nn.Linear) for m in transformer.modules())
         ctx.stats.setdefault("quantized_linears", {})[self.name] = {"quantized": len(chosen), "linears": total}
+
+    def quantize(self, pipe: Any, options: Any, ctx: StackContext) -> None:
+        """Quantize the selected Linear layers of ``pipe.transformer`` with ``make_config``'s config."""
+        from torchao.quantization import quantize_
+
+        config = dataclasses.replace(self.make_config(options), set_inductor_config=False)  # no global side effect
+        with ctx.timed("quantize"):
+            quantize_(pipe.transformer, config, filter_fn=lambda m, fqn: _selected(m, fqn, options))
 
 
 class TorchaoFp8(_TorchaoBackend):
@@ -151,19 +155,13 @@ class TorchaoFp8Static(_TorchaoBackend):
             raise ConfigError(f"backend.{self.name}.calibration_prompts must be a non-empty list of non-empty "
                               f"prompts (got {options.calibration_prompts!r})")
 
-    def apply(self, pipe: Any, options: TorchaoFp8StaticOptions, ctx: StackContext) -> None:
+    def quantize(self, pipe: Any, options: TorchaoFp8StaticOptions, ctx: StackContext) -> None:
+        """Observers on the selected layers, calibration generations, then float8 with each layer's scale."""
         from torchao.prototype.quantization.quant_api import Float8ObservedLinear
         from torchao.quantization import Float8StaticActivationFloat8WeightConfig, quantize_
 
-        transformer = pipe.transformer
-        chosen = [fqn for fqn, m in transformer.named_modules() if _selected(m, fqn, options)]
-        if not chosen:
-            raise ConfigError(f"backend.{self.name} selects no Linear layer (skip={options.skip}, "
-                              f"min_features={options.min_features})")
-        if options.inductor_tuning:
-            ctx.enter_context(f"{self.name}: torchao Inductor flags", torch._inductor.config.patch(TORCHAO_INDUCTOR_FLAGS))
         with ctx.timed("quantize"):
-            quantize_(transformer, Float8StaticActivationFloat8WeightConfig(step="prepare", set_inductor_config=False),
+            quantize_(pipe.transformer, Float8StaticActivationFloat8WeightConfig(step="prepare", set_inductor_config=False),
                       filter_fn=lambda m, fqn: _selected(m, fqn, options))
         with ctx.timed("calibrate"), torch.inference_mode():
             for i, prompt in enumerate(options.calibration_prompts):
@@ -172,10 +170,8 @@ class TorchaoFp8Static(_TorchaoBackend):
                      max_sequence_length=ctx.shapes.max_sequence_length, output_type="latent",
                      generator=torch.Generator("cpu").manual_seed(options.calibration_seed + i))
         with ctx.timed("quantize"):
-            quantize_(transformer, Float8StaticActivationFloat8WeightConfig(step="convert", set_inductor_config=False),
+            quantize_(pipe.transformer, Float8StaticActivationFloat8WeightConfig(step="convert", set_inductor_config=False),
                       filter_fn=lambda m, fqn: isinstance(m, Float8ObservedLinear))
-        total = sum(isinstance(m, torch.nn.Linear) for m in transformer.modules())
-        ctx.stats.setdefault("quantized_linears", {})[self.name] = {"quantized": len(chosen), "linears": total}
 
 
 class TorchaoFp8WeightOnly(_TorchaoBackend):
