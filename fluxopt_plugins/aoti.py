@@ -401,6 +401,7 @@ class AotiBackend(Backend):
             "eager_rounding": rounded,
             "package_bytes": sum(p.stat().st_size for p in entry.glob("*.pt2")),
             "inductor_cache_dir": str(ctx.cache_dir / INDUCTOR),
+            "max_autotune": configs["max_autotune"],  # as resolved for this device (option None: on a GPU only)
             "entry": entry.name,
         }
 

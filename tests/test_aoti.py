@@ -67,6 +67,7 @@ def test_aoti_cold_build_runs_the_pipeline_losslessly(two_runs):
     assert Path(stats["artifacts"]["aoti"]["path"], "transformer.pt2").is_file()
     # Inductor's compiled kernels are kept in fluxopt's cache (an interrupted build leaves them to the next)
     assert any(Path(stats["aoti"]["inductor_cache_dir"]).rglob("*.so"))
+    assert stats["aoti"]["max_autotune"] is False  # asked for false; the record says what ran
 
 
 @pytest.mark.xdist_group("aoti_two_runs")  # one worker builds the shared fixture once
