@@ -207,13 +207,15 @@ def _rate(fn: Callable[[], Any], flops: float, repeats: int = 20) -> float:
     return flops * repeats / (start.elapsed_time(end) / 1000.0) / 1e12
 
 
-def floor_ms(flops: dict[str, float], ceilings: dict[str, float], fp8_gemm: bool) -> float | None:
-    """Analytic floor of one step: GEMM FLOPs at the GEMM rate, attention at the bf16 rate."""
+def floor_ms(flops: dict[str, float], ceilings: dict[str, float], precision: dict[str, str]) -> float | None:
+    """Analytic floor of one step: GEMM and attention FLOPs each at the measured matmul rate of the
+    precision the stack computes them in (``precision``: ``{"gemm": "fp8", "attention": "fp8"}``,
+    what backends report as ``stats["compute_precision"]``; bf16 where absent)."""
     bf16 = ceilings.get("bf16")
     if not bf16:
         return None
-    gemm_rate = ceilings.get("fp8", bf16) if fp8_gemm else bf16
-    return (flops["gemm"] / (gemm_rate * 1e12) + flops["attention"] / (bf16 * 1e12)) * 1000.0
+    rate = {part: ceilings.get("fp8", bf16) if precision.get(part) == "fp8" else bf16 for part in ("gemm", "attention")}
+    return (flops["gemm"] / (rate["gemm"] * 1e12) + flops["attention"] / (rate["attention"] * 1e12)) * 1000.0
 
 
 def average_step_floor_ms(floor: float | None, cache: dict[str, Any] | None) -> float | None:

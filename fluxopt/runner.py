@@ -142,7 +142,7 @@ class Run:
             self._enter("baseline", "profile")
             self.profile_info = {"step_flops": profiling.step_flops(pipe.transformer, p.shapes),
                                  "ceilings_tflops": profiling.matmul_ceilings() if p.device.is_gpu else {}}
-            self._profile(self.baseline, Generator(pipe, p.shapes, p.device), "baseline", fp8_gemm=False)
+            self._profile(self.baseline, Generator(pipe, p.shapes, p.device), "baseline", precision={})
         self.baseline.images = self._save_images("baseline", m.samples)
         del pipe
         self._release()
@@ -218,7 +218,7 @@ class Run:
             self._fill(result, m)
             if self.profiling:
                 self._enter(stack.name, "profile")
-                self._profile(result, gen, label, fp8_gemm=any("fp8" in n and "weight_only" not in n for n in stack.names),
+                self._profile(result, gen, label, precision=ctx.stats.get("compute_precision", {}),
                               cache=ctx.stats.get("cache"))
             result.stats = ctx.stats
             enter(Phase.FIDELITY)
@@ -233,17 +233,18 @@ class Run:
         finally:
             applied.close()  # process-wide state back to what it was before this stack
 
-    def _profile(self, result: StackResult, gen: Generator, label: str, fp8_gemm: bool,
+    def _profile(self, result: StackResult, gen: Generator, label: str, precision: dict[str, str],
                  cache: dict[str, Any] | None = None) -> None:
         """One profiled step: breakdown, trace file (named ``label``), and how close the average step
-        is to the floor (``cache``: the stack's step-cache counts, for the share of computed steps)."""
+        is to the floor (``precision``: what the stack computes in fp8, for the floor's rates;
+        ``cache``: the stack's step-cache counts, for the share of computed steps)."""
         p = self.plan
         path = self.output_dir / "profiles" / f"{label}.json"
         profile = profiling.profile_one_step(lambda on_step: gen(p.prompts[0], p.seed, on_step), p.shapes.steps,
                                              p.device.is_gpu, path, span=CACHED_STEPS_PROFILED if cache else 1)
         profile["trace"] = str(path.relative_to(self.output_dir))
         profile["floor_ms"] = profiling.floor_ms(self.profile_info["step_flops"], self.profile_info["ceilings_tflops"],
-                                                 fp8_gemm)  # of one computed step
+                                                 precision)  # of one computed step
         profile["average_step_floor_ms"] = profiling.average_step_floor_ms(profile["floor_ms"], cache)
         step_s = (result.step_latency or {}).get("median")
         profile["pct_of_floor"] = profiling.pct_of_floor(profile["average_step_floor_ms"], step_s)

@@ -90,6 +90,7 @@ class _TorchaoBackend(Backend):
 
     exclusive_group = "quantization"
     exclusive_reason = "both quantize the transformer's Linear weights (one quantization per stack)"
+    fp8_matmuls = False  # the GEMMs themselves run in float8 (not only the stored weights)
 
     def make_config(self, options: Any) -> Any:
         raise NotImplementedError
@@ -109,6 +110,8 @@ class _TorchaoBackend(Backend):
         self.quantize(pipe, options, ctx)
         total = sum(isinstance(m, torch.nn.Linear) for m in transformer.modules())
         ctx.stats.setdefault("quantized_linears", {})[self.name] = {"quantized": len(chosen), "linears": total}
+        if self.fp8_matmuls:
+            ctx.stats.setdefault("compute_precision", {})["gemm"] = "fp8"
 
     def quantize(self, pipe: Any, options: Any, ctx: StackContext) -> None:
         """Quantize the selected Linear layers of ``pipe.transformer`` with ``make_config``'s config."""
@@ -124,6 +127,7 @@ class TorchaoFp8(_TorchaoBackend):
     description = "torchao float8 dynamic activations + float8 weights (Float8DynamicActivationFloat8WeightConfig)"
     options_class = TorchaoFp8Options
     requires = Requirements(nvidia=True, min_compute_capability=(8, 9), packages=(TORCHAO,))
+    fp8_matmuls = True
 
     def validate_options(self, options: TorchaoFp8Options) -> None:
         super().validate_options(options)
@@ -148,6 +152,7 @@ class TorchaoFp8Static(_TorchaoBackend):
                    "calibration_prompts) + float8 weights (Float8StaticActivationFloat8WeightConfig)")
     options_class = TorchaoFp8StaticOptions
     requires = Requirements(nvidia=True, min_compute_capability=(8, 9), packages=(TORCHAO,))
+    fp8_matmuls = True
 
     def validate_options(self, options: TorchaoFp8StaticOptions) -> None:
         super().validate_options(options)

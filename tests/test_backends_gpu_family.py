@@ -186,6 +186,7 @@ def test_torchao_int8_quantizes_selected_linears_and_leaves_skipped_ones():
     assert applied.stats["quantized_linears"] == {"torchao_int8": {"quantized": len(linears) - len(skipped),
                                                                    "linears": len(linears)}}
     assert list(applied.stats["build_phases_s"]) == ["quantize"]
+    assert "compute_precision" not in applied.stats  # int8 weights, bf16 matmuls: the floor stays bf16
     out = generate(pipe)
     assert out.shape == reference.shape and abs(out - reference).max() > 0  # really changed numerics
     assert abs(out - reference).mean() < 0.1
@@ -288,6 +289,7 @@ def test_torchao_fp8_static_calibrates_on_its_own_prompts_and_close_undoes_it(mo
     assert set(applied.stats["build_phases_s"]) == {"quantize", "calibrate"}
     linears = sum(isinstance(m, torch.nn.Linear) for m in pipe.transformer.modules())
     assert applied.stats["quantized_linears"] == {"torchao_fp8_static": {"quantized": len(scales), "linears": linears}}
+    assert applied.stats["compute_precision"] == {"gemm": "fp8"}
     out = generate(pipe)
     assert abs(out - reference).max() > 0 and abs(out - reference).mean() < 0.1
     applied.close()

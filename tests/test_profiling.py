@@ -36,12 +36,15 @@ def test_busy_time_counts_overlapping_kernels_once_and_the_rest_is_idle():
     assert cpu["busy_ms"] == pytest.approx(2.5) and cpu["gpu_idle_ms"] is None  # self times, no idle on a CPU
 
 
-def test_the_floor_charges_gemm_at_the_gemm_rate_and_attention_at_bf16():
+def test_the_floor_charges_gemm_and_attention_at_the_rate_of_their_precision():
     flops = {"gemm": 60e12, "attention": 20e12}
     ceilings = {"bf16": 800.0, "fp8": 1200.0}  # TFLOP/s
-    assert profiling.floor_ms(flops, ceilings, fp8_gemm=False) == pytest.approx(100.0)
-    assert profiling.floor_ms(flops, ceilings, fp8_gemm=True) == pytest.approx(75.0)
-    assert profiling.floor_ms(flops, {}, fp8_gemm=False) is None  # no measured rate (CPU): no floor
+    assert profiling.floor_ms(flops, ceilings, {}) == pytest.approx(100.0)
+    assert profiling.floor_ms(flops, ceilings, {"gemm": "fp8"}) == pytest.approx(75.0)
+    assert profiling.floor_ms(flops, ceilings, {"attention": "fp8"}) == pytest.approx(75.0 + 50.0 / 3)
+    assert profiling.floor_ms(flops, ceilings, {"gemm": "fp8", "attention": "fp8"}) == pytest.approx(200.0 / 3)
+    assert profiling.floor_ms(flops, {"bf16": 800.0}, {"gemm": "fp8"}) == pytest.approx(100.0)  # no fp8 rate measured
+    assert profiling.floor_ms(flops, {}, {}) is None  # no measured rate (CPU): no floor
 
 
 def test_a_step_cache_lowers_the_floor_of_an_average_step_by_its_computed_share():

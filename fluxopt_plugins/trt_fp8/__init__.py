@@ -88,6 +88,7 @@ class TrtFp8Backend(Backend):
 
         if not isinstance(pipe.transformer, FluxTransformer2DModel):
             raise TypeError(f"trt_fp8 needs a FluxTransformer2DModel, got {type(pipe.transformer).__name__}")
+        ctx.stats.setdefault("compute_precision", {})["gemm"] = "fp8"
 
     # ------------------------------------------------------------------ phases
     def build(self, pipe: Any, options: TrtFp8Options, ctx: StackContext) -> None:

@@ -1,0 +1,181 @@
+"""The attention kernels of ``fp8_attention``: q, k and v in float8 (e4m3) with one scale per
+tensor, the softmax probabilities rounded to float8 before they multiply v, fp32 accumulation.
+
+``cudnn`` is cuDNN's fused fp8 flash attention (Hopper and newer) through the cuDNN frontend's
+Python graph API, wrapped as the custom op ``fluxopt::cudnn_fp8_attention`` so torch.compile
+sees one opaque node (no graph break) and CUDA graphs can capture it: the cuDNN graph and plan
+are built once per shape, outside any capture, and every call runs on torch's current stream.
+
+``reference`` does the same roundings in plain torch, on any device: it is how the cuDNN kernel's
+numerics are checked, and how a CPU run judges what fp8 attention does to an image. It rounds the
+probabilities against each row's maximum; cuDNN rounds them against a running maximum over tiles
+of keys, so the two agree to float8 noise, not bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(FP8).max)  # 448
+# Softmax probabilities lie in [0, 1] (exp of a score minus its row maximum): scaled by this they
+# use e4m3's whole range, so small probabilities keep their mantissa instead of flushing to zero.
+P_SCALE = FP8_MAX
+
+# (query, key, value, q_descale, k_descale, v_descale, softmax_scale, out_dtype) -> (batch, tokens, heads, head_dim)
+Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float,
+                   torch.dtype], torch.Tensor]
+
+
+def quantize_per_tensor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` in float8 scaled so its largest magnitude maps to e4m3's largest value, and the
+    descale (1 / scale, shape (1, 1, 1, 1), fp32) that undoes it. Plain torch ops, so
+    torch.compile fuses them into the kernels that produce ``x``."""
+    amax = x.detach().abs().amax().float().clamp_min(torch.finfo(torch.float32).tiny)
+    scale = FP8_MAX / amax
+    x8 = (x.float() * scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    return x8, (1.0 / scale).reshape(1, 1, 1, 1)
+
+
+def reference_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, q_descale: torch.Tensor,
+                        k_descale: torch.Tensor, v_descale: torch.Tensor, softmax_scale: float,
+                        out_dtype: torch.dtype) -> torch.Tensor:
+    """fp8 attention in plain torch on ``(batch, tokens, heads, head_dim)`` float8 inputs: scores
+    and row sums in fp32 from the dequantized q and k, probabilities rounded to e4m3 (scaled by
+    ``P_SCALE``) before the product with v. One head at a time, to bound the score matrix."""
+    q = query.float().transpose(1, 2) * q_descale.float()
+    k = key.float().transpose(1, 2) * k_descale.float()
+    v = value.float().transpose(1, 2) * v_descale.float()
+    out = torch.empty(q.shape[:-1] + (v.shape[-1],), dtype=torch.float32, device=q.device)
+    for h in range(q.shape[1]):
+        scores = (q[:, h] @ k[:, h].transpose(-1, -2)) * softmax_scale
+        p = torch.exp(scores - scores.amax(dim=-1, keepdim=True))
+        p8 = (p * P_SCALE).to(FP8).float() / P_SCALE
+        out[:, h] = (p8 @ v[:, h]) / p.sum(dim=-1, keepdim=True)
+    return out.transpose(1, 2).to(out_dtype)
+
+
+# ---------------------------------------------------------------------------------------- cuDNN
+MIN_CUDNN = 91400  # 9.14: the first cuDNN whose fp8 attention writes a 16-bit output (cudnn-frontend's own tests)
+
+
+def cudnn_frontend_version() -> tuple[str | None, int | None]:
+    """(cudnn-frontend version, the cuDNN library version it loaded as an int such as 91400), or
+    Nones where the frontend is not installed or cannot load cuDNN."""
+    try:
+        import cudnn
+        return cudnn.__version__, int(cudnn.backend_version())
+    except Exception:  # noqa: BLE001 - absent or unloadable: the backend's requirement says which
+        return None, None
+
+
+class _CudnnGraphs:
+    """One built cuDNN fp8 attention graph per (shape, output dtype, device), with its constant
+    scale buffers, and one cuDNN handle per device. Built on first use, which is a warm-up call:
+    never during a CUDA graph capture."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.graphs: dict[tuple, tuple[Any, dict[str, Any], dict[str, torch.Tensor]]] = {}
+        self.handles: dict[int, Any] = {}
+
+    def handle(self, device: torch.device) -> Any:
+        import cudnn
+
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index not in self.handles:
+            with torch.cuda.device(index):
+                self.handles[index] = cudnn.create_handle()
+        handle = self.handles[index]
+        cudnn.set_stream(handle=handle, stream=torch.cuda.current_stream(index).cuda_stream)
+        return handle
+
+    def get(self, batch: int, tokens: int, heads: int, head_dim: int, softmax_scale: float,
+            out_dtype: torch.dtype, device: torch.device) -> tuple[Any, dict[str, Any], dict[str, torch.Tensor]]:
+        key = (batch, tokens, heads, head_dim, softmax_scale, out_dtype, device)
+        with self.lock:
+            if key not in self.graphs:
+                try:
+                    self.graphs[key] = self._build(*key, handle=self.handle(device))
+                except Exception as exc:
+                    raise RuntimeError(f"cuDNN {cudnn_frontend_version()[1]} has no fp8 attention for (batch, tokens, "
+                                       f"heads, head_dim)=({batch}, {tokens}, {heads}, {head_dim}) -> {out_dtype}: "
+                                       f"{type(exc).__name__}: {exc}") from exc
+            return self.graphs[key]
+
+    @staticmethod
+    def _build(batch: int, tokens: int, heads: int, head_dim: int, softmax_scale: float, out_dtype: torch.dtype,
+               device: torch.device, handle: Any) -> tuple[Any, dict[str, Any], dict[str, torch.Tensor]]:
+        import cudnn
+
+        out_type = {torch.bfloat16: cudnn.data_type.BFLOAT16, torch.float16: cudnn.data_type.HALF}[out_dtype]
+        graph = cudnn.pygraph(io_data_type=cudnn.data_type.FP8_E4M3, intermediate_data_type=cudnn.data_type.FLOAT,
+                              compute_data_type=cudnn.data_type.FLOAT, handle=handle)
+        # logical (batch, heads, tokens, head_dim) over diffusers' (batch, tokens, heads, head_dim) memory
+        dim = (batch, heads, tokens, head_dim)
+        stride = (tokens * heads * head_dim, head_dim, heads * head_dim, 1)
+        t = {name: graph.tensor(name=name, dim=dim, stride=stride, data_type=cudnn.data_type.FP8_E4M3)
+             for name in ("q", "k", "v")}
+        for name in ("descale_q", "descale_k", "descale_v", "descale_s", "scale_s", "scale_o"):
+            t[name] = graph.tensor(name=name, dim=(1, 1, 1, 1), stride=(1, 1, 1, 1), data_type=cudnn.data_type.FLOAT)
+        o, _, amax_s, amax_o = graph.sdpa_fp8(
+            q=t["q"], k=t["k"], v=t["v"], descale_q=t["descale_q"], descale_k=t["descale_k"],
+            descale_v=t["descale_v"], descale_s=t["descale_s"], scale_s=t["scale_s"], scale_o=t["scale_o"],
+            generate_stats=False, attn_scale=softmax_scale, use_causal_mask=False)
+        o.set_output(True).set_dim(dim).set_stride(stride).set_data_type(out_type)
+        for amax in (amax_s, amax_o):
+            amax.set_output(True).set_dim((1, 1, 1, 1)).set_stride((1, 1, 1, 1)).set_data_type(cudnn.data_type.FLOAT)
+        t.update(o=o, amax_s=amax_s, amax_o=amax_o)
+        graph.validate()
+        graph.build_operation_graph()
+        graph.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
+        graph.check_support()
+        graph.build_plans()
+        one = lambda value: torch.full((1, 1, 1, 1), value, dtype=torch.float32, device=device)  # noqa: E731
+        constants = {"scale_s": one(P_SCALE), "descale_s": one(1.0 / P_SCALE), "scale_o": one(1.0),
+                     "amax_s": one(0.0), "amax_o": one(0.0),
+                     "workspace": torch.empty(graph.get_workspace_size(), dtype=torch.uint8, device=device)}
+        return graph, t, constants
+
+
+_GRAPHS = _CudnnGraphs()
+
+
+@torch.library.custom_op("fluxopt::cudnn_fp8_attention", mutates_args=())
+def cudnn_fp8_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, q_descale: torch.Tensor,
+                        k_descale: torch.Tensor, v_descale: torch.Tensor, softmax_scale: float,
+                        out_dtype: torch.dtype) -> torch.Tensor:
+    """cuDNN's fp8 attention on contiguous ``(batch, tokens, heads, head_dim)`` e4m3 tensors."""
+    batch, tokens, heads, head_dim = query.shape
+    graph, t, constants = _GRAPHS.get(batch, tokens, heads, head_dim, softmax_scale, out_dtype, query.device)
+    out = torch.empty(query.shape, dtype=out_dtype, device=query.device)
+    pack = {t["q"]: query.contiguous(), t["k"]: key.contiguous(), t["v"]: value.contiguous(),
+            t["descale_q"]: q_descale, t["descale_k"]: k_descale, t["descale_v"]: v_descale,
+            t["descale_s"]: constants["descale_s"], t["scale_s"]: constants["scale_s"],
+            t["scale_o"]: constants["scale_o"], t["o"]: out, t["amax_s"]: constants["amax_s"],
+            t["amax_o"]: constants["amax_o"]}
+    graph.execute(pack, constants["workspace"], handle=_GRAPHS.handle(query.device))
+    return out
+
+
+@cudnn_fp8_attention.register_fake
+def _(query, key, value, q_descale, k_descale, v_descale, softmax_scale, out_dtype):
+    return torch.empty(query.shape, dtype=out_dtype, device=query.device)
+
+
+KERNELS: dict[str, Kernel] = {"cudnn": cudnn_fp8_attention, "reference": reference_attention}
+
+
+def attention_fp8(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kernel: str) -> torch.Tensor:
+    """Attention of 16-bit ``(batch, tokens, heads, head_dim)`` tensors through ``kernel``, after
+    quantizing each of q, k and v to float8 with its own scale; the result in the inputs' dtype."""
+    q8, q_descale = quantize_per_tensor(query)
+    k8, k_descale = quantize_per_tensor(key)
+    v8, v_descale = quantize_per_tensor(value)
+    return KERNELS[kernel](q8, k8, v8, q_descale, k_descale, v_descale, 1.0 / math.sqrt(query.shape[-1]),
+                           query.dtype)

@@ -1,0 +1,168 @@
+"""``fp8_attention``: the processor is diffusers' FLUX attention up to the kernel, the float8
+roundings are the ones documented, the reference kernel runs a whole stack on the CPU (applied,
+compiled without graph breaks, undone), bad settings are refused before anything loads; on an
+H100, cuDNN's kernel agrees with the reference and composes with compile and CUDA graphs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fluxopt.api import apply_stack, load_model
+from fluxopt.environment import detect_device
+from fluxopt.errors import ConfigError
+from fluxopt.stack import build_stack
+from fluxopt_plugins import fp8_attention
+from fluxopt_plugins._fp8_attention_kernels import (FP8, FP8_MAX, P_SCALE, attention_fp8, quantize_per_tensor,
+                                                    reference_attention)
+
+
+def _sdpa(q, k, v):  # (batch, tokens, heads, dim), as FLUX's processor holds them
+    return torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+
+
+class ExactProcessor(fp8_attention.Fp8FluxAttnProcessor):
+    """The fp8 processor with exact attention: must be diffusers' processor bit for bit."""
+
+    def attend(self, query, key, value):
+        return _sdpa(query, key, value)
+
+
+def _generate(pipe):
+    return pipe("a red fox", num_inference_steps=2, height=64, width=64, guidance_scale=3.5, max_sequence_length=32,
+                generator=torch.Generator().manual_seed(0), output_type="latent").images
+
+
+@pytest.fixture
+def fresh_tiny():
+    return load_model("tiny", device="cpu")
+
+
+def test_the_processor_is_diffusers_flux_attention_up_to_the_kernel(fresh_tiny):
+    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+
+    modules = fp8_attention.flux_attention_modules(fresh_tiny.transformer)
+    assert modules and all(type(m.processor) is FluxAttnProcessor for _, m in modules)
+    # both block kinds: joint (text + image streams) and single
+    assert {m.added_kv_proj_dim is None for _, m in modules} == {True, False}
+    expected = _generate(fresh_tiny)
+    for _, module in modules:
+        module.set_processor(ExactProcessor("reference"))
+    assert torch.equal(_generate(fresh_tiny), expected)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.floats(1e-3, 1e3), st.integers(0, 2**16))
+def test_per_tensor_quantization_maps_the_largest_magnitude_to_e4m3s_largest(magnitude, seed):
+    x = torch.randn(2, 8, 3, 16, generator=torch.Generator().manual_seed(seed)) * magnitude
+    x8, descale = quantize_per_tensor(x)
+    assert x8.dtype == FP8 and descale.shape == (1, 1, 1, 1) and descale.dtype == torch.float32
+    assert x8.float().abs().max() == FP8_MAX
+    assert descale.item() == pytest.approx(x.abs().max().item() / FP8_MAX, rel=1e-6)
+    # e4m3 keeps 3 mantissa bits: relative rounding error <= 2^-4 for normal values
+    normal = x.abs() >= 2.0 ** -6 * descale
+    error = (x8.float() * descale - x).abs()
+    assert bool((error[normal] <= x.abs()[normal] * 2.0 ** -4 + 1e-12).all())
+
+
+def test_the_reference_kernel_rounds_only_inputs_and_probabilities():
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 96, 2, 32, generator=gen, dtype=torch.bfloat16) for _ in range(3))
+    (q8, dq), (k8, dk), (v8, dv) = quantize_per_tensor(q), quantize_per_tensor(k), quantize_per_tensor(v)
+    out = reference_attention(q8, k8, v8, dq, dk, dv, 1 / math.sqrt(32), torch.float32)
+    exact_on_rounded_inputs = _sdpa(q8.float() * dq, k8.float() * dk, v8.float() * dv)
+    exact = _sdpa(q.float(), k.float(), v.float())
+    rel = lambda a, b: float((a - b).norm() / b.norm())  # noqa: E731
+    # rounding the probabilities (scaled by P_SCALE to use e4m3's range) adds a few per cent at most
+    assert P_SCALE == FP8_MAX
+    assert 1e-4 < rel(out, exact_on_rounded_inputs) < 0.04
+    assert rel(out, exact) < 0.1
+    assert attention_fp8(q, k, v, "reference").dtype == torch.bfloat16
+
+
+def test_a_reference_stack_is_applied_compiled_without_graph_breaks_and_undone(fresh_tiny):
+    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+
+    pipe = fresh_tiny
+    before = _generate(pipe)
+    with apply_stack(pipe, {"fp8_attention": {"kernel": "reference"},
+                            "compile": {"backend": "eager", "fullgraph": True}},
+                     height=64, width=64, steps=2, max_sequence_length=32) as applied:
+        layers = len(fp8_attention.flux_attention_modules(pipe.transformer._orig_mod
+                                                         if hasattr(pipe.transformer, "_orig_mod")
+                                                         else pipe.transformer))
+        assert applied.stats["fp8_attention"] == {"kernel": "reference", "layers": layers}
+        assert applied.stats["compute_precision"] == {"attention": "fp8"}
+        assert applied.stats["compile"]["fullgraph"]
+        lossy = _generate(pipe)
+    assert not torch.equal(lossy, before)
+    assert float((lossy - before).norm() / before.norm()) < 0.1
+    assert all(type(m.processor) is FluxAttnProcessor for _, m in fp8_attention.flux_attention_modules(pipe.transformer))
+    assert torch.equal(_generate(pipe), before)
+
+
+def test_other_attention_processors_are_refused_and_nothing_is_left_behind(fresh_tiny):
+    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+
+    modules = fp8_attention.flux_attention_modules(fresh_tiny.transformer)
+    modules[-1][1].set_processor(ExactProcessor("reference"))
+    with pytest.raises(ConfigError, match=r"other processors \(ExactProcessor\)"):
+        apply_stack(fresh_tiny, {"fp8_attention": {"kernel": "reference"}}, height=64, width=64, steps=2,
+                    max_sequence_length=32, build=False)
+    assert [type(m.processor) for _, m in modules] == [FluxAttnProcessor] * (len(modules) - 1) + [ExactProcessor]
+
+
+def test_bad_settings_and_conflicts_are_refused_before_loading():
+    with pytest.raises(ConfigError, match=r"backend.fp8_attention.kernel='fa3' is not one of cudnn, reference"):
+        build_stack({"fp8_attention": {"kernel": "fa3"}})
+    for other in ("attention", "aoti"):
+        with pytest.raises(ConfigError, match="fp8_attention"):
+            build_stack(["fp8_attention", other])
+    assert not build_stack(["fp8_attention"]).is_lossless()
+
+
+def test_the_cudnn_kernel_says_what_it_needs_on_a_cpu():
+    cpu = detect_device("cpu")
+    unmet = build_stack(["fp8_attention"]).unmet_requirements(cpu)
+    assert len(unmet) == 1
+    assert ("needs the Python package 'cudnn'" in unmet[0] and "nvidia-cudnn-frontend" in unmet[0]) \
+        or "needs an NVIDIA GPU with CUDA; this run is on the CPU" in unmet[0]
+    assert build_stack({"fp8_attention": {"kernel": "reference"}}).unmet_requirements(cpu) == []
+
+
+@pytest.mark.gpu
+def test_cudnn_agrees_with_the_reference_and_runs_compiled_and_in_a_cuda_graph():
+    pytest.importorskip("cudnn")
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("needs an NVIDIA GPU of compute capability >= 9.0")
+    gen = torch.Generator("cuda").manual_seed(0)
+    shape = (1, 4608, 24, 128)  # FLUX.1-dev at 1024x1024: 4096 image + 512 text tokens
+    q, k, v = (torch.randn(*shape, generator=gen, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    reference = attention_fp8(q, k, v, "reference").float()
+    exact = _sdpa(q.float(), k.float(), v.float())
+    out = attention_fp8(q, k, v, "cudnn")
+    assert out.dtype == torch.bfloat16 and out.shape == shape
+    rel = lambda a, b: float((a.float() - b).norm() / b.norm())  # noqa: E731
+    assert rel(out, reference) < 0.02  # the same roundings, up to cuDNN's tiling of the softmax
+    assert rel(out, exact) < 1.5 * rel(reference, exact)
+    compiled = torch.compile(lambda q, k, v: attention_fp8(q, k, v, "cudnn"), fullgraph=True)
+    assert rel(compiled(q, k, v), reference) < 0.02
+    graph = torch.cuda.CUDAGraph()
+    static = [x.clone() for x in (q, k, v)]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        attention_fp8(*static, "cudnn")
+    torch.cuda.current_stream().wait_stream(side)
+    with torch.cuda.graph(graph):
+        captured = attention_fp8(*static, "cudnn")
+    for x, new in zip(static, (v, q, k)):  # new inputs, same buffers
+        x.copy_(new)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert rel(captured, attention_fp8(v, q, k, "reference").float()) < 0.02
