@@ -1,5 +1,8 @@
 """The attention kernels of ``fp8_attention``: q, k and v in float8 (e4m3) with one scale per
-tensor, the softmax probabilities rounded to float8 before they multiply v, fp32 accumulation.
+tensor, the softmax probabilities rounded to float8 before they multiply v, fp32 accumulation,
+and the output written in float8 too: on Hopper cuDNN's fp8 attention writes only float8
+(a 16-bit output is Blackwell-only). The output needs no measured scale: each output row is a
+convex combination of rows of v, so ``|out| <= max|v|`` and v's own scale never overflows it.
 
 ``cudnn`` is cuDNN's fused fp8 flash attention (Hopper and newer) through the cuDNN frontend's
 Python graph API, wrapped as the custom op ``fluxopt::cudnn_fp8_attention`` so torch.compile
@@ -27,9 +30,10 @@ FP8_MAX = float(torch.finfo(FP8).max)  # 448
 # use e4m3's whole range, so small probabilities keep their mantissa instead of flushing to zero.
 P_SCALE = FP8_MAX
 
-# (query, key, value, q_descale, k_descale, v_descale, softmax_scale, out_dtype) -> (batch, tokens, heads, head_dim)
-Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float,
-                   torch.dtype], torch.Tensor]
+# (query, key, value, q_descale, k_descale, v_descale, softmax_scale) -> float8 output, scaled like v:
+# all (batch, tokens, heads, head_dim)
+Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float],
+                  torch.Tensor]
 
 
 def quantize_per_tensor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,11 +47,11 @@ def quantize_per_tensor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def reference_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, q_descale: torch.Tensor,
-                        k_descale: torch.Tensor, v_descale: torch.Tensor, softmax_scale: float,
-                        out_dtype: torch.dtype) -> torch.Tensor:
+                        k_descale: torch.Tensor, v_descale: torch.Tensor, softmax_scale: float) -> torch.Tensor:
     """fp8 attention in plain torch on ``(batch, tokens, heads, head_dim)`` float8 inputs: scores
     and row sums in fp32 from the dequantized q and k, probabilities rounded to e4m3 (scaled by
-    ``P_SCALE``) before the product with v. One head at a time, to bound the score matrix."""
+    ``P_SCALE``) before the product with v, the output rounded to e4m3 with v's scale. One head
+    at a time, to bound the score matrix."""
     q = query.float().transpose(1, 2) * q_descale.float()
     k = key.float().transpose(1, 2) * k_descale.float()
     v = value.float().transpose(1, 2) * v_descale.float()
@@ -57,11 +61,11 @@ def reference_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
         p = torch.exp(scores - scores.amax(dim=-1, keepdim=True))
         p8 = (p * P_SCALE).to(FP8).float() / P_SCALE
         out[:, h] = (p8 @ v[:, h]) / p.sum(dim=-1, keepdim=True)
-    return out.transpose(1, 2).to(out_dtype)
+    return (out.transpose(1, 2) / v_descale.float()).clamp(-FP8_MAX, FP8_MAX).to(FP8)
 
 
 # ---------------------------------------------------------------------------------------- cuDNN
-MIN_CUDNN = 91400  # 9.14: the first cuDNN whose fp8 attention writes a 16-bit output (cudnn-frontend's own tests)
+MIN_CUDNN = 91000  # fp8 attention forward on Hopper with a float8 output: cuDNN 9.x (the H100 machine: 9.19)
 
 
 def cudnn_frontend_version() -> tuple[str | None, int | None]:
@@ -75,7 +79,7 @@ def cudnn_frontend_version() -> tuple[str | None, int | None]:
 
 
 class _CudnnGraphs:
-    """One built cuDNN fp8 attention graph per (shape, output dtype, device), with its constant
+    """One built cuDNN fp8 attention graph per (shape, softmax scale, device), with its constant
     scale buffers, and one cuDNN handle per device. Built on first use, which is a warm-up call:
     never during a CUDA graph capture."""
 
@@ -96,24 +100,23 @@ class _CudnnGraphs:
         return handle
 
     def get(self, batch: int, tokens: int, heads: int, head_dim: int, softmax_scale: float,
-            out_dtype: torch.dtype, device: torch.device) -> tuple[Any, dict[str, Any], dict[str, torch.Tensor]]:
-        key = (batch, tokens, heads, head_dim, softmax_scale, out_dtype, device)
+            device: torch.device) -> tuple[Any, dict[str, Any], dict[str, torch.Tensor]]:
+        key = (batch, tokens, heads, head_dim, softmax_scale, device)
         with self.lock:
             if key not in self.graphs:
                 try:
                     self.graphs[key] = self._build(*key, handle=self.handle(device))
                 except Exception as exc:
                     raise RuntimeError(f"cuDNN {cudnn_frontend_version()[1]} has no fp8 attention for (batch, tokens, "
-                                       f"heads, head_dim)=({batch}, {tokens}, {heads}, {head_dim}) -> {out_dtype}: "
+                                       f"heads, head_dim)=({batch}, {tokens}, {heads}, {head_dim}): "
                                        f"{type(exc).__name__}: {exc}") from exc
             return self.graphs[key]
 
     @staticmethod
-    def _build(batch: int, tokens: int, heads: int, head_dim: int, softmax_scale: float, out_dtype: torch.dtype,
+    def _build(batch: int, tokens: int, heads: int, head_dim: int, softmax_scale: float,
                device: torch.device, handle: Any) -> tuple[Any, dict[str, Any], dict[str, torch.Tensor]]:
         import cudnn
 
-        out_type = {torch.bfloat16: cudnn.data_type.BFLOAT16, torch.float16: cudnn.data_type.HALF}[out_dtype]
         graph = cudnn.pygraph(io_data_type=cudnn.data_type.FP8_E4M3, intermediate_data_type=cudnn.data_type.FLOAT,
                               compute_data_type=cudnn.data_type.FLOAT, handle=handle)
         # logical (batch, heads, tokens, head_dim) over diffusers' (batch, tokens, heads, head_dim) memory
@@ -127,7 +130,7 @@ class _CudnnGraphs:
             q=t["q"], k=t["k"], v=t["v"], descale_q=t["descale_q"], descale_k=t["descale_k"],
             descale_v=t["descale_v"], descale_s=t["descale_s"], scale_s=t["scale_s"], scale_o=t["scale_o"],
             generate_stats=False, attn_scale=softmax_scale, use_causal_mask=False)
-        o.set_output(True).set_dim(dim).set_stride(stride).set_data_type(out_type)
+        o.set_output(True).set_dim(dim).set_stride(stride).set_data_type(cudnn.data_type.FP8_E4M3)
         for amax in (amax_s, amax_o):
             amax.set_output(True).set_dim((1, 1, 1, 1)).set_stride((1, 1, 1, 1)).set_data_type(cudnn.data_type.FLOAT)
         t.update(o=o, amax_s=amax_s, amax_o=amax_o)
@@ -137,8 +140,7 @@ class _CudnnGraphs:
         graph.check_support()
         graph.build_plans()
         one = lambda value: torch.full((1, 1, 1, 1), value, dtype=torch.float32, device=device)  # noqa: E731
-        constants = {"scale_s": one(P_SCALE), "descale_s": one(1.0 / P_SCALE), "scale_o": one(1.0),
-                     "amax_s": one(0.0), "amax_o": one(0.0),
+        constants = {"scale_s": one(P_SCALE), "descale_s": one(1.0 / P_SCALE), "amax_s": one(0.0), "amax_o": one(0.0),
                      "workspace": torch.empty(graph.get_workspace_size(), dtype=torch.uint8, device=device)}
         return graph, t, constants
 
@@ -148,24 +150,24 @@ _GRAPHS = _CudnnGraphs()
 
 @torch.library.custom_op("fluxopt::cudnn_fp8_attention", mutates_args=())
 def cudnn_fp8_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, q_descale: torch.Tensor,
-                        k_descale: torch.Tensor, v_descale: torch.Tensor, softmax_scale: float,
-                        out_dtype: torch.dtype) -> torch.Tensor:
-    """cuDNN's fp8 attention on contiguous ``(batch, tokens, heads, head_dim)`` e4m3 tensors."""
+                        k_descale: torch.Tensor, v_descale: torch.Tensor, softmax_scale: float) -> torch.Tensor:
+    """cuDNN's fp8 attention on contiguous ``(batch, tokens, heads, head_dim)`` e4m3 tensors; the
+    e4m3 output is scaled like v (its descale is ``v_descale``)."""
     batch, tokens, heads, head_dim = query.shape
-    graph, t, constants = _GRAPHS.get(batch, tokens, heads, head_dim, softmax_scale, out_dtype, query.device)
-    out = torch.empty(query.shape, dtype=out_dtype, device=query.device)
+    graph, t, constants = _GRAPHS.get(batch, tokens, heads, head_dim, softmax_scale, query.device)
+    out = torch.empty(query.shape, dtype=FP8, device=query.device)
     pack = {t["q"]: query.contiguous(), t["k"]: key.contiguous(), t["v"]: value.contiguous(),
             t["descale_q"]: q_descale, t["descale_k"]: k_descale, t["descale_v"]: v_descale,
             t["descale_s"]: constants["descale_s"], t["scale_s"]: constants["scale_s"],
-            t["scale_o"]: constants["scale_o"], t["o"]: out, t["amax_s"]: constants["amax_s"],
+            t["scale_o"]: (1.0 / v_descale), t["o"]: out, t["amax_s"]: constants["amax_s"],
             t["amax_o"]: constants["amax_o"]}
     graph.execute(pack, constants["workspace"], handle=_GRAPHS.handle(query.device))
     return out
 
 
 @cudnn_fp8_attention.register_fake
-def _(query, key, value, q_descale, k_descale, v_descale, softmax_scale, out_dtype):
-    return torch.empty(query.shape, dtype=out_dtype, device=query.device)
+def _(query, key, value, q_descale, k_descale, v_descale, softmax_scale):
+    return torch.empty(query.shape, dtype=FP8, device=query.device)
 
 
 KERNELS: dict[str, Kernel] = {"cudnn": cudnn_fp8_attention, "reference": reference_attention}
@@ -173,9 +175,10 @@ KERNELS: dict[str, Kernel] = {"cudnn": cudnn_fp8_attention, "reference": referen
 
 def attention_fp8(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kernel: str) -> torch.Tensor:
     """Attention of 16-bit ``(batch, tokens, heads, head_dim)`` tensors through ``kernel``, after
-    quantizing each of q, k and v to float8 with its own scale; the result in the inputs' dtype."""
+    quantizing each of q, k and v to float8 with its own scale; the result in the inputs' dtype
+    (the dequantization, like the quantization, is plain torch for torch.compile to fuse)."""
     q8, q_descale = quantize_per_tensor(query)
     k8, k_descale = quantize_per_tensor(key)
     v8, v_descale = quantize_per_tensor(value)
-    return KERNELS[kernel](q8, k8, v8, q_descale, k_descale, v_descale, 1.0 / math.sqrt(query.shape[-1]),
-                           query.dtype)
+    out8 = KERNELS[kernel](q8, k8, v8, q_descale, k_descale, v_descale, 1.0 / math.sqrt(query.shape[-1]))
+    return (out8.float() * v_descale).to(query.dtype)

@@ -118,7 +118,7 @@ class Fp8AttentionBackend(Backend):
         if library is None:
             return f"needs the cuDNN library loadable by nvidia-cudnn-frontend {frontend}"
         if library < MIN_CUDNN:
-            return f"needs cuDNN >= {MIN_CUDNN} for fp8 attention with a 16-bit output; this machine has {library}"
+            return f"needs cuDNN >= {MIN_CUDNN} for fp8 attention; this machine has {library}"
         return None
 
     def apply(self, pipe: Any, options: Fp8AttentionOptions, ctx: StackContext) -> None:
