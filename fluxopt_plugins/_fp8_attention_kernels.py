@@ -36,12 +36,14 @@ Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch
                   torch.Tensor]
 
 
-def quantize_per_tensor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``x`` in float8 scaled so its largest magnitude maps to e4m3's largest value, and the
-    descale (1 / scale, shape (1, 1, 1, 1), fp32) that undoes it. Plain torch ops, so
-    torch.compile fuses them into the kernels that produce ``x``."""
-    amax = x.detach().abs().amax().float().clamp_min(torch.finfo(torch.float32).tiny)
-    scale = FP8_MAX / amax
+def quantize_per_tensor(x: torch.Tensor, amax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` in float8 scaled so that ``amax`` (default: ``x``'s largest magnitude, an extra pass
+    over ``x``) maps to e4m3's largest value, saturating beyond it, and the descale (1 / scale,
+    shape (1, 1, 1, 1), fp32) that undoes it. Plain torch ops, so torch.compile fuses them into
+    the kernels that produce ``x``: with a given ``amax`` the producer writes float8 directly."""
+    if amax is None:
+        amax = x.detach().abs().amax().float()
+    scale = FP8_MAX / amax.float().clamp_min(torch.finfo(torch.float32).tiny)
     x8 = (x.float() * scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
     return x8, (1.0 / scale).reshape(1, 1, 1, 1)
 
@@ -173,12 +175,15 @@ def _(query, key, value, q_descale, k_descale, v_descale, softmax_scale):
 KERNELS: dict[str, Kernel] = {"cudnn": cudnn_fp8_attention, "reference": reference_attention}
 
 
-def attention_fp8(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kernel: str) -> torch.Tensor:
+def attention_fp8(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kernel: str,
+                  amax: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None] = (None, None, None)
+                  ) -> torch.Tensor:
     """Attention of 16-bit ``(batch, tokens, heads, head_dim)`` tensors through ``kernel``, after
-    quantizing each of q, k and v to float8 with its own scale; the result in the inputs' dtype
-    (the dequantization, like the quantization, is plain torch for torch.compile to fuse)."""
-    q8, q_descale = quantize_per_tensor(query)
-    k8, k_descale = quantize_per_tensor(key)
-    v8, v_descale = quantize_per_tensor(value)
+    quantizing each of q, k and v to float8 with its own scale (from ``amax``, fixed magnitudes
+    for q, k, v, or each tensor's own where None); the result in the inputs' dtype (the
+    dequantization, like the quantization, is plain torch for torch.compile to fuse)."""
+    q8, q_descale = quantize_per_tensor(query, amax[0])
+    k8, k_descale = quantize_per_tensor(key, amax[1])
+    v8, v_descale = quantize_per_tensor(value, amax[2])
     out8 = KERNELS[kernel](q8, k8, v8, q_descale, k_descale, v_descale, 1.0 / math.sqrt(query.shape[-1]))
     return (out8.float() * v_descale).to(query.dtype)

@@ -6,6 +6,13 @@ one that quantizes q, k and v per tensor (after their norms and rotary embedding
 fp8 kernel (:mod:`fluxopt_plugins._fp8_attention_kernels`): cuDNN's, or a plain-torch reference
 with the same roundings that runs anywhere (slowly) so a CPU run can judge the image. Lossy.
 
+Scales: measuring each call's amax costs a pass over q, k and v before the cast (8 ms of an
+H100 step). ``scales=static`` needs none: q and k come out of an RMSNorm, so no element can
+exceed sqrt(head_dim) x the norm's largest weight (``x_i^2 <= sum x^2 = head_dim x rms^2``),
+and the rotary embedding rotates pairs, which keeps that bound; v's scale is the largest
+magnitude seen per layer while calibrating on prompts of its own, saturating beyond. A loose
+bound costs no precision: float8's relative precision is the same across its normal range.
+
 Processors rather than diffusers' attention dispatcher: the dispatcher's backends are a closed
 enum, and the kernel needs the float8 scales, which belong to the processor. The processor
 swap is undone by the stack's pipeline snapshot.
@@ -13,12 +20,14 @@ swap is undone by the stack's pipeline snapshot.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from fluxopt import Backend, ConfigError, Package, Requirements, StackContext, Stage, hookimpl
+from fluxopt_plugins._calibration import CALIBRATION_PROMPTS, run_calibration, validate_prompts
 
 CUDNN_FRONTEND = Package("cudnn", "pip install 'fluxopt[cudnn]' (nvidia-cudnn-frontend)")
 KERNEL_REQUIREMENTS = {
@@ -27,9 +36,15 @@ KERNEL_REQUIREMENTS = {
 }
 
 
+SCALES = ("static", "dynamic")
+
+
 @dataclass
 class Fp8AttentionOptions:
     kernel: str = "cudnn"  # cudnn (fused, Hopper and newer) | reference (same roundings in plain torch, any device)
+    scales: str = "static"  # static (q, k bounded by their norms, v calibrated) | dynamic (each call's amax)
+    calibration_prompts: list[str] = field(default_factory=lambda: list(CALIBRATION_PROMPTS))  # scales=static
+    calibration_seed: int = 1234  # generator seed of the calibration generations
 
 
 class Fp8FluxAttnProcessor:
@@ -40,13 +55,19 @@ class Fp8FluxAttnProcessor:
     _attention_backend = None
     _parallel_config = None
 
-    def __init__(self, kernel: str):
+    def __init__(self, kernel: str, amax: tuple[torch.Tensor | None, ...] = (None, None, None)):
         self.kernel = kernel
+        self.amax = amax  # fixed largest magnitudes of q, k, v (None: each call's own)
+        self.observe = False  # calibrating: record v's largest magnitude in observed_v_amax
+        self.observed_v_amax: torch.Tensor | None = None
 
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         from fluxopt_plugins._fp8_attention_kernels import attention_fp8
 
-        return attention_fp8(query, key, value, self.kernel)
+        if self.observe:
+            seen = value.detach().abs().amax().float()
+            self.observed_v_amax = seen if self.observed_v_amax is None else torch.maximum(self.observed_v_amax, seen)
+        return attention_fp8(query, key, value, self.kernel, self.amax)
 
     def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None,
@@ -83,6 +104,25 @@ class Fp8FluxAttnProcessor:
         return hidden_states, encoder_hidden_states
 
 
+def rms_norm_bound(attn: Any, *norm_names: str) -> torch.Tensor | None:
+    """The largest magnitude the outputs of ``attn``'s RMSNorms ``norm_names`` can have (also after
+    the rotary embedding): sqrt(head_dim) x the largest norm weight; None if one is not an RMSNorm."""
+    norms = [getattr(attn, name) for name in norm_names]
+    if not all(isinstance(n, torch.nn.RMSNorm) for n in norms):
+        return None
+    weights = [n.weight.detach().abs().max().float() for n in norms if n.weight is not None]
+    largest = torch.stack(weights).max() if weights else torch.tensor(1.0)
+    return math.sqrt(attn.head_dim) * largest
+
+
+def qk_bounds(attn: Any) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Bounds of q and k of one FLUX attention; a joint block's q and k also hold the text
+    stream's, normed by ``norm_added_q`` / ``norm_added_k``."""
+    joint = attn.added_kv_proj_dim is not None
+    return (rms_norm_bound(attn, "norm_q", *(["norm_added_q"] if joint else [])),
+            rms_norm_bound(attn, "norm_k", *(["norm_added_k"] if joint else [])))
+
+
 def flux_attention_modules(transformer: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
     """Every attention module of a FLUX transformer (those holding a ``FluxAttnProcessor``)."""
     from diffusers.models.transformers.transformer_flux import FluxAttention
@@ -107,6 +147,11 @@ class Fp8AttentionBackend(Backend):
         if options.kernel not in KERNEL_REQUIREMENTS:
             raise ConfigError(f"backend.fp8_attention.kernel={options.kernel!r} is not one of "
                               f"{', '.join(KERNEL_REQUIREMENTS)}")
+        if options.scales not in SCALES:
+            raise ConfigError(f"backend.fp8_attention.scales={options.scales!r} is not one of {', '.join(SCALES)}")
+        problem = validate_prompts("backend.fp8_attention.calibration_prompts", options.calibration_prompts)
+        if options.scales == "static" and problem:
+            raise ConfigError(problem)
 
     def unmet_requirement(self, options: Fp8AttentionOptions, device: Any) -> str | None:
         unmet = KERNEL_REQUIREMENTS[options.kernel].unmet(device)
@@ -129,15 +174,39 @@ class Fp8AttentionBackend(Backend):
         if not modules or others:
             raise ConfigError("fp8_attention replaces FLUX's own attention processors; this transformer has "
                               + (f"other processors ({', '.join(others)})" if others else "no FLUX attention"))
+        processors = []
         for _, module in modules:
-            module.set_processor(Fp8FluxAttnProcessor(options.kernel))
-        ctx.stats["fp8_attention"] = {"kernel": options.kernel, "layers": len(modules)}
+            q_bound, k_bound = qk_bounds(module) if options.scales == "static" else (None, None)
+            processors.append(Fp8FluxAttnProcessor(options.kernel, (q_bound, k_bound, None)))
+            module.set_processor(processors[-1])
+        stats = ctx.stats["fp8_attention"] = {"kernel": options.kernel, "scales": options.scales, "layers": len(modules)}
         ctx.stats.setdefault("compute_precision", {})["attention"] = "fp8"
+        if options.scales == "static":
+            stats.update(self.calibrate(pipe, processors, options, ctx))
         if options.kernel == "cudnn":
             from fluxopt_plugins._fp8_attention_kernels import cudnn_frontend_version
 
             frontend, library = cudnn_frontend_version()
             ctx.stats["fp8_attention"].update(cudnn_frontend=frontend, cudnn=library)
+
+
+    @staticmethod
+    def calibrate(pipe: Any, processors: list[Fp8FluxAttnProcessor], options: Fp8AttentionOptions,
+                  ctx: StackContext) -> dict[str, Any]:
+        """Fix every layer's v scale at the largest |v| its calibration generations produced."""
+        for processor in processors:
+            processor.observe = True
+        with ctx.timed("calibrate"):
+            run_calibration(pipe, options.calibration_prompts, options.calibration_seed, ctx.shapes)
+        for processor in processors:
+            if processor.observed_v_amax is None:
+                raise ConfigError("fp8_attention: an attention layer never ran during calibration, "
+                                  "so its v scale is unknown")
+            processor.amax = (*processor.amax[:2], processor.observed_v_amax)
+            processor.observe, processor.observed_v_amax = False, None
+        bounds = {name: [float(p.amax[i]) for p in processors if p.amax[i] is not None]
+                  for i, name in enumerate(("q", "k", "v"))}
+        return {"amax_range": {name: [min(v), max(v)] for name, v in bounds.items() if v}}
 
 
 @hookimpl

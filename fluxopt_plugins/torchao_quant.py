@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from fluxopt import Backend, ConfigError, Package, Requirements, StackContext, Stage, hookimpl
+from fluxopt_plugins._calibration import CALIBRATION_PROMPTS, run_calibration, validate_prompts
 
 
 TORCHAO = Package("torchao", "pip install 'fluxopt[torchao]'")
@@ -62,12 +63,6 @@ class TorchaoOptions:
 @dataclass
 class TorchaoFp8Options(TorchaoOptions):
     granularity: str = "row"  # row (PerRow scales) | tensor (one scale per tensor)
-
-
-# Calibration prompts of torchao_fp8_static: not the bench's, so that the fidelity check measures
-# prompts the scales were not fitted to.
-CALIBRATION_PROMPTS = ["a busy street market at dusk, lanterns and crowds, photograph",
-                       "an oil painting of a stormy sea with a lighthouse"]
 
 
 @dataclass
@@ -156,9 +151,9 @@ class TorchaoFp8Static(_TorchaoBackend):
 
     def validate_options(self, options: TorchaoFp8StaticOptions) -> None:
         super().validate_options(options)
-        if not options.calibration_prompts or not all(p.strip() for p in options.calibration_prompts):
-            raise ConfigError(f"backend.{self.name}.calibration_prompts must be a non-empty list of non-empty "
-                              f"prompts (got {options.calibration_prompts!r})")
+        problem = validate_prompts(f"backend.{self.name}.calibration_prompts", options.calibration_prompts)
+        if problem:
+            raise ConfigError(problem)
 
     def quantize(self, pipe: Any, options: TorchaoFp8StaticOptions, ctx: StackContext) -> None:
         """Observers on the selected layers, calibration generations, then float8 with each layer's scale."""
@@ -168,12 +163,8 @@ class TorchaoFp8Static(_TorchaoBackend):
         with ctx.timed("quantize"):
             quantize_(pipe.transformer, Float8StaticActivationFloat8WeightConfig(step="prepare", set_inductor_config=False),
                       filter_fn=lambda m, fqn: _selected(m, fqn, options))
-        with ctx.timed("calibrate"), torch.inference_mode():
-            for i, prompt in enumerate(options.calibration_prompts):
-                pipe(prompt=prompt, height=ctx.shapes.height, width=ctx.shapes.width,
-                     num_inference_steps=ctx.shapes.steps, guidance_scale=ctx.shapes.guidance_scale,
-                     max_sequence_length=ctx.shapes.max_sequence_length, output_type="latent",
-                     generator=torch.Generator("cpu").manual_seed(options.calibration_seed + i))
+        with ctx.timed("calibrate"):
+            run_calibration(pipe, options.calibration_prompts, options.calibration_seed, ctx.shapes)
         with ctx.timed("quantize"):
             quantize_(pipe.transformer, Float8StaticActivationFloat8WeightConfig(step="convert", set_inductor_config=False),
                       filter_fn=lambda m, fqn: isinstance(m, Float8ObservedLinear))

@@ -88,18 +88,78 @@ def test_the_reference_kernel_rounds_only_inputs_and_probabilities():
     assert attention_fp8(q, k, v, "reference").dtype == torch.bfloat16
 
 
-def test_a_reference_stack_is_applied_compiled_without_graph_breaks_and_undone(fresh_tiny):
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 2**16), st.floats(1e-2, 1e2), st.booleans())
+def test_an_rms_norm_bounds_q_and_k_after_the_rotary_embedding(seed, spread, one_hot):
+    from diffusers.models.embeddings import apply_rotary_emb
+
+    gen = torch.Generator().manual_seed(seed)
+    head_dim = 16
+    norm = torch.nn.RMSNorm(head_dim, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(head_dim, generator=gen) * spread)
+    x = torch.randn(1, 32, 2, head_dim, generator=gen)
+    if one_hot:  # all of a vector's energy in one element: the bound is reached
+        x = torch.zeros_like(x).index_fill_(-1, norm.weight.abs().argmax(), 3.0)
+    angles = torch.rand(32, head_dim // 2, generator=gen) * 6.3
+    cos, sin = (f(angles).repeat_interleave(2, dim=-1) for f in (torch.cos, torch.sin))
+    attn = type("Attn", (), {"head_dim": head_dim, "norm_q": norm})()
+    bound = fp8_attention.rms_norm_bound(attn, "norm_q")
+    out = apply_rotary_emb(norm(x), (cos, sin), sequence_dim=1)
+    assert float(out.abs().max()) <= float(bound) * (1 + 1e-5)
+    if one_hot:
+        assert float(norm(x).abs().max()) == pytest.approx(float(bound), rel=1e-4)
+
+
+def test_static_scales_bound_q_and_k_and_calibrate_v_on_their_own_prompts(fresh_tiny, monkeypatch):
+    from fluxopt_plugins._calibration import CALIBRATION_PROMPTS
+
+    pipe = fresh_tiny
+    prompts = []
+    call = type(pipe).__call__
+    monkeypatch.setattr(type(pipe), "__call__", lambda self, *a, **k: (prompts.append((k.get("prompt"),
+                        k["generator"].initial_seed())), call(self, *a, **k))[1])
+    with apply_stack(pipe, {"fp8_attention": {"kernel": "reference"}}, height=64, width=64, steps=2,
+                     max_sequence_length=32, build=False) as applied:
+        assert prompts == [(CALIBRATION_PROMPTS[0], 1234), (CALIBRATION_PROMPTS[1], 1235)]
+        modules = [m for _, m in fp8_attention.flux_attention_modules(pipe.transformer)]
+        for m in modules:
+            q_amax, k_amax, v_amax = m.processor.amax
+            joint = m.added_kv_proj_dim is not None
+            q_weights = torch.cat([m.norm_q.weight, *([m.norm_added_q.weight] if joint else [])])
+            assert float(q_amax) == pytest.approx(m.head_dim ** 0.5 * float(q_weights.abs().max()))
+            assert float(k_amax) == pytest.approx(m.head_dim ** 0.5 * float(torch.cat(
+                [m.norm_k.weight, *([m.norm_added_k.weight] if joint else [])]).abs().max()))
+            assert float(v_amax) > 0 and not m.processor.observe and m.processor.observed_v_amax is None
+        stats = applied.stats["fp8_attention"]
+        assert stats["scales"] == "static" and stats["layers"] == len(modules)
+        assert stats["amax_range"]["v"] == [min(float(m.processor.amax[2]) for m in modules),
+                                            max(float(m.processor.amax[2]) for m in modules)]
+        assert "calibrate" in applied.stats["build_phases_s"]
+        _generate(pipe)
+    prompts.clear()
+    with apply_stack(pipe, {"fp8_attention": {"kernel": "reference", "scales": "dynamic"}}, height=64, width=64,
+                     steps=2, max_sequence_length=32, build=False) as applied:
+        assert prompts == [] and "amax_range" not in applied.stats["fp8_attention"]  # no calibration
+        assert all(m.processor.amax == (None, None, None)
+                   for _, m in fp8_attention.flux_attention_modules(pipe.transformer))
+
+
+@pytest.mark.parametrize("scales", ["static", "dynamic"])
+def test_a_reference_stack_is_applied_compiled_without_graph_breaks_and_undone(fresh_tiny, scales):
     from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 
     pipe = fresh_tiny
     before = _generate(pipe)
-    with apply_stack(pipe, {"fp8_attention": {"kernel": "reference"},
+    with apply_stack(pipe, {"fp8_attention": {"kernel": "reference", "scales": scales},
                             "compile": {"backend": "eager", "fullgraph": True}},
                      height=64, width=64, steps=2, max_sequence_length=32) as applied:
         layers = len(fp8_attention.flux_attention_modules(pipe.transformer._orig_mod
                                                          if hasattr(pipe.transformer, "_orig_mod")
                                                          else pipe.transformer))
-        assert applied.stats["fp8_attention"] == {"kernel": "reference", "layers": layers}
+        stats = applied.stats["fp8_attention"]
+        assert {k: stats[k] for k in ("kernel", "scales", "layers")} == {"kernel": "reference", "scales": scales,
+                                                                          "layers": layers}
         assert applied.stats["compute_precision"] == {"attention": "fp8"}
         assert applied.stats["compile"]["fullgraph"]
         lossy = _generate(pipe)
@@ -123,6 +183,11 @@ def test_other_attention_processors_are_refused_and_nothing_is_left_behind(fresh
 def test_bad_settings_and_conflicts_are_refused_before_loading():
     with pytest.raises(ConfigError, match=r"backend.fp8_attention.kernel='fa3' is not one of cudnn, reference"):
         build_stack({"fp8_attention": {"kernel": "fa3"}})
+    with pytest.raises(ConfigError, match=r"backend.fp8_attention.scales='amax' is not one of static, dynamic"):
+        build_stack({"fp8_attention": {"scales": "amax"}})
+    with pytest.raises(ConfigError, match=r"backend.fp8_attention.calibration_prompts must be a non-empty list"):
+        build_stack({"fp8_attention": {"calibration_prompts": []}})
+    build_stack({"fp8_attention": {"scales": "dynamic", "calibration_prompts": []}})  # not used: fine
     for other in ("attention", "aoti"):
         with pytest.raises(ConfigError, match="fp8_attention"):
             build_stack(["fp8_attention", other])
@@ -151,10 +216,12 @@ def test_cudnn_agrees_with_the_reference_and_runs_compiled_and_in_a_cuda_graph()
     out = attention_fp8(q, k, v, "cudnn")
     assert out.dtype == torch.bfloat16 and out.shape == shape
     rel = lambda a, b: float((a.float() - b).norm() / b.norm())  # noqa: E731
-    assert rel(out, reference) < 0.02  # the same roundings, up to cuDNN's tiling of the softmax
-    assert rel(out, exact) < 1.5 * rel(reference, exact)
+    # the same roundings up to cuDNN's tiling of the softmax, which rounds each probability against a
+    # running maximum: the two differ by float8 noise (0.038 on an H100) and are equally far from exact
+    assert rel(out, reference) < 0.06
+    assert rel(out, exact) < 1.1 * rel(reference, exact)
     compiled = torch.compile(lambda q, k, v: attention_fp8(q, k, v, "cudnn"), fullgraph=True)
-    assert rel(compiled(q, k, v), reference) < 0.02
+    assert rel(compiled(q, k, v), reference) < 0.06
     graph = torch.cuda.CUDAGraph()
     static = [x.clone() for x in (q, k, v)]
     side = torch.cuda.Stream()
@@ -168,4 +235,4 @@ def test_cudnn_agrees_with_the_reference_and_runs_compiled_and_in_a_cuda_graph()
         x.copy_(new)
     graph.replay()
     torch.cuda.synchronize()
-    assert rel(captured, attention_fp8(v, q, k, "reference").float()) < 0.02
+    assert rel(captured, attention_fp8(v, q, k, "reference").float()) < 0.06
