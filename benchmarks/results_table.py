@@ -31,7 +31,7 @@ SHOWN = {"compile": ("regional", "cuda_graphs", "eager_rounding"), "torchao_fp8"
          "torchao_int8": ("inductor_tuning",), "torchao_fp8_static": ("inductor_tuning",), "fbcache": ("residual_diff_threshold", "implementation"),
          "attention": ("kernel",), "offload": ("mode",), "trt_fp8": ("stop_after", "calib_steps"),
          "aoti": ("max_autotune", "weights", "cuda_graphs", "eager_rounding"), "taylorseer": ("cache_interval",),
-         "fixed_cache": ("warmup_steps", "interval", "order")}
+         "fixed_cache": ("warmup_steps", "interval", "order"), "fp8_attention": ("kernel", "scales", "v_margin")}
 
 
 def stack_label(r: dict[str, Any]) -> str:

@@ -44,6 +44,10 @@ class Fp8AttentionOptions:
     kernel: str = "cudnn"  # cudnn (fused, Hopper and newer) | reference (same roundings in plain torch, any device)
     scales: str = "static"  # static (q, k bounded by their norms, v calibrated) | dynamic (each call's amax)
     calibration_prompts: list[str] = field(default_factory=lambda: list(CALIBRATION_PROMPTS))  # scales=static
+    # scales=static: v's scale covers this many times the largest |v| calibration saw, so prompts
+    # with larger values are not clipped (headroom is nearly free: float8's relative precision is the
+    # same over its normal range; only values below 1/448 of the range reach its subnormals)
+    v_margin: float = 4.0
     calibration_seed: int = 1234  # generator seed of the calibration generations
 
 
@@ -149,6 +153,8 @@ class Fp8AttentionBackend(Backend):
                               f"{', '.join(KERNEL_REQUIREMENTS)}")
         if options.scales not in SCALES:
             raise ConfigError(f"backend.fp8_attention.scales={options.scales!r} is not one of {', '.join(SCALES)}")
+        if not options.v_margin >= 1:
+            raise ConfigError(f"backend.fp8_attention.v_margin={options.v_margin} must be at least 1")
         problem = validate_prompts("backend.fp8_attention.calibration_prompts", options.calibration_prompts)
         if options.scales == "static" and problem:
             raise ConfigError(problem)
@@ -193,7 +199,7 @@ class Fp8AttentionBackend(Backend):
     @staticmethod
     def calibrate(pipe: Any, processors: list[Fp8FluxAttnProcessor], options: Fp8AttentionOptions,
                   ctx: StackContext) -> dict[str, Any]:
-        """Fix every layer's v scale at the largest |v| its calibration generations produced."""
+        """Fix every layer's v scale at ``v_margin`` x the largest |v| its calibration generations produced."""
         for processor in processors:
             processor.observe = True
         with ctx.timed("calibrate"):
@@ -202,7 +208,7 @@ class Fp8AttentionBackend(Backend):
             if processor.observed_v_amax is None:
                 raise ConfigError("fp8_attention: an attention layer never ran during calibration, "
                                   "so its v scale is unknown")
-            processor.amax = (*processor.amax[:2], processor.observed_v_amax)
+            processor.amax = (*processor.amax[:2], processor.observed_v_amax * options.v_margin)
             processor.observe, processor.observed_v_amax = False, None
         bounds = {name: [float(p.amax[i]) for p in processors if p.amax[i] is not None]
                   for i, name in enumerate(("q", "k", "v"))}

@@ -137,6 +137,12 @@ def test_static_scales_bound_q_and_k_and_calibrate_v_on_their_own_prompts(fresh_
                                             max(float(m.processor.amax[2]) for m in modules)]
         assert "calibrate" in applied.stats["build_phases_s"]
         _generate(pipe)
+        v_default = [float(m.processor.amax[2]) for m in modules]
+    with apply_stack(pipe, {"fp8_attention": {"kernel": "reference", "v_margin": 1.0}}, height=64, width=64, steps=2,
+                     max_sequence_length=32, build=False):
+        v_seen = [float(m.processor.amax[2]) for _, m in fp8_attention.flux_attention_modules(pipe.transformer)]
+    # the default headroom is 4x the largest |v| calibration saw (the same generations, so the same |v|)
+    assert v_default == pytest.approx([4 * v for v in v_seen])
     prompts.clear()
     with apply_stack(pipe, {"fp8_attention": {"kernel": "reference", "scales": "dynamic"}}, height=64, width=64,
                      steps=2, max_sequence_length=32, build=False) as applied:
@@ -185,6 +191,8 @@ def test_bad_settings_and_conflicts_are_refused_before_loading():
         build_stack({"fp8_attention": {"kernel": "fa3"}})
     with pytest.raises(ConfigError, match=r"backend.fp8_attention.scales='amax' is not one of static, dynamic"):
         build_stack({"fp8_attention": {"scales": "amax"}})
+    with pytest.raises(ConfigError, match=r"backend.fp8_attention.v_margin=0.5 must be at least 1"):
+        build_stack({"fp8_attention": {"v_margin": 0.5}})
     with pytest.raises(ConfigError, match=r"backend.fp8_attention.calibration_prompts must be a non-empty list"):
         build_stack({"fp8_attention": {"calibration_prompts": []}})
     build_stack({"fp8_attention": {"scales": "dynamic", "calibration_prompts": []}})  # not used: fine

@@ -13,6 +13,10 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
+# one wheel build per worker that runs these tests: two builds of the checkout at once share its
+# build/ directory and break each other
+pytestmark = pytest.mark.xdist_group("wheel")
+
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
