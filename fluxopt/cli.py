@@ -34,7 +34,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from fluxopt import console, engines, launch, plugins, search, sweep
+from fluxopt import console, detach, engines, launch, plugins, search, sweep
 from fluxopt.config import RunConfig, register_configs
 from fluxopt.environment import INVOCATION_ENV
 from fluxopt.errors import ConfigError, ExitStatus, FluxoptError, UnavailableError
@@ -372,7 +372,14 @@ def main() -> None:
     if not launch.in_torchrun():  # torchrun ranks keep the id of the command that launched them
         os.environ[INVOCATION_ENV] = secrets.token_hex(8)
     try:
-        status = launch.maybe_relaunch(argv, required_processes(preflight(argv)))
+        plans = preflight(argv)
+        if any(p.detach for p in plans):  # checked first, so bad input is answered here, not in a log
+            pid, directory = detach.start(argv, _split_argv(argv)[1])
+            console.say(f"running in the background (pid {pid}); console output in {directory / detach.OUTPUT_FILE}, "
+                        f"results in {directory}. If it stops midway, run the same command with "
+                        f"hydra.{'sweep' if _split_argv(argv)[1] else 'run'}.dir={directory} to finish it")
+            sys.exit(ExitStatus.OK)
+        status = launch.maybe_relaunch(argv, required_processes(plans))
     except FluxoptError as exc:
         console.error(str(exc))
         sys.exit(exc.exit_status)

@@ -85,10 +85,17 @@ class RunConfig:
     # measurement config (rerun a sweep in its directory to finish it); false re-measures.
     resume: bool = True
     verbose: bool = False  # library warnings and compiler logs on the console too (always in the log file)
+    # Apply and build each stack (with its warm-up generation) and measure nothing: the artifact
+    # cache keeps what the build made (compiled kernels, tuning results, exported packages, engines),
+    # so a later run builds in seconds. An interrupted build, run again, reuses what was kept.
+    build_only: bool = False
+    # Run the command in a background process of its own session (it outlives the terminal); print
+    # its output directory and pid, and return at once. Its console output: <output dir>/fluxopt.out.
+    detach: bool = False
 
 
 # Settings that decide what is measured; resume compares these only (not output paths, resume, verbosity).
-MEASUREMENT_KEYS = ("model", "bench", "fidelity", "backend", "device")
+MEASUREMENT_KEYS = ("model", "bench", "fidelity", "backend", "device", "build_only")
 
 
 def measurement_config(config: dict[str, Any]) -> dict[str, Any]:

@@ -50,6 +50,7 @@ class RunPlan:
     stacks: tuple[Stack, ...]
     explicit: bool  # the user named the stack (else: a bake-off of every backend)
     cache_dir: Path
+    detach: bool = False  # run the command in the background (fluxopt.detach)
 
 
 def _int(setting: str, value: Any, minimum: int, allowed: str) -> int:
@@ -169,7 +170,8 @@ def plan_run(cfg: Any, stacks: list[Stack] | None = None, check_memory: bool = T
     else:
         chosen, explicit = tuple(build_stack([name]) for name in sorted(plugins.backends())), False
     plan = RunPlan(device=device, spec=spec, dtype=dtype, shapes=shapes, prompts=prompts, seed=seed,
-                   warmup=warmup, iterations=iterations, stacks=chosen, explicit=explicit, cache_dir=cache_dir)
+                   warmup=warmup, iterations=iterations, stacks=chosen, explicit=explicit, cache_dir=cache_dir,
+                   detach=bool(cfg.get("detach", False)))
     if check_requirements:
         check_runnable(plan)
     return plan

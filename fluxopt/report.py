@@ -167,6 +167,11 @@ def print_table(data: dict[str, Any], console: Console | None = None) -> None:
 def verdict_sentence(data: dict[str, Any], output_dir: Path) -> str:
     """One sentence: the fastest stack that passed its gate, its speedup, where the evidence is;
     on a model with random weights, why its speedups do not carry over to a real one on a GPU."""
+    if data.get("build_only"):
+        built = [s for s in data.get("stacks", []) if s.get("status") == "ok"]
+        return (f"Built {len(built)} of {len(data.get('stacks', []))} stack(s), measured nothing (build_only): "
+                f"what they built is in the artifact cache for the runs that measure them; full table in "
+                f"{Path(output_dir) / 'report.md'}.")
     passed = [s for s in data.get("stacks", []) if s.get("status") == "ok" and s.get("speedup")]
     where = f"images in {Path(output_dir) / 'images'}, full table in {Path(output_dir) / 'report.md'}"
     caveat = "" if data["model"].get("trained") else f" ({data['model']['name']} has random weights: " \

@@ -2,7 +2,8 @@
 
 plan (validated, nothing loaded) -> baseline -> for each stack: load a fresh pipeline, apply
 and build it (the same path as the Python API), warm-up, timed iterations, fidelity, close ->
-result.json + report.
+result.json + report. With ``build_only`` there is no baseline and each stack stops after its
+build: what it made stays in the artifact cache for the runs that measure it.
 
 A stack that fails is recorded with its phase and reason and the run goes on; result.json is
 rewritten atomically after every stack, so nothing measured is lost if the process dies. An
@@ -79,7 +80,8 @@ class Run:
         self.environment: dict[str, Any] = {}
         self.interrupted = False
         self.device_lost: str | None = None  # why the CUDA context cannot run more stacks
-        self.profiling = bool(self.cfg.bench.get("profile", False))
+        self.build_only = bool(self.cfg.get("build_only", False))  # apply and build, measure nothing
+        self.profiling = bool(self.cfg.bench.get("profile", False)) and not self.build_only
         self.profile_info: dict[str, Any] = {}
         self.file_labels: set[str] = {"baseline"}  # names of the stacks' image, profile and log files so far
 
@@ -213,6 +215,9 @@ class Run:
             result.build_s = applied.build_s
             result.build_phases_s = ctx.stats.pop("build_phases_s", {})
             log.info("stack %s: built in %.1f s", stack.name, result.build_s)
+            if self.build_only:
+                result.stats = ctx.stats
+                return
             m = measure(gen, p.prompts, p.seed, warmup=p.warmup, iterations=p.iterations,
                         on_phase=lambda name: enter(Phase(name)))
             self._fill(result, m)
@@ -279,6 +284,7 @@ class Run:
             "prompts": list(p.prompts),
             "seed": p.seed,
             "mode": "stack" if p.explicit else "bakeoff",
+            "build_only": self.build_only,
             "requested": [s.name for s in p.stacks],
             "config": OmegaConf.to_container(self.cfg, resolve=True),
             "provenance": self.provenance,
@@ -300,7 +306,7 @@ class Run:
         hook.fluxopt_run_started(config=OmegaConf.to_container(self.cfg, resolve=True),
                                  output_dir=str(self.output_dir))
         try:
-            reference = self.measure_baseline()
+            reference = [] if self.build_only else self.measure_baseline()
             self.write(complete=False)
             for stack in self.plan.stacks:
                 log.info("stack %s", stack.name)

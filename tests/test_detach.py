@@ -1,0 +1,55 @@
+"""``detach=true``: the command line the background process gets (no ``detach``, the output
+directory fixed and announced), and bad input answered at once, before anything is started.
+The background build itself runs end to end in tests/test_aoti.py (``build_only=true
+detach=true``, then a warm measuring run)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import pytest
+from conftest import run_cli
+
+from fluxopt.detach import is_detach_override, output_dir
+from fluxopt.runner import can_reuse
+
+
+@pytest.mark.parametrize(("arg", "expected"), [("detach=true", True), ("+detach=true", True), ("++detach=1", True),
+                                               ("~detach", True), ("detached=true", False),
+                                               ("backend.x.detach=true", False), ("+backend=compile", False)])
+def test_every_spelling_of_the_detach_override_is_recognised(arg, expected):
+    assert is_detach_override(arg) is expected
+
+
+def test_the_background_command_has_no_detach_and_a_fixed_output_directory():
+    argv = ["+backend=aoti", "detach=true", "build_only=true"]
+    now = dt.datetime(2026, 11, 26, 7, 30, 5)
+    path, args = output_dir(argv, multirun=False, now=now)
+    assert path.parts[:2] == ("outputs", "2026-11-26") and path.name.startswith("07-30-05-")
+    assert args == ["+backend=aoti", "build_only=true", f"hydra.run.dir={path}"]
+    sweep, args = output_dir(["-m", "+backend=compile,fbcache", "+detach=true"], multirun=True, now=now)
+    assert sweep.parts[0] == "multirun" and args == ["-m", "+backend=compile,fbcache", f"hydra.sweep.dir={sweep}"]
+    assert output_dir(argv, multirun=False, now=now)[0] != path  # two commands in the same second: two directories
+
+
+def test_a_given_output_directory_is_kept():
+    path, args = output_dir(["detach=true", "hydra.run.dir=/data/run1", "+backend=compile"], multirun=False)
+    assert path == Path("/data/run1") and args == ["hydra.run.dir=/data/run1", "+backend=compile"]
+
+
+def test_bad_input_is_refused_before_anything_starts_in_the_background(tmp_path):
+    run_dir = tmp_path / "never"
+    proc = run_cli("+backend=compile", "backend.compile.mode=fastest", "detach=true", f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 2
+    assert "backend.compile.mode" in proc.stderr and "running in the background" not in proc.stderr
+    assert not run_dir.exists()
+
+
+def test_a_build_only_result_never_stands_for_a_measurement():
+    config = {"model": {"name": "tiny"}, "bench": {}, "fidelity": {}, "backend": {"compile": {}}, "device": "cpu",
+              "resume": True}
+    built = {"complete": True, "mode": "stack", "build_only": True, "config": {**config, "build_only": True},
+             "stacks": [{"stack": "compile", "status": "ok"}]}
+    assert not can_reuse(built, {**config, "build_only": False})
+    assert can_reuse(built, {**config, "build_only": True})
