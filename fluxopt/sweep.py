@@ -255,7 +255,10 @@ def _markdown(results: list[tuple[Path, dict[str, Any]]], rows: list[dict[str, s
     lines = ["# fluxopt bake-off summary", ""]
     if not results:
         return "\n".join(lines + ["No readable result.json found.", ""])
-    passed = "a stack met the fidelity gate and the limits" if searched else "every requested stack passed"
+    built_only = all(data.get("build_only") for _, data in results)
+    passed = ("a stack met the fidelity gate and the limits" if searched else
+              "every requested stack built (build_only: nothing was measured)" if built_only else
+              "every requested stack passed")
     lines += [f"**Verdict: {passed}.**" if not failed else
               f"**Verdict: {len(failed)} failure(s)**: " + "; ".join(failed), ""]
     if searched:

@@ -1,7 +1,8 @@
-"""``detach=true``: the command line the background process gets (no ``detach``, the output
-directory fixed and announced), and bad input answered at once, before anything is started.
-The background build itself runs end to end in tests/test_aoti.py (``build_only=true
-detach=true``, then a warm measuring run)."""
+"""``build_only=true`` (build each stack, measure nothing) and ``detach=true`` (run in the
+background): a build-only sweep's records and verdict, the command line the background process
+gets (no ``detach``, the output directory fixed and announced), and bad input answered at once,
+before anything is started. A background build-only run followed by a warm measuring run is
+tested end to end in tests/test_aoti.py."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import datetime as dt
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from conftest import read_result, run_cli
 
 from fluxopt.detach import is_detach_override, output_dir
 from fluxopt.runner import can_reuse
@@ -53,3 +54,17 @@ def test_a_build_only_result_never_stands_for_a_measurement():
              "stacks": [{"stack": "compile", "status": "ok"}]}
     assert not can_reuse(built, {**config, "build_only": False})
     assert can_reuse(built, {**config, "build_only": True})
+
+
+def test_a_build_only_sweep_builds_every_stack_measures_nothing_and_says_so(tmp_path):
+    proc = run_cli("-m", "+backend=fuse_qkv,channels_last", "build_only=true", f"hydra.sweep.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = [read_result(p.parent) for p in tmp_path.glob("*/result.json")]
+    assert len(runs) == 2
+    for data in runs:
+        assert data["build_only"] is True and data["complete"] is True and data["baseline"] is None
+        (stack,) = data["stacks"]
+        assert stack["status"] == "ok" and stack["build_s"] is not None
+        assert stack["latency"] is None and stack["speedup"] is None and stack["fidelity"] is None
+    assert "**Verdict: every requested stack built (build_only: nothing was measured).**" in \
+        (tmp_path / "summary.md").read_text()
