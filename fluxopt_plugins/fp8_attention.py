@@ -6,12 +6,14 @@ one that quantizes q, k and v per tensor (after their norms and rotary embedding
 fp8 kernel (:mod:`fluxopt_plugins._fp8_attention_kernels`): cuDNN's, or a plain-torch reference
 with the same roundings that runs anywhere (slowly) so a CPU run can judge the image. Lossy.
 
-Scales: measuring each call's amax costs a pass over q, k and v before the cast (8 ms of an
-H100 step). ``scales=static`` needs none: q and k come out of an RMSNorm, so no element can
-exceed sqrt(head_dim) x the norm's largest weight (``x_i^2 <= sum x^2 = head_dim x rms^2``),
-and the rotary embedding rotates pairs, which keeps that bound; v's scale is the largest
-magnitude seen per layer while calibrating on prompts of its own, saturating beyond. A loose
-bound costs no precision: float8's relative precision is the same across its normal range.
+Scales: measuring each call's amax costs a pass over q, k and v before the cast (about 2 ms of
+an H100 step once Inductor has fused the rest). ``scales=static`` needs none: q and k come out of
+an RMSNorm, so no element can exceed sqrt(head_dim) x the norm's largest weight
+(``x_i^2 <= sum x^2 = head_dim x rms^2``), and the rotary embedding rotates pairs, which keeps
+that bound; v's scale is ``v_margin`` x the largest magnitude seen per layer while calibrating
+on prompts of its own, saturating beyond. Per call, static and dynamic scales err alike; over a
+whole generation static ones cost more on some prompts (flux-mini: worst PSNR 36 against 45,
+docs/results/2026-11-26-h100-issue15o.md), so ``scales=dynamic`` is there for when that matters.
 
 Processors rather than diffusers' attention dispatcher: the dispatcher's backends are a closed
 enum, and the kernel needs the float8 scales, which belong to the processor. The processor
