@@ -33,9 +33,10 @@ class ExactProcessor(fp8_attention.Fp8FluxAttnProcessor):
         return _sdpa(query, key, value)
 
 
-def _generate(pipe):
-    return pipe("a red fox", num_inference_steps=2, height=64, width=64, guidance_scale=3.5, max_sequence_length=32,
-                generator=torch.Generator().manual_seed(0), output_type="latent").images
+def _generate(pipe, max_sequence_length=32):
+    return pipe("a red fox", num_inference_steps=2, height=64, width=64, guidance_scale=3.5,
+                max_sequence_length=max_sequence_length, generator=torch.Generator().manual_seed(0),
+                output_type="latent").images
 
 
 @pytest.fixture
@@ -50,10 +51,26 @@ def test_the_processor_is_diffusers_flux_attention_up_to_the_kernel(fresh_tiny):
     assert modules and all(type(m.processor) is FluxAttnProcessor for _, m in modules)
     # both block kinds: joint (text + image streams) and single
     assert {m.added_kv_proj_dim is None for _, m in modules} == {True, False}
-    expected = _generate(fresh_tiny)
+    # 24 text tokens: not the tiny model's width (32), so the text/image split cannot pass by coincidence
+    expected = _generate(fresh_tiny, max_sequence_length=24)
     for _, module in modules:
         module.set_processor(ExactProcessor("reference"))
-    assert torch.equal(_generate(fresh_tiny), expected)
+    assert torch.equal(_generate(fresh_tiny, max_sequence_length=24), expected)
+
+
+def test_the_processor_attends_with_its_fixed_scales_and_observes_the_largest_v():
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 40, 2, 16, generator=gen) for _ in range(3))
+    amax = (torch.tensor(9.0), torch.tensor(7.0), torch.tensor(5.0))
+    processor = fp8_attention.Fp8FluxAttnProcessor("reference", amax)
+    assert processor.observe is False and processor.observed_v_amax is None
+    fixed = processor.attend(q, k, v)
+    assert torch.equal(fixed, attention_fp8(q, k, v, "reference", amax))
+    assert not torch.equal(fixed, attention_fp8(q, k, v, "reference"))  # not each call's own amax
+    processor.observe = True
+    for scale in (2.0, 5.0, 3.0):  # the largest |v| over every call, not the last one
+        processor.attend(q, k, v * scale)
+    assert float(processor.observed_v_amax) == pytest.approx(5.0 * float(v.abs().max()))
 
 
 @settings(max_examples=40, deadline=None)
@@ -111,10 +128,24 @@ def test_an_rms_norm_bounds_q_and_k_after_the_rotary_embedding(seed, spread, one
         assert float(norm(x).abs().max()) == pytest.approx(float(bound), rel=1e-4)
 
 
+def test_the_bound_of_a_norm_without_weights_is_sqrt_head_dim_and_other_norms_have_none():
+    attn = type("Attn", (), {"head_dim": 64, "norm_q": torch.nn.RMSNorm(64, elementwise_affine=False),
+                             "norm_k": torch.nn.LayerNorm(64)})()
+    assert float(fp8_attention.rms_norm_bound(attn, "norm_q")) == 8.0
+    assert fp8_attention.rms_norm_bound(attn, "norm_k") is None  # not an RMSNorm: no bound, dynamic scale
+    assert fp8_attention.rms_norm_bound(attn, "norm_q", "norm_k") is None
+
+
 def test_static_scales_bound_q_and_k_and_calibrate_v_on_their_own_prompts(fresh_tiny, monkeypatch):
     from fluxopt_plugins._calibration import CALIBRATION_PROMPTS
 
     pipe = fresh_tiny
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # every norm its own weights (the tiny model's are all ones): each one's bound differs
+        for _, m in fp8_attention.flux_attention_modules(pipe.transformer):
+            for name in ("norm_q", "norm_k", "norm_added_q", "norm_added_k"):
+                if getattr(m, name, None) is not None:
+                    getattr(m, name).weight.copy_(torch.rand(m.head_dim, generator=gen) * 3)
     prompts = []
     call = type(pipe).__call__
     monkeypatch.setattr(type(pipe), "__call__", lambda self, *a, **k: (prompts.append((k.get("prompt"),
@@ -132,9 +163,12 @@ def test_static_scales_bound_q_and_k_and_calibrate_v_on_their_own_prompts(fresh_
                 [m.norm_k.weight, *([m.norm_added_k.weight] if joint else [])]).abs().max()))
             assert float(v_amax) > 0 and not m.processor.observe and m.processor.observed_v_amax is None
         stats = applied.stats["fp8_attention"]
-        assert stats["scales"] == "static" and stats["layers"] == len(modules)
-        assert stats["amax_range"]["v"] == [min(float(m.processor.amax[2]) for m in modules),
-                                            max(float(m.processor.amax[2]) for m in modules)]
+        assert {k: stats[k] for k in ("kernel", "scales", "layers")} == {"kernel": "reference", "scales": "static",
+                                                                          "layers": len(modules)}
+        assert applied.stats["compute_precision"] == {"attention": "fp8"}
+        for i, name in enumerate(("q", "k", "v")):
+            assert stats["amax_range"][name] == [min(float(m.processor.amax[i]) for m in modules),
+                                                 max(float(m.processor.amax[i]) for m in modules)]
         assert "calibrate" in applied.stats["build_phases_s"]
         _generate(pipe)
         v_default = [float(m.processor.amax[2]) for m in modules]
