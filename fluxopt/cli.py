@@ -374,10 +374,11 @@ def main() -> None:
     try:
         plans = preflight(argv)
         if any(p.detach for p in plans):  # checked first, so bad input is answered here, not in a log
-            pid, directory = detach.start(argv, _split_argv(argv)[1])
+            multirun = _split_argv(argv)[1]
+            pid, directory = detach.start(argv, multirun)
             console.say(f"running in the background (pid {pid}); console output in {directory / detach.OUTPUT_FILE}, "
                         f"results in {directory}. If it stops midway, run the same command with "
-                        f"hydra.{'sweep' if _split_argv(argv)[1] else 'run'}.dir={directory} to finish it")
+                        f"hydra.{'sweep' if multirun else 'run'}.dir={directory} to finish it")
             sys.exit(ExitStatus.OK)
         status = launch.maybe_relaunch(argv, required_processes(plans))
     except FluxoptError as exc:
