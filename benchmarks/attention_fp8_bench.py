@@ -12,13 +12,14 @@ the quantization fuses into the kernels producing q, k and v); the reference ker
 
 from __future__ import annotations
 
-import json
 import sys
+from pathlib import Path
 
 import torch
 
 from fluxopt_plugins._fp8_attention_kernels import (attention_fp8, cudnn_fp8_attention, cudnn_frontend_version,
                                                     quantize_per_tensor)
+from fluxopt.files import write_json_atomic
 from fluxopt_plugins.attention import _dispatch, benchmark_kernels
 
 
@@ -46,8 +47,7 @@ def main(out_path: str) -> None:
     frontend, library = cudnn_frontend_version()
     record = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "cudnn_frontend": frontend,
               "cudnn": library, "shape": list(q.shape), "kernels": results}
-    with open(out_path, "w") as f:
-        json.dump(record, f, indent=2)
+    write_json_atomic(Path(out_path), record)
     for name, r in results.items():
         print(f"{name:32s} " + " ".join(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}"
                                         for key, value in r.items()))

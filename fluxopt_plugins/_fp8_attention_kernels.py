@@ -114,6 +114,18 @@ class _CudnnGraphs:
                                        f"{type(exc).__name__}: {exc}") from exc
             return self.graphs[key]
 
+    def release(self) -> None:
+        """Drop every built graph with its GPU buffers (workspace, scales) and destroy the handles:
+        run when the stack that used them closes."""
+        with self.lock:
+            self.graphs.clear()
+            if self.handles:
+                import cudnn
+
+                for handle in self.handles.values():
+                    cudnn.destroy_handle(handle)
+                self.handles.clear()
+
     @staticmethod
     def _build(batch: int, tokens: int, heads: int, head_dim: int, softmax_scale: float,
                device: torch.device, handle: Any) -> tuple[Any, dict[str, Any], dict[str, torch.Tensor]]:
@@ -148,6 +160,11 @@ class _CudnnGraphs:
 
 
 _GRAPHS = _CudnnGraphs()
+
+
+def release_cudnn_graphs() -> None:
+    """Free what the cuDNN kernel built (``fp8_attention`` registers this with its stack)."""
+    _GRAPHS.release()
 
 
 @torch.library.custom_op("fluxopt::cudnn_fp8_attention", mutates_args=())

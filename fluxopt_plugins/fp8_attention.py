@@ -192,8 +192,9 @@ class Fp8AttentionBackend(Backend):
         if options.scales == "static":
             stats.update(self.calibrate(pipe, processors, options, ctx))
         if options.kernel == "cudnn":
-            from fluxopt_plugins._fp8_attention_kernels import cudnn_frontend_version
+            from fluxopt_plugins._fp8_attention_kernels import cudnn_frontend_version, release_cudnn_graphs
 
+            ctx.callback("fp8_attention: free the cuDNN graphs, their buffers and handles", release_cudnn_graphs)
             frontend, library = cudnn_frontend_version()
             ctx.stats["fp8_attention"].update(cudnn_frontend=frontend, cudnn=library)
 

@@ -220,6 +220,25 @@ def test_other_attention_processors_are_refused_and_nothing_is_left_behind(fresh
     assert [type(m.processor) for _, m in modules] == [FluxAttnProcessor] * (len(modules) - 1) + [ExactProcessor]
 
 
+def test_the_cudnn_kernels_graphs_are_released_when_its_stack_closes(fresh_tiny, tmp_path):
+    """Applied directly (apply_stack refuses the CPU for cuDNN): with dynamic scales apply runs no
+    kernel, so its cuDNN branch can run here; the kernel's graph cache is faked as built."""
+    from fluxopt import Shapes, StackContext
+    from fluxopt_plugins._fp8_attention_kernels import _GRAPHS
+
+    stack = build_stack({"fp8_attention": {"scales": "dynamic"}})
+    backend, options = stack.entries[0].backend, stack.entries[0].options
+    ctx = StackContext(device=detect_device("cpu"), dtype=torch.float32, model=None, cache_dir=tmp_path,
+                       shapes=Shapes(height=64, width=64, steps=2, guidance_scale=3.5, max_sequence_length=32))
+    backend.apply(fresh_tiny, options, ctx)
+    assert ctx.changes == ["fp8_attention: free the cuDNN graphs, their buffers and handles"]
+    stats = ctx.stats["fp8_attention"]
+    assert stats["kernel"] == "cudnn" and {"cudnn_frontend", "cudnn"} <= set(stats)  # versions, None where absent
+    _GRAPHS.graphs[("shape",)] = ("graph", {}, {"workspace": torch.empty(8)})  # as the first call builds it
+    ctx.undo()
+    assert _GRAPHS.graphs == {} and _GRAPHS.handles == {}
+
+
 def test_bad_settings_and_conflicts_are_refused_before_loading():
     with pytest.raises(ConfigError, match=r"backend.fp8_attention.kernel='fa3' is not one of cudnn, reference"):
         build_stack({"fp8_attention": {"kernel": "fa3"}})
@@ -278,3 +297,9 @@ def test_cudnn_agrees_with_the_reference_and_runs_compiled_and_in_a_cuda_graph()
     graph.replay()
     torch.cuda.synchronize()
     assert rel(captured, attention_fp8(v, q, k, "reference").float()) < 0.06
+    from fluxopt_plugins._fp8_attention_kernels import _GRAPHS, release_cudnn_graphs
+
+    assert _GRAPHS.graphs and _GRAPHS.handles
+    del graph, captured
+    release_cudnn_graphs()  # what a closing stack runs: nothing cuDNN built stays on the GPU
+    assert not _GRAPHS.graphs and not _GRAPHS.handles
