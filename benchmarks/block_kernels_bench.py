@@ -16,6 +16,8 @@ CUDA events) and every kernel's time from torch.profiler over the replays. Varia
   unbind/stack.
 - ``pointwise_autotune``: Inductor's ``max_autotune_pointwise``.
 - ``all``: every rewrite above together.
+- ``fused_qk``: q and k normed, rotated and cast by ``fluxopt::rms_norm_rope_fp8`` (Triton).
+- ``fused_qk_gelu``: ``fused_qk`` and ``gelu_sigmoid``.
 
 Writes OUT_DIR/block_kernels.json and the generated code of ``product`` (OUT_DIR/code-*.py).
 """
@@ -36,8 +38,9 @@ from fluxopt_plugins.fp8_attention import Fp8FluxAttnProcessor, qk_bounds
 from fluxopt_plugins.torchao_quant import TORCHAO_INDUCTOR_FLAGS
 
 IMG, TXT, DIM, HEADS, HEAD_DIM = 4096, 512, 3072, 24, 128
-VARIANTS = ("product", "gelu_sigmoid", "quant_mul", "rope_pairs", "pointwise_autotune", "all")
-REWRITES = {"all": {"gelu_sigmoid", "quant_mul", "rope_pairs"}}
+VARIANTS = ("product", "gelu_sigmoid", "quant_mul", "rope_pairs", "pointwise_autotune", "all", "fused_qk",
+            "fused_qk_gelu")
+REWRITES = {"all": {"gelu_sigmoid", "quant_mul", "rope_pairs"}, "fused_qk_gelu": {"fused_qk", "gelu_sigmoid"}}
 
 
 class SigmoidGelu(torch.nn.Module):
@@ -113,7 +116,7 @@ def build(kind: str, names: set[str]) -> tuple[torch.nn.Module, dict[str, Any]]:
               "temb": torch.randn(1, DIM, device="cuda", dtype=torch.bfloat16), "image_rotary_emb": rotary}
     quantize_(block, Float8StaticActivationFloat8WeightConfig(step="prepare", set_inductor_config=False),
               filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear))  # every Linear of a block, as the stack
-    processor = Fp8FluxAttnProcessor("cudnn")
+    processor = Fp8FluxAttnProcessor("cudnn", fused_qk="fused_qk" in names)
     q_bound, k_bound = qk_bounds(block.attn)
     processor.amax, processor.observe = (q_bound, k_bound, None), True
     block.attn.set_processor(processor)
@@ -183,7 +186,7 @@ def main(out_dir: str, variants: list[str]) -> None:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     record: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "results": {}}
-    plan = [("single", v) for v in variants] + [("double", v) for v in variants if v in ("product", "all")]
+    plan = [("single", v) for v in variants] + [("double", v) for v in variants if v in ("product", "all", "fused_qk", "fused_qk_gelu")]
     for kind, variant in plan:
         try:
             result = measure(kind, variant, out)

@@ -24,8 +24,8 @@ from typing import Any
 
 import torch
 
-FP8 = torch.float8_e4m3fn
-FP8_MAX = float(torch.finfo(FP8).max)  # 448
+from fluxopt_plugins._rms_norm_rope_fp8 import FP8, FP8_MAX, fp8_scale
+
 # Softmax probabilities lie in [0, 1] (exp of a score minus its row maximum): scaled by this they
 # use e4m3's whole range, so small probabilities keep their mantissa instead of flushing to zero.
 P_SCALE = FP8_MAX
@@ -43,9 +43,14 @@ def quantize_per_tensor(x: torch.Tensor, amax: torch.Tensor | None = None) -> tu
     the kernels that produce ``x``: with a given ``amax`` the producer writes float8 directly."""
     if amax is None:
         amax = x.detach().abs().amax().float()
-    scale = FP8_MAX / amax.float().clamp_min(torch.finfo(torch.float32).tiny)
+    scale = fp8_scale(amax)
     x8 = (x.float() * scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
-    return x8, (1.0 / scale).reshape(1, 1, 1, 1)
+    return x8, descale(amax)
+
+
+def descale(amax: torch.Tensor) -> torch.Tensor:
+    """The (1, 1, 1, 1) fp32 factor that undoes the cast of a tensor quantized for ``amax``."""
+    return (1.0 / fp8_scale(amax)).reshape(1, 1, 1, 1)
 
 
 def reference_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, q_descale: torch.Tensor,
@@ -201,6 +206,13 @@ def attention_fp8(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, k
     dequantization, like the quantization, is plain torch for torch.compile to fuse)."""
     q8, q_descale = quantize_per_tensor(query, amax[0])
     k8, k_descale = quantize_per_tensor(key, amax[1])
-    v8, v_descale = quantize_per_tensor(value, amax[2])
-    out8 = KERNELS[kernel](q8, k8, v8, q_descale, k_descale, v_descale, 1.0 / math.sqrt(query.shape[-1]))
-    return (out8.float() * v_descale).to(query.dtype)
+    return attention_fp8_qk(q8, q_descale, k8, k_descale, value, kernel, amax[2], query.dtype)
+
+
+def attention_fp8_qk(q8: torch.Tensor, q_descale: torch.Tensor, k8: torch.Tensor, k_descale: torch.Tensor,
+                     value: torch.Tensor, kernel: str, v_amax: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """:func:`attention_fp8` on q and k already in float8 (with their descales): v quantized with
+    ``v_amax`` (None: its own), the result dequantized to ``dtype``."""
+    v8, v_descale = quantize_per_tensor(value, v_amax)
+    out8 = KERNELS[kernel](q8, k8, v8, q_descale, k_descale, v_descale, 1.0 / math.sqrt(q8.shape[-1]))
+    return (out8.float() * v_descale).to(dtype)

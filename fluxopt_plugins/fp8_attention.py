@@ -51,6 +51,9 @@ class Fp8AttentionOptions:
     # same over its normal range; only values below 1/448 of the range reach its subnormals)
     v_margin: float = 4.0
     calibration_seed: int = 1234  # generator seed of the calibration generations
+    # scales=static: q and k's RMSNorm, rotary embedding and float8 cast in one Triton kernel
+    # (fluxopt::rms_norm_rope_fp8; plain torch off CUDA) instead of the kernel Inductor fuses them into
+    fused_qk: bool = True
 
 
 class Fp8FluxAttnProcessor:
@@ -61,19 +64,46 @@ class Fp8FluxAttnProcessor:
     _attention_backend = None
     _parallel_config = None
 
-    def __init__(self, kernel: str, amax: tuple[torch.Tensor | None, ...] = (None, None, None)):
+    def __init__(self, kernel: str, amax: tuple[torch.Tensor | None, ...] = (None, None, None),
+                 fused_qk: bool = False):
         self.kernel = kernel
         self.amax = amax  # fixed largest magnitudes of q, k, v (None: each call's own)
+        # q and k normed, rotated and cast in one kernel (fluxopt::rms_norm_rope_fp8); needs their amax fixed
+        self.fused_qk = fused_qk
         self.observe = False  # calibrating: record v's largest magnitude in observed_v_amax
         self.observed_v_amax: torch.Tensor | None = None
+
+    def _observe(self, value: torch.Tensor) -> None:
+        if self.observe:
+            seen = value.detach().abs().amax().float()
+            self.observed_v_amax = seen if self.observed_v_amax is None else torch.maximum(self.observed_v_amax, seen)
 
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         from fluxopt_plugins._fp8_attention_kernels import attention_fp8
 
-        if self.observe:
-            seen = value.detach().abs().amax().float()
-            self.observed_v_amax = seen if self.observed_v_amax is None else torch.maximum(self.observed_v_amax, seen)
+        self._observe(value)
         return attention_fp8(query, key, value, self.kernel, self.amax)
+
+    def attend_fused(self, attn: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     streams: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+                     rotary: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Attention of un-normed q and k (and the text ``streams`` of a joint block, put first):
+        q and k go to float8 through :func:`rms_norm_rope_fp8` with their fixed scales."""
+        from fluxopt_plugins._fp8_attention_kernels import attention_fp8_qk, descale
+        from fluxopt_plugins._rms_norm_rope_fp8 import rms_norm_rope_fp8
+
+        cos, sin = rotary
+        text_q, text_k, text_v = streams if streams is not None else (None, None, None)
+        quantized = []
+        for x, norm, text, text_norm, amax in ((query, attn.norm_q, text_q, "norm_added_q", self.amax[0]),
+                                               (key, attn.norm_k, text_k, "norm_added_k", self.amax[1])):
+            weight, eps = norm_weight_and_eps(norm, x)
+            text_weight = norm_weight_and_eps(getattr(attn, text_norm), x)[0] if text is not None else None
+            quantized += [rms_norm_rope_fp8(x, weight, text, text_weight, cos, sin, amax, eps), descale(amax)]
+        if text_v is not None:
+            value = torch.cat([text_v, value], dim=1)
+        self._observe(value)
+        return attention_fp8_qk(*quantized, value, self.kernel, self.amax[2], query.dtype)
 
     def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None,
@@ -87,19 +117,24 @@ class Fp8FluxAttnProcessor:
         query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(
             attn, hidden_states, encoder_hidden_states)
         query, key, value = (x.unflatten(-1, (-1, attn.head_dim)) for x in (query, key, value))
-        query, key = attn.norm_q(query), attn.norm_k(key)
+        streams = None
         if attn.added_kv_proj_dim is not None:
-            encoder_query, encoder_key, encoder_value = (
-                x.unflatten(-1, (-1, attn.head_dim)) for x in (encoder_query, encoder_key, encoder_value))
-            encoder_query, encoder_key = attn.norm_added_q(encoder_query), attn.norm_added_k(encoder_key)
-            query = torch.cat([encoder_query, query], dim=1)
-            key = torch.cat([encoder_key, key], dim=1)
-            value = torch.cat([encoder_value, value], dim=1)
-        if image_rotary_emb is not None:
-            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
-
-        hidden_states = self.attend(query, key, value).flatten(2, 3).to(query.dtype)
+            streams = tuple(x.unflatten(-1, (-1, attn.head_dim)) for x in (encoder_query, encoder_key, encoder_value))
+        if self.fused_qk and image_rotary_emb is not None:
+            hidden_states = self.attend_fused(attn, query, key, value, streams, image_rotary_emb)
+        else:
+            query, key = attn.norm_q(query), attn.norm_k(key)
+            if streams is not None:
+                encoder_query, encoder_key, encoder_value = streams
+                encoder_query, encoder_key = attn.norm_added_q(encoder_query), attn.norm_added_k(encoder_key)
+                query = torch.cat([encoder_query, query], dim=1)
+                key = torch.cat([encoder_key, key], dim=1)
+                value = torch.cat([encoder_value, value], dim=1)
+            if image_rotary_emb is not None:
+                query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+                key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+            hidden_states = self.attend(query, key, value)
+        hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
 
         if encoder_hidden_states is None:
             return hidden_states
@@ -108,6 +143,19 @@ class Fp8FluxAttnProcessor:
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states.contiguous()))
         encoder_hidden_states = attn.to_add_out(encoder_hidden_states.contiguous())
         return hidden_states, encoder_hidden_states
+
+
+def norm_weight_and_eps(norm: torch.nn.RMSNorm, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """An RMSNorm's weight (ones where it has none) and its epsilon as torch applies it to ``x``."""
+    weight = norm.weight if norm.weight is not None else torch.ones(x.shape[-1], dtype=x.dtype, device=x.device)
+    return weight, norm.eps if norm.eps is not None else torch.finfo(x.dtype).eps
+
+
+def fusable_qk(attn: Any) -> bool:
+    """Whether q and k of ``attn`` can take :func:`rms_norm_rope_fp8`: every norm on them an RMSNorm, one epsilon."""
+    names = ["norm_q", "norm_k"] + (["norm_added_q", "norm_added_k"] if attn.added_kv_proj_dim is not None else [])
+    norms = [getattr(attn, name, None) for name in names]
+    return all(isinstance(n, torch.nn.RMSNorm) for n in norms) and len({n.eps for n in norms}) == 1
 
 
 def rms_norm_bound(attn: Any, *norm_names: str) -> torch.Tensor | None:
@@ -185,9 +233,11 @@ class Fp8AttentionBackend(Backend):
         processors = []
         for _, module in modules:
             q_bound, k_bound = qk_bounds(module) if options.scales == "static" else (None, None)
-            processors.append(Fp8FluxAttnProcessor(options.kernel, (q_bound, k_bound, None)))
+            fused = options.fused_qk and q_bound is not None and k_bound is not None and fusable_qk(module)
+            processors.append(Fp8FluxAttnProcessor(options.kernel, (q_bound, k_bound, None), fused_qk=fused))
             module.set_processor(processors[-1])
-        stats = ctx.stats["fp8_attention"] = {"kernel": options.kernel, "scales": options.scales, "layers": len(modules)}
+        stats = ctx.stats["fp8_attention"] = {"kernel": options.kernel, "scales": options.scales, "layers": len(modules),
+                                              "fused_qk_layers": sum(p.fused_qk for p in processors)}
         ctx.stats.setdefault("compute_precision", {})["attention"] = "fp8"
         if options.scales == "static":
             stats.update(self.calibrate(pipe, processors, options, ctx))
