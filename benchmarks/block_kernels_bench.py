@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from fluxopt.files import write_json_atomic
+from fluxopt_plugins._sigmoid_gelu import SigmoidGelu, sigmoid_gelu
 from fluxopt_plugins.fp8_attention import Fp8FluxAttnProcessor, qk_bounds
 from fluxopt_plugins.torchao_quant import TORCHAO_INDUCTOR_FLAGS
 
@@ -41,14 +42,6 @@ IMG, TXT, DIM, HEADS, HEAD_DIM = 4096, 512, 3072, 24, 128
 VARIANTS = ("product", "gelu_sigmoid", "quant_mul", "rope_pairs", "pointwise_autotune", "all", "fused_qk",
             "fused_qk_gelu")
 REWRITES = {"all": {"gelu_sigmoid", "quant_mul", "rope_pairs"}, "fused_qk_gelu": {"fused_qk", "gelu_sigmoid"}}
-
-
-class SigmoidGelu(torch.nn.Module):
-    """tanh-GELU as ``x * sigmoid(2u)``, u = sqrt(2/pi) (x + 0.044715 x^3): 0.5 (1 + tanh u) = sigmoid(2u)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        return (xf * torch.sigmoid(1.5957691216057308 * (xf + 0.044715 * xf * xf * xf))).to(x.dtype)
 
 
 def rope_pairs(x: torch.Tensor, freqs_cis: tuple[torch.Tensor, torch.Tensor], sequence_dim: int = 1,
@@ -107,7 +100,7 @@ def build(kind: str, names: set[str]) -> tuple[torch.nn.Module, dict[str, Any]]:
             block.act_mlp = SigmoidGelu()
         else:
             for ff in (block.ff, block.ff_context):
-                ff.net[0].gelu = SigmoidGelu()  # diffusers' GELU module: proj, then self.gelu(gate)
+                ff.net[0].gelu = sigmoid_gelu  # diffusers' GELU module: proj, then self.gelu(gate)
     ids = torch.cat([torch.zeros(TXT, 3), torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(64.0),
                                                                      torch.arange(64.0), indexing="ij"), -1).reshape(-1, 3)])
     rotary = FluxPosEmbed(theta=10000, axes_dim=[16, 56, 56])(ids.cuda())

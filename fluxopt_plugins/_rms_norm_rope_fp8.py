@@ -4,8 +4,10 @@ the per-tensor float8 (e4m3) cast, as the custom op ``fluxopt::rms_norm_rope_fp8
 Why a kernel of its own: Inductor fuses these three steps into one reduction kernel, but on the
 H100 it ran at about a third of the memory bandwidth (70-100 us for q and k of a single block,
 against ~25 us to read them in bf16 and write float8: it loops over each head three times and
-recomputes the pairs of the rotary embedding). Here one Triton program holds a tile of tokens of
-one head in registers: sum of squares, scale, rotate the (even, odd) pairs, cast, store.
+reloads each element's partner for the rotation). Here one Triton program holds a tile of tokens
+of a group of heads: the rotary tables' rows once, then per head in registers the sum of squares,
+scale, rotation of the (even, odd) pairs, cast and store. The tile sizes are autotuned per shape
+on first use (a warm-up call, never inside a CUDA graph capture).
 
 A joint block's q is its text stream (normed by ``norm_added_q``) followed by its image stream
 (``norm_q``); the op takes both, each with its weight, and writes them into one tensor in that
@@ -80,29 +82,37 @@ if triton_available():
     import triton
     import triton.language as tl
 
-    @triton.autotune(configs=[triton.Config({"BLOCK_T": t}, num_warps=w) for t in (8, 16, 32) for w in (2, 4, 8)],
-                     key=["tokens", "HEAD_DIM"])
+    # (tokens per program, heads per program, warps): a program reads its tokens' rows of the
+    # rotary tables once for all its heads (per head, those reads cost more than q itself)
+    _CONFIGS = [(8, 1, 2), (16, 1, 4), (32, 1, 4), (8, 4, 2), (16, 4, 4), (32, 4, 4), (8, 8, 4), (16, 8, 4),
+                (32, 8, 8), (16, 24, 4), (32, 24, 8), (64, 24, 8)]
+
+    @triton.autotune(configs=[triton.Config({"BLOCK_T": t, "GROUP_H": g}, num_warps=w) for t, g, w in _CONFIGS],
+                     key=["tokens", "heads", "HEAD_DIM"])
     @triton.jit
-    def _kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, amax_ptr, out_ptr, tokens, first_row,
+    def _kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, amax_ptr, out_ptr, tokens, heads, first_row,
                 stride_xb, stride_xt, stride_xh, stride_ob, stride_ot, stride_oh, eps,
-                HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr):
+                HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, GROUP_H: tl.constexpr):
         t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-        head, batch = tl.program_id(1), tl.program_id(2)
+        batch = tl.program_id(2)
         d = tl.arange(0, HEAD_DIM)
-        mask = (t < tokens)[:, None]
-        x = tl.load(x_ptr + batch * stride_xb + t[:, None] * stride_xt + head * stride_xh + d[None, :],
-                    mask=mask, other=0.0).to(tl.float32)
-        inv_rms = tl.rsqrt(tl.sum(x * x, axis=1) / HEAD_DIM + eps)
-        y = x * inv_rms[:, None] * tl.load(w_ptr + d).to(tl.float32)[None, :]
-        even, odd = tl.split(tl.reshape(y, (BLOCK_T, HEAD_DIM // 2, 2)))
-        rotated = tl.reshape(tl.join(-odd, even), (BLOCK_T, HEAD_DIM))
         rows = first_row + t
-        cos = tl.load(cos_ptr + rows[:, None] * HEAD_DIM + d[None, :], mask=mask, other=0.0).to(tl.float32)
-        sin = tl.load(sin_ptr + rows[:, None] * HEAD_DIM + d[None, :], mask=mask, other=0.0).to(tl.float32)
+        token_ok = (t < tokens)[:, None]
+        cos = tl.load(cos_ptr + rows[:, None] * HEAD_DIM + d[None, :], mask=token_ok, other=0.0).to(tl.float32)
+        sin = tl.load(sin_ptr + rows[:, None] * HEAD_DIM + d[None, :], mask=token_ok, other=0.0).to(tl.float32)
+        weight = tl.load(w_ptr + d).to(tl.float32)[None, :]
         scale = 448.0 / tl.maximum(tl.load(amax_ptr).to(tl.float32), 1.1754943508222875e-38)
-        out = tl.clamp((y * cos + rotated * sin) * scale, -448.0, 448.0).to(tl.float8e4nv)
-        tl.store(out_ptr + batch * stride_ob + rows[:, None] * stride_ot + head * stride_oh + d[None, :], out,
-                 mask=mask)
+        for i in tl.range(0, GROUP_H):
+            head = tl.program_id(1) * GROUP_H + i
+            mask = token_ok & (head < heads)
+            x = tl.load(x_ptr + batch * stride_xb + t[:, None] * stride_xt + head * stride_xh + d[None, :],
+                        mask=mask, other=0.0).to(tl.float32)
+            y = x * tl.rsqrt(tl.sum(x * x, axis=1) / HEAD_DIM + eps)[:, None] * weight
+            even, odd = tl.split(tl.reshape(y, (BLOCK_T, HEAD_DIM // 2, 2)))
+            rotated = tl.reshape(tl.join(-odd, even), (BLOCK_T, HEAD_DIM))
+            out = tl.clamp((y * cos + rotated * sin) * scale, -448.0, 448.0).to(tl.float8e4nv)
+            tl.store(out_ptr + batch * stride_ob + rows[:, None] * stride_ot + head * stride_oh + d[None, :], out,
+                     mask=mask)
 
     @rms_norm_rope_fp8.register_kernel("cuda")
     def _(x, weight, prefix, prefix_weight, cos, sin, amax, eps):
@@ -113,8 +123,9 @@ if triton_available():
         for seg, w, row in _segments(x, weight, prefix, prefix_weight):
             if seg.stride(-1) != 1 or seg.stride(-2) != head_dim:
                 seg = seg.contiguous()
-            grid = lambda meta, n=seg.shape[1]: (triton.cdiv(n, meta["BLOCK_T"]), heads, batch)  # noqa: E731
-            _kernel[grid](seg, w.contiguous(), cos, sin, amax, out, seg.shape[1], row,
+            grid = lambda meta, n=seg.shape[1]: (triton.cdiv(n, meta["BLOCK_T"]),  # noqa: E731
+                                                 triton.cdiv(heads, meta["GROUP_H"]), batch)
+            _kernel[grid](seg, w.contiguous(), cos, sin, amax, out, seg.shape[1], heads, row,
                           seg.stride(0), seg.stride(1), seg.stride(2), out.stride(0), out.stride(1), out.stride(2),
                           eps, HEAD_DIM=head_dim)
         return out

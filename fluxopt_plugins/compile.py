@@ -51,6 +51,9 @@ class CompileOptions:
     # overhead per kernel; needs a transformer without host syncs (no offload, no step cache but
     # one that decides between steps, such as fixed_cache)
     cuda_graphs: bool = False
+    # FLUX's tanh-GELUs computed as x * sigmoid(2u), the same function, which Inductor compiles to
+    # faster kernels than libdevice's tanh (fluxopt_plugins._sigmoid_gelu; ~1 ms a step on the H100)
+    sigmoid_gelu: bool = False
 
 
 def inductor_flags(options: CompileOptions) -> dict[str, Any]:
@@ -90,6 +93,10 @@ class CompileBackend(Backend):
             if undo is not None:
                 ctx.callback("compile: eager timestep rounding", undo)
             ctx.stats["compile"]["eager_rounding"] = undo is not None
+        if options.sigmoid_gelu:
+            from fluxopt_plugins._sigmoid_gelu import use_sigmoid_gelu
+
+            ctx.stats["compile"]["sigmoid_gelu"] = use_sigmoid_gelu(pipe.transformer)
         kwargs = {"fullgraph": fullgraph, "dynamic": options.dynamic, "backend": options.backend,
                   "mode": None if options.mode == "default" else options.mode}
         if options.regional:

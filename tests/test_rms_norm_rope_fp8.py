@@ -109,6 +109,11 @@ def test_the_triton_kernel_agrees_with_torch_and_runs_compiled_and_in_a_cuda_gra
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     pytest.importorskip("triton")
+    with torch.no_grad():  # inference, as in a stack: the op has no backward
+        _check_the_triton_kernel(text_tokens)
+
+
+def _check_the_triton_kernel(text_tokens):
     x, text, norms, rotary = _inputs(0, text_tokens, 4096, heads=24, spread=3.0, device="cuda")
     amax = torch.tensor(40.0, device="cuda")
     args = (x, norms[0].weight, text, norms[1].weight if text is not None else None, *rotary, amax, 1e-6)
