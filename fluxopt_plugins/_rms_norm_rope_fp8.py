@@ -90,7 +90,7 @@ if triton_available():
     @triton.autotune(configs=[triton.Config({"BLOCK_T": t, "GROUP_H": g}, num_warps=w) for t, g, w in _CONFIGS],
                      key=["tokens", "heads", "HEAD_DIM"])
     @triton.jit
-    def _kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, amax_ptr, out_ptr, tokens, heads, first_row,
+    def _rms_norm_rope_fp8_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, amax_ptr, out_ptr, tokens, heads, first_row,
                 stride_xb, stride_xt, stride_xh, stride_ob, stride_ot, stride_oh, eps,
                 HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, GROUP_H: tl.constexpr):
         t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -125,7 +125,7 @@ if triton_available():
                 seg = seg.contiguous()
             grid = lambda meta, n=seg.shape[1]: (triton.cdiv(n, meta["BLOCK_T"]),  # noqa: E731
                                                  triton.cdiv(heads, meta["GROUP_H"]), batch)
-            _kernel[grid](seg, w.contiguous(), cos, sin, amax, out, seg.shape[1], heads, row,
+            _rms_norm_rope_fp8_kernel[grid](seg, w.contiguous(), cos, sin, amax, out, seg.shape[1], heads, row,
                           seg.stride(0), seg.stride(1), seg.stride(2), out.stride(0), out.stride(1), out.stride(2),
                           eps, HEAD_DIM=head_dim)
         return out
