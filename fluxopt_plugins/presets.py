@@ -1,9 +1,10 @@
 """Built-in presets: published recipes under one name (``+backend=<name>``).
 
 ``flux_fast`` is the recipe of huggingface/flux-fast as far as this machine allows, with each
-difference stated in ``deviations``; ``fp8_graphs`` is fluxopt's own fastest stack that passes
-the lossy gate on the H100 (docs/results/), so the two can be measured side by side:
-``python -m fluxopt -m +backend=flux_fast,fp8_graphs``.
+difference stated in ``deviations``; ``fp8_max`` is fluxopt's own fastest stack that passes the
+lossy gate on the H100 (docs/results/), so the two can be measured side by side:
+``python -m fluxopt -m +backend=flux_fast,fp8_max``; ``fp8_graphs`` is the portable fp8 stack
+(no calibration, no cuDNN fp8 attention).
 """
 
 from __future__ import annotations
@@ -36,13 +37,23 @@ FLUX_FAST = Preset(
 
 FP8_GRAPHS = Preset(
     name="fp8_graphs",
-    description="torchao fp8 (per row) + regional torch.compile + CUDA graphs: fluxopt's fastest stack that "
-                "passes the lossy gate on the H100 (docs/results/)",
+    description="torchao fp8 (per row) + regional torch.compile + CUDA graphs: fp8 matmuls only, no calibration, "
+                "any fp8 GPU (1.80x on the H100, docs/results/)",
     backends={"torchao_fp8": {"granularity": "row"}, "compile": {"regional": True, "cuda_graphs": True}},
     source="fluxopt's H100 bake-offs (docs/results/2026-11-25-h100-issue15h.md)",
+)
+
+FP8_MAX = Preset(
+    name="fp8_max",
+    description="static fp8 linears (calibrated) with torchao's Inductor tuning + fp8 attention (cuDNN, fused "
+                "q/k prologue) + regional torch.compile with sigmoid GELUs + CUDA graphs: fluxopt's fastest stack "
+                "that passes the lossy gate on the H100 (2.16x, docs/results/); needs sm 9.0+ and fluxopt[cudnn]",
+    backends={"torchao_fp8_static": {"inductor_tuning": True}, "fp8_attention": {},
+              "compile": {"regional": True, "cuda_graphs": True, "sigmoid_gelu": True}},
+    source="fluxopt's H100 bake-offs (docs/results/2026-11-26-h100-issue15q.md)",
 )
 
 
 @hookimpl
 def fluxopt_presets() -> list[Preset]:
-    return [FLUX_FAST, FP8_GRAPHS]
+    return [FLUX_FAST, FP8_GRAPHS, FP8_MAX]
