@@ -29,7 +29,8 @@ from typing import Any
 import torch
 
 from fluxopt import Backend, ConfigError, Package, Requirements, StackContext, Stage, hookimpl
-from fluxopt_plugins._calibration import CALIBRATION_PROMPTS, run_calibration, validate_prompts
+from fluxopt_plugins._calibration import (CALIBRATION_PROMPTS, cached_calibration, calibration_key, run_calibration,
+                                          validate_prompts)
 
 CUDNN_FRONTEND = Package("cudnn", "pip install 'fluxopt[cudnn]' (nvidia-cudnn-frontend)")
 KERNEL_REQUIREMENTS = {
@@ -240,7 +241,7 @@ class Fp8AttentionBackend(Backend):
                                               "fused_qk_layers": sum(p.fused_qk for p in processors)}
         ctx.stats.setdefault("compute_precision", {})["attention"] = "fp8"
         if options.scales == "static":
-            stats.update(self.calibrate(pipe, processors, options, ctx))
+            stats.update(self.calibrate(pipe, processors, [name for name, _ in modules], options, ctx))
         if options.kernel == "cudnn":
             from fluxopt_plugins._fp8_attention_kernels import cudnn_frontend_version, release_cudnn_graphs
 
@@ -250,22 +251,32 @@ class Fp8AttentionBackend(Backend):
 
 
     @staticmethod
-    def calibrate(pipe: Any, processors: list[Fp8FluxAttnProcessor], options: Fp8AttentionOptions,
+    def calibrate(pipe: Any, processors: list[Fp8FluxAttnProcessor], names: list[str], options: Fp8AttentionOptions,
                   ctx: StackContext) -> dict[str, Any]:
-        """Fix every layer's v scale at ``v_margin`` x the largest |v| its calibration generations produced."""
-        for processor in processors:
-            processor.observe = True
-        with ctx.timed("calibrate"):
-            run_calibration(pipe, options.calibration_prompts, options.calibration_seed, ctx.shapes)
-        for processor in processors:
-            if processor.observed_v_amax is None:
+        """Fix every layer's v scale at ``v_margin`` x the largest |v| its calibration generations
+        produced (measured once per transformer, prompts and seed: later builds load it from the cache)."""
+        def observe() -> dict[str, torch.Tensor]:
+            for processor in processors:
+                processor.observe = True
+            with ctx.timed("calibrate"):
+                run_calibration(pipe, options.calibration_prompts, options.calibration_seed, ctx.shapes)
+            if any(p.observed_v_amax is None for p in processors):
                 raise ConfigError("fp8_attention: an attention layer never ran during calibration, "
                                   "so its v scale is unknown")
-            processor.amax = (*processor.amax[:2], processor.observed_v_amax * options.v_margin)
-            processor.observe, processor.observed_v_amax = False, None
+            found = {name: p.observed_v_amax for name, p in zip(names, processors)}
+            for processor in processors:
+                processor.observe, processor.observed_v_amax = False, None
+            return found
+
+        key = calibration_key(pipe, ctx, "fp8_attention", options.calibration_prompts, options.calibration_seed)
+        v_amax, cached = cached_calibration(ctx, "fp8_attention", key, names, observe)
+        device = next(pipe.transformer.parameters()).device
+        for name, processor in zip(names, processors):
+            processor.amax = (*processor.amax[:2], v_amax[name].to(device) * options.v_margin)
         bounds = {name: [float(p.amax[i]) for p in processors if p.amax[i] is not None]
                   for i, name in enumerate(("q", "k", "v"))}
-        return {"amax_range": {name: [min(v), max(v)] for name, v in bounds.items() if v}}
+        return {"amax_range": {name: [min(v), max(v)] for name, v in bounds.items() if v},
+                "calibration": "cached" if cached else "measured"}
 
 
 @hookimpl

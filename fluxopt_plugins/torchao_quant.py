@@ -25,7 +25,8 @@ from typing import Any
 import torch
 
 from fluxopt import Backend, ConfigError, Package, Requirements, StackContext, Stage, hookimpl
-from fluxopt_plugins._calibration import CALIBRATION_PROMPTS, run_calibration, validate_prompts
+from fluxopt_plugins._calibration import (CALIBRATION_PROMPTS, cached_calibration, calibration_key, run_calibration,
+                                          validate_prompts)
 
 
 TORCHAO = Package("torchao", "pip install 'fluxopt[torchao]'")
@@ -163,8 +164,23 @@ class TorchaoFp8Static(_TorchaoBackend):
         with ctx.timed("quantize"):
             quantize_(pipe.transformer, Float8StaticActivationFloat8WeightConfig(step="prepare", set_inductor_config=False),
                       filter_fn=lambda m, fqn: _selected(m, fqn, options))
-        with ctx.timed("calibrate"):
-            run_calibration(pipe, options.calibration_prompts, options.calibration_seed, ctx.shapes)
+        observed = {fqn: m.input_act_obs for fqn, m in pipe.transformer.named_modules()
+                    if isinstance(m, Float8ObservedLinear)}
+        stats_names = [f"{fqn}.{bound}" for fqn in observed for bound in ("min_val", "max_val")]
+
+        def observe() -> dict[str, torch.Tensor]:
+            with ctx.timed("calibrate"):
+                run_calibration(pipe, options.calibration_prompts, options.calibration_seed, ctx.shapes)
+            return {f"{fqn}.{bound}": getattr(obs, bound) for fqn, obs in observed.items()
+                    for bound in ("min_val", "max_val") if hasattr(obs, bound)}
+
+        key = calibration_key(pipe, ctx, self.name, options.calibration_prompts, options.calibration_seed)
+        measured, cached = cached_calibration(ctx, self.name, key, stats_names, observe)
+        if cached:
+            device = next(pipe.transformer.parameters()).device
+            for fqn, obs in observed.items():
+                obs.min_val, obs.max_val = (measured[f"{fqn}.{b}"].to(device) for b in ("min_val", "max_val"))
+        ctx.stats.setdefault(self.name, {})["calibration"] = "cached" if cached else "measured"
         with ctx.timed("quantize"):
             quantize_(pipe.transformer, Float8StaticActivationFloat8WeightConfig(step="convert", set_inductor_config=False),
                       filter_fn=lambda m, fqn: isinstance(m, Float8ObservedLinear))

@@ -185,6 +185,35 @@ def test_static_scales_bound_q_and_k_and_calibrate_v_on_their_own_prompts(fresh_
                    for _, m in fp8_attention.flux_attention_modules(pipe.transformer))
 
 
+def test_v_is_calibrated_once_per_transformer_and_seed_then_loaded_from_the_cache(fresh_tiny, monkeypatch, tmp_path):
+    pipe = fresh_tiny
+    generations = []
+    call = type(pipe).__call__
+    monkeypatch.setattr(type(pipe), "__call__", lambda self, *a, **k: (generations.append(k.get("prompt")),
+                                                                         call(self, *a, **k))[1])
+
+    def apply(**options):
+        generations.clear()
+        with apply_stack(pipe, {"fp8_attention": {"kernel": "reference", **options}}, height=64, width=64, steps=2,
+                         max_sequence_length=32, build=False, cache_dir=tmp_path) as applied:
+            v = [m.processor.amax[2] for _, m in fp8_attention.flux_attention_modules(pipe.transformer)]
+            return applied.stats, v, len(generations)
+
+    stats, v_first, runs = apply()
+    assert stats["fp8_attention"]["calibration"] == "measured" and runs == 2
+    assert stats["artifacts"]["fp8_attention_calibration"]["built"]
+    stats, v_again, runs = apply()
+    assert stats["fp8_attention"]["calibration"] == "cached" and runs == 0 and "calibrate" not in stats.get(
+        "build_phases_s", {})
+    assert all(torch.equal(a, b) and a.device == b.device for a, b in zip(v_first, v_again))
+    stats, v_margin_1, runs = apply(v_margin=1.0)  # headroom is applied after the cache: still a hit
+    assert runs == 0 and [float(v) for v in v_first] == pytest.approx([4 * float(v) for v in v_margin_1])
+    assert apply(calibration_seed=7)[0]["fp8_attention"]["calibration"] == "measured"
+    with torch.no_grad():  # another transformer (one weight changed): its own calibration
+        fp8_attention.flux_attention_modules(pipe.transformer)[0][1].to_v.weight.mul_(2)
+    assert apply()[0]["fp8_attention"]["calibration"] == "measured"
+
+
 @pytest.mark.parametrize("scales", ["static", "dynamic"])
 def test_a_reference_stack_is_applied_compiled_without_graph_breaks_and_undone(fresh_tiny, scales):
     from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
