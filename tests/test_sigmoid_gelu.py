@@ -53,3 +53,19 @@ def test_other_gelus_are_left_alone():
     model = torch.nn.Sequential(torch.nn.GELU(), torch.nn.GELU(approximate="tanh"))
     assert use_sigmoid_gelu(model) == 1
     assert type(model[0]) is torch.nn.GELU and isinstance(model[1], SigmoidGelu)
+
+
+def test_routing_flux_changes_its_output_by_rounding_only():
+    """Eager (no compile): what ``use_sigmoid_gelu`` does to the tiny FLUX transformer by itself."""
+    from diffusers.models.activations import GELU as ProjectedGelu
+
+    pipe = load_model("tiny", device="cpu")
+    transformer = pipe.transformer
+    before = _generate(pipe)
+    projected = [m for m in transformer.modules() if isinstance(m, ProjectedGelu)]
+    assert use_sigmoid_gelu(transformer) == len(transformer.single_transformer_blocks) + len(projected)
+    assert all(m.gelu is sigmoid_gelu for m in projected)
+    assert not any(isinstance(m, torch.nn.GELU) for m in transformer.modules())
+    after = _generate(pipe)
+    assert float((after - before).abs().max()) < 1e-4
+    assert use_sigmoid_gelu(transformer) == len(projected)  # already routed: only re-set, no module swapped again
