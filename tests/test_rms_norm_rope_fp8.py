@@ -133,3 +133,21 @@ def _check_the_triton_kernel(text_tokens):
     graph.replay()
     expected = rms_norm_rope_fp8(other, *args[1:])
     assert torch.equal(captured.view(torch.uint8), expected.view(torch.uint8))
+
+
+def test_a_head_of_zeros_or_of_values_near_epsilon_is_normed_as_torch_norms_it():
+    x, text, norms, rotary = _inputs(3, 0, 6)
+    x[:, 0] = 0  # a zero head: rsqrt(0 + eps) times 0, not a NaN
+    x[:, 1] = x[:, 1] * 1e-3  # mean square ~1e-6, comparable to eps: the epsilon's sign shows
+    amax = torch.tensor(4.0)
+    out = rms_norm_rope_fp8(x, norms[0].weight, None, None, *rotary, amax, 1e-6)
+    assert not torch.isnan(out.float()).any() and bool((out[:, 0].float() == 0).all())
+    assert bool(_close_in_float8(out, _unfused(x, None, norms, rotary, amax)).all())
+
+
+def test_triton_is_used_exactly_where_it_imports():
+    import importlib.util
+
+    from fluxopt_plugins._rms_norm_rope_fp8 import triton_available
+
+    assert triton_available() == (importlib.util.find_spec("triton") is not None)
