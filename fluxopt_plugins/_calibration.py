@@ -72,7 +72,7 @@ def cached_calibration(ctx: Any, backend: str, key: Mapping[str, Any], names: Se
     entry = ctx.artifact(f"{backend}_calibration", key, build)
     if measured:
         return measured, False
-    loaded = load_file(str(entry / CALIBRATION_FILE)) if entry is not None else {}
+    loaded = load_file(str(entry / CALIBRATION_FILE))
     if sorted(loaded) != sorted(names) or not all(bool(torch.isfinite(v).all()) for v in loaded.values()):
         log.warning("%s: the cached calibration does not fit this transformer; calibrating again", backend)
         return calibrate(), False

@@ -70,7 +70,7 @@ def test_an_entry_that_does_not_fit_is_calibrated_again(tmp_path, caplog):
     assert cached and float(loaded["a"]) == 2.0 and len(runs) == 1
     # another set of layers under the same key: not trusted, measured again (not stored over the entry)
     assert cached_calibration(ctx, "probe", key, ["a", "b"], calibrate({"a": 1.0, "b": 1.0}))[1] is False
-    assert "does not fit" in caplog.text and len(runs) == 2
+    assert "probe: the cached calibration does not fit" in caplog.text and len(runs) == 2
     other = {"what": "nan"}
     cached_calibration(ctx, "probe", other, ["a"], calibrate({"a": math.nan}))
     values, cached = cached_calibration(ctx, "probe", other, ["a"], calibrate({"a": 5.0}))
@@ -90,3 +90,38 @@ def test_the_key_holds_prompts_seed_and_the_transformer(changed, tmp_path):
     with torch.no_grad():
         pipe.transformer.proj_out.weight.mul_(2)
     assert calibration_key(pipe, ctx, "fp8_attention", ["a"], 1)["transformer"] != base["transformer"]
+
+
+def test_the_key_holds_the_options_of_the_backends_applied_before_only(tmp_path):
+    from fluxopt_plugins._calibration import calibration_key
+
+    pipe = load_model("tiny", device="cpu")
+
+    def key(static_seed, compile_mode):
+        ctx = _context(tmp_path)
+        ctx.stack = build_stack({"torchao_fp8_static": {"calibration_seed": static_seed}, "fp8_attention": {},
+                                 "compile": {"mode": compile_mode}})
+        return calibration_key(pipe, ctx, "fp8_attention", ["a"], 1)
+
+    base = key(1, "default")
+    assert base["applied_before"]["torchao_fp8_static"]["calibration_seed"] == 1
+    assert set(base["applied_before"]) == {"torchao_fp8_static"}
+    assert key(2, "default") != base  # an earlier backend's options shape what is calibrated
+    assert key(1, "max-autotune") == base  # a later one's do not
+
+
+def test_calibration_generates_at_the_stacks_shapes_with_its_seeds():
+    from fluxopt_plugins._calibration import run_calibration
+
+    calls = []
+
+    class Pipe:
+        def __call__(self, **kwargs):
+            calls.append({**kwargs, "generator": (kwargs["generator"].device.type, kwargs["generator"].initial_seed()),
+                          "inference": torch.is_inference_mode_enabled()})
+
+    shapes = Shapes(height=48, width=80, steps=3, guidance_scale=2.5, max_sequence_length=24)
+    run_calibration(Pipe(), ["p", "q"], 10, shapes)
+    common = {"height": 48, "width": 80, "num_inference_steps": 3, "guidance_scale": 2.5, "max_sequence_length": 24,
+              "output_type": "latent", "inference": True}
+    assert calls == [{"prompt": "p", "generator": ("cpu", 10), **common}, {"prompt": "q", "generator": ("cpu", 11), **common}]
