@@ -229,6 +229,8 @@ def test_a_reference_stack_is_applied_compiled_without_graph_breaks_and_undone(f
         stats = applied.stats["fp8_attention"]
         assert {k: stats[k] for k in ("kernel", "scales", "layers")} == {"kernel": "reference", "scales": scales,
                                                                           "layers": layers}
+        # q and k through the fused op where their scales are fixed (static), never with dynamic ones
+        assert stats["fused_qk_layers"] == (layers if scales == "static" else 0)
         assert applied.stats["compute_precision"] == {"attention": "fp8"}
         assert applied.stats["compile"]["fullgraph"]
         lossy = _generate(pipe)
@@ -332,3 +334,41 @@ def test_cudnn_agrees_with_the_reference_and_runs_compiled_and_in_a_cuda_graph()
     del graph, captured
     release_cudnn_graphs()  # what a closing stack runs: nothing cuDNN built stays on the GPU
     assert not _GRAPHS.graphs and not _GRAPHS.handles
+
+
+def test_fused_qk_is_off_on_request_and_where_a_norm_does_not_fit(fresh_tiny):
+    pipe = fresh_tiny
+    modules = fp8_attention.flux_attention_modules(pipe.transformer)
+
+    def fused(**options):
+        with apply_stack(pipe, {"fp8_attention": {"kernel": "reference", **options}}, height=64, width=64, steps=2,
+                         max_sequence_length=32, build=False) as applied:
+            return ([m.processor.fused_qk for _, m in modules], applied.stats["fp8_attention"]["fused_qk_layers"])
+
+    assert fused() == ([True] * len(modules), len(modules))
+    assert fused(fused_qk=False) == ([False] * len(modules), 0)
+    joint = next(m for _, m in modules if m.added_kv_proj_dim is not None)
+    joint.norm_added_k = torch.nn.LayerNorm(joint.head_dim)  # not an RMSNorm: no bound, no fused op
+    flags, count = fused()
+    assert count == len(modules) - 1 and flags[[m for _, m in modules].index(joint)] is False
+
+
+def test_which_norms_the_fused_op_takes():
+    pipe = load_model("tiny", device="cpu")
+    modules = [m for _, m in fp8_attention.flux_attention_modules(pipe.transformer)]
+    joint = next(m for m in modules if m.added_kv_proj_dim is not None)
+    single = next(m for m in modules if m.added_kv_proj_dim is None)
+    assert fp8_attention.fusable_qk(joint) and fp8_attention.fusable_qk(single)
+    joint.norm_added_q = torch.nn.RMSNorm(joint.head_dim, eps=1e-3)  # the text stream's norm counts, with its eps
+    assert not fp8_attention.fusable_qk(joint)
+    single.norm_k = torch.nn.LayerNorm(single.head_dim, eps=single.norm_q.eps)
+    assert not fp8_attention.fusable_qk(single)
+
+
+def test_a_norm_without_weight_or_epsilon_is_taken_as_torch_applies_it():
+    x = torch.randn(1, 3, 2, 16, dtype=torch.bfloat16)
+    weight, eps = fp8_attention.norm_weight_and_eps(torch.nn.RMSNorm(16, eps=None, elementwise_affine=False), x)
+    assert torch.equal(weight, torch.ones(16, dtype=torch.bfloat16)) and eps == torch.finfo(torch.bfloat16).eps
+    norm = torch.nn.RMSNorm(16, eps=1e-5)
+    weight, eps = fp8_attention.norm_weight_and_eps(norm, x)
+    assert weight is norm.weight and eps == 1e-5
