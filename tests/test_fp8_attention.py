@@ -368,7 +368,8 @@ def test_which_norms_the_fused_op_takes():
 def test_a_norm_without_weight_or_epsilon_is_taken_as_torch_applies_it():
     x = torch.randn(1, 3, 2, 16, dtype=torch.bfloat16)
     weight, eps = fp8_attention.norm_weight_and_eps(torch.nn.RMSNorm(16, eps=None, elementwise_affine=False), x)
-    assert torch.equal(weight, torch.ones(16, dtype=torch.bfloat16)) and eps == torch.finfo(torch.bfloat16).eps
+    assert weight.dtype == x.dtype and weight.device == x.device and torch.equal(weight, torch.ones(16, dtype=x.dtype))
+    assert eps == torch.finfo(torch.bfloat16).eps
     norm = torch.nn.RMSNorm(16, eps=1e-5)
     weight, eps = fp8_attention.norm_weight_and_eps(norm, x)
     assert weight is norm.weight and eps == 1e-5
