@@ -14,6 +14,14 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
+# Under pytest-xdist (one worker per core): one torch/OpenMP thread per worker and per CLI process it
+# starts (the variable is inherited), instead of every process spreading over every core.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 
 @pytest.fixture(scope="session", autouse=True)
 def fluxopt_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
