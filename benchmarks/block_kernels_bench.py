@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from fluxopt.files import write_json_atomic
+from fluxopt.files import write_json_atomic, write_text_atomic
 from fluxopt_plugins._sigmoid_gelu import SigmoidGelu, sigmoid_gelu
 from fluxopt_plugins.fp8_attention import Fp8FluxAttnProcessor, qk_bounds
 from fluxopt_plugins.torchao_quant import TORCHAO_INDUCTOR_FLAGS
@@ -151,7 +151,7 @@ def measure(kind: str, variant: str, out_dir: Path) -> dict[str, Any]:
         _, code = run_and_get_code(lambda: compiled(**inputs))
         if variant in ("product", "all"):
             for i, source in enumerate(code):
-                (out_dir / f"code-{kind}-{variant}-{i}.py").write_text(source)
+                write_text_atomic(out_dir / f"code-{kind}-{variant}-{i}.py", source)
         for _ in range(2):
             compiled(**inputs)
         torch.cuda.synchronize()
