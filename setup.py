@@ -18,11 +18,21 @@ def _git(*args):
         return None
 
 
+def _own_checkout():
+    """Whether this source tree is the top of its own git checkout (not a copy of the source that
+    sits inside some other repository, whose revision would name the wrong code)."""
+    top = _git("rev-parse", "--show-toplevel")
+    return bool(top) and Path(top).resolve() == Path(__file__).parent.resolve()
+
+
 class BuildPyWithRevision(build_py):
     def run(self):
         super().run()
-        status = _git("status", "--porcelain", "--untracked-files=no")
-        info = {"revision": _git("rev-parse", "HEAD"), "dirty": None if status is None else bool(status)}
+        if _own_checkout():
+            status = _git("status", "--porcelain", "--untracked-files=no")
+            info = {"revision": _git("rev-parse", "HEAD"), "dirty": None if status is None else bool(status)}
+        else:
+            info = {"revision": None, "dirty": None}
         target = Path(self.build_lib) / "fluxopt" / "_build_info.json"
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(json.dumps(info) + "\n")

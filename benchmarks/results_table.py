@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from fluxopt.profiling import average_step_floor_ms, floor_at_clock_ms, pct_of_floor
+from fluxopt.record import StackRecord, record_from_json
 from fluxopt.report import markdown_table, stack_row
 
 COLUMNS = ("run", "stack", "per step (ms)", "latency (s)", "speedup", "build (s)", "peak mem (GiB)", "PSNR",
@@ -34,8 +35,9 @@ SHOWN = {"compile": ("regional", "cuda_graphs", "eager_rounding", "sigmoid_gelu"
          "fixed_cache": ("warmup_steps", "interval", "order"), "fp8_attention": ("kernel", "scales", "v_margin", "fused_qk")}
 
 
-def stack_label(r: dict[str, Any]) -> str:
+def stack_label(r: dict[str, Any] | StackRecord) -> str:
     """The stack with its options as measured, e.g. ``torchao_fp8(granularity=row); compile(regional=True)``."""
+    r = r.to_json() if isinstance(r, StackRecord) else r
     if r["stack"] == "baseline":
         return "baseline"
     parts = []
@@ -45,14 +47,18 @@ def stack_label(r: dict[str, Any]) -> str:
     return "; ".join(parts) or r["stack"]
 
 
-def rows(results: dict[str, Any]) -> list[dict[str, str]]:
+def rows(results: dict[str, Any], path: Path = Path("results.json")) -> list[dict[str, str]]:
+    """One row per stack of every run, each run read through fluxopt's one reader (every derived
+    figure re-derived from the stored samples; an edited record is refused)."""
     out = []
     for number, run in enumerate(results["runs"], 1):
-        data = run["result"]
-        for r in ([data["baseline"]] if data.get("baseline") else []) + data.get("stacks", []):
+        record = record_from_json(run["result"], path)
+        if record.edited:
+            raise SystemExit(f"{path}: run {number} was edited: {'; '.join(record.edited)}")
+        for r in ([record.baseline] if record.baseline else []) + record.stacks:
             row = stack_row(r)
             row.update(run=str(number), stack=stack_label(r))
-            if r["status"] != "ok":
+            if r.status != "ok":
                 row["fidelity"] = row["status"]
             out.append(row)
     return out
@@ -128,7 +134,7 @@ def table(path: Path, kind: str | None) -> str:
         return markdown_table(profile_rows(results), PROFILE_COLUMNS)
     if kind == "build":
         return markdown_table(build_rows(results), BUILD_COLUMNS)
-    return markdown_table(rows(results), COLUMNS)
+    return markdown_table(rows(results, path), COLUMNS)
 
 
 BLOCK = re.compile(r"(<!-- table: (\S+)(?: --(profile|build))? -->\n)(.*?)(<!-- end table -->)", re.S)

@@ -22,14 +22,14 @@ from fluxopt.hookspecs import hookimpl
 from fluxopt.measure import Sample
 from fluxopt.models import GenerationDefaults, ModelSpec, verify_checksums
 from fluxopt.preset import Preset
-from fluxopt.result import StackResult
+from fluxopt.record import RunRecord, StackRecord, read_record
 from fluxopt.shapes import DTYPES, Shapes, transformer_inputs
 from fluxopt.version import __version__
 
 __all__ = [
     "DTYPES", "EXCLUSIVE_STAGES", "INDUCTOR", "RECIPE_INDUCTOR_FLAGS", "AppliedStack", "Backend", "ConfigError", "CudaGraphRunner", "TransformerForward",
     "DeviceInfo", "FluxoptError", "GenerationDefaults", "Metric", "ModelLoadError", "ModelSpec", "Package",
-    "Preset", "Requirements", "Sample", "Shapes", "StackContext", "StackResult", "Stage", "UnavailableError", "__version__",
+    "Preset", "Requirements", "Sample", "Shapes", "RunRecord", "StackContext", "StackRecord", "Stage", "UnavailableError", "__version__",
     "apply_stack", "available_backends", "benchmark", "file_sha256", "has_subclass_weights", "hookimpl", "keep_eager_timestep_rounding", "load_model", "module_fingerprint",
-    "private_dir", "transformer_inputs", "validate_inductor_flags", "verify_checksums",
+    "private_dir", "read_record", "transformer_inputs", "validate_inductor_flags", "verify_checksums",
 ]

@@ -9,7 +9,7 @@ and take it off again.
 
 from __future__ import annotations
 
-import math
+import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,15 +19,18 @@ import torch
 from fluxopt import plugins
 from fluxopt.apply import AppliedStack, apply_to_pipeline, check_pipeline
 from fluxopt.artifacts import default_cache_dir
+from fluxopt.config import BenchConfig
 from fluxopt.context import StackContext
 from fluxopt.environment import DeviceInfo, detect_device
 from fluxopt.errors import ConfigError, UnavailableError
 from fluxopt.models import load_pipeline, resolve_dtype
-from fluxopt.result import RESULT_FILE, UnreadableResult, load_result
+from fluxopt.record import RESULT_FILE, RunRecord, StackRecord, UnreadableRecord, read_record
+from fluxopt.selection import Limits, ineligible
 from fluxopt.shapes import Shapes
 from fluxopt.stack import build_stack
 
 __all__ = ["AppliedStack", "apply_stack", "available_backends", "load_model"]
+log = logging.getLogger("fluxopt")
 
 
 def pipeline_device(pipe: Any) -> DeviceInfo:
@@ -47,54 +50,53 @@ def load_model(name: str = "tiny", device: str = "auto", dtype: str = "auto", pa
                          path=path)
 
 
-def check_shapes(height: Any, width: Any, steps: Any, guidance_scale: Any, max_sequence_length: Any) -> Shapes:
-    for name, value in (("height", height), ("width", width), ("steps", steps),
-                        ("max_sequence_length", max_sequence_length)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"{name}={value!r} must be a positive integer")
-    if height % 16 or width % 16:
-        raise ConfigError(f"height and width must be multiples of 16 (FLUX packs 2x2 latent patches of an 8x VAE); "
-                          f"got {height}x{width}")
-    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) \
-            or not math.isfinite(guidance_scale) or guidance_scale < 0:
-        raise ConfigError(f"guidance_scale={guidance_scale!r} must be a finite number >= 0")
-    return Shapes(height=height, width=width, steps=steps, guidance_scale=float(guidance_scale),
-                  max_sequence_length=max_sequence_length)
-
-
-def stack_from_result(path: str | Path, stack: str) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
-    """The backends and options of the stack named ``stack`` (e.g. ``"torchao_fp8+compile"``) in a
-    bake-off's result.json, or in any result.json below a directory, and the shapes it was measured at."""
+def stack_from_result(path: str | Path, stack: str) -> tuple[dict[str, dict[str, Any]], dict[str, Any], str]:
+    """The backends and options of the stack named ``stack`` (e.g. ``"torchao_fp8+compile"``) as
+    measured in a result.json, or in any result.json below a directory, the shapes it was measured
+    at, and which record that was. Only a measurement that ran whole, passed its fidelity gate and
+    was not edited counts (read through the one reader); of several, the fastest."""
     path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: no such result file or directory")
     files = sorted(path.rglob(RESULT_FILE)) if path.is_dir() else [path]
-    seen = []
+    candidates: list[tuple[float, StackRecord, RunRecord]] = []
+    seen: dict[str, str] = {}
     for file in files:
         try:
-            data = load_result(file)
-        except UnreadableResult as exc:
+            record = read_record(file)
+        except UnreadableRecord as exc:
             raise ConfigError(str(exc)) from None
-        if data is None:
+        if record is None:
             raise ConfigError(f"{file}: no such result file")
-        for record in data.get("stacks") or []:
-            seen.append(record.get("stack"))
-            if record.get("stack") == stack:
-                options = record.get("options") or {}
-                return {name: options.get(name) or {} for name in record.get("backends") or []}, data.get("shapes") or {}
-    raise ConfigError(f"stack={stack!r} is not in {path}; stacks there: {', '.join(sorted(set(map(str, seen)))) or 'none'}")
+        for s in record.stacks:
+            why = ineligible(s, Limits(), record)
+            seen.setdefault(s.stack, why or "usable")
+            if s.stack == stack and why is None:
+                candidates.append((s.speedup, s, record))
+            elif s.stack == stack:
+                seen[s.stack] = why
+    if not candidates:
+        if stack in seen:
+            raise ConfigError(f"stack={stack!r} in {path} cannot be applied: {seen[stack]}")
+        raise ConfigError(f"stack={stack!r} is not in {path}; stacks there: {', '.join(sorted(seen)) or 'none'}")
+    _, chosen, record = max(candidates, key=lambda c: c[0])
+    options = {name: (chosen.options or {}).get(name) or {} for name in chosen.backends}
+    return options, dict(record.shapes), f"{record.path} ({chosen.stack}, {chosen.speedup:.2f}x)"
 
 
 def apply_stack(pipe: Any, backends: str | Path | Sequence[str] | Mapping[str, Mapping[str, Any] | None], *,
                 stack: str | None = None,
                 height: int | None = None, width: int | None = None, steps: int | None = None,
-                guidance_scale: float | None = None, max_sequence_length: int = 512, build: bool = True,
+                guidance_scale: float | None = None, max_sequence_length: int | None = None, build: bool = True,
                 cache_dir: str | Path | None = None, restorable: bool = True) -> AppliedStack:
     """Apply backends (a name, names, or names -> options) to ``pipe`` in stage order and
     return the :class:`AppliedStack`, a context manager whose ``close()`` undoes everything.
 
     ``backends`` may also be a :class:`pathlib.Path` to a bake-off's result.json (or a sweep
     directory) with ``stack`` naming one of its stacks: that stack's backends and options are
-    applied, at the shapes it was measured at unless given here. Default shapes: 1024x1024,
-    28 steps, guidance 3.5.
+    applied, at the shapes it was measured at (max_sequence_length included) unless given here;
+    only a measurement that ran whole and passed its gate is applied, and ``applied.source`` names
+    it. Default shapes: 1024x1024, 28 steps, guidance 3.5, 512 text tokens.
 
     The shapes are those you will serve: graph backends specialise on them. With ``build``,
     ahead-of-time work (compilation, export, engine build) happens now, with one warm-up
@@ -108,20 +110,24 @@ def apply_stack(pipe: Any, backends: str | Path | Sequence[str] | Mapping[str, M
     if backends is None:
         raise ConfigError("backends is None: name at least one backend, e.g. apply_stack(pipe, ['compile'])")
     measured: dict[str, Any] = {}
+    source = None
     if isinstance(backends, Path):
         if stack is None:
             raise ConfigError("apply_stack(pipe, Path(...)) needs stack=<name> (e.g. stack='torchao_fp8+compile')")
-        backends, measured = stack_from_result(backends, stack)
+        backends, measured, source = stack_from_result(backends, stack)
+        log.info("apply_stack: applying %s", source)
     elif stack is not None:
         raise ConfigError("stack= names a stack of a result file: pass the file as a pathlib.Path")
 
     def pick(value: Any, key: str, default: Any) -> Any:
         return value if value is not None else measured.get(key, default)
 
-    height, width = pick(height, "height", 1024), pick(width, "width", 1024)
-    steps, guidance_scale = pick(steps, "steps", 28), pick(guidance_scale, "guidance_scale", 3.5)
+    bench = BenchConfig(height=pick(height, "height", 1024), width=pick(width, "width", 1024),
+                        steps=pick(steps, "steps", 28), guidance_scale=pick(guidance_scale, "guidance_scale", 3.5),
+                        max_sequence_length=pick(max_sequence_length, "max_sequence_length", 512))
     built = build_stack(backends)
-    shapes = check_shapes(height, width, steps, guidance_scale, max_sequence_length)
+    shapes = Shapes(height=bench.height, width=bench.width, steps=bench.steps,
+                    guidance_scale=float(bench.guidance_scale), max_sequence_length=bench.max_sequence_length)
     check_pipeline(pipe)
     device = pipeline_device(pipe)
     unmet = built.unmet_requirements(device)
@@ -130,11 +136,13 @@ def apply_stack(pipe: Any, backends: str | Path | Sequence[str] | Mapping[str, M
 
     def run_once() -> None:
         with torch.inference_mode():
-            pipe(prompt="warm-up", height=height, width=width, num_inference_steps=steps,
-                 guidance_scale=guidance_scale, max_sequence_length=max_sequence_length,
+            pipe(prompt="warm-up", height=shapes.height, width=shapes.width, num_inference_steps=shapes.steps,
+                 guidance_scale=shapes.guidance_scale, max_sequence_length=shapes.max_sequence_length,
                  generator=torch.Generator("cpu").manual_seed(0), output_type="latent")
 
     ctx = StackContext(device=device, dtype=pipe.transformer.dtype, model=None, shapes=shapes,
                        cache_dir=Path(cache_dir) if cache_dir else default_cache_dir(),
                        prompts=("warm-up",), run_once=run_once, stack=built)
-    return apply_to_pipeline(pipe, built, ctx, build=build, restorable=restorable)
+    applied = apply_to_pipeline(pipe, built, ctx, build=build, restorable=restorable)
+    applied.source = source
+    return applied

@@ -22,6 +22,23 @@ from fluxopt.stack import Stack
 log = logging.getLogger("fluxopt")
 
 MARKER = "_fluxopt_stack"  # set on a pipeline while a stack is applied to it
+# id(component) -> (the pipeline holding a stack, its name) for every component of a pipeline that
+# holds a stack: a pipeline sharing one of them (``FluxImg2ImgPipeline.from_pipe(pipe)``) is refused
+_HELD: dict[int, tuple[Any, str]] = {}
+
+
+def _components(pipe: Any) -> dict[str, Any]:
+    return {name: c for name, c in (getattr(pipe, "components", None) or {}).items() if c is not None}
+
+
+def _hold_components(pipe: Any, stack: str) -> None:
+    for component in _components(pipe).values():
+        _HELD[id(component)] = (pipe, stack)
+
+
+def _release_components(pipe: Any) -> None:
+    for key in [k for k, (holder, _) in _HELD.items() if holder is pipe]:
+        del _HELD[key]
 
 
 class AppliedStack:
@@ -51,6 +68,7 @@ class AppliedStack:
         self._snapshot = snapshot
         self._restore_globals = restore_globals
         self._closed = False
+        self.source: str | None = None  # the measured record the stack came from (apply_stack from a result)
 
     @property
     def stats(self) -> dict[str, Any]:
@@ -86,6 +104,7 @@ def _rollback(pipe: Any, ctx: StackContext, snapshot: PipelineSnapshot | None, r
             snapshot.restore()
         else:
             vars(pipe).pop(MARKER, None)
+        _release_components(pipe)
         restore_globals()
 
 
@@ -103,6 +122,12 @@ def check_pipeline(pipe: Any) -> None:
     if applied is not None:
         raise ConfigError(f"this pipeline already has the stack '{applied}' applied; close it first "
                           "(AppliedStack.close()), or apply one stack holding all the backends you want")
+    for name, component in _components(pipe).items():
+        holder, stack = _HELD.get(id(component), (None, None))
+        if holder is not None and holder is not pipe:
+            raise ConfigError(f"this pipeline shares its {name} with another pipeline ({type(holder).__name__} at "
+                              f"{id(holder):#x}) that holds the stack '{stack}'; close that stack first "
+                              "(AppliedStack.close()), or apply the stack to one pipeline only")
     found = foreign_changes(transformer)
     if found:
         raise ConfigError(f"this pipeline was already optimized outside fluxopt ({'; '.join(found)}); "
@@ -137,9 +162,10 @@ def apply_to_pipeline(pipe: Any, stack: Stack, ctx: StackContext, *, build: bool
     """
     on_phase = on_phase or (lambda name: None)
     check_pipeline(pipe)
-    restore_globals = compiler_state.snapshot()
+    restore_globals = compiler_state.hold()
     snapshot = PipelineSnapshot(pipe) if restorable else None
     vars(pipe)[MARKER] = stack.name
+    _hold_components(pipe, stack.name)
     start = time.perf_counter()  # build time: from the bare pipeline to a ready one (a calibration runs in apply)
     try:
         on_phase("apply")

@@ -357,6 +357,8 @@ class EntryInfo:
         here = _normalise(environment_key(device))
         for part, label in (("cache_format", "cache format"), ("device", "device"), ("runtime", "runtime"),
                             ("versions", "package versions")):
+            if part not in self.key:  # an entry keyed without it (a built checkpoint) is portable there
+                continue
             if self.key.get(part) != here[part]:
                 if part == "versions":
                     diff = sorted(k for k in set(here[part]) | set(self.key.get(part) or {})

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from collections.abc import Sequence
@@ -131,18 +132,47 @@ def cmd_prune(cache: ArtifactCache, args: argparse.Namespace) -> int:
     return 0
 
 
+def _days(text: str) -> float:
+    """``--older-than``: a finite number of days >= 0 (a negative or infinite age would remove everything)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"--older-than={text} is not allowed: a finite number of days >= 0")
+    return value
+
+
+def _cache(parser: argparse.ArgumentParser, args: argparse.Namespace) -> ArtifactCache:
+    """The cache to work on: it must exist and be a directory (a typo must not read as "(empty)")."""
+    root = args.cache_dir.expanduser() if args.cache_dir else default_cache_dir()
+    setting = "--cache-dir" if args.cache_dir else "the cache directory ($FLUXOPT_CACHE_DIR or ~/.cache/fluxopt)"
+    if not root.exists():
+        parser.exit(2, f"fluxopt-cache: error: {setting}={root} does not exist\n")
+    if not root.is_dir():
+        parser.exit(2, f"fluxopt-cache: error: {setting}={root} is not a directory\n")
+    return ArtifactCache(root)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Bad arguments end in one line naming the argument and what is allowed (exit 2), no usage dump."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fluxopt-cache", description="Inspect and clean fluxopt's artifact cache.")
+    parser = OneLineParser(prog="fluxopt-cache", description="Inspect and clean fluxopt's artifact cache.")
     parser.add_argument("--cache-dir", type=Path, default=None,
                         help="cache directory (default: $FLUXOPT_CACHE_DIR or ~/.cache/fluxopt)")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     ls = sub.add_parser("ls", help="list entries")
     ls.add_argument("--json", action="store_true", help="machine-readable output")
     rm = sub.add_parser("rm", help="remove entries by id prefix, or all")
     rm.add_argument("ids", nargs="*", help="entry id prefixes (see 'ls')")
     rm.add_argument("--all", action="store_true", help="remove every entry")
     prune = sub.add_parser("prune", help="remove corrupt, incomplete, stale and old entries")
-    prune.add_argument("--older-than", type=float, default=None, metavar="DAYS",
+    prune.add_argument("--older-than", type=_days, default=None, metavar="DAYS",
                        help="also remove entries created more than DAYS days ago")
     prune.add_argument("--keep-other-devices", action="store_true",
                        help="keep entries built for other GPUs/CPUs (a cache shared by several machines)")
@@ -151,8 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    cache = ArtifactCache(args.cache_dir.expanduser() if args.cache_dir else default_cache_dir())
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    cache = _cache(parser, args)
     return {"ls": cmd_ls, "rm": cmd_rm, "prune": cmd_prune}[args.command](cache, args)
 
 

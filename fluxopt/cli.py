@@ -38,10 +38,10 @@ from fluxopt import console, detach, engines, launch, plugins, search, sweep
 from fluxopt.config import RunConfig, register_configs
 from fluxopt.environment import INVOCATION_ENV
 from fluxopt.errors import ConfigError, ExitStatus, FluxoptError, UnavailableError
-from fluxopt.files import move_aside, write_json_atomic, write_text_atomic
-from fluxopt.plan import RunPlan, check_runnable, check_writable_dir, plan_run, selected_backends
-from fluxopt.result import RESULT_FILE, SCHEMA_VERSION, Phase, Status, UnreadableResult, load_result
-from fluxopt.runner import Run, can_reuse, run_failed
+from fluxopt.files import move_aside, write_text_atomic
+from fluxopt.plan import RunPlan, check_runnable, check_writable_dir, plan_run
+from fluxopt.record import RESULT_FILE, RunRecord, Status, UnreadableRecord, read_record, write_record
+from fluxopt.runner import Run, can_reuse, job_record
 from fluxopt.stack import build_stack, describe_options, lookup_backend
 
 log = logging.getLogger("fluxopt")
@@ -254,17 +254,8 @@ def required_processes(plans: list[RunPlan]) -> int:
 # ---------------------------------------------------------------------------------- one job
 def _record_unrunnable(cfg: DictConfig, output_dir: Path, exc: BaseException) -> None:
     """In a sweep, a job that cannot run still leaves a result, so the summary lists it."""
-    selection = selected_backends(cfg)
-    status = (Status.SKIPPED if isinstance(exc, UnavailableError) else Status.FAILED).value
-    write_json_atomic(output_dir / RESULT_FILE, {
-        "schema_version": SCHEMA_VERSION, "complete": True, "mode": "stack",
-        "model": {"name": cfg.model.name}, "config": OmegaConf.to_container(cfg, resolve=True),
-        "provenance": provenance(), "baseline": None,
-        "requested": ["+".join(selection) or "baseline"],
-        "stacks": [{"stack": "+".join(selection) or "baseline", "backends": list(selection), "status": status,
-                    "reason": str(exc) if isinstance(exc, FluxoptError) else f"{type(exc).__name__}: {exc}",
-                    "phase": Phase.VALIDATE.value}],
-    })
+    status = Status.SKIPPED if isinstance(exc, UnavailableError) else Status.FAILED
+    write_record(output_dir / RESULT_FILE, job_record(cfg, provenance(), refused=exc, status=status))
 
 
 def provenance() -> dict[str, Any]:
@@ -280,13 +271,13 @@ def provenance() -> dict[str, Any]:
     return info
 
 
-def _previous(output_dir: Path, config: dict[str, Any]) -> dict[str, Any] | None:
+def _previous(output_dir: Path, config: dict[str, Any]) -> RunRecord | None:
     """A finished, passing result for the same measurement config, to skip; anything else that is
-    there (failed, incomplete, another config, unreadable) is moved aside, never overwritten."""
+    there (failed, incomplete, edited, another config, unreadable) is moved aside, never overwritten."""
     path = output_dir / RESULT_FILE
     try:
-        previous = load_result(path)
-    except UnreadableResult as exc:
+        previous = read_record(path)
+    except UnreadableRecord as exc:
         moved = move_aside(path, "unreadable")
         console.say(f"{exc}; moved it to {moved.name} and measuring again")
         return None
@@ -296,17 +287,16 @@ def _previous(output_dir: Path, config: dict[str, Any]) -> dict[str, Any] | None
         return previous
     if launch.writes_results():
         moved = move_aside(path, "previous")
-        console.say(f"{path} is from an earlier, {'interrupted' if not previous.get('complete') else 'different or failed'} "
+        console.say(f"{path} is from an earlier, {'interrupted' if not previous.complete else 'different or failed'} "
                     f"run; kept as {moved.name}")
     return None
 
 
-def run_job(cfg: DictConfig) -> dict[str, Any] | None:
+def run_job(cfg: DictConfig) -> RunRecord | None:
     """The Hydra task: one run in the job's output directory. Records the verdict in ``OUTCOME``."""
     hc = HydraConfig.get()
     output_dir = Path(hc.runtime.output_dir)
     multirun = hc.mode == RunMode.MULTIRUN
-    OUTCOME.sweep_dir = Path(hc.sweep.dir) if multirun else None
     config = OmegaConf.to_container(cfg, resolve=True)
     previous = _previous(output_dir, config)
     if previous is not None:
@@ -341,8 +331,7 @@ def run_job(cfg: DictConfig) -> dict[str, Any] | None:
         _record_unrunnable(cfg, output_dir, exc)
         OUTCOME.failed.append(f"job {hc.job.num}: {message}")
         return None
-    failed = run_failed(data)
-    OUTCOME.failed.extend(failed)
+    OUTCOME.failed.extend(data.failures())
     if not multirun:
         console.print_run(data, output_dir)
     return data
@@ -350,16 +339,15 @@ def run_job(cfg: DictConfig) -> dict[str, Any] | None:
 
 @dataclasses.dataclass
 class Outcome:
-    """What the jobs of this process found, for the exit status."""
+    """What the single run of this process found, for the exit status (a sweep's verdict is read
+    from its directory)."""
 
     failed: list[str] = dataclasses.field(default_factory=list)
-    sweep_dir: Path | None = None
     interrupted_dir: Path | None = None
 
 
 OUTCOME = Outcome()
 
-register_configs()
 _hydra_main = hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_MODULE}", config_name="config")(run_job)
 
 
@@ -367,18 +355,59 @@ def _terminate(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
+def _fix_sweep_dir(argv: list[str]) -> tuple[list[str], Path | None]:
+    """For a sweep, ``argv`` with ``hydra.sweep.dir`` set (the one given, else a new one in the
+    default layout), so that the directory this process locks, lists the jobs in and reads the
+    verdict from is the one Hydra writes into."""
+    texts, multirun = _split_argv(argv)
+    if not multirun:
+        return argv, None
+    directory, args = detach.output_dir(argv, multirun=True)
+    return args, directory
+
+
+def _sweep(argv: list[str], sweep_dir: Path) -> list[str]:
+    """Run the sweep with its directory locked and its job list written first; its verdict."""
+    texts, _ = _split_argv(argv)
+    overrides = parse_overrides(texts)
+    searching = _searching(overrides)
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+
+    jobs = [] if searching else (BasicSweeper.split_arguments(overrides, None) or [[[]]])[0]
+    command = shlex.join(["python", "-m", "fluxopt", *argv])
+    with sweep.sweep_lock(sweep_dir, command):
+        sweep.write_expected(sweep_dir, jobs, command, search=searching)
+        try:
+            _hydra_main()
+        except KeyboardInterrupt:
+            sweep.write_summary(sweep_dir)
+            raise
+    return sweep.verdict_of(sweep_dir).reasons()
+
+
 def main() -> None:
-    argv = sys.argv[1:]
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        _main(sys.argv[1:])
+    except KeyboardInterrupt:
+        where = OUTCOME.interrupted_dir
+        console.error("interrupted" + (f"; partial results in {where}" if where else ""))
+        sys.exit(ExitStatus.INTERRUPTED)
+
+
+def _main(argv: list[str]) -> None:
     if not launch.in_torchrun():  # torchrun ranks keep the id of the command that launched them
         os.environ[INVOCATION_ENV] = secrets.token_hex(8)
     try:
+        register_configs()
+        argv, sweep_dir = _fix_sweep_dir(argv)
         plans = preflight(argv)
         if any(p.detach for p in plans):  # checked first, so bad input is answered here, not in a log
-            multirun = _split_argv(argv)[1]
-            pid, directory = detach.start(argv, multirun)
+            pid, directory = detach.start(argv, sweep_dir is not None)
+            key = "hydra.sweep.dir" if sweep_dir is not None else "hydra.run.dir"
             console.say(f"running in the background (pid {pid}); console output in {directory / detach.OUTPUT_FILE}, "
-                        f"results in {directory}. If it stops midway, run the same command with "
-                        f"hydra.{'sweep' if multirun else 'run'}.dir={directory} to finish it")
+                        f"results in {directory}. Once it has stopped (fluxopt.out ends with its verdict), the "
+                        f"same command with {key}={directory} finishes what it left")
             sys.exit(ExitStatus.OK)
         status = launch.maybe_relaunch(argv, required_processes(plans))
     except FluxoptError as exc:
@@ -387,21 +416,27 @@ def main() -> None:
     if status is not None:
         sys.exit(status)
     launch.init_rank()
-    signal.signal(signal.SIGTERM, _terminate)
+    sys.argv = [sys.argv[0], *argv]  # Hydra reads the command line from sys.argv
     try:
-        _hydra_main()
+        if sweep_dir is not None and launch.writes_results():
+            failed = _sweep(argv, sweep_dir)
+        else:
+            _hydra_main()
+            failed = OUTCOME.failed
     except KeyboardInterrupt:
-        where = OUTCOME.interrupted_dir or OUTCOME.sweep_dir
-        if OUTCOME.sweep_dir is not None and launch.writes_results():
-            sweep.write_summary(OUTCOME.sweep_dir)
-        console.error(f"interrupted; partial results in {where or 'the output directory'} "
-                      "(run the same command with hydra.run.dir / hydra.sweep.dir set to it to finish)")
+        if sweep_dir is not None:
+            console.error(f"interrupted; partial results in {sweep_dir}. To finish, run the same command with "
+                          f"hydra.sweep.dir={sweep_dir}")
+        elif OUTCOME.interrupted_dir is not None:
+            console.error(f"interrupted; partial results in {OUTCOME.interrupted_dir}. To finish, run the same "
+                          f"command with hydra.run.dir={OUTCOME.interrupted_dir}")
+        else:
+            console.error("interrupted before any result was written")
         sys.exit(ExitStatus.INTERRUPTED)
     except FluxoptError as exc:
         console.error(str(exc))
         sys.exit(exc.exit_status)
-    failed = sweep.SWEEP_FAILURES if _split_argv(argv)[1] else OUTCOME.failed
     if failed:
-        console.error(f"{len(failed)} requested stack(s) failed: " + "; ".join(failed))
+        console.error(f"{len(failed)} requested stack(s) failed or could not be judged: " + "; ".join(failed))
         sys.exit(ExitStatus.STACK_FAILED)
     sys.exit(ExitStatus.OK)

@@ -34,34 +34,86 @@ _BACKEND_FLAGS: tuple[tuple[Any, str], ...] = (
 _SDP_SWITCHES = ("flash", "mem_efficient", "math", "cudnn")
 
 
-def _configs() -> list[Any]:
+def _configs() -> dict[str, Any]:
     import torch._dynamo.config as dynamo_config
     import torch._functorch.config as functorch_config
     import torch._inductor.config as inductor_config
 
-    return [dynamo_config, inductor_config, functorch_config]
+    return {"dynamo": dynamo_config, "inductor": inductor_config, "functorch": functorch_config}
 
 
-def snapshot() -> Callable[[], None]:
-    """Capture the process-wide settings now; the returned function puts them back exactly."""
-    configs = [(c, c.get_config_copy()) for c in _configs()]
-    flags = [(owner, name, getattr(owner, name)) for owner, name in _BACKEND_FLAGS if hasattr(owner, name)]
-    sdp = {name: getattr(torch.backends.cuda, f"{name}_sdp_enabled")() for name in _SDP_SWITCHES
-           if hasattr(torch.backends.cuda, f"{name}_sdp_enabled")}
-    precision = torch.get_float32_matmul_precision()
-    default_dtype = torch.get_default_dtype()
+def read_state() -> dict[tuple[str, ...], Any]:
+    """Every process-wide setting a stack may change, one entry per setting."""
+    state: dict[tuple[str, ...], Any] = {}
+    for name, config in _configs().items():
+        for key, value in config.get_config_copy().items():
+            state[("config", name, key)] = value
+    for i, (owner, attr) in enumerate(_BACKEND_FLAGS):
+        if hasattr(owner, attr):
+            state[("flag", str(i), attr)] = getattr(owner, attr)
+    for name in _SDP_SWITCHES:
+        if hasattr(torch.backends.cuda, f"{name}_sdp_enabled"):
+            state[("sdp", name)] = getattr(torch.backends.cuda, f"{name}_sdp_enabled")()
+    state[("matmul_precision",)] = torch.get_float32_matmul_precision()
+    state[("default_dtype",)] = torch.get_default_dtype()
+    return state
 
-    def restore() -> None:
-        for config, saved in configs:
-            config.load_config(saved)
-        for owner, name, value in flags:
-            setattr(owner, name, value)
-        for name, enabled in sdp.items():
-            getattr(torch.backends.cuda, f"enable_{name}_sdp")(enabled)
-        torch.set_float32_matmul_precision(precision)
-        torch.set_default_dtype(default_dtype)
 
-    return restore
+def _write(key: tuple[str, ...], value: Any) -> None:
+    kind = key[0]
+    if kind == "config":
+        _configs()[key[1]].load_config({key[2]: value})
+    elif kind == "flag":
+        setattr(_BACKEND_FLAGS[int(key[1])][0], key[2], value)
+    elif kind == "sdp":
+        getattr(torch.backends.cuda, f"enable_{key[1]}_sdp")(value)
+    elif kind == "matmul_precision":
+        torch.set_float32_matmul_precision(value)
+    else:
+        torch.set_default_dtype(value)
+
+
+def _differs(a: Any, b: Any) -> bool:
+    try:
+        return bool(a != b)
+    except Exception:  # noqa: BLE001 - values without a usable ==: compare identity
+        return a is not b
+
+
+class Hold:
+    """The process-wide settings as they were when one stack was applied, among the other stacks
+    holding settings in this process (on other pipelines). Releasing it (calling it) puts back
+    what this stack changed, whatever order the stacks close in: a setting another stack applied
+    later still holds stays in force, and that stack will restore the value from before both."""
+
+    _open: list[Hold] = []  # stacks holding process-wide changes, oldest first
+
+    def __init__(self) -> None:
+        self.before = read_state()
+        Hold._open.append(self)
+
+    def __call__(self) -> None:
+        if self not in Hold._open:
+            return
+        index = Hold._open.index(self)
+        later = Hold._open[index + 1] if index + 1 < len(Hold._open) else None
+        current = read_state()
+        for key, before in self.before.items():
+            if later is None:
+                if _differs(current.get(key), before):
+                    _write(key, before)
+                continue
+            if _differs(current.get(key), later.before.get(key)):
+                later.before[key] = before  # the later stack changed it again: it restores ours on close
+            elif _differs(current.get(key), before):
+                _write(key, before)
+                later.before[key] = before
+        Hold._open.remove(self)
+
+
+def hold() -> Hold:
+    """Capture the process-wide settings before a stack changes them; call the result to restore."""
+    return Hold()
 
 
 def validate_inductor_flags(setting: str, flags: Mapping[str, Any]) -> None:

@@ -8,15 +8,61 @@ option, for built-in and third-party backends alike, with no YAML file.
 
 from __future__ import annotations
 
+import math
 import os
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from fluxopt import plugins
+from fluxopt.errors import ConfigError
+
+DEVICES = ("auto", "cpu", "cuda")
+MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes 64-bit seeds; each prompt adds one
+MAX_SIDE = 8192  # FLUX.1 is trained up to ~2 MP; larger sides are refused outright
+MAX_SEQUENCE_LENGTH = 512  # T5's limit in FluxPipeline
+SIDE_RULE = f"a multiple of 16 between 16 and {MAX_SIDE} (FLUX packs 2x2 latent patches of an 8x VAE)"
+
+
+def check_int(setting: str, value: Any, minimum: int, allowed: str, maximum: int | None = None) -> int:
+    """``value`` as an int in [minimum, maximum], else ConfigError naming the setting and the rule."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum or (
+            maximum is not None and value > maximum):
+        raise ConfigError(f"{setting}={value!r} is not allowed: {allowed}")
+    return value
+
+
+def check_side(setting: str, value: Any) -> int:
+    value = check_int(setting, value, 16, SIDE_RULE, MAX_SIDE)
+    if value % 16:
+        raise ConfigError(f"{setting}={value} is not allowed: {SIDE_RULE}")
+    return value
+
+
+def check_guidance(setting: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ConfigError(f"{setting}={value!r} is not allowed: a finite number >= 0")
+    return float(value)
+
+
+def check_sequence_length(setting: str, value: Any) -> int:
+    return check_int(setting, value, 1, f"an integer between 1 and {MAX_SEQUENCE_LENGTH} (T5's limit in FluxPipeline)",
+                     MAX_SEQUENCE_LENGTH)
+
+
+def check_prompts(setting: str, prompts: Any) -> tuple[str, ...]:
+    if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)) or not prompts:
+        raise ConfigError(f"{setting}={prompts!r} is not allowed: a non-empty list of strings")
+    for p in prompts:
+        if not isinstance(p, str) or not p.strip():
+            raise ConfigError(f"{setting} has {p!r}: every prompt must be a non-empty string")
+    return tuple(prompts)
 
 RUN_ID_RESOLVER = "fluxopt_run_id"
 
@@ -27,6 +73,28 @@ class ModelConfig:
     path: Optional[str] = None  # local directory or hub id overriding the spec's source
     revision: Optional[str] = None
     dtype: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU
+
+    def __post_init__(self) -> None:
+        if self.path is not None:
+            check_model_path(self.path)
+
+
+def check_model_path(path: str) -> None:
+    """A ``model.path`` that names a local directory must be a diffusers FLUX checkpoint
+    (``model_index.json``); anything else that is not a hub id (``owner/name``) is refused."""
+    local = Path(path).expanduser()
+    looks_local = path.startswith(("/", ".", "~")) or local.exists() or path.count("/") != 1
+    if not looks_local:
+        return
+    if not local.exists():
+        raise ConfigError(f"model.path={path} does not exist (a local checkpoint directory, or a hub id "
+                          "owner/name)")
+    if not local.is_dir():
+        raise ConfigError(f"model.path={path} is a file; it must be a diffusers checkpoint directory "
+                          "(holding model_index.json)")
+    if not (local / "model_index.json").is_file():
+        raise ConfigError(f"model.path={path} is not a diffusers checkpoint: it has no model_index.json "
+                          "(save one with pipe.save_pretrained(DIR))")
 
 
 @dataclass
@@ -47,6 +115,23 @@ class BenchConfig:
     # (GEMM, attention, quantize, norm/elementwise, other, GPU idle, % of the analytic floor)
     profile: bool = False
 
+    def __post_init__(self) -> None:
+        """Every rule that needs no model; the model's own defaults are checked by the plan."""
+        if self.prompts is not None:
+            self.prompts = list(check_prompts("bench.prompts", self.prompts))
+        check_int("bench.seed", self.seed, 0, f"an integer between 0 and {MAX_SEED}", MAX_SEED)
+        check_int("bench.warmup", self.warmup, 0, "an integer >= 0 (untimed calls before timing)")
+        check_int("bench.iterations", self.iterations, 1, "an integer >= 1 (timed calls)")
+        if self.steps is not None:
+            check_int("bench.steps", self.steps, 1, "an integer >= 1")
+        for name in ("height", "width"):
+            if getattr(self, name) is not None:
+                check_side(f"bench.{name}", getattr(self, name))
+        if self.guidance_scale is not None:
+            check_guidance("bench.guidance_scale", self.guidance_scale)
+        if self.max_sequence_length is not None:
+            check_sequence_length("bench.max_sequence_length", self.max_sequence_length)
+
 
 @dataclass
 class FidelityConfig:
@@ -54,6 +139,22 @@ class FidelityConfig:
 
     lossless: dict[str, float] = field(default_factory=lambda: {"psnr": 30.0, "ssim": 0.95, "latent_rel_l2": 0.05})
     lossy: dict[str, float] = field(default_factory=lambda: {"psnr": 20.0, "ssim": 0.75, "latent_rel_l2": 0.25})
+
+    def __post_init__(self) -> None:
+        known = plugins.metrics()
+        for kind in ("lossless", "lossy"):
+            thresholds = getattr(self, kind)
+            if not isinstance(thresholds, Mapping):
+                raise ConfigError(f"fidelity.{kind}={thresholds!r} is not allowed: a mapping of metric -> threshold")
+            for name, value in thresholds.items():
+                if name not in known:
+                    raise ConfigError(f"fidelity.{kind}.{name}: unknown metric{did_you_mean(name, known)}; "
+                                      f"known metrics: {', '.join(sorted(known))}")
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                    raise ConfigError(f"fidelity.{kind}.{name}={value!r} is not allowed: a finite number")
+                why = known[name].impossible_threshold(value)
+                if why:
+                    raise ConfigError(f"fidelity.{kind}.{name}={value!r} is not allowed: {why}")
 
 
 @dataclass
@@ -79,7 +180,11 @@ class RunConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     backend: dict[str, Any] = field(default_factory=dict)  # selected backends -> their options
-    device: str = "auto"
+    device: str = "auto"  # auto | cpu | cuda
+
+    def __post_init__(self) -> None:
+        if self.device not in DEVICES:
+            raise ConfigError(f"device={self.device!r} is not one of {', '.join(DEVICES)}")
     save_images: bool = True
     # Skip a job whose output directory already holds a complete, passing result for the same
     # measurement config (rerun a sweep in its directory to finish it); false re-measures.
@@ -92,6 +197,32 @@ class RunConfig:
     # Run the command in a background process of its own session (it outlives the terminal); print
     # its output directory and pid, and return at once. Its console output: <output dir>/fluxopt.out.
     detach: bool = False
+
+
+def did_you_mean(name: str, known: Any) -> str:
+    """" Did you mean 'x'?" for the closest known name, or nothing."""
+    import difflib
+
+    close = difflib.get_close_matches(str(name), sorted(known), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def run_config(source: DictConfig | Mapping[str, Any]) -> RunConfig:
+    """The one way to a validated :class:`RunConfig`, for the CLI (a config Hydra composed) and the
+    Python API (a plain mapping of the same settings) alike: merged onto the schema (unknown keys
+    and wrong types refused) and built, so every ``__post_init__`` check runs. Raises ConfigError
+    with one line naming the setting."""
+    data = source if isinstance(source, DictConfig) else OmegaConf.create(dict(source))
+    keys = [k for k in data if k != "hydra"]
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(RunConfig), {k: data[k] for k in keys})
+        config = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or ""
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(f"{key}: {detail}" if key and key not in detail else detail) from None
+    assert isinstance(config, RunConfig)
+    return config
 
 
 # Settings that decide what is measured; resume compares these only (not output paths, resume, verbosity).

@@ -45,9 +45,18 @@ class StackContext:
     stack: Any | None = None
     run_once: Callable[[], Any] | None = None
     stats: dict[str, Any] = field(default_factory=dict)
+    # What the run measures instead of the whole stack when a backend stops its build early
+    # (set through measures_partial; every table labels such a stack)
+    partial: str | None = None
     _undo: list[tuple[str, Callable[[], Any]]] = field(default_factory=list, repr=False)
     _outer_calls: list[tuple[str, Callable[[Callable[..., Any]], Callable[..., Any]]]] = field(
         default_factory=list, repr=False)
+
+    def measures_partial(self, what: str) -> None:
+        """Declare that the pipeline this stack leaves is not the backend's final form (a build
+        stopped early): ``what`` says what is measured instead. The record and every table show it,
+        and such a stack is never picked as the fastest."""
+        self.partial = what
 
     # ------------------------------------------------------------------ changes
     @property

@@ -8,7 +8,6 @@ failure with its reason, never a crash.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -19,16 +18,33 @@ import torch
 from fluxopt.errors import UnavailableError
 from fluxopt.hookspecs import hookimpl
 from fluxopt.measure import Sample
+from fluxopt.record import gate_verdict, judge_metric
 
 PSNR_IDENTICAL = 100.0  # dB reported for bit-identical images (PSNR is infinite there)
 
 
 @dataclass(frozen=True)
 class Metric:
+    """A fidelity metric. ``bounds`` (lowest, highest value it can take; None: unbounded) lets a
+    threshold that can never be met be refused before a run; ``unavailable()`` says why it cannot
+    be computed on this machine (None: it can), so a threshold on it is refused before a run too."""
+
     name: str
     compute: Callable[[Sample, Sample], float]  # (reference, candidate) -> value
     higher_is_better: bool
     description: str
+    bounds: tuple[float | None, float | None] = (None, None)
+    unavailable: Callable[[], str | None] = lambda: None
+
+    def impossible_threshold(self, threshold: float) -> str | None:
+        """Why ``threshold`` can never be met (or judged) here, None when it can."""
+        low, high = self.bounds
+        if self.higher_is_better and high is not None and threshold > high:
+            return f"{self.name} is at most {high:g}, so a threshold of {threshold:g} can never pass"
+        if not self.higher_is_better and low is not None and threshold < low:
+            return f"{self.name} is at least {low:g}, so a threshold of {threshold:g} can never pass"
+        why = self.unavailable()
+        return None if why is None else f"{self.name} cannot be computed here ({why})"
 
 
 def psnr(ref: Sample, out: Sample) -> float:
@@ -55,9 +71,11 @@ def latent_rel_l2(ref: Sample, out: Sample) -> float:
 @hookimpl
 def fluxopt_metrics() -> list[Metric]:
     return [
-        Metric("psnr", psnr, True, "peak signal-to-noise ratio of the decoded image, dB (100 = identical)"),
-        Metric("ssim", ssim, True, "structural similarity of the decoded image (1 = identical)"),
-        Metric("latent_rel_l2", latent_rel_l2, False, "||latents - baseline|| / ||baseline|| after the last step"),
+        Metric("psnr", psnr, True, "peak signal-to-noise ratio of the decoded image, dB (100 = identical)",
+               bounds=(0.0, PSNR_IDENTICAL)),
+        Metric("ssim", ssim, True, "structural similarity of the decoded image (1 = identical)", bounds=(-1.0, 1.0)),
+        Metric("latent_rel_l2", latent_rel_l2, False, "||latents - baseline|| / ||baseline|| after the last step",
+               bounds=(0.0, None)),
     ]
 
 
@@ -67,35 +85,24 @@ def _finite(sample: Sample) -> bool:
 
 def evaluate(reference: Sequence[Sample], candidate: Sequence[Sample], metrics: Mapping[str, Metric],
              thresholds: Mapping[str, float]) -> dict[str, Any]:
-    """Per-metric mean and worst value over prompts, each checked against its threshold."""
+    """Every metric's value per prompt, summarised and judged by :mod:`fluxopt.record` (the one
+    place a gate verdict is derived, for the runner and for a reader checking a stored record)."""
     if len(reference) != len(candidate):
         raise ValueError("reference and candidate have different numbers of samples")
+    thresholds = {name: float(value) for name, value in thresholds.items()}
     bad = [c.prompt for c in candidate if not _finite(c)]
     if bad:
         return {"passed": False, "reason": f"non-finite values (NaN/inf) in the output for prompt(s) {bad}",
-                "metrics": {}}
-    report: dict[str, Any] = {"passed": True, "reason": None, "metrics": {}, "unavailable": {}}
-    failures = []
+                "non_finite": True, "metrics": {}, "unavailable": {}, "thresholds": thresholds}
+    results: dict[str, Any] = {}
+    unavailable: dict[str, str] = {}
     for name, metric in metrics.items():
         try:
             values = [metric.compute(r, c) for r, c in zip(reference, candidate, strict=True)]
         except UnavailableError as exc:  # e.g. its weights are not on this machine
-            report["unavailable"][name] = str(exc)
-            if thresholds.get(name) is not None:  # a gate that cannot be judged is not passed
-                failures.append(f"{name} has a threshold but is not available ({exc})")
+            unavailable[name] = str(exc)
             continue
-        worst = min(values) if metric.higher_is_better else max(values)
-        threshold = thresholds.get(name)
-        passed = None
-        if threshold is not None:
-            passed = not math.isnan(worst) and (worst >= threshold if metric.higher_is_better else worst <= threshold)
-            if not passed:
-                op = ">=" if metric.higher_is_better else "<="
-                failures.append(f"{name} {worst:.4g} (needs {op} {threshold:g})")
-        report["metrics"][name] = {"mean": float(np.mean(values)), "worst": worst, "per_prompt": values,
-                                   "threshold": threshold, "higher_is_better": metric.higher_is_better,
-                                   "passed": passed}
-    if failures:
-        report["passed"] = False
-        report["reason"] = "; ".join(failures)
-    return report
+        results[name] = judge_metric(values, metric.higher_is_better, thresholds.get(name))
+    passed, reason = gate_verdict(results, unavailable, thresholds)
+    return {"passed": passed, "reason": reason, "metrics": results, "unavailable": unavailable,
+            "thresholds": thresholds}

@@ -13,15 +13,18 @@ writers...) follow a run without touching the runner; their return values are ig
 A function marked ``@hookimpl`` whose name is not one of these hooks is an error when the
 plugin is registered (pluggy's ``check_pending``), so a misspelt hook never goes unnoticed.
 The types named below live in ``fluxopt`` (``fluxopt.Backend``, ``fluxopt.ModelSpec``,
-``fluxopt.Metric``, ``fluxopt.StackResult``); this module imports none of them, so that it
-stays the bottom of the import graph.
+``fluxopt.Metric``, ``fluxopt.StackRecord``, ``fluxopt.RunRecord``); this module imports them
+for type checking only, so that it stays the bottom of the import graph.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pluggy
+
+if TYPE_CHECKING:
+    from fluxopt.record import RunRecord, StackRecord
 
 PROJECT = "fluxopt"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -86,22 +89,22 @@ def fluxopt_run_started(config: dict[str, Any], output_dir: str) -> None:
 
 
 @hookspec
-def fluxopt_stack_finished(result: Any, output_dir: str) -> None:
+def fluxopt_stack_finished(result: StackRecord, output_dir: str) -> None:
     """Called after each stack is measured, failed or skipped, and after ``result.json`` was
     rewritten with it.
 
-    :param result: the :class:`fluxopt.StackResult` (``stack``, ``status`` ok|failed|skipped,
-        ``reason``, ``phase``, ``latency``, ``speedup``, ``fidelity``, ``stats``...).
+    :param result: the :class:`fluxopt.StackRecord` (``stack``, ``status`` ok|failed|skipped,
+        ``reason``, ``phase``, ``latency``, ``speedup``, ``fidelity``, ``partial``, ``stats``...).
     :param output_dir: the run's output directory.
     """
 
 
 @hookspec
-def fluxopt_run_finished(result: dict[str, Any], output_dir: str) -> None:
+def fluxopt_run_finished(result: RunRecord, output_dir: str) -> None:
     """Called once with the complete ``result.json`` content after it is written (not called
     when the run is interrupted).
 
-    :param result: the whole record (schema in ``fluxopt.result``): baseline, stacks,
-        config, environment, provenance.
+    :param result: the whole :class:`fluxopt.RunRecord` (``fluxopt.record``): baseline, stacks,
+        config, environment, provenance; ``result.to_json()`` is what result.json holds.
     :param output_dir: the run's output directory.
     """

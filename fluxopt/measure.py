@@ -8,11 +8,10 @@ inside the denoising loop), CPU work with ``perf_counter``.
 from __future__ import annotations
 
 import contextlib
-import statistics
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -20,34 +19,8 @@ import psutil
 import torch
 
 from fluxopt.environment import DeviceInfo
+from fluxopt.record import LatencyStats
 from fluxopt.shapes import Shapes
-
-
-@dataclass
-class LatencyStats:
-    """Seconds over the timed iterations."""
-
-    median: float
-    mean: float
-    std: float | None  # None for one sample: no spread was measured
-    min: float
-    max: float
-    p90: float
-    n: int
-    samples: list[float] = field(default_factory=list)
-
-    @classmethod
-    def from_samples(cls, samples: Sequence[float]) -> LatencyStats:
-        xs = sorted(float(s) for s in samples)
-        if not xs:
-            raise ValueError("no timed iterations")
-        p90 = float(np.percentile(xs, 90))
-        return cls(median=statistics.median(xs), mean=statistics.fmean(xs),
-                   std=statistics.stdev(xs) if len(xs) > 1 else None, min=xs[0], max=xs[-1], p90=p90,
-                   n=len(xs), samples=list(samples))
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass

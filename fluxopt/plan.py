@@ -8,7 +8,6 @@ is allowed, and no model is ever loaded for a doomed run.
 
 from __future__ import annotations
 
-import math
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -21,6 +20,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from fluxopt import plugins
 from fluxopt.artifacts import default_cache_dir
+from fluxopt.config import (BenchConfig, RunConfig, check_guidance, check_int, check_prompts, check_sequence_length,
+                            check_side, run_config)
 from fluxopt.environment import DeviceInfo, detect_device
 from fluxopt.errors import ConfigError, UnavailableError
 from fluxopt.models import GenerationDefaults, ModelSpec, checkpoint_defaults, resolve_dtype
@@ -34,7 +35,6 @@ DEFAULT_PROMPTS = (
 # Peak bytes per output pixel of a FLUX VAE decode (128 channels at full resolution, a few live
 # activations of 4 bytes): a floor on what one image needs, used to refuse what cannot fit.
 VAE_BYTES_PER_PIXEL = 128 * 4 * 3
-MAX_SIDE = 8192  # FLUX.1 is trained up to ~2 MP; larger sides are refused outright
 
 
 @dataclass(frozen=True)
@@ -50,13 +50,8 @@ class RunPlan:
     stacks: tuple[Stack, ...]
     explicit: bool  # the user named the stack (else: a bake-off of every backend)
     cache_dir: Path
+    config: RunConfig
     detach: bool = False  # run the command in the background (fluxopt.detach)
-
-
-def _int(setting: str, value: Any, minimum: int, allowed: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{setting}={value!r} is not allowed: {allowed}")
-    return value
 
 
 def selected_backends(cfg: Any) -> dict[str, Any]:
@@ -67,29 +62,17 @@ def selected_backends(cfg: Any) -> dict[str, Any]:
     return dict(node or {})
 
 
-def resolve_shapes(bench: Mapping[str, Any], d: GenerationDefaults) -> Shapes:
-    """The bench settings, each defaulting to the model's own (``d``)."""
-    def pick(key: str, default: Any) -> Any:
-        value = bench.get(key)
+def resolve_shapes(bench: BenchConfig, d: GenerationDefaults) -> Shapes:
+    """The bench settings, each defaulting to the model's own (``d``), checked by the same rules."""
+    def pick(value: Any, default: Any) -> Any:
         return default if value is None else value
 
-    side = f"a multiple of 16 between 16 and {MAX_SIDE} (FLUX packs 2x2 latent patches of an 8x VAE)"
-    height = _int("bench.height", pick("height", d.height), 16, side)
-    width = _int("bench.width", pick("width", d.width), 16, side)
-    for name, value in (("bench.height", height), ("bench.width", width)):
-        if value % 16 or value > MAX_SIDE:
-            raise ConfigError(f"{name}={value} is not allowed: {side}")
-    steps = _int("bench.steps", pick("steps", d.steps), 1, "an integer >= 1")
-    seq = _int("bench.max_sequence_length", pick("max_sequence_length", d.max_sequence_length), 1,
-               "an integer between 1 and 512 (T5's limit in FluxPipeline)")
-    if seq > 512:
-        raise ConfigError(f"bench.max_sequence_length={seq} is not allowed: an integer between 1 and 512 "
-                          "(T5's limit in FluxPipeline)")
-    guidance = pick("guidance_scale", d.guidance_scale)
-    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance) \
-            or guidance < 0:
-        raise ConfigError(f"bench.guidance_scale={guidance!r} is not allowed: a finite number >= 0")
-    return Shapes(height=height, width=width, steps=steps, guidance_scale=float(guidance), max_sequence_length=seq)
+    return Shapes(height=check_side("bench.height", pick(bench.height, d.height)),
+                  width=check_side("bench.width", pick(bench.width, d.width)),
+                  steps=check_int("bench.steps", pick(bench.steps, d.steps), 1, "an integer >= 1"),
+                  guidance_scale=check_guidance("bench.guidance_scale", pick(bench.guidance_scale, d.guidance_scale)),
+                  max_sequence_length=check_sequence_length("bench.max_sequence_length",
+                                                            pick(bench.max_sequence_length, d.max_sequence_length)))
 
 
 def check_fits(shapes: Shapes, device: DeviceInfo) -> None:
@@ -121,57 +104,40 @@ def check_writable_dir(setting: str, path: Path) -> None:
                           f"({exc.strerror})") from None
 
 
-def check_prompts(prompts: Any) -> tuple[str, ...]:
-    if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)) or not prompts:
-        raise ConfigError(f"bench.prompts={prompts!r} is not allowed: a non-empty list of strings")
-    for p in prompts:
-        if not isinstance(p, str) or not p.strip():
-            raise ConfigError(f"bench.prompts has {p!r}: every prompt must be a non-empty string")
-    return tuple(prompts)
-
-
 def plan_run(cfg: Any, stacks: list[Stack] | None = None, check_memory: bool = True,
-             check_requirements: bool = True) -> RunPlan:
-    """Validate and resolve a composed run configuration; nothing is loaded.
+             check_requirements: bool = True, spec: ModelSpec | None = None, device: DeviceInfo | None = None,
+             dtype: torch.dtype | None = None, explicit: bool = False) -> RunPlan:
+    """Validate and resolve a run configuration (composed by Hydra, or a mapping of the same
+    settings from the Python API) through :func:`fluxopt.config.run_config`; nothing is loaded.
 
-    ``stacks`` replaces the stacks the config selects (benchmark scripts compare a chosen list).
+    ``stacks`` replaces the stacks the config selects (``explicit``: the user named them, so one
+    that cannot run here fails the run); ``spec``, ``device`` and ``dtype`` describe
+    a pipeline the caller already has (``fluxopt.benchmark``) instead of a registered model.
     Raises ConfigError (bad value) or UnavailableError (an explicitly requested stack cannot run
     on this machine)."""
-    device = detect_device(cfg.get("device", "auto"))
-    spec = plugins.model(cfg.model.name)
-    dtype = resolve_dtype(cfg.model.get("dtype", "auto"), device.is_gpu)
-    bench = cfg.bench
-    defaults = checkpoint_defaults(spec, cfg.model.get("path"))
-    shapes = resolve_shapes(bench, defaults)
+    config = run_config(cfg)
+    device = device or detect_device(config.device)
+    spec = spec or plugins.model(config.model.name)
+    dtype = dtype or resolve_dtype(config.model.dtype, device.is_gpu)
+    defaults = checkpoint_defaults(spec, config.model.path)
+    shapes = resolve_shapes(config.bench, defaults)
     if check_memory:
         check_fits(shapes, device)
-    prompts = bench.get("prompts")
-    prompts = check_prompts(list(prompts) if prompts is not None else (defaults.prompts or DEFAULT_PROMPTS))
-    seed = _int("bench.seed", bench.get("seed", 0), 0, "an integer >= 0")
-    warmup = _int("bench.warmup", bench.get("warmup", 1), 0, "an integer >= 0 (untimed calls before timing)")
-    iterations = _int("bench.iterations", bench.get("iterations", 3), 1, "an integer >= 1 (timed calls)")
-    for kind in ("lossless", "lossy"):
-        thresholds = cfg.fidelity.get(kind) or {}
-        known = plugins.metrics()
-        for name, value in thresholds.items():
-            if name not in known:
-                raise ConfigError(f"fidelity.{kind}.{name}: unknown metric; known metrics: {', '.join(sorted(known))}")
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ConfigError(f"fidelity.{kind}.{name}={value!r} is not allowed: a finite number")
-    cache_setting = "cache.dir" if cfg.cache.get("dir") else "the cache directory ($FLUXOPT_CACHE_DIR, " \
-                                                               "$XDG_CACHE_HOME or $HOME/.cache)"
-    cache_dir = Path(cfg.cache.dir).expanduser() if cfg.cache.get("dir") else default_cache_dir()
+    prompts = check_prompts("bench.prompts", config.bench.prompts or defaults.prompts or DEFAULT_PROMPTS)
+    cache_setting = "cache.dir" if config.cache.dir else "the cache directory ($FLUXOPT_CACHE_DIR, " \
+                                                        "$XDG_CACHE_HOME or $HOME/.cache)"
+    cache_dir = Path(config.cache.dir).expanduser() if config.cache.dir else default_cache_dir()
     check_writable_dir(cache_setting, cache_dir)
     selection = selected_backends(cfg)
     if stacks is not None:
-        chosen, explicit = tuple(stacks), False
+        chosen = tuple(stacks)
     elif selection:
         chosen, explicit = (build_stack(selection),), True
     else:
         chosen, explicit = tuple(build_stack([name]) for name in sorted(plugins.backends())), False
-    plan = RunPlan(device=device, spec=spec, dtype=dtype, shapes=shapes, prompts=prompts, seed=seed,
-                   warmup=warmup, iterations=iterations, stacks=chosen, explicit=explicit, cache_dir=cache_dir,
-                   detach=bool(cfg.get("detach", False)))
+    plan = RunPlan(device=device, spec=spec, dtype=dtype, shapes=shapes, prompts=prompts, seed=config.bench.seed,
+                   warmup=config.bench.warmup, iterations=config.bench.iterations, stacks=chosen, explicit=explicit,
+                   cache_dir=cache_dir, config=config, detach=config.detach)
     if check_requirements:
         check_runnable(plan)
     return plan

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import importlib.metadata
 import pkgutil
 from collections.abc import Iterable
 from functools import lru_cache
@@ -46,13 +47,30 @@ def get_plugin_manager() -> pluggy.PluginManager:
     pm.add_hookspecs(hookspecs)
     for module_name in (*CORE_PLUGINS, *builtin_plugin_modules()):
         pm.register(importlib.import_module(module_name), name=module_name)
-    pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+    try:
+        pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+    except Exception as exc:  # noqa: BLE001 - a broken plugin: one line naming it, not its traceback
+        raise ConfigError(f"{_failing_entry_point()}: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}; "
+                          "fix or uninstall it (every fluxopt command loads every installed plugin)") from None
     try:
         pm.check_pending()
     except pluggy.PluginValidationError as exc:
         known = ", ".join(sorted(n for n in dir(hookspecs) if n.startswith("fluxopt_")))
         raise ConfigError(f"plugin {_origin(pm, exc.plugin)}: {exc}. Known hooks: {known}") from None
     return pm
+
+
+def _failing_entry_point() -> str:
+    """Which installed plugin fails to import: its entry point and distribution."""
+    for dist in importlib.metadata.distributions():
+        for ep in dist.entry_points:
+            if ep.group != ENTRY_POINT_GROUP:
+                continue
+            try:
+                ep.load()
+            except Exception:  # noqa: BLE001 - this is the one we are looking for
+                return f"the plugin '{ep.name}' ({ep.value}) of {dist.metadata['Name']} {dist.version} failed to import"
+    return "an installed plugin failed to import"
 
 
 def _origin(pm: pluggy.PluginManager, plugin: object) -> str:

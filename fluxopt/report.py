@@ -14,6 +14,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from fluxopt.files import write_text_atomic
+from fluxopt.record import RunRecord, StackRecord
 
 COLUMNS = ("stack", "status", "latency (s)", "per step (ms)", "speedup", "build (s)", "first call (s)",
            "peak mem (GiB)", "steps skipped", "PSNR", "SSIM", "latent err", "fidelity")
@@ -23,43 +24,51 @@ def _fmt(value: Any, spec: str = ".3g") -> str:
     return "—" if value is None else format(value, spec)
 
 
-def stack_row(r: dict[str, Any]) -> dict[str, str]:
-    """One table row from a StackResult dict (baseline or stack)."""
-    lat, step, fid = r.get("latency"), r.get("step_latency"), r.get("fidelity") or {}
-    metrics = fid.get("metrics", {})
+def speedup_text(r: StackRecord, within: bool | None = None) -> str:
+    """A speedup with its 1-sigma uncertainty, marked when it is noise or from a partial build."""
+    if r.is_baseline:
+        return "1 (ref)"
+    if r.speedup is None:
+        return "—"
+    noise = r.within_noise if within is None else within
+    return (f"{r.speedup:.2f}" + (f" ± {r.speedup_uncertainty:.2f}" if r.speedup_uncertainty else "")
+            + (" (noise)" if noise else "") + (" (partial build)" if r.partial else ""))
+
+
+def stack_row(r: StackRecord) -> dict[str, str]:
+    """One table row from a stack's record (baseline or stack)."""
+    lat, step, fid = r.latency, r.step_latency, r.fidelity or {}
 
     def metric(name: str, spec: str) -> str:
-        m = metrics.get(name)
-        return "—" if not m else _fmt(m["worst"], spec)
+        worst = r.worst(name)
+        return "—" if worst is None else _fmt(worst, spec)
 
-    speedup = "1 (ref)" if r["stack"] == "baseline" else (
-        "—" if r.get("speedup") is None else
-        f"{r['speedup']:.2f}" + (f" ± {r['speedup_uncertainty']:.2f}" if r.get("speedup_uncertainty") else "")
-        + (" (noise)" if r.get("within_noise") else ""))
-    if r["stack"] == "baseline":
-        verdict = "reference"
+    if r.is_baseline:
+        verdict = "reference" if r.status == "ok" else "FAIL"
     elif fid:
         verdict = "pass" if fid.get("passed") else "FAIL"
     else:
         verdict = "—"
-    status = r["status"] if not r.get("reason") or r["status"] == "ok" else (
-        f"{r['status']} ({r['phase']}): {r['reason']}" if r.get("phase") else f"{r['status']}: {r['reason']}")
-    cache = (r.get("stats") or {}).get("cache") or {}
+    status = r.status if not r.reason or r.status == "ok" else (
+        f"{r.status} ({r.phase}): {r.reason}" if r.phase else f"{r.status}: {r.reason}")
+    if r.partial:
+        status += f" (partial build: {r.partial})"
+    cache = (r.stats or {}).get("cache") or {}
     skipped = "—" if not cache else (
         f"{cache['skipped_steps']}/{cache['steps']}" if cache.get("skipped_steps") is not None else "n/a")
     if cache.get("attention_calls"):  # TaylorSeer, FasterCache, PAB reuse attention outputs, not whole steps
         skipped += f" (attention reused {cache['attention_reused']}/{cache['attention_calls']})"
     return {
-        "stack": r["stack"],
+        "stack": r.stack,
         "steps skipped": skipped,
         "status": status,
-        "latency (s)": "—" if not lat else (f"{lat['median']:.3f} (n=1)" if lat.get("n") == 1 or lat.get("std") is None
-                                            else f"{lat['median']:.3f} ± {lat['std']:.3f}"),
-        "per step (ms)": "—" if not step else f"{step['median'] * 1e3:.1f}",
-        "speedup": speedup,
-        "build (s)": _fmt(r.get("build_s"), ".1f"),
-        "first call (s)": _fmt(r.get("first_call_s"), ".3f"),
-        "peak mem (GiB)": _fmt(None if r.get("peak_memory_bytes") is None else r["peak_memory_bytes"] / 2**30, ".2f"),
+        "latency (s)": "—" if not lat else (f"{lat.median:.3f} (n=1)" if lat.std is None
+                                            else f"{lat.median:.3f} ± {lat.std:.3f}"),
+        "per step (ms)": "—" if not step else f"{step.median * 1e3:.1f}",
+        "speedup": speedup_text(r),
+        "build (s)": _fmt(r.build_s, ".1f"),
+        "first call (s)": _fmt(r.first_call_s, ".3f"),
+        "peak mem (GiB)": _fmt(None if r.peak_memory_bytes is None else r.peak_memory_bytes / 2**30, ".2f"),
         "PSNR": metric("psnr", ".1f"),
         "SSIM": metric("ssim", ".3f"),
         "latent err": metric("latent_rel_l2", ".2e"),
@@ -67,9 +76,27 @@ def stack_row(r: dict[str, Any]) -> dict[str, str]:
     }
 
 
-def run_rows(data: dict[str, Any]) -> list[dict[str, str]]:
-    rows = [stack_row(data["baseline"])] if data.get("baseline") else []
-    return rows + [stack_row(r) for r in data.get("stacks", [])]
+def not_run_reason(record: RunRecord) -> str:
+    """Why a requested stack of ``record`` has no measurement."""
+    if record.baseline is not None and record.baseline.status != "ok":
+        return "not run: the baseline failed"
+    if record.job_crash:
+        return f"not run (job process died: {record.job_crash})"
+    return "not run (the job was interrupted)" if not record.complete else "not run"
+
+
+def not_run(record: RunRecord) -> list[str]:
+    """Requested stacks the record has no measurement of (interrupted, crashed, baseline failed)."""
+    measured = {s.stack for s in record.stacks}
+    return [name for name in record.requested if name not in measured]
+
+
+def run_rows(record: RunRecord) -> list[dict[str, str]]:
+    rows = [stack_row(record.baseline)] if record.baseline else []
+    rows += [stack_row(r) for r in record.stacks]
+    for name in not_run(record):
+        rows.append({**{c: "—" for c in COLUMNS}, "stack": name, "status": not_run_reason(record)})
+    return rows
 
 
 def markdown_table(rows: list[dict[str, str]], columns: tuple[str, ...] = COLUMNS) -> str:
@@ -79,8 +106,8 @@ def markdown_table(rows: list[dict[str, str]], columns: tuple[str, ...] = COLUMN
     return "\n".join(lines)
 
 
-def fidelity_note(data: dict[str, Any]) -> str:
-    model = data["model"]
+def fidelity_note(record: RunRecord) -> str:
+    model = record.model
     if model.get("trained"):
         return f"Fidelity is measured on `{model['name']}`, a trained model: the numbers say how much image quality moves."
     return (f"Fidelity is measured on `{model['name']}`, which has random weights: the numbers say whether a "
@@ -124,15 +151,15 @@ def search_lines(record: dict[str, Any]) -> list[str]:
     return lines + [markdown_table(rows, ("trial", "stack", "state", "speedup", "why not", "job")), ""]
 
 
-def render_run_markdown(data: dict[str, Any]) -> str:
-    shapes = data["shapes"]
-    memory_kind = (data.get("baseline") or {}).get("memory_kind")
+def render_run_markdown(data: RunRecord) -> str:
+    shapes = data.shapes
+    memory_kind = data.baseline.memory_kind if data.baseline else None
     lines = [
-        f"# fluxopt run: {data['model']['name']} ({data['mode']})",
+        f"# fluxopt run: {data.model['name']} ({data.mode})",
         "",
         f"{shapes['height']}x{shapes['width']}, {shapes['steps']} steps, guidance {shapes['guidance_scale']}, "
-        f"{len(data['prompts'])} prompt(s), seed {data['seed']}, dtype {data['model']['dtype']}. "
-        f"Latency: median ± std over {data['config']['bench']['iterations']} timed calls after warm-up; "
+        f"{len(data.prompts)} prompt(s), seed {data.seed}, dtype {data.model.get('dtype')}. "
+        f"Latency: median ± std over {(data.config.get('bench') or {}).get('iterations')} timed calls after warm-up; "
         "speedup = baseline median / stack median (± 1 sigma); '(noise)' marks speedups within 2 sigma of 1. "
         f"Peak memory: {'torch.cuda.max_memory_allocated' if memory_kind == 'cuda_max_allocated' else 'process peak RSS while generating'}.",
         "",
@@ -142,7 +169,7 @@ def render_run_markdown(data: dict[str, Any]) -> str:
         fidelity_note(data) + " Worst prompt shown; thresholds are in `config.fidelity`.",
         "",
         "## Environment",
-        *environment_lines(data.get("environment", {})),
+        *environment_lines(data.environment),
         "",
     ]
     return "\n".join(lines)
@@ -153,8 +180,8 @@ CONSOLE_COLUMNS = ("stack", "status", "per step (ms)", "speedup", "build (s)", "
 CONSOLE_WIDTH = 120
 
 
-def print_table(data: dict[str, Any], console: Console | None = None) -> None:
-    table = Table(title=f"fluxopt — {data['model']['name']} on {data['environment'].get('device', {}).get('name')}")
+def print_table(data: RunRecord, console: Console | None = None) -> None:
+    table = Table(title=f"fluxopt — {data.model['name']} on {data.device}")
     for column in CONSOLE_COLUMNS:
         table.add_column(column, overflow="fold", max_width=40 if column == "status" else None)
     for row in run_rows(data):
@@ -164,29 +191,43 @@ def print_table(data: dict[str, Any], console: Console | None = None) -> None:
     console.print(table)
 
 
-def verdict_sentence(data: dict[str, Any], output_dir: Path) -> str:
+def verdict_sentence(data: RunRecord, output_dir: Path) -> str:
     """One sentence: the fastest stack that passed its gate, its speedup, where the evidence is;
-    on a model with random weights, why its speedups do not carry over to a real one on a GPU."""
-    if data.get("build_only"):
-        built = [s for s in data.get("stacks", []) if s.get("status") == "ok"]
-        return (f"Built {len(built)} of {len(data.get('stacks', []))} stack(s), measured nothing (build_only): "
+    on a model with random weights or a small model, what its speedups do and do not say."""
+    if data.baseline is not None and data.baseline.status != "ok":
+        return (f"The baseline failed ({data.baseline.reason}); no stack was measured; full table in "
+                f"{Path(output_dir) / 'report.md'}.")
+    if data.build_only:
+        built = [s for s in data.stacks if s.status == "ok"]
+        return (f"Built {len(built)} of {len(data.stacks)} stack(s), measured nothing (build_only): "
                 f"what they built is in the artifact cache for the runs that measure them; full table in "
                 f"{Path(output_dir) / 'report.md'}.")
-    passed = [s for s in data.get("stacks", []) if s.get("status") == "ok" and s.get("speedup")]
+    passed = [s for s in data.stacks if s.status == "ok" and s.speedup and not s.partial]
     where = f"images in {Path(output_dir) / 'images'}, full table in {Path(output_dir) / 'report.md'}"
-    caveat = "" if data["model"].get("trained") else f" ({data['model']['name']} has random weights: " \
-        "speedups on a small model on this device say little about a large one on a GPU)"
+    caveat = "" if data.model.get("trained") else f" ({model_caveat(data)})"
     if not passed:
         return f"No stack passed its fidelity gate faster than the baseline{caveat}; {where}."
-    best = max(passed, key=lambda s: s["speedup"])
-    if best["speedup"] <= 1.0:
-        return (f"No stack that passed its gate was faster than the baseline (best: {best['stack']}, "
-                f"{best['speedup']:.2f}x){caveat}; {where}.")
-    noise = " (within the noise)" if best.get("within_noise") else ""
-    return f"Fastest stack that passed: {best['stack']}, {best['speedup']:.2f}x end to end{noise}{caveat}; {where}."
+    best = max(passed, key=lambda s: s.speedup)
+    if best.speedup <= 1.0:
+        return (f"No stack that passed its gate was faster than the baseline (best: {best.stack}, "
+                f"{best.speedup:.2f}x){caveat}; {where}.")
+    noise = " (within the noise)" if best.within_noise else ""
+    return f"Fastest stack that passed: {best.stack}, {best.speedup:.2f}x end to end{noise}{caveat}; {where}."
 
 
-def write_run_report(data: dict[str, Any], output_dir: Path) -> Path:
+def model_caveat(data: RunRecord) -> str:
+    """What an untrained model's numbers say: random weights at full size give real speed but
+    fidelity only as "same function"; a small model's speedups do not carry over to FLUX.1."""
+    name = data.model["name"]
+    if name.endswith("-random"):  # the built-in random-weight models have FLUX.1's full-size shapes
+        return (f"{name} has FLUX.1's full-size shapes with random weights: the speedups hold for the real "
+                "model at these shapes; fidelity says whether a stack computes the same function, not how "
+                "its images would look")
+    return (f"{name} is a small model with random weights: its speedups say little about the full-size "
+            "FLUX.1 model; measure that with model=flux-dev-random bench=full on a GPU")
+
+
+def write_run_report(data: RunRecord, output_dir: Path) -> Path:
     path = Path(output_dir) / "report.md"
     write_text_atomic(path, render_run_markdown(data))
     return path

@@ -5,10 +5,10 @@ that reproduce it."""
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
+from fluxopt.cache_cli import OneLineParser
 from fluxopt.errors import ConfigError, ExitStatus
 from fluxopt.selection import Limits, best
 from fluxopt.stack import option_defaults
@@ -16,17 +16,20 @@ from fluxopt.sweep import collect, write_summary
 
 
 def _print_best(directory: Path, limits: Limits) -> int:
-    results, _ = collect(directory)
-    pick, passed_over = best((data for _, data in results), limits, option_defaults())
+    found = collect(directory)
+    for why in found.unusable:
+        print(f"fluxopt-report: not used: {why}", file=sys.stderr)
+    pick, passed_over = best(found.records, limits, option_defaults())
     if pick is None:
         print(f"fluxopt-report: no stack in {directory} passed its fidelity gate and the limits", file=sys.stderr)
         for name, why in passed_over:
             print(f"  {name}: {why}", file=sys.stderr)
         return ExitStatus.STACK_FAILED
-    psnr = ((pick.stack.get("fidelity") or {}).get("metrics") or {}).get("psnr", {}).get("worst")
-    print(f"best: {pick.name}, {pick.stack['speedup']:.2f}x"
+    psnr = pick.stack.worst("psnr")
+    print(f"best: {pick.name}, {pick.stack.speedup:.2f}x"
           + (f", PSNR {psnr:.1f} dB" if psnr is not None else "")
-          + (f", peak {pick.stack['peak_memory_bytes'] / 2**30:.1f} GiB" if pick.stack.get("peak_memory_bytes") else ""))
+          + (f", peak {pick.stack.peak_memory_bytes / 2**30:.1f} GiB" if pick.stack.peak_memory_bytes else "")
+          + f" (from {pick.run.path})")
     print("\nmeasure it again:\n  " + pick.command())
     print("\nuse it in serving code:\n" + "\n".join("  " + line for line in pick.python().splitlines()))
     if passed_over:
@@ -37,7 +40,7 @@ def _print_best(directory: Path, limits: Limits) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="fluxopt-report", description=__doc__)
+    parser = OneLineParser(prog="fluxopt-report", description=__doc__)
     parser.add_argument("directory", type=Path, help="a sweep directory or any directory holding result.json files")
     parser.add_argument("--best", action="store_true", help="print the winner and how to reproduce it")
     parser.add_argument("--min-psnr", type=float, default=None, help="with --best: worst-prompt PSNR at least this (dB)")
@@ -54,9 +57,13 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(str(exc))
         sys.exit(_print_best(args.directory, limits))
     summary = write_summary(args.directory)
-    for path in summary["unreadable"]:
-        print(f"fluxopt-report: skipped {path}: not a readable fluxopt result", file=sys.stderr)
+    for why in summary["unusable"]:
+        print(f"fluxopt-report: not used: {why}", file=sys.stderr)
     print(f"{summary['runs']} run(s) summarised in {args.directory / 'summary.md'}")
+    if not summary["passed"]:
+        for why in summary["failures"] + summary["incomplete"]:
+            print(f"fluxopt-report: {why}", file=sys.stderr)
+        sys.exit(ExitStatus.STACK_FAILED)
 
 
 if __name__ == "__main__":

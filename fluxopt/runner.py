@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import logging
-import math
+import time
 import traceback
 from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
@@ -32,14 +32,14 @@ from fluxopt.apply import apply_to_pipeline
 from fluxopt.config import measurement_config
 from fluxopt.context import StackContext
 from fluxopt.environment import capture_environment
-from fluxopt.errors import DiskFullError
+from fluxopt.errors import DiskFullError, FluxoptError
 from fluxopt.fidelity import evaluate
 from fluxopt.files import save_image_atomic, write_json_atomic, write_text_atomic
 from fluxopt.measure import Generator, Measurement, Sample, measure
 from fluxopt.models import load_pipeline
-from fluxopt.plan import RunPlan, plan_run
+from fluxopt.plan import RunPlan, plan_run, selected_backends
 from fluxopt.report import write_run_report
-from fluxopt.result import RESULT_FILE, SCHEMA_VERSION, Phase, StackResult, Status
+from fluxopt.record import RESULT_FILE, Phase, RunRecord, StackRecord, Status, speedup_of, write_record
 from fluxopt.stack import Stack
 
 log = logging.getLogger("fluxopt")
@@ -47,15 +47,6 @@ LEAK_WARNING_BYTES = 256 * 2**20  # allocator rounding and cached workspaces sta
 # With a step cache, profile this many steps from the middle one and keep the slowest (a computed
 # one, when the cache skips at most three steps in a row)
 CACHED_STEPS_PROFILED = 4
-
-
-def _speedup(base: dict[str, Any], other: dict[str, Any]) -> tuple[float, float]:
-    """Ratio of medians and its 1-sigma uncertainty (relative spreads added in quadrature)."""
-    speedup = base["median"] / other["median"]
-    if base.get("std") is None or other.get("std") is None:  # a single sample has no measured spread
-        return speedup, None
-    rel = math.hypot(base["std"] / base["median"], other["std"] / other["median"])
-    return speedup, speedup * rel
 
 
 class Run:
@@ -74,8 +65,8 @@ class Run:
         self.pipeline = pipeline
         self.provenance = dict(provenance or {})
         self.on_phase = on_phase or (lambda stack, phase: None)
-        self.results: list[StackResult] = []
-        self.baseline: StackResult | None = None
+        self.results: list[StackRecord] = []
+        self.baseline: StackRecord | None = None
         self.started = datetime.now(timezone.utc).isoformat()
         self.environment: dict[str, Any] = {}
         self.interrupted = False
@@ -124,9 +115,9 @@ class Run:
         return paths
 
     @staticmethod
-    def _fill(result: StackResult, m: Measurement) -> None:
-        result.latency = m.latency.to_dict()
-        result.step_latency = m.step_latency.to_dict() if m.step_latency else None
+    def _fill(result: StackRecord, m: Measurement) -> None:
+        result.latency = m.latency
+        result.step_latency = m.step_latency
         result.first_call_s = m.first_call_s
         result.peak_memory_bytes = m.peak_memory_bytes
         result.memory_kind = m.memory_kind
@@ -138,8 +129,14 @@ class Run:
         log.info("baseline: loading %s on %s (%s)", p.spec.name, p.device.name, p.dtype)
         pipe = self._load()
         m = self._measure(pipe, "baseline")
-        self.baseline = StackResult(stack="baseline", backends=[], status=Status.OK.value, lossless=True)
+        self.baseline = StackRecord(stack="baseline", backends=[], status=Status.OK.value, lossless=True)
         self._fill(self.baseline, m)
+        problem = baseline_problem(m.samples)
+        if problem:
+            self.baseline.status, self.baseline.phase = Status.FAILED.value, Phase.FIDELITY.value
+            self.baseline.reason = (f"{problem}, so no stack can be judged against it; check "
+                                    f"bench.guidance_scale={p.shapes.guidance_scale:g}, the prompts and the "
+                                    f"model's weights ({self.cfg.model.get('path') or 'model=' + p.spec.name})")
         if self.profiling:
             self._enter("baseline", "profile")
             self.profile_info = {"step_flops": profiling.step_flops(pipe.transformer, p.shapes),
@@ -150,8 +147,8 @@ class Run:
         self._release()
         return m.samples
 
-    def measure_stack(self, stack: Stack, reference: list[Sample]) -> StackResult:
-        result = StackResult(stack=stack.name, backends=stack.names, status=Status.OK.value,
+    def measure_stack(self, stack: Stack, reference: list[Sample]) -> StackRecord:
+        result = StackRecord(stack=stack.name, backends=stack.names, status=Status.OK.value,
                              options=stack.options_dict(), lossless=stack.is_lossless())
         label = self._file_label(stack.name)
         unmet = stack.unmet_requirements(self.plan.device)
@@ -163,6 +160,7 @@ class Run:
             result.reason = f"not run: the GPU is unusable in this process after an earlier failure ({self.device_lost})"
             return result
         phase = [Phase.LOAD]  # the phase in progress, for attributing a failure
+        started = time.perf_counter()
         allocated_before = torch.cuda.memory_allocated() if self.plan.device.is_gpu else None
         try:
             self._apply_build_measure(stack, result, reference, phase, label)
@@ -176,6 +174,7 @@ class Run:
                 result.reason = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
             self._log_failure(label, exc)
         finally:
+            result.elapsed_s = time.perf_counter() - started
             try:
                 self._release()
             except Exception as exc:  # noqa: BLE001 - a device-side assert poisons the CUDA context
@@ -188,12 +187,11 @@ class Run:
                 log.warning("stack %s left %.2f GiB allocated after it closed; later stacks' peak memory includes it",
                             stack.name, result.left_allocated_bytes / 2**30)
         if result.latency and self.baseline and self.baseline.latency:
-            result.speedup, result.speedup_uncertainty = _speedup(self.baseline.latency, result.latency)
-            result.within_noise = (None if result.speedup_uncertainty is None
-                                   else abs(result.speedup - 1.0) <= 2 * result.speedup_uncertainty)
+            s = speedup_of(self.baseline.latency, result.latency)
+            result.speedup, result.speedup_uncertainty, result.within_noise = s.value, s.uncertainty, s.within_noise
         return result
 
-    def _apply_build_measure(self, stack: Stack, result: StackResult, reference: list[Sample],
+    def _apply_build_measure(self, stack: Stack, result: StackRecord, reference: list[Sample],
                              phase: list[Phase], label: str) -> None:
         """Load a fresh pipeline, apply and build the stack, measure it and judge its fidelity;
         its images and profile go under ``label``."""
@@ -212,6 +210,7 @@ class Run:
         applied = apply_to_pipeline(pipe, stack, ctx, restorable=self.pipeline is not None,
                                     on_phase=lambda name: enter(Phase(name)))
         try:
+            result.partial = ctx.partial
             result.build_s = applied.build_s
             result.build_phases_s = ctx.stats.pop("build_phases_s", {})
             log.info("stack %s: built in %.1f s", stack.name, result.build_s)
@@ -238,7 +237,7 @@ class Run:
         finally:
             applied.close()  # process-wide state back to what it was before this stack
 
-    def _profile(self, result: StackResult, gen: Generator, label: str, precision: dict[str, str],
+    def _profile(self, result: StackRecord, gen: Generator, label: str, precision: dict[str, str],
                  cache: dict[str, Any] | None = None) -> None:
         """One profiled step: breakdown, trace file (named ``label``), and how close the average step
         is to the floor (``precision``: what the stack computes in fp8, for the floor's rates;
@@ -271,35 +270,24 @@ class Run:
             torch.cuda.empty_cache()
 
     # ------------------------------------------------------------------ output
-    def to_dict(self, complete: bool) -> dict[str, Any]:
+    def record(self, complete: bool) -> RunRecord:
         p = self.plan
-        return {
-            "schema_version": SCHEMA_VERSION,
-            "complete": complete,
-            "interrupted": self.interrupted,
-            "started": self.started,
-            "finished": datetime.now(timezone.utc).isoformat() if complete else None,
-            "model": {"name": p.spec.name, "trained": p.spec.trained, "dtype": str(p.dtype).removeprefix("torch.")},
-            "shapes": dataclasses.asdict(p.shapes),
-            "prompts": list(p.prompts),
-            "seed": p.seed,
-            "mode": "stack" if p.explicit else "bakeoff",
-            "build_only": self.build_only,
-            "requested": [s.name for s in p.stacks],
-            "config": OmegaConf.to_container(self.cfg, resolve=True),
-            "provenance": self.provenance,
-            "environment": self.environment,
-            "profile": self.profile_info or None,
-            "baseline": self.baseline.to_dict() if self.baseline else None,
-            "stacks": [r.to_dict() for r in self.results],
-        }
+        return RunRecord(
+            complete=complete, interrupted=self.interrupted, started=self.started,
+            finished=datetime.now(timezone.utc).isoformat() if complete else None,
+            model={"name": p.spec.name, "trained": p.spec.trained, "dtype": str(p.dtype).removeprefix("torch.")},
+            shapes=dataclasses.asdict(p.shapes), prompts=list(p.prompts), seed=p.seed,
+            mode="stack" if p.explicit else "bakeoff", build_only=self.build_only,
+            requested=[s.name for s in p.stacks], config=OmegaConf.to_container(self.cfg, resolve=True),
+            provenance=self.provenance, environment=self.environment, profile=self.profile_info or None,
+            baseline=self.baseline, stacks=list(self.results))
 
-    def write(self, complete: bool) -> dict[str, Any]:
-        data = self.to_dict(complete)
-        write_json_atomic(self.output_dir / RESULT_FILE, data)
-        return data
+    def write(self, complete: bool) -> RunRecord:
+        record = self.record(complete)
+        write_record(self.output_dir / RESULT_FILE, record)
+        return record
 
-    def execute(self) -> dict[str, Any]:
+    def execute(self) -> RunRecord:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.environment = capture_environment(self.plan.device)
         hook = plugins.hook()
@@ -308,41 +296,58 @@ class Run:
         try:
             reference = [] if self.build_only else self.measure_baseline()
             self.write(complete=False)
-            for stack in self.plan.stacks:
-                log.info("stack %s", stack.name)
-                result = self.measure_stack(stack, reference)
-                self.results.append(result)
-                self.write(complete=False)
-                hook.fluxopt_stack_finished(result=result, output_dir=str(self.output_dir))
+            if self.baseline is None or self.baseline.status == Status.OK.value:
+                for stack in self.plan.stacks:
+                    log.info("stack %s", stack.name)
+                    result = self.measure_stack(stack, reference)
+                    self.results.append(result)
+                    self.write(complete=False)
+                    hook.fluxopt_stack_finished(result=result, output_dir=str(self.output_dir))
+            else:
+                log.error("the baseline failed (%s); no stack is measured", self.baseline.reason)
         except KeyboardInterrupt:
             self.interrupted = True
             self.write(complete=False)
             raise
-        data = self.write(complete=True)
-        write_run_report(data, self.output_dir)
-        hook.fluxopt_run_finished(result=data, output_dir=str(self.output_dir))
-        return data
+        record = self.write(complete=True)
+        write_run_report(record, self.output_dir)
+        hook.fluxopt_run_finished(result=record, output_dir=str(self.output_dir))
+        return record
 
 
-def run_failed(data: Mapping[str, Any]) -> list[str]:
-    """The stacks that make a run's verdict negative: any requested stack that failed, and (for a
-    stack the user named) one that was skipped; a bake-off's skipped stacks are backends this
-    machine cannot run, reported but not failures."""
-    failed = []
-    for s in data.get("stacks") or []:
-        if s.get("status") == Status.FAILED.value or (
-                s.get("status") == Status.SKIPPED.value and data.get("mode") == "stack"):
-            failed.append(f"{s.get('stack')}: {s.get('reason')}")
-    if data.get("job_crash"):
-        failed.append(f"the job's process died: {data['job_crash']}")
-    elif not data.get("complete"):
-        failed.append("the run did not complete")
-    return failed
+def baseline_problem(samples: list[Sample]) -> str | None:
+    """Why the baseline's outputs cannot be a reference (None: they can): non-finite values, or an
+    image with a single colour (guidance or weights that blow up saturate every pixel)."""
+    bad = [s.prompt for s in samples if not (np.isfinite(s.image).all() and torch.isfinite(s.latents).all())]
+    if bad:
+        return f"the baseline's outputs are non-finite (NaN/inf) for prompt(s) {bad}"
+    flat = [s.prompt for s in samples if float(np.ptp(s.image)) == 0.0]
+    if flat:
+        return f"the baseline's images are a single colour for prompt(s) {flat}"
+    return None
 
 
-def can_reuse(previous: Mapping[str, Any], config: Mapping[str, Any]) -> bool:
-    """Whether ``previous`` (a result.json already in the output directory) stands for a run of
-    ``config`` (resume): it completed, nothing in it failed, and it measured the same thing
-    (``measurement_config``: not output paths, ``resume`` or verbosity). ``resume=false`` never reuses."""
-    return bool(config.get("resume", True) and previous.get("complete") and not run_failed(previous)
-                and measurement_config(previous.get("config") or {}) == measurement_config(config))
+def can_reuse(previous: RunRecord, config: Mapping[str, Any]) -> bool:
+    """Whether ``previous`` (the record already in the output directory) stands for a run of
+    ``config`` (resume): it completed, nothing in it failed or was edited, and it measured the same
+    thing (``measurement_config``: not output paths, ``resume`` or verbosity). ``resume=false`` never reuses."""
+    return bool(config.get("resume", True) and previous.complete and not previous.failures()
+                and measurement_config(previous.config) == measurement_config(config))
+
+
+def job_record(cfg: DictConfig, provenance: Mapping[str, Any], refused: BaseException | None = None,
+               status: Status = Status.FAILED) -> RunRecord:
+    """The record of a job that measured nothing: refused before it ran (``refused``, recorded as
+    its stack's failure with ``status``), or whose process died before writing one (the caller
+    marks the crash). Written so that a sweep's summary lists the job."""
+    selection = list(selected_backends(cfg))
+    name = "+".join(selection) or "baseline"
+    config = OmegaConf.to_container(cfg, resolve=False)
+    config.pop("hydra", None)
+    record = RunRecord(model={"name": str(cfg.model.name)}, mode="stack", requested=[name], config=config,
+                       provenance=dict(provenance), complete=refused is not None)
+    if refused is not None:
+        reason = str(refused) if isinstance(refused, FluxoptError) else f"{type(refused).__name__}: {refused}"
+        record.stacks.append(StackRecord(stack=name, backends=selection, status=status.value, reason=reason,
+                                         phase=Phase.VALIDATE.value))
+    return record

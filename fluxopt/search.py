@@ -29,7 +29,7 @@ from fluxopt.environment import INVOCATION_ENV, detect_device
 from fluxopt.errors import ConfigError, FluxoptError
 from fluxopt.files import write_json_atomic
 from fluxopt.report import SEARCH_FILE
-from fluxopt.result import RESULT_FILE, UnreadableResult, load_result
+from fluxopt.record import RESULT_FILE, RunRecord, UnreadableRecord, read_record
 from fluxopt.selection import Limits, Pick, ineligible
 from fluxopt.stack import build_stack, option_defaults, unknown_backend_message
 
@@ -121,19 +121,18 @@ def propose(number: int, trial_overrides: Sequence[str]) -> Proposal:
     return proposal
 
 
-def score(data: Mapping[str, Any] | None, limits: Limits) -> tuple[float | None, str | None]:
+def score(data: RunRecord | None, limits: Limits) -> tuple[float | None, str | None]:
     """A finished job's objective (its stack's speedup) or why it has none."""
-    if not data:
-        return None, "the job left no result (see its directory)"
-    if data.get("job_crash"):
-        return None, f"the job's process died: {data['job_crash']}"
-    stacks = [s for s in data.get("stacks") or [] if s.get("stack") != "baseline"]
-    if len(stacks) != 1:
-        return None, f"expected one measured stack, found {len(stacks)}"
-    why = ineligible(stacks[0], limits)
+    if data is None:
+        return None, "the job left no usable result (see its directory)"
+    if data.job_crash:
+        return None, f"the job's process died: {data.job_crash}"
+    if len(data.stacks) != 1:
+        return None, f"expected one measured stack, found {len(data.stacks)}"
+    why = ineligible(data.stacks[0], limits, data)
     if why is not None:
         return None, why
-    speedup = float(stacks[0]["speedup"])
+    speedup = float(data.stacks[0].speedup)
     return (speedup, None) if math.isfinite(speedup) else (None, f"speedup {speedup} is not finite")
 
 
@@ -156,7 +155,7 @@ class Measured:
 
     value: float | None
     reason: str | None
-    data: Mapping[str, Any] | None
+    data: RunRecord | None
     job: int
     run_dir: str | None
 
@@ -179,9 +178,8 @@ class SearchLog:
         top = self.best()
         if top is None:
             return None
-        data = self.runs[tuple(sorted(top.overrides))].data or {}
-        stacks = [s for s in data.get("stacks") or [] if s.get("stack") != "baseline"]
-        return Pick(stacks[0], data, option_defaults()) if stacks else None
+        data = self.runs[tuple(sorted(top.overrides))].data
+        return Pick(data.stacks[0], data, option_defaults()) if data is not None and data.stacks else None
 
     def to_dict(self) -> dict[str, Any]:
         pick = self.winner()
@@ -189,7 +187,7 @@ class SearchLog:
                 "invocation": os.environ.get(INVOCATION_ENV),
                 "limits": self.limits.as_dict(), "backends": self.backends,
                 "trials": [dataclasses.asdict(t) for t in self.trials],
-                "best": None if pick is None else {"stack": pick.name, "speedup": pick.stack.get("speedup"),
+                "best": None if pick is None else {"stack": pick.name, "speedup": pick.stack.speedup,
                                                    "command": pick.command(), "python": pick.python()}}
 
     def write(self) -> None:
@@ -211,20 +209,15 @@ class InfeasibleTrial(Exception):
     """The trial's stack was refused, failed, or missed a limit; Optuna records it as failed."""
 
 
-def _job_data(ret: JobReturn) -> Mapping[str, Any] | None:
-    """The run's record: what the task returned, else its result file (the job may have died)."""
+def _job_data(ret: JobReturn) -> RunRecord | None:
+    """The run's record, read back from its directory through the one reader (the job may have
+    died, or run in another process); None when it left none that can be used."""
+    if not ret.working_dir:
+        return None
     try:
-        value = ret.return_value
-    except Exception:  # noqa: BLE001 - a job that raised: its record on disk says why
-        value = None
-    if isinstance(value, Mapping):
-        return value
-    if ret.working_dir:
-        try:
-            return load_result(Path(ret.working_dir) / RESULT_FILE)
-        except UnreadableResult:
-            return None
-    return None
+        return read_record(Path(ret.working_dir) / RESULT_FILE)
+    except UnreadableRecord:
+        return None
 
 
 class _InfeasibleReturn(JobReturn):

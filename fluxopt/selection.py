@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fluxopt.errors import ConfigError
+from fluxopt.record import RunRecord, StackRecord
 
 GIB = 2**30
 
@@ -38,23 +39,24 @@ class Limits:
         return {"min_psnr": self.min_psnr, "max_memory_gib": self.max_memory_gib}
 
 
-def worst_psnr(stack: Mapping[str, Any]) -> float | None:
-    return (((stack.get("fidelity") or {}).get("metrics") or {}).get("psnr") or {}).get("worst")
-
-
-def ineligible(stack: Mapping[str, Any], limits: Limits) -> str | None:
-    """Why this stack record cannot be the pick (None: it can): it must have run, have a speedup,
-    pass its own fidelity gate and meet the limits."""
-    if stack.get("status") != "ok":
-        return f"{stack.get('status')}: {stack.get('reason')}"
-    if stack.get("speedup") is None:
+def ineligible(stack: StackRecord, limits: Limits, run: RunRecord | None = None) -> str | None:
+    """Why this stack record cannot be the pick (None: it can): it must have run whole (not a
+    partial build), in a run whose figures were not edited, have a speedup, pass its own fidelity
+    gate and meet the limits."""
+    if run is not None and run.edited:
+        return f"its record was edited ({run.edited[0]})"
+    if stack.status != "ok":
+        return f"{stack.status}: {stack.reason}"
+    if stack.partial:
+        return f"a partial build ({stack.partial})"
+    if stack.speedup is None:
         return "no speedup measured"
-    if not (stack.get("fidelity") or {}).get("passed"):
+    if not stack.passed_gate:
         return "failed its fidelity gate"
-    psnr = worst_psnr(stack)
+    psnr = stack.worst("psnr")
     if limits.min_psnr is not None and (psnr is None or psnr < limits.min_psnr):
         return f"PSNR {psnr if psnr is None else f'{psnr:.2f}'} dB < min_psnr {limits.min_psnr}"
-    peak = stack.get("peak_memory_bytes")
+    peak = stack.peak_memory_bytes
     if limits.max_memory_gib is not None and (peak is None or peak / GIB > limits.max_memory_gib):
         return (f"peak memory {'unknown' if peak is None else f'{peak / GIB:.2f} GiB'} > "
                 f"max_memory_gib {limits.max_memory_gib}")
@@ -65,23 +67,23 @@ def ineligible(stack: Mapping[str, Any], limits: Limits) -> str | None:
 class Pick:
     """The chosen stack, with the run it was measured in."""
 
-    stack: Mapping[str, Any]
-    run: Mapping[str, Any]
+    stack: StackRecord
+    run: RunRecord
     option_defaults: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)  # backend -> defaults
 
     @property
     def name(self) -> str:
-        return str(self.stack["stack"])
+        return self.stack.stack
 
     @property
     def backends(self) -> list[str]:
-        return list(self.stack.get("backends") or self.name.split("+"))
+        return list(self.stack.backends or self.name.split("+"))
 
     def options(self) -> dict[str, dict[str, Any]]:
         """Each backend's options that differ from its defaults (what the command must set)."""
         changed: dict[str, dict[str, Any]] = {}
         for name in self.backends:
-            given = (self.stack.get("options") or {}).get(name) or {}
+            given = (self.stack.options or {}).get(name) or {}
             defaults = self.option_defaults.get(name) or {}
             changed[name] = {k: v for k, v in given.items() if k not in defaults or defaults[k] != v}
         return changed
@@ -92,17 +94,18 @@ class Pick:
         args = [f"+backend=[{','.join(backends)}]" if len(backends) > 1 else f"+backend={backends[0]}"]
         for name, values in self.options().items():
             args += [f"backend.{name}.{key}={_override_value(value)}" for key, value in values.items()]
-        kept = [o for o in (self.run.get("provenance") or {}).get("overrides") or []
+        kept = [o for o in self.run.provenance.get("overrides") or []
                 if not o.lstrip("+~").startswith(("backend", "hydra", "search"))]
         if not any(o.startswith("model=") for o in kept):
-            kept.insert(0, f"model={(self.run.get('model') or {}).get('name')}")
+            kept.insert(0, f"model={self.run.model.get('name')}")
         return shlex.join(["python", "-m", "fluxopt", *args, *kept])
 
     def python(self) -> str:
         """The serving-code call that applies this stack to your own pipeline."""
-        shapes = self.run.get("shapes") or {}
+        shapes = self.run.shapes
         stack = {name: values for name, values in self.options().items()}
-        shape_args = ", ".join(f"{k}={shapes[k]!r}" for k in ("height", "width", "steps", "guidance_scale")
+        shape_args = ", ".join(f"{k}={shapes[k]!r}" for k in ("height", "width", "steps", "guidance_scale",
+                                                           "max_sequence_length")
                                if shapes.get(k) is not None)
         return (f"import fluxopt\n"
                 f"applied = fluxopt.apply_stack(pipe, {stack!r}{', ' + shape_args if shape_args else ''})\n"
@@ -119,7 +122,7 @@ def _override_value(value: Any) -> str:
     return str(value)
 
 
-def best(runs: Iterable[Mapping[str, Any]], limits: Limits,
+def best(runs: Iterable[RunRecord], limits: Limits,
          option_defaults: Mapping[str, Mapping[str, Any]] | None = None) -> tuple[Pick | None, list[tuple[str, str]]]:
     """The eligible stack with the highest speedup (each against the baseline of its own run),
     and every other stack with why it was not picked. ``option_defaults`` (backend -> default
@@ -127,14 +130,14 @@ def best(runs: Iterable[Mapping[str, Any]], limits: Limits,
     eligible: list[Pick] = []
     passed_over: list[tuple[str, str]] = []
     for run in runs:
-        for stack in run.get("stacks") or []:
-            why = ineligible(stack, limits)
+        for stack in run.stacks:
+            why = ineligible(stack, limits, run)
             if why is None:
                 eligible.append(Pick(stack, run, option_defaults or {}))
             else:
-                passed_over.append((str(stack.get("stack")), why))
+                passed_over.append((stack.stack, why))
     if not eligible:
         return None, passed_over
-    eligible.sort(key=lambda p: p.stack["speedup"], reverse=True)
-    passed_over += [(p.name, f"slower: {p.stack['speedup']:.2f}x") for p in eligible[1:]]
+    eligible.sort(key=lambda p: p.stack.speedup, reverse=True)
+    passed_over += [(p.name, f"slower: {p.stack.speedup:.2f}x") for p in eligible[1:]]
     return eligible[0], passed_over

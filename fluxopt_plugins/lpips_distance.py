@@ -52,8 +52,18 @@ def lpips_distance(ref: Sample, out: Sample) -> float:
         return float(model(_as_input(ref.image), _as_input(out.image)).item())
 
 
+def unavailable() -> str | None:
+    """Why LPIPS cannot be computed here (None: it can), without loading the network."""
+    try:
+        _model(weights_path())
+    except UnavailableError as exc:
+        return str(exc)
+    return None
+
+
 @hookimpl
 def fluxopt_metrics() -> list[Metric]:
     return [Metric("lpips", lpips_distance, False,
                    "LPIPS perceptual distance to the baseline's image, AlexNet (0 = identical; needs "
-                   f"torchvision's {ALEXNET_WEIGHTS} in torch's hub cache)")]
+                   f"torchvision's {ALEXNET_WEIGHTS} in torch's hub cache)", bounds=(0.0, None),
+                   unavailable=unavailable)]

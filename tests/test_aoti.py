@@ -157,7 +157,7 @@ def test_self_check_tolerance_is_looser_only_for_quantized_weights_and_the_user_
 
     plain = torch.nn.Sequential(torch.nn.Linear(32, 32))
     assert self_check_tolerance(AotiOptions(), plain, torch.bfloat16) == SELF_CHECK_TOLERANCE[torch.bfloat16]
-    restore = compiler_state.snapshot()  # torchao's quantize_ sets Inductor flags for the whole process
+    restore = compiler_state.hold()  # torchao's quantize_ sets Inductor flags for the whole process
     try:
         quantize_(plain, Int8WeightOnlyConfig())
     finally:

@@ -213,7 +213,7 @@ def test_compiler_state_snapshot_restores_flags_set_behind_its_back():
     from fluxopt import compiler_state
 
     before = inductor_config.save_config()
-    restore = compiler_state.snapshot()
+    restore = compiler_state.hold()
     inductor_config.coordinate_descent_tuning = True
     torch._dynamo.config.cache_size_limit = 3
     torch.backends.cudnn.benchmark = not torch.backends.cudnn.benchmark

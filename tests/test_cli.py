@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from conftest import read_result, run_cli
 
-from fluxopt.result import SCHEMA_VERSION
+from fluxopt.record import SCHEMA_VERSION
 
 COMPILE_ARGS = ("+backend=compile", "backend.compile.mode=max-autotune-no-cudagraphs",
                 "backend.compile.regional=true", "bench.steps=4", "bench.height=64")

@@ -12,29 +12,24 @@ import pytest
 import fluxopt
 from fluxopt import report_cli
 from fluxopt.errors import ConfigError
-from fluxopt.result import SCHEMA_VERSION
+from fluxopt.record import read_record, write_record
+import _records as records
 from fluxopt.selection import Limits, best
 from fluxopt.stack import option_defaults
 
 GIB = 2**30
 
 
-def _stack(name, speedup, psnr, peak_gib, passed=True, status="ok", options=None):
-    backends = name.split("+")
-    return {"stack": name, "backends": backends, "status": status, "speedup": speedup,
-            "peak_memory_bytes": int(peak_gib * GIB),
-            "options": options or {b: {} for b in backends},
-            "fidelity": {"passed": passed, "metrics": {"psnr": {"worst": psnr}}}}
+def _stack(name, speedup, psnr, peak_gib, status="ok", options=None):
+    return records.stack(name, speedup, psnr, peak_gib, status=status, options=options,
+                         reason="not on this machine" if status == "skipped" else None)
 
 
-def _write_run(directory: Path, stacks: list[dict]) -> Path:
+def _write_run(directory: Path, stacks: list) -> Path:
+    path = directory / "result.json"
     directory.mkdir(parents=True)
-    data = {"schema_version": SCHEMA_VERSION, "complete": True, "mode": "bakeoff", "model": {"name": "flux-mini"},
-            "shapes": {"height": 256, "width": 256, "steps": 8, "guidance_scale": 3.5},
-            "provenance": {"overrides": ["model=flux-mini", "bench.iterations=5", "hydra.run.dir=x"]},
-            "requested": [s["stack"] for s in stacks], "stacks": stacks}
-    (directory / "result.json").write_text(json.dumps(data))
-    return directory / "result.json"
+    write_record(path, records.run(stacks))
+    return path
 
 
 @pytest.fixture
@@ -43,13 +38,13 @@ def sweep(tmp_path):
     _write_run(tmp_path / "a", [_stack("fuse_qkv", 1.1, 100.0, 10),
                                 _stack("compile", 1.4, 48.0, 12, options=compile_opts)])
     _write_run(tmp_path / "b", [_stack("torchao_fp8+compile", 1.8, 36.0, 20),
-                                _stack("taylorseer", 2.5, 19.0, 10, passed=False),
+                                _stack("taylorseer", 2.5, 19.0, 10),
                                 _stack("trt_fp8", None, None, 0, status="skipped")])
     return tmp_path
 
 
 def _runs(root):
-    return [json.loads(p.read_text()) for p in sorted(root.rglob("result.json"))]
+    return [read_record(p) for p in sorted(root.rglob("result.json"))]
 
 
 @pytest.mark.parametrize(("limits", "winner"), [
@@ -65,7 +60,7 @@ def test_best_respects_gate_and_limits(sweep, limits, winner):
     pick, passed_over = best(_runs(sweep), Limits(**limits), option_defaults())
     assert (pick.name if pick else None) == winner
     reasons = dict(passed_over)
-    assert reasons["taylorseer"] == "failed its fidelity gate" and reasons["trt_fp8"].startswith("skipped")
+    assert reasons["taylorseer"].startswith("failed: fidelity: psnr 19") and reasons["trt_fp8"].startswith("skipped")
     assert len(passed_over) + (pick is not None) == 5
 
 
@@ -75,7 +70,7 @@ def test_reproducing_command_and_python_name_only_changed_options(sweep):
     assert pick.command() == f"python -m fluxopt +backend=compile backend.compile.regional={regional} " \
                              "model=flux-mini bench.iterations=5"
     assert f"fluxopt.apply_stack(pipe, {{'compile': {{'regional': {regional.capitalize()}}}}}, height=256, width=256, " \
-           "steps=8, guidance_scale=3.5)" in pick.python()
+           "steps=8, guidance_scale=3.5, max_sequence_length=64)" in pick.python()
 
 
 def test_report_best_prints_command_and_snippet_and_exit_status(sweep, capsys):
@@ -109,11 +104,12 @@ def test_apply_stack_from_a_result_file(tmp_path):
 
 
 @pytest.mark.parametrize(("stack", "limits", "reason"), [
-    ({"status": "failed", "reason": "boom"}, {}, "failed: boom"),
-    ({"status": "ok", "speedup": None}, {}, "no speedup measured"),
+    (_stack("a", None, None, 1, status="failed"), {}, "failed: None"),
+    (_stack("a", None, None, 1), {}, "no speedup measured"),
+    (records.stack("a", 1.5, 40, 1, partial="stop_after=onnx"), {}, "a partial build (stop_after=onnx)"),
     (_stack("a", 1.5, None, 1), {"min_psnr": 30}, "PSNR None dB < min_psnr 30"),
     (_stack("a", 1.5, 29.504, 1), {"min_psnr": 30}, "PSNR 29.50 dB < min_psnr 30"),
-    ({**_stack("a", 1.5, 40, 1), "peak_memory_bytes": None}, {"max_memory_gib": 10}, "peak memory unknown > max_memory_gib 10"),
+    (_stack("a", 1.5, 40, None), {"max_memory_gib": 10}, "peak memory unknown > max_memory_gib 10"),
     (_stack("a", 1.5, 40, 10.5), {"max_memory_gib": 10}, "peak memory 10.50 GiB > max_memory_gib 10"),
     (_stack("a", 1.5, 40, 10), {"min_psnr": 40, "max_memory_gib": 10}, None),
 ])
@@ -126,12 +122,11 @@ def test_ineligible_says_why_in_words(stack, limits, reason):
 def test_command_lists_one_or_several_backends_and_drops_stack_and_hydra_overrides():
     from fluxopt.selection import Pick
 
-    run = {"model": {"name": "flux-mini"}, "shapes": {}, "provenance": {"overrides": [
-        "+backend=[a,b]", "~search.min_psnr", "hydra.run.dir=x", "backend.compile.mode=default", "bench.steps=4"]}}
-    single = Pick({"stack": "fuse_qkv", "backends": ["fuse_qkv"], "options": {"fuse_qkv": {}}}, run)
+    run = records.run([], shapes={}, overrides=[
+        "+backend=[a,b]", "~search.min_psnr", "hydra.run.dir=x", "backend.compile.mode=default", "bench.steps=4"])
+    single = Pick(records.stack("fuse_qkv", 1.2), run)
     assert single.command() == "python -m fluxopt +backend=fuse_qkv model=flux-mini bench.steps=4"
-    double = Pick({"stack": "torchao_fp8+compile", "backends": ["torchao_fp8", "compile"],
-                   "options": {"torchao_fp8": {}, "compile": {}}}, run)
+    double = Pick(records.stack("torchao_fp8+compile", 1.2), run)
     assert double.command().startswith("python -m fluxopt '+backend=[torchao_fp8,compile]' model=flux-mini")
     assert double.python().splitlines()[1] == "applied = fluxopt.apply_stack(pipe, {'torchao_fp8': {}, 'compile': {}})"
 

@@ -26,6 +26,7 @@ from fluxopt_plugins.trt_fp8.quantize import DEFAULT_KEEP_HIGH_PRECISION, QUANT_
 MODELOPT = Package("modelopt", "pip install 'fluxopt[modelopt]'")
 TENSORRT = Package("tensorrt", "pip install 'fluxopt[tensorrt]' (needs NVIDIA's TensorRT libraries)")
 STOP_AFTER = ("onnx", "engine", "run")
+FAKE_QUANT = "fake-quantized torch transformer (ModelOpt fake quant, slower than the baseline; fidelity only)"
 # FP8 GEMMs need Ada (8.9) or Hopper and newer; INT8 Q/DQ runs on Turing (7.5) and newer.
 MIN_CAPABILITY = {"fp8": (8, 9), "int8_sq": (7, 5)}
 RUNTIME_ONLY_OPTIONS = ("stop_after", "cuda_graph", "free_torch_weights")
@@ -135,8 +136,8 @@ class TrtFp8Backend(Backend):
         if stop == "onnx":
             onnx_artifact()
             calibrate()  # a cached export skipped it; what is measured is the fake-quantized transformer
-            stats.update(stopped_after="onnx", measured="fake-quantized torch transformer (ModelOpt fake "
-                         "quant, slower than the baseline; fidelity only)")
+            stats.update(stopped_after="onnx", measured=FAKE_QUANT)
+            ctx.measures_partial(f"stop_after=onnx: {FAKE_QUANT}")
             return
 
         from fluxopt_plugins.trt_fp8 import engine
@@ -167,8 +168,8 @@ class TrtFp8Backend(Backend):
                      tensorrt=trt_version, timing_cache=str(timing_cache))
         if stop == "engine":
             calibrate()
-            stats.update(stopped_after="engine", measured="fake-quantized torch transformer (ModelOpt fake "
-                         "quant, slower than the baseline; fidelity only)")
+            stats.update(stopped_after="engine", measured=FAKE_QUANT)
+            ctx.measures_partial(f"stop_after=engine: {FAKE_QUANT}")
             return
         with ctx.timed("load"):
             runner = engine.TrtTransformer(engine_path, cuda_graph=options.cuda_graph)

@@ -42,5 +42,5 @@ class FluxoptSearchSweeper(OptunaSweeper):
                 print("fluxopt search: no trial met the fidelity gate and the limits "
                       f"(see {self.log.sweep_dir / 'search.json'})")
             else:
-                print(f"fluxopt search: best stack {pick.name}, {pick.stack['speedup']:.2f}x over "
+                print(f"fluxopt search: best stack {pick.name}, {pick.stack.speedup:.2f}x over "
                       f"{len(self.log.trials)} trial(s); measure it again with:\n  {pick.command()}")

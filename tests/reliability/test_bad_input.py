@@ -72,6 +72,26 @@ CASES = [
     ("+backend=[fixed_cache,compile] backend.fixed_cache.order=2", 2, "backend.fixed_cache.order=2 is not one of 0, 1"),
     ("+backend=[flux_fast,fp8_graphs]", 2, "is in two presets of the stack"),
     ("--config-path /nonexistent --config-name config", 2, "--config-path=/nonexistent is not a directory"),
+    # values that fail only after a model loaded, or never pass: refused first
+    ("bench.seed=18446744073709551616", 2, "bench.seed=18446744073709551616 is not allowed: an integer between 0"),
+    ("bench.seed=9223372036854775808", 2, "bench.seed=9223372036854775808 is not allowed"),
+    ("-m bench.seed=0,18446744073709551616", 2, "bench.seed=18446744073709551616 is not allowed"),
+    ("bench.max_sequence_length=100000", 2, "bench.max_sequence_length=100000 is not allowed"),
+    ("bench.guidance_scale=inf", 2, "bench.guidance_scale=inf is not allowed"),
+    ("bench.steps=-3", 2, "bench.steps=-3 is not allowed"),
+    ("bench.width=0", 2, "bench.width=0 is not allowed"),
+    ("bench.prompts=cat", 2, "bench.prompts"),
+    ("device=gpu", 2, "device='gpu' is not one of auto, cpu, cuda"),
+    ("fidelity.lossless.ssim=5", 2, "fidelity.lossless.ssim=5.0 is not allowed: ssim is at most 1"),
+    ("fidelity.lossy.psnr=101", 2, "a threshold of 101 can never pass"),
+    ("fidelity.lossy.latent_rel_l2=-0.1", 2, "latent_rel_l2 is at least 0"),
+    ("fidelity.lossless.psnr=inf", 2, "fidelity.lossless.psnr=inf is not allowed: a finite number"),
+    ("+fidelity.lossless.lpips=0.1", 2, "lpips cannot be computed here"),
+    ("+fidelity.lossless.psrn=30", 2, "unknown metric (did you mean 'psnr'?)"),
+    ("model.path=/nonexistent/flux", 2, "model.path=/nonexistent/flux does not exist"),
+    ("model.path=afile", 2, "model.path=afile is a file"),
+    ("model.path=.", 2, "model.path=. is not a diffusers checkpoint"),
+    ("+backend=trt_fp8 backend.trt_fp8.stop_after=never", 2, "stop_after='never' is not one of"),
 ]
 
 
@@ -113,7 +133,7 @@ def test_bad_input_is_one_clear_line_before_anything_loads(line, status, text, t
 
 
 def test_the_table_is_large_enough():
-    assert len(CASES) >= 40
+    assert len(CASES) >= 75
 
 
 def test_report_of_a_missing_directory_names_it(tmp_path):

@@ -109,7 +109,7 @@ def test_what_cannot_be_parsed_is_moved_aside_never_overwritten(tmp_path):
 
 def test_resume_skips_only_complete_passing_runs_of_the_same_measurement(tmp_path):
     from fluxopt.cli import _previous
-    from fluxopt.result import SCHEMA_VERSION
+    from fluxopt.record import SCHEMA_VERSION
 
     config = {"model": {"name": "tiny"}, "bench": {"iterations": 2}, "fidelity": {}, "backend": {"compile": {}},
               "device": "auto", "resume": True, "save_images": True, "verbose": False}

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from fluxopt import Backend, ConfigError, Metric, Sample, StackContext, StackResult, Stage, hookimpl
+from fluxopt import Backend, ConfigError, Metric, Sample, StackContext, StackRecord, Stage, hookimpl
 
 
 @dataclass
@@ -62,6 +62,6 @@ def fluxopt_metrics() -> list[Metric]:
 
 
 @hookimpl
-def fluxopt_stack_finished(result: StackResult, output_dir: str) -> None:
+def fluxopt_stack_finished(result: StackRecord, output_dir: str) -> None:
     with open(Path(output_dir) / "example-events.csv", "a") as handle:
         handle.write(f"{result.stack},{result.status},{result.speedup}\n")
