@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -67,6 +68,7 @@ class AppliedStack:
         self.build_s = build_s
         self._snapshot = snapshot
         self._restore_globals = restore_globals
+        restore_globals.owner = weakref.ref(self)
         self._closed = False
         self.source: str | None = None  # the measured record the stack came from (apply_stack from a result)
 
@@ -183,6 +185,7 @@ def apply_to_pipeline(pipe: Any, stack: Stack, ctx: StackContext, *, build: bool
             log.error("rolling back stack %s after a failure also failed: %s", stack.name, undo_error)
         raise
     build_s = time.perf_counter() - start
+    restore_globals.settle(ctx.claimed_settings)
     if snapshot is not None:
         snapshot.offload_replaced()
     return AppliedStack(stack, pipe, ctx, snapshot, restore_globals, build_s)

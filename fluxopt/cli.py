@@ -177,6 +177,7 @@ def preflight(argv: list[str]) -> list[RunPlan]:
 
     A stack that needs several processes is checked against this machine by its ranks, after
     the relaunch under torchrun (its requirements include being launched so)."""
+    register_configs()
     texts, multirun = _split_argv(argv)
     overrides = parse_overrides(texts)
     searching = _searching(overrides)

@@ -80,34 +80,63 @@ def _differs(a: Any, b: Any) -> bool:
         return a is not b
 
 
+def config_key(config: Any, key: str) -> tuple[str, ...]:
+    """The :func:`read_state` key of ``key`` in the torch config module ``config``."""
+    name = next(n for n, c in _configs().items() if c is config)
+    return ("config", name, key)
+
+
 class Hold:
     """The process-wide settings as they were when one stack was applied, among the other stacks
     holding settings in this process (on other pipelines). Releasing it (calling it) puts back
-    what this stack changed, whatever order the stacks close in: a setting another stack applied
-    later still holds stays in force, and that stack will restore the value from before both."""
+    what this stack changed, whatever order the stacks close in: a setting that a stack applied
+    later also claims stays in force, and that stack restores the value from before both.
+
+    A stack claims the settings that differ once it is applied and built, and the ones it set
+    through its context (even to a value already in force). The last stack to close restores
+    everything to how it found it, side effects of libraries included."""
 
     _open: list[Hold] = []  # stacks holding process-wide changes, oldest first
 
     def __init__(self) -> None:
         self.before = read_state()
+        self.claimed: set[tuple[str, ...]] | None = None
+        self.owner: Callable[[], Any] | None = None  # a weak reference to the applied stack, once there is one
+        Hold._prune()
         Hold._open.append(self)
 
+    @classmethod
+    def _prune(cls) -> None:
+        """Forget holds whose applied stack was dropped without being closed: it can never close,
+        so it must not keep the others from restoring what they found."""
+        cls._open[:] = [h for h in cls._open if h.owner is None or h.owner() is not None]
+
+    def settle(self, claimed: set[tuple[str, ...]] = frozenset()) -> None:
+        """The stack is applied: record which settings it claims."""
+        now = read_state()
+        self.claimed = {k for k, v in now.items() if _differs(v, self.before.get(k))} | set(claimed)
+
     def __call__(self) -> None:
+        Hold._prune()
         if self not in Hold._open:
             return
-        index = Hold._open.index(self)
-        later = Hold._open[index + 1] if index + 1 < len(Hold._open) else None
-        current = read_state()
-        for key, before in self.before.items():
-            if later is None:
+        if self.claimed is None:
+            self.settle()
+        later = Hold._open[Hold._open.index(self) + 1:]
+        if not later:
+            current = read_state()
+            for key, before in self.before.items():
                 if _differs(current.get(key), before):
                     _write(key, before)
-                continue
-            if _differs(current.get(key), later.before.get(key)):
-                later.before[key] = before  # the later stack changed it again: it restores ours on close
-            elif _differs(current.get(key), before):
-                _write(key, before)
-                later.before[key] = before
+        else:
+            for key in self.claimed:
+                before = self.before.get(key)
+                for h in later:
+                    h.before[key] = before  # it found this stack's value; it must restore the one before
+                    if key in (h.claimed or ()):
+                        break  # a later stack holds the setting: it stays in force until that one closes
+                else:
+                    _write(key, before)
         Hold._open.remove(self)
 
 

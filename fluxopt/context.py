@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 import torch
 
 from fluxopt.artifacts import ArtifactCache, entry_key
+from fluxopt.compiler_state import config_key
 from fluxopt.environment import DeviceInfo
 from fluxopt.shapes import Shapes
 
@@ -48,6 +49,7 @@ class StackContext:
     # What the run measures instead of the whole stack when a backend stops its build early
     # (set through measures_partial; every table labels such a stack)
     partial: str | None = None
+    claimed_settings: set[tuple[str, ...]] = field(default_factory=set)  # process-wide, set through set_config
     _undo: list[tuple[str, Callable[[], Any]]] = field(default_factory=list, repr=False)
     _outer_calls: list[tuple[str, Callable[[Callable[..., Any]], Callable[..., Any]]]] = field(
         default_factory=list, repr=False)
@@ -67,6 +69,17 @@ class StackContext:
     def callback(self, name: str, undo: Callable[[], Any]) -> None:
         """Register ``undo`` (no arguments) to run when the stack closes, under ``name``."""
         self._undo.append((name, undo))
+
+    def set_config(self, name: str, config: Any, flags: Mapping[str, Any]) -> None:
+        """Set process-wide compiler settings (a torch config module such as
+        ``torch._inductor.config``; keys as in ``get_config_copy()``, dotted for nested ones) under
+        ``name``. They are put back with the rest of the process-wide state when the stack closes,
+        reference-counted across stacks on other pipelines (:class:`fluxopt.compiler_state.Hold`):
+        closing one stack never resets a setting another stack still holds, as a ``config.patch``
+        exited out of order would."""
+        config.load_config(dict(flags))
+        self.claimed_settings.update(config_key(config, key) for key in flags)
+        self._undo.append((name, lambda: None))
 
     def enter_context(self, name: str, manager: AbstractContextManager[T]) -> T:
         """Enter ``manager`` now (e.g. ``torch._inductor.config.patch(...)``); exit it on close."""

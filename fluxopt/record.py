@@ -140,8 +140,8 @@ class StackRecord:
     """One stack's measurement (``stack == "baseline"`` for the empty stack)."""
 
     stack: str  # "compile+fbcache" ("baseline" for the empty stack)
-    backends: list[str]
     status: str  # a Status value
+    backends: list[str] = field(default_factory=list)
     reason: str | None = None
     phase: str | None = None  # for failures and stopped builds: a Phase value
     options: dict[str, Any] = field(default_factory=dict)

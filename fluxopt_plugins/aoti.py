@@ -289,7 +289,7 @@ class AotiBackend(Backend):
             cxx, cxx_reason = choose_compiler(configured,
                                               verify=lambda compilers: verified_compilers(compilers, ctx, probes))
         if cxx != configured:
-            ctx.enter_context("aoti: C++ compiler", torch._inductor.config.patch({"cpp.cxx": (None, cxx)}))
+            ctx.set_config("aoti: C++ compiler", torch._inductor.config, {"cpp.cxx": (None, cxx)})
         undo = keep_eager_timestep_rounding(transformer) if options.eager_rounding else None
         if undo is not None:
             ctx.callback("aoti: eager timestep rounding", undo)

@@ -2,8 +2,8 @@
 
 Regional compilation (``compile_repeated_blocks``) compiles one double and one single block
 and reuses the kernels for the others: the same steady-state speed for a fraction of the
-compile time. Inductor flags are applied through ``torch._inductor.config.patch`` entered on
-the stack's exit stack, so they do not leak into the next measurement.
+compile time. Inductor flags are set through the stack's context (``ctx.set_config``), so they
+are undone when the stack closes and never leak into the next measurement.
 
 Warm starts (``cache=true``, the default): Inductor's own caches (FX graph, AOT autograd,
 autotuning, Triton kernels) are pointed into ``<cache.dir>/inductor`` for the stack, and after
@@ -82,7 +82,7 @@ class CompileBackend(Backend):
         return None
 
     def apply(self, pipe: Any, options: CompileOptions, ctx: StackContext) -> None:
-        ctx.enter_context("compile: Inductor flags", torch._inductor.config.patch(inductor_flags(options)))
+        ctx.set_config("compile: Inductor flags", torch._inductor.config, inductor_flags(options))
         fullgraph = options.fullgraph
         if fullgraph is None:
             fullgraph = not (ctx.stack and any(e.backend.stage == Stage.CACHE and not e.backend.between_steps
@@ -111,9 +111,9 @@ class CompileBackend(Backend):
 
             inductor_dir = str(private_dir(ctx.cache_dir / INDUCTOR))
             ctx.enter_context("compile: Inductor cache directory", temporary_cache_dir(inductor_dir))
-            ctx.enter_context("compile: FX graph and autotune caches", torch._inductor.config.patch(
-                {"fx_graph_cache": True, "autotune_local_cache": True}))
-            ctx.enter_context("compile: AOT autograd cache", functorch_config.patch(enable_autograd_cache=True))
+            ctx.set_config("compile: FX graph and autotune caches", torch._inductor.config,
+                           {"fx_graph_cache": True, "autotune_local_cache": True})
+            ctx.set_config("compile: AOT autograd cache", functorch_config, {"enable_autograd_cache": True})
 
     def build(self, pipe: Any, options: CompileOptions, ctx: StackContext) -> None:
         """torch.compile is lazy: one call at the bench shapes triggers (and times) compilation."""

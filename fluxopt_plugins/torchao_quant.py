@@ -102,7 +102,7 @@ class _TorchaoBackend(Backend):
             raise ConfigError(f"backend.{self.name} selects no Linear layer (skip={options.skip}, "
                               f"min_features={options.min_features})")
         if options.inductor_tuning:
-            ctx.enter_context(f"{self.name}: torchao Inductor flags", torch._inductor.config.patch(TORCHAO_INDUCTOR_FLAGS))
+            ctx.set_config(f"{self.name}: torchao Inductor flags", torch._inductor.config, TORCHAO_INDUCTOR_FLAGS)
         self.quantize(pipe, options, ctx)
         total = sum(isinstance(m, torch.nn.Linear) for m in transformer.modules())
         ctx.stats.setdefault("quantized_linears", {})[self.name] = {"quantized": len(chosen), "linears": total}

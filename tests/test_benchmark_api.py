@@ -23,9 +23,11 @@ def _latents(pipe):
 def test_benchmark_measures_stacks_on_the_users_pipeline_and_leaves_it_as_it_was(tmp_path):
     pipe = fluxopt.load_model("tiny", device="cpu")
     before = _latents(pipe)
-    result = fluxopt.benchmark(pipe, ["fuse_qkv", {"channels_last": {}, "fbcache": {}}], output_dir=tmp_path,
+    record = fluxopt.benchmark(pipe, ["fuse_qkv", {"channels_last": {}, "fbcache": {}}], output_dir=tmp_path,
                                name="my flux", trained=False, **SMALL)
-    assert json.loads((tmp_path / "result.json").read_text()) == json.loads(json.dumps(result))  # the CLI's record
+    result = json.loads(json.dumps(record.to_json()))
+    assert json.loads((tmp_path / "result.json").read_text()) == result  # the CLI's record
+    assert fluxopt.read_record(tmp_path / "result.json").edited == []
     assert result["complete"] and result["model"]["name"] == "my flux" and result["mode"] == "bakeoff"
     assert result["prompts"] == SMALL["prompts"] and result["shapes"]["steps"] == 2
     assert result["baseline"]["status"] == "ok" and result["baseline"]["latency"]["n"] == 2
@@ -41,9 +43,19 @@ def test_benchmark_measures_stacks_on_the_users_pipeline_and_leaves_it_as_it_was
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"stacks": "compile"}, "stacks is a list of stacks"),
     ({"stacks": [["fbcache", "taylorseer"]]}, "cannot be combined"),
-    ({"stacks": ["fuse_qkv"], "iterations": 0}, "iterations=0 is not allowed"),
-    ({"stacks": ["fuse_qkv"], "height": 60}, "multiples of 16"),
-    ({"stacks": ["fuse_qkv"], "fidelity": {"losless": {"psnr": 30}}}, "'losless' is not allowed"),
+    ({"stacks": ["fuse_qkv"], "iterations": 0}, "bench.iterations=0 is not allowed"),
+    ({"stacks": ["fuse_qkv"], "height": 60}, "bench.height=60 is not allowed: a multiple of 16"),
+    ({"stacks": ["fuse_qkv"], "fidelity": {"losless": {"psnr": 30}}}, "Key 'losless' not in 'FidelityConfig'"),
+    # the same rules as the command line's, before anything runs (these once failed mid-run or not at all)
+    ({"stacks": ["fuse_qkv"], "prompts": "cat"}, "bench.prompts='cat' is not allowed: a non-empty list"),
+    ({"stacks": ["fuse_qkv"], "fidelity": {"lossless": {"psrn": 30}}}, "unknown metric \\(did you mean 'psnr'"),
+    ({"stacks": ["fuse_qkv"], "fidelity": {"lossless": {"ssim": 5}}}, "can never pass"),
+    ({"stacks": ["fuse_qkv"], "fidelity": 3}, "fidelity=3 is not allowed"),
+    ({"stacks": ["fuse_qkv"], "max_sequence_length": 100000}, "bench.max_sequence_length=100000 is not allowed"),
+    ({"stacks": ["fuse_qkv"], "seed": 2**64}, "bench.seed=18446744073709551616 is not allowed"),
+    ({"stacks": ["fuse_qkv"], "seed": -1}, "bench.seed=-1 is not allowed"),
+    ({"stacks": ["fuse_qkv"], "warmup": -1}, "bench.warmup=-1 is not allowed"),
+    ({"stacks": ["fuse_qkv"], "guidance_scale": float("nan")}, "bench.guidance_scale=nan is not allowed"),
 ])
 def test_benchmark_refuses_bad_input_before_running(tiny_pipe, tmp_path, kwargs, message):
     kwargs = dict(kwargs)  # the parameter is shared by every run of this test

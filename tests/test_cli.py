@@ -9,6 +9,7 @@ import pytest
 from conftest import read_result, run_cli
 
 from fluxopt.record import SCHEMA_VERSION
+import _records as records
 
 COMPILE_ARGS = ("+backend=compile", "backend.compile.mode=max-autotune-no-cudagraphs",
                 "backend.compile.regional=true", "bench.steps=4", "bench.height=64")
@@ -106,8 +107,8 @@ def test_console_table_keeps_bracketed_install_hints(tmp_path):
 
     from fluxopt.report import print_table
 
-    data = {"model": {"name": "tiny"}, "environment": {"device": {"name": "cpu"}}, "baseline": None,
-            "stacks": [{"stack": "x", "status": "skipped", "reason": "needs 'tensorrt' (pip install 'fluxopt[tensorrt]')"}]}
+    data = records.run([records.stack("x", None, status="skipped",
+                                      reason="needs 'tensorrt' (pip install 'fluxopt[tensorrt]')")], model="tiny")
     out = io.StringIO()
     print_table(data, Console(file=out, width=400))
     assert "fluxopt[tensorrt]" in out.getvalue()
@@ -128,14 +129,12 @@ def test_console_table_fits_120_columns_and_ends_with_the_verdict(tmp_path):
 
     from fluxopt.report import print_table, verdict_sentence
 
-    stacks = [{"stack": name, "status": "ok", "speedup": speedup, "within_noise": False,
-               "latency": {"median": 1.0, "std": 0.1, "n": 3}, "step_latency": {"median": 0.1},
-               "fidelity": {"passed": True, "metrics": {"psnr": {"worst": 40.0}}}}
-              for name, speedup in (("torchao_fp8+compile", 1.8), ("compile", 1.35))]
-    stacks.append({"stack": "aoti", "status": "failed", "phase": "build",
-                   "reason": "AotiLoadError: aoti: a process loading the AOTInductor package was killed by SIGSEGV " * 2})
-    data = {"model": {"name": "flux-dev-random", "trained": False}, "environment": {"device": {"name": "H100"}},
-            "baseline": None, "stacks": stacks}
+    stacks = [records.stack(name, speedup) for name, speedup in (("torchao_fp8+compile", 1.8), ("compile", 1.35))]
+    stacks.append(records.stack("aoti", None, status="failed",
+                                reason="AotiLoadError: aoti: a process loading the AOTInductor package was killed by "
+                                       "SIGSEGV " * 2))
+    data = records.run(stacks, model="flux-dev-random", environment={"device": {"name": "H100"}})
+    data.model["trained"] = False
     out = io.StringIO()
     print_table(data, Console(file=out, width=250))
     assert max(len(line) for line in out.getvalue().splitlines()) <= 120
@@ -148,7 +147,10 @@ def test_console_table_fits_120_columns_and_ends_with_the_verdict(tmp_path):
 def test_verdict_explains_random_weights_whatever_the_outcome(tmp_path, trained, speedups):
     from fluxopt.report import verdict_sentence
 
-    stacks = [{"stack": f"s{i}", "status": "ok", "speedup": s} for i, s in enumerate(speedups)]
-    sentence = verdict_sentence({"model": {"name": "tiny", "trained": trained}, "stacks": stacks}, tmp_path)
-    assert ("tiny has random weights: speedups on a small model" in sentence) is (not trained), sentence
+    data = records.run([records.stack(f"s{i}", s) for i, s in enumerate(speedups)], model="tiny")
+    data.model["trained"] = trained
+    sentence = verdict_sentence(data, tmp_path)
+    assert ("tiny is a small model with random weights: its speedups say little" in sentence) is (not trained), sentence
+    data.model["name"] = "flux-dev-random"
+    assert ("random weights: the speedups hold" in verdict_sentence(data, tmp_path)) is (not trained)
     assert str(tmp_path / "images") in sentence

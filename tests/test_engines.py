@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import _records as records
 import pytest
 from conftest import read_result, run_cli
 from hydra.core.utils import JobReturn, JobStatus
@@ -14,6 +15,7 @@ from hydra.core.utils import JobReturn, JobStatus
 from fluxopt import engines, search
 from fluxopt.cli import preflight
 from fluxopt.errors import ConfigError
+from fluxopt.record import write_record
 from fluxopt.selection import Limits
 
 ALLOW_CRASH = {"FLUXOPT_TEST_ALLOW_CRASH": "1"}  # the fault plugin's fault_crash backend runs only with it
@@ -96,19 +98,21 @@ def test_search_finds_a_stack_under_limits_and_keeps_every_trial(tmp_path, plugi
 
 # ---- the search's own logic, without Optuna ----------------------------------------------------
 class _RecordingLauncher:
-    def __init__(self, speedup: float = 1.5, psnr: float = 40.0) -> None:
+    """Each job leaves an honest record in a directory of its own, as a real launcher's job does."""
+
+    def __init__(self, root, speedup: float = 1.5, psnr: float = 40.0) -> None:
         self.batches: list[list[list[str]]] = []
-        self.speedup, self.psnr = speedup, psnr
+        self.root, self.speedup, self.psnr = root, speedup, psnr
 
     def launch(self, job_overrides, initial_job_idx):
         self.batches.append([list(o) for o in job_overrides])
         returns = []
-        for overrides in job_overrides:
+        for i, overrides in enumerate(job_overrides, start=initial_job_idx):
             stack = overrides[0].split("=", 1)[1].strip("[]").replace(",", "+")
-            ret = JobReturn(overrides=list(overrides), status=JobStatus.COMPLETED)
-            ret.return_value = {"complete": True, "stacks": [
-                {"stack": stack, "backends": stack.split("+"), "status": "ok", "speedup": self.speedup, "peak_memory_bytes": 2 * 2**30,
-                 "fidelity": {"passed": True, "metrics": {"psnr": {"worst": self.psnr}}}}]}
+            directory = self.root / f"job{i}"
+            write_record(directory / "result.json",
+                         records.run([records.stack(stack, self.speedup, self.psnr, 2.0)], mode="stack"))
+            ret = JobReturn(overrides=list(overrides), status=JobStatus.COMPLETED, working_dir=str(directory))
             returns.append(ret)
         return returns
 
@@ -118,7 +122,7 @@ def _log(tmp_path, **limits):
 
 
 def test_search_launcher_refuses_incompatible_and_empty_stacks_without_launching(tmp_path):
-    inner = _RecordingLauncher()
+    inner = _RecordingLauncher(tmp_path)
     launcher = search.SearchLauncher(inner, _log(tmp_path))
     batch = [("stack.fbcache=True", "stack.taylorseer=True", "model=tiny"),
              ("stack.fbcache=False", "stack.taylorseer=False", "model=tiny"),
@@ -138,7 +142,7 @@ def test_search_launcher_refuses_incompatible_and_empty_stacks_without_launching
 
 
 def test_search_launcher_measures_a_repeated_stack_once(tmp_path):
-    inner = _RecordingLauncher()
+    inner = _RecordingLauncher(tmp_path)
     launcher = search.SearchLauncher(inner, _log(tmp_path))
     same = ("stack.fuse_qkv=True", "stack.fbcache=False", "backend.fbcache.residual_diff_threshold=0.3")  # option of an unused backend
     launcher.launch([same, ("stack.fuse_qkv=True", "stack.fbcache=False")], initial_job_idx=0)
@@ -152,7 +156,7 @@ def test_search_launcher_measures_a_repeated_stack_once(tmp_path):
                                              ({"max_memory_gib": 1.5}, "peak memory 2.00 GiB > max_memory_gib 1.5"),
                                              ({"min_psnr": 40.0, "max_memory_gib": 2.0}, None)])
 def test_search_limits_make_a_trial_infeasible_at_the_boundary(tmp_path, limits, why):
-    launcher = search.SearchLauncher(_RecordingLauncher(), _log(tmp_path, **limits))
+    launcher = search.SearchLauncher(_RecordingLauncher(tmp_path), _log(tmp_path, **limits))
     ret = launcher.launch([("stack.fuse_qkv=True",)], initial_job_idx=0)[0]
     if why is None:
         assert ret.return_value == 1.5
@@ -162,7 +166,7 @@ def test_search_limits_make_a_trial_infeasible_at_the_boundary(tmp_path, limits,
 
 
 def test_search_scores_a_crashed_job_as_infeasible():
-    assert search.score({"job_crash": "WorkerCrashedError: killed", "stacks": []}, Limits()) == \
+    assert search.score(records.run([], job_crash="WorkerCrashedError: killed"), Limits()) == \
         (None, "the job's process died: WorkerCrashedError: killed")
     assert search.score(None, Limits())[0] is None
 

@@ -12,7 +12,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fluxopt.config import MEASUREMENT_KEYS
-from fluxopt.runner import can_reuse, run_failed
+from fluxopt.record import record_from_json
+from fluxopt.runner import can_reuse
 
 CONFIG = {"model": {"name": "tiny"}, "bench": {"steps": 2, "height": 64}, "fidelity": {"lossy": {"psnr": 20.0}},
           "backend": {"compile": {"regional": True}}, "device": "cpu", "resume": True, "verbose": False,
@@ -21,9 +22,13 @@ IRRELEVANT = {"resume": [True], "verbose": [True, False], "save_images": [False,
               "hydra_output": ["outputs/b", "elsewhere"]}
 
 
-def finished(config: dict, stacks: list | None = None, **extra) -> dict:
-    return {"complete": True, "mode": "stack", "config": copy.deepcopy(config),
-            "stacks": stacks if stacks is not None else [{"stack": "compile", "status": "ok"}], **extra}
+def record(data: dict):
+    return record_from_json({"schema_version": 3, "model": {"name": "tiny"}, **data})
+
+
+def finished(config: dict, stacks: list | None = None, **extra):
+    return record({"complete": True, "mode": "stack", "config": copy.deepcopy(config),
+                   "stacks": stacks if stacks is not None else [{"stack": "compile", "status": "ok"}], **extra})
 
 
 def test_a_complete_passing_run_of_the_same_measurement_is_reused():
@@ -47,7 +52,7 @@ def test_any_measurement_setting_that_differs_measures_again(key):
     (finished(CONFIG, [{"stack": "compile", "status": "failed", "reason": "fidelity"}]), "a stack failed"),
     (finished(CONFIG, [{"stack": "compile", "status": "skipped", "reason": "no GPU"}]), "a named stack was skipped"),
     (finished(CONFIG, job_crash="SIGKILL"), "the job's process died"),
-    ({"complete": True, "stacks": []}, "no config recorded"),
+    (record({"complete": True, "stacks": []}), "no config recorded"),
 ])
 def test_a_run_that_did_not_finish_and_pass_is_never_reused(previous, why):
     assert not can_reuse(previous, CONFIG), why
@@ -64,7 +69,9 @@ def test_resume_false_measures_again():
 
 def test_a_bake_offs_skipped_backends_are_not_failures_but_a_named_stacks_are():
     skipped = [{"stack": "trt_fp8", "status": "skipped", "reason": "no TensorRT"}]
-    assert run_failed({"complete": True, "mode": "bakeoff", "stacks": skipped}) == []
-    assert run_failed({"complete": True, "mode": "stack", "stacks": skipped}) == ["trt_fp8: no TensorRT"]
-    assert run_failed({"complete": False, "stacks": []}) == ["the run did not complete"]
-    assert run_failed({"complete": False, "job_crash": "OOM", "stacks": []}) == ["the job's process died: OOM"]
+    assert record({"complete": True, "mode": "bakeoff", "stacks": skipped}).failures() == []
+    assert record({"complete": True, "mode": "stack", "stacks": skipped}).failures() == ["trt_fp8: no TensorRT"]
+    assert record({"complete": False, "stacks": []}).failures() == ["the run did not complete"]
+    assert record({"complete": False, "job_crash": "OOM", "stacks": []}).failures() == ["the job's process died: OOM"]
+    failed_baseline = {"stack": "baseline", "backends": [], "status": "failed", "reason": "non-finite"}
+    assert record({"complete": True, "baseline": failed_baseline, "stacks": []}).failures() == ["baseline: non-finite"]

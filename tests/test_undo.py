@@ -84,15 +84,21 @@ def test_close_restores_output_and_structure(pipe, name):
     torch._dynamo.reset()
 
 
-def test_a_failed_apply_leaves_nothing_behind(pipe):
-    """max_sequence_length=600 makes the build's warm-up generation fail inside diffusers, after
-    fuse_qkv changed the pipe and compile set a process-wide Inductor flag."""
+def test_a_failed_apply_leaves_nothing_behind(pipe, monkeypatch):
+    """The build's warm-up generation fails (inside the pipeline's call) after fuse_qkv changed the
+    pipe and compile set a process-wide Inductor flag."""
     import torch._inductor.config as inductor_config
 
     reference, before, flags = generate(pipe), structure(pipe), inductor_config.save_config()
     stack = {"fuse_qkv": {}, "compile": {**EAGER, "inductor_config": {"max_autotune": True}}}
-    with pytest.raises(ValueError, match="max_sequence_length"):
-        fluxopt.apply_stack(pipe, stack, height=64, width=64, steps=STEPS, max_sequence_length=600)
+
+    def broken(*args, **kwargs):
+        raise ValueError("the warm-up generation failed")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(type(pipe), "__call__", broken)
+        with pytest.raises(ValueError, match="warm-up generation failed"):
+            fluxopt.apply_stack(pipe, stack, height=64, width=64, steps=STEPS, max_sequence_length=64)
     assert structure(pipe) == before and inductor_config.save_config() == flags
     np.testing.assert_array_equal(generate(pipe), reference)
     torch._dynamo.reset()
@@ -173,10 +179,12 @@ def test_a_single_name_is_one_backend(pipe):
 
 
 def test_api_refuses_bad_shapes(pipe):
-    with pytest.raises(ConfigError, match="height and width must be multiples of 16"):
+    with pytest.raises(ConfigError, match="bench.height=70 is not allowed: a multiple of 16"):
         fluxopt.apply_stack(pipe, "fuse_qkv", height=70, width=64)
-    with pytest.raises(ConfigError, match="steps=0 must be a positive integer"):
+    with pytest.raises(ConfigError, match="bench.steps=0 is not allowed"):
         fluxopt.apply_stack(pipe, "fuse_qkv", steps=0)
+    with pytest.raises(ConfigError, match="bench.max_sequence_length=600 is not allowed"):
+        fluxopt.apply_stack(pipe, "fuse_qkv", max_sequence_length=600)
 
 
 def test_a_throwaway_pipeline_keeps_no_original_weights_alive(pipe):

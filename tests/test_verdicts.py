@@ -124,8 +124,9 @@ def test_one_sample_is_marked_n1_and_never_shows_plus_minus_zero():
 
     stats = LatencyStats.from_samples([0.5])
     assert stats.n == 1 and stats.std is None
-    row = stack_row({"stack": "x", "status": "ok", "latency": stats.to_dict(), "speedup": 2.0,
-                     "speedup_uncertainty": None})
+    from fluxopt.record import StackRecord
+
+    row = stack_row(StackRecord(stack="x", backends=["x"], status="ok", latency=stats, speedup=2.0))
     assert "± 0" not in row["latency (s)"] and "n=1" in row["latency (s)"]
     assert "±" not in row["speedup"]
 
