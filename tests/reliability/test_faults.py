@@ -114,11 +114,11 @@ def test_resume_skips_only_complete_passing_runs_of_the_same_measurement(tmp_pat
     config = {"model": {"name": "tiny"}, "bench": {"iterations": 2}, "fidelity": {}, "backend": {"compile": {}},
               "device": "auto", "resume": True, "save_images": True, "verbose": False}
     passed = {"schema_version": SCHEMA_VERSION, "complete": True, "mode": "stack", "config": config,
-              "stacks": [{"stack": "compile", "status": "ok"}]}
+              "model": {"name": "tiny"}, "stacks": [{"stack": "compile", "status": "ok"}]}
     path = tmp_path / "result.json"
     write_json_atomic(path, passed)
     # output paths, resume and verbosity are not part of the measurement
-    assert _previous(tmp_path, {**config, "save_images": False, "verbose": True}) == json.loads(path.read_text())
+    assert _previous(tmp_path, {**config, "save_images": False, "verbose": True}).to_json()["config"] == config
     write_json_atomic(path, {**passed, "stacks": [{"stack": "compile", "status": "failed", "reason": "x"}]})
     assert _previous(tmp_path, config) is None and not path.exists()  # a failed job is measured again
     write_json_atomic(path, {**passed, "complete": False})
@@ -132,9 +132,10 @@ def test_report_skips_a_result_of_the_wrong_shape(tmp_path):
     (tmp_path / "job").mkdir()
     (tmp_path / "job" / "result.json").write_text("[]")
     proc = subprocess.run([sys.executable, "-m", "fluxopt.report_cli", str(tmp_path)], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    assert "skipped" in proc.stderr and "not a readable fluxopt result" in proc.stderr
-    assert json.loads((tmp_path / "summary.json").read_text())["unreadable"] == [str(tmp_path / "job" / "result.json")]
+    assert proc.returncode == 1, proc.stderr  # a result that cannot be used makes the verdict incomplete
+    assert "not used" in proc.stderr and "expected a JSON object" in proc.stderr
+    path = str(tmp_path / "job" / "result.json")
+    assert [why.split(":")[0] for why in json.loads((tmp_path / "summary.json").read_text())["unusable"]] == [path]
 
 
 # ------------------------------------------------------------------------------- interrupts
