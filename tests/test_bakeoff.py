@@ -73,9 +73,9 @@ def test_report_regenerates_summary_from_result_files_alone(fault_sweep, tmp_pat
     for name in ("summary.md", "summary.csv", "summary.json", "grid.png", "speedup_vs_fidelity.png"):
         (sweep / name).unlink()
     proc = subprocess.run([sys.executable, "-m", "fluxopt.report_cli", str(sweep)], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == 1, proc.stderr  # the sweep's injected faults: the same negative verdict as the sweep's
     after = json.loads((sweep / "summary.json").read_text())
-    assert after["rows"] == before["rows"]
+    assert after["rows"] == before["rows"] and after["failures"] == before["failures"] and before["failures"]
     assert (sweep / "grid.png").exists() and (sweep / "summary.md").exists()
 
 
@@ -159,8 +159,8 @@ def test_global_state_does_not_leak_between_stacks(tmp_path):
     leaky = build_stack({"compile": {"regional": True, "inductor_config": {"epilogue_fusion": False,
                                                                             "max_autotune_gemm": True}}})
     alone = build_stack({"compile": {}})
-    after = Run(cfg, tmp_path / "after", stacks=[leaky, alone]).execute()
-    single = Run(cfg, tmp_path / "alone", stacks=[alone]).execute()
+    after = Run(cfg, tmp_path / "after", stacks=[leaky, alone]).execute().to_json()
+    single = Run(cfg, tmp_path / "alone", stacks=[alone]).execute().to_json()
     assert [s["status"] for s in after["stacks"]] == ["ok", "ok"], after["stacks"]
     assert after["stacks"][0]["options"]["compile"]["inductor_config"]["max_autotune_gemm"] is True
     assert inductor_config.save_config() == flags_before
@@ -182,7 +182,7 @@ def test_one_stack_measured_twice_with_other_options_keeps_both_images_and_profi
     with initialize_config_module(config_module="fluxopt.conf", version_base="1.3"):
         cfg = compose(config_name="config", overrides=["bench.iterations=1", "bench.steps=6", "bench.profile=true"])
     stacks = [build_stack({"fixed_cache": {"warmup_steps": 1, "interval": k}}) for k in (3, 4)]
-    data = Run(cfg, tmp_path, stacks=stacks).execute()
+    data = Run(cfg, tmp_path, stacks=stacks).execute().to_json()
     first, second = data["stacks"]
     assert first["stack"] == second["stack"] == "fixed_cache"
     assert first["images"] and second["images"] and not set(first["images"]) & set(second["images"])

@@ -13,6 +13,7 @@ import pytest
 from conftest import read_result, run_cli
 
 from fluxopt.detach import is_detach_override, output_dir
+from fluxopt.record import record_from_json
 from fluxopt.runner import can_reuse
 
 
@@ -50,8 +51,9 @@ def test_bad_input_is_refused_before_anything_starts_in_the_background(tmp_path)
 def test_a_build_only_result_never_stands_for_a_measurement():
     config = {"model": {"name": "tiny"}, "bench": {}, "fidelity": {}, "backend": {"compile": {}}, "device": "cpu",
               "resume": True}
-    built = {"complete": True, "mode": "stack", "build_only": True, "config": {**config, "build_only": True},
-             "stacks": [{"stack": "compile", "status": "ok"}]}
+    built = record_from_json({"schema_version": 3, "model": {"name": "tiny"}, "complete": True, "mode": "stack",
+                              "build_only": True, "config": {**config, "build_only": True},
+                              "stacks": [{"stack": "compile", "status": "ok"}]})
     assert not can_reuse(built, {**config, "build_only": False})
     assert can_reuse(built, {**config, "build_only": True})
 

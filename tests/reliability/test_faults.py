@@ -164,8 +164,8 @@ def test_ctrl_c_prints_one_line_keeps_partial_results_and_exits_130(tmp_path, pl
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
-    assert err.strip().splitlines()[-1] == (f"fluxopt: error: interrupted; partial results in {run_dir} (run the same "
-                                            "command with hydra.run.dir / hydra.sweep.dir set to it to finish)")
+    assert err.strip().splitlines()[-1] == (f"fluxopt: error: interrupted; partial results in {run_dir}. To finish, "
+                                            f"run the same command with hydra.run.dir={run_dir}")
     assert "Traceback" not in err
     data = json.loads((run_dir / "result.json").read_text())
     assert data["complete"] is False and data["interrupted"] is True and data["baseline"]["status"] == "ok"
