@@ -250,7 +250,7 @@ class Run:
         profile["floor_ms"] = profiling.floor_ms(self.profile_info["step_flops"], self.profile_info["ceilings_tflops"],
                                                  precision)  # of one computed step
         profile["average_step_floor_ms"] = profiling.average_step_floor_ms(profile["floor_ms"], cache)
-        step_s = (result.step_latency or {}).get("median")
+        step_s = result.step_latency.median if result.step_latency else None
         profile["pct_of_floor"] = profiling.pct_of_floor(profile["average_step_floor_ms"], step_s)
         at_clock = profiling.floor_at_clock_ms(profile["average_step_floor_ms"],
                                                self.profile_info["ceilings_tflops"].get("sm_mhz"), profile["gpu_clock"])
