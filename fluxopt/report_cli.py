@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from fluxopt.cache_cli import OneLineParser
-from fluxopt.errors import ConfigError, ExitStatus
+from fluxopt.errors import ConfigError, ExitStatus, FluxoptError
 from fluxopt.selection import Limits, best
 from fluxopt.stack import option_defaults
 from fluxopt.sweep import collect, write_summary
@@ -40,6 +40,15 @@ def _print_best(directory: Path, limits: Limits) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """``fluxopt-report``; fluxopt's own errors (a broken installed plugin...) are one line."""
+    try:
+        _main(argv)
+    except FluxoptError as exc:
+        print(f"fluxopt-report: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        sys.exit(exc.exit_status)
+
+
+def _main(argv: list[str] | None) -> None:
     parser = OneLineParser(prog="fluxopt-report", description=__doc__)
     parser.add_argument("directory", type=Path, help="a sweep directory or any directory holding result.json files")
     parser.add_argument("--best", action="store_true", help="print the winner and how to reproduce it")

@@ -1,0 +1,57 @@
+"""The process as a user's shell sees it: a signal at any moment, including the first seconds
+while torch is still importing, ends in one line and exit 130; a broken or misspelt installed
+plugin is one line naming it and exit 2, whatever fluxopt command runs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_in_the_first_second_is_one_line_and_exit_130(tmp_path, sig):
+    proc = subprocess.Popen([sys.executable, "-m", "fluxopt", "bench.iterations=1"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.5)  # python is up, torch and diffusers are still importing
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fluxopt: error: interrupted"), err[-2000:]
+    assert not (tmp_path / "outputs").exists() or not list((tmp_path / "outputs").rglob("result.json"))
+
+
+def _installed_plugin(root: Path, dist: str, module: str, source: str) -> dict[str, str]:
+    """A distribution with a ``fluxopt`` entry point, importable from ``root`` (as pip would leave it)."""
+    (root / f"{module}.py").write_text(source)
+    info = root / f"{dist}-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[fluxopt]\n{module} = {module}\n")
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+
+
+BROKEN = "raise ImportError('needs a package that is not installed')\n"
+MISSPELT = "from fluxopt import hookimpl\n\n@hookimpl\ndef fluxopt_backend():\n    return []\n"
+
+
+@pytest.mark.parametrize(("source", "says"), [
+    (BROKEN, "the plugin 'broken_plugin' (broken_plugin) of fluxopt-broken 0.1 failed to import: ImportError: "
+             "needs a package that is not installed"),
+    (MISSPELT, "plugin fluxopt-broken 0.1: unknown hook 'fluxopt_backend'"),
+])
+@pytest.mark.parametrize("command", [["-m", "fluxopt", "bench.iterations=1"], ["-m", "fluxopt.report_cli", ".", "--best"]])
+def test_a_bad_installed_plugin_is_one_line_naming_it_and_exit_2(tmp_path, source, says, command):
+    env = _installed_plugin(tmp_path, "fluxopt-broken", "broken_plugin", source)
+    proc = subprocess.run([sys.executable, *command], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert says in lines[0], lines[0]
