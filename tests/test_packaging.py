@@ -69,3 +69,25 @@ def test_installed_wheel_runs_outside_the_checkout(wheel, tmp_path):
                           cwd=workdir, env=env, capture_output=True, text=True, check=True)
     assert scan.stdout.strip() == "['hydra_plugins.fluxopt_launchers']", scan.stdout
     assert "Error importing" not in proc.stderr + scan.stderr
+
+
+def test_a_copy_of_the_source_inside_another_repository_records_no_revision(tmp_path):
+    """Built from a copy that is not its own git checkout (vendored into some other repository),
+    the package must not record that other repository's revision as its own."""
+    import shutil
+
+    outer = tmp_path / "outer"
+    copy = outer / "vendor" / "fluxopt"
+    shutil.copytree(REPO, copy, ignore=shutil.ignore_patterns(".git", "build", "*.egg-info", "outputs", "multirun",
+                                                              "docs", "tests", "benchmarks", ".whl", "__pycache__"))
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(outer)]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-qm", "vendored"], check=True)
+    out = tmp_path / "dist"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
+                    "-w", str(out), str(copy)], check=True, capture_output=True, text=True)
+    (path,) = out.glob("fluxopt-*.whl")
+    with zipfile.ZipFile(path) as archive:
+        info = json.loads(archive.read("fluxopt/_build_info.json"))
+    assert info == {"revision": None, "dirty": None}

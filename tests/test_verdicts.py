@@ -162,3 +162,26 @@ def test_a_backend_that_changes_the_step_count_is_measured(tiny_pipe):
     shapes = Shapes(height=64, width=64, steps=4, guidance_scale=3.5, max_sequence_length=64)
     sample, total, per_step = Generator(FewerSteps(tiny_pipe), shapes, detect_device("cpu"))("a circle", 0)
     assert sample.latents.shape[0] == 1 and total > 0 and per_step is not None
+
+
+def test_a_baseline_that_blows_up_fails_the_baseline_not_the_stack(tmp_path):
+    """Guidance of 1e36 makes the tiny model's baseline non-finite: the baseline's failure, exit 1,
+    with the likely setting named; the stack is not measured, so it is not blamed."""
+    from conftest import read_result, run_cli
+
+    proc = run_cli("+backend=fuse_qkv", "bench.guidance_scale=1e36", "bench.iterations=1", "bench.warmup=0",
+                   "save_images=false", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    data = read_result(tmp_path)
+    assert data["baseline"]["status"] == "failed" and "non-finite" in data["baseline"]["reason"]
+    assert "bench.guidance_scale=1e+36" in data["baseline"]["reason"] and data["stacks"] == []
+    assert "baseline: the baseline's outputs are non-finite" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_a_single_colour_baseline_cannot_be_a_reference():
+    from fluxopt.runner import baseline_problem
+
+    flat = Sample("p", 0, np.full((8, 8, 3), 0.5, dtype=np.float32), torch.zeros(1, 4, 4))
+    varied = Sample("q", 0, np.random.default_rng(0).random((8, 8, 3), dtype=np.float32), torch.zeros(1, 4, 4))
+    assert baseline_problem([varied]) is None
+    assert "single colour for prompt(s) ['p']" in baseline_problem([varied, flat])
