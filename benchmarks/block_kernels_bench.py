@@ -25,7 +25,6 @@ Writes OUT_DIR/block_kernels.json and the generated code of ``product`` (OUT_DIR
 from __future__ import annotations
 
 import contextlib
-import json
 import sys
 from collections import defaultdict
 from pathlib import Path

@@ -9,7 +9,6 @@ is allowed, and no model is ever loaded for a doomed run.
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any

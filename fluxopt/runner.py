@@ -34,7 +34,7 @@ from fluxopt.context import StackContext
 from fluxopt.environment import capture_environment
 from fluxopt.errors import DiskFullError, FluxoptError
 from fluxopt.fidelity import evaluate
-from fluxopt.files import save_image_atomic, write_json_atomic, write_text_atomic
+from fluxopt.files import save_image_atomic, write_text_atomic
 from fluxopt.measure import Generator, Measurement, Sample, measure
 from fluxopt.models import load_pipeline
 from fluxopt.plan import RunPlan, plan_run, selected_backends

@@ -3,7 +3,6 @@ command and Python call, and ``apply_stack`` from a result file."""
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
