@@ -273,8 +273,10 @@ def _latency(value: Any, path: Path, where: str, edited: list[str]) -> LatencySt
 
 
 def _same(stored: Any, derived: Any) -> bool:
-    if stored is None or derived is None or isinstance(stored, bool) or isinstance(derived, bool):
-        return stored == derived
+    if isinstance(stored, bool) or isinstance(derived, bool):  # 0 is not False, 1 is not True
+        return type(stored) is type(derived) and stored == derived
+    if stored is None or derived is None:
+        return stored is derived
     if not isinstance(stored, (int, float)) or not isinstance(derived, (int, float)):
         return stored == derived
     if isinstance(derived, float) and math.isnan(derived):

@@ -1,0 +1,125 @@
+"""The derived figures of a record, computed in one place (fluxopt.record) for the runner that
+writes them and the reader that checks them: the noise rule, the speedup and its uncertainty, a
+metric's summary and the gate, and how closely a stored figure must match its re-derivation."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import _records as records
+import pytest
+
+from fluxopt.record import (LatencyStats, UnreadableRecord, gate_verdict, judge_metric, read_record, speedup_of,
+                            within_noise, write_record)
+
+
+@pytest.mark.parametrize(("speedup", "sigma", "spread", "expected"), [
+    (1.05, 0.03, 0.0, True), (0.95, 0.03, 0.0, True), (1.07, 0.03, 0.0, False), (0.93, 0.03, 0.0, False),
+    (1.059, 0.03, 0.0, True),  # just inside 2 sigma: still noise
+    (1.08, None, 0.1, True), (0.92, None, 0.1, True), (1.08, None, 0.05, False), (1.08, None, 0.0, None),
+    (1.5, 0.01, 0.6, True),  # within the spread of baselines in other runs, whatever its own sigma
+])
+def test_the_noise_rule(speedup, sigma, spread, expected):
+    assert within_noise(speedup, sigma, spread) is expected
+
+
+def test_speedup_is_the_ratio_of_medians_with_relative_spreads_in_quadrature():
+    base, stack = LatencyStats.from_samples([1.0, 1.02, 0.98]), LatencyStats.from_samples([0.5, 0.51, 0.49])
+    s = speedup_of(base, stack)
+    assert s.value == pytest.approx(2.0)
+    assert s.uncertainty == pytest.approx(2.0 * math.hypot(0.02 / 1.0, 0.01 / 0.5))
+    assert s.within_noise is False
+    assert speedup_of(base, LatencyStats.from_samples([1.0, 1.2, 0.8])).within_noise is True
+    one = LatencyStats.from_samples([0.5])
+    assert speedup_of(base, one).uncertainty is None and speedup_of(one, base).uncertainty is None
+    assert speedup_of(base, one).within_noise is None
+
+
+@pytest.mark.parametrize(("values", "higher", "threshold", "worst", "passed"), [
+    ([30.0, 25.0], True, 25.0, 25.0, True),   # at the threshold: passes
+    ([30.0, 24.9], True, 25.0, 24.9, False),
+    ([0.1, 0.3], False, 0.3, 0.3, True),      # lower is better: the largest is the worst
+    ([0.1, 0.31], False, 0.3, 0.31, False),
+    ([0.1, 0.31], False, None, 0.31, None),   # no threshold: reported, not judged
+    ([30.0, None], True, 20.0, math.nan, False),  # a value that was not finite (stored as null) fails
+    ([30.0, float("nan")], True, None, math.nan, None),
+])
+def test_a_metric_is_judged_on_its_worst_prompt(values, higher, threshold, worst, passed):
+    m = judge_metric(values, higher, threshold)
+    assert (m["worst"] == worst) or (math.isnan(worst) and math.isnan(m["worst"]))
+    assert m["passed"] is passed and m["threshold"] == threshold and m["higher_is_better"] is higher
+    if not math.isnan(worst):
+        assert m["mean"] == pytest.approx(sum(values) / len(values))
+
+
+def test_the_gate_names_every_failure_and_a_threshold_it_cannot_judge():
+    metrics = {"psnr": judge_metric([19.0], True, 20.0), "latent_rel_l2": judge_metric([0.5], False, 0.25),
+               "ssim": judge_metric([0.9], True, 0.75)}
+    passed, reason = gate_verdict(metrics, {"lpips": "no weights", "clip": "no model"}, {"lpips": 0.1})
+    assert passed is False
+    assert reason == "psnr 19 (needs >= 20); latent_rel_l2 0.5 (needs <= 0.25); lpips has a threshold but is not " \
+                     "available (no weights)"
+    assert gate_verdict({"ssim": metrics["ssim"]}, {"clip": "no model"}, {}) == (True, None)
+
+
+def test_a_stored_figure_is_accepted_within_float_rounding_and_not_beyond(tmp_path):
+    path = tmp_path / "result.json"
+    write_record(path, records.run([records.stack("fuse_qkv", 1.5)]))
+    data = json.loads(path.read_text())
+    data["stacks"][0]["speedup"] *= 1 + 1e-9  # another order of the same float operations
+    path.write_text(json.dumps(data))
+    assert read_record(path).edited == []
+    data["stacks"][0]["speedup"] *= 1 + 1e-4
+    path.write_text(json.dumps(data))
+    assert read_record(path).edited
+
+
+@pytest.mark.parametrize(("field", "value"), [("within_noise", 0), ("within_noise", 1), ("speedup", "1.5")])
+def test_a_figure_of_another_type_is_an_edit(tmp_path, field, value):
+    path = tmp_path / "result.json"
+    write_record(path, records.run([records.stack("fuse_qkv", 1.5)]))
+    data = json.loads(path.read_text())
+    data["stacks"][0][field] = value
+    path.write_text(json.dumps(data))
+    assert read_record(path).edited
+
+
+def test_a_passing_gate_stored_over_an_unavailable_threshold_is_an_edit(tmp_path):
+    path = tmp_path / "result.json"
+    write_record(path, records.run([records.stack("fuse_qkv", 1.5)]))
+    data = json.loads(path.read_text())
+    data["stacks"][0]["fidelity"]["unavailable"] = {"lpips": "no weights"}
+    data["stacks"][0]["fidelity"]["thresholds"]["lpips"] = 0.1
+    path.write_text(json.dumps(data))
+    assert any("fidelity.passed True is not False" in why for why in read_record(path).edited)
+
+
+@pytest.mark.parametrize(("change", "says"), [
+    (lambda d: d["stacks"][0].update(latency=[1.0]), "latency is not an object"),
+    (lambda d: d["stacks"][0]["latency"].update(samples=[0.0, 0.5]), "no usable raw samples"),
+    (lambda d: d["stacks"][0]["latency"].update(samples=[True, 0.5]), "no usable raw samples"),
+    (lambda d: d["stacks"][0].update(fidelity=[1]), "fidelity is not an object"),
+    (lambda d: d["stacks"][0]["fidelity"].update(metrics=[1]), "fidelity.metrics is not an object"),
+    (lambda d: d["stacks"][0]["fidelity"]["metrics"]["psnr"].update(threshold="20"), "threshold is not a number"),
+    (lambda d: d["stacks"][0]["fidelity"]["metrics"]["psnr"].update(higher_is_better=None), "no per-prompt values"),
+    (lambda d: d["stacks"][0]["fidelity"]["metrics"]["psnr"].update(per_prompt=[]), "no per-prompt values"),
+])
+def test_a_field_of_the_wrong_shape_names_the_file_and_the_field(tmp_path, change, says):
+    path = tmp_path / "result.json"
+    write_record(path, records.run([records.stack("fuse_qkv", 1.5)]))
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+    with pytest.raises(UnreadableRecord) as info:
+        read_record(path)
+    assert str(info.value).startswith(f"{path}: ") and says in str(info.value)
+
+
+def test_a_record_round_trips_and_keeps_what_the_reader_does_not_store(tmp_path):
+    record = records.run([records.stack("fuse_qkv", 1.5)])
+    record.edited = ["x"]
+    data = record.to_json()
+    assert "edited" not in data and "path" not in data and data["schema_version"] == 3
+    assert read_record(write_record(tmp_path / "r.json", record) or tmp_path / "r.json").to_json() == \
+        json.loads(json.dumps(data))
