@@ -9,6 +9,8 @@ import json
 import _records as records
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import fluxopt
 from fluxopt import ConfigError
@@ -82,3 +84,33 @@ def test_a_pipeline_sharing_modules_with_one_that_holds_a_stack_is_refused(tiny_
             fluxopt.apply_stack(other, "fuse_qkv", build=False, **KW)
     with fluxopt.apply_stack(other, "fuse_qkv", build=False, **KW):  # free again once closed
         pass
+
+
+FLAGS = [{"max_autotune": True}, {"max_autotune": True, "epilogue_fusion": False},
+         {"coordinate_descent_tuning": True, "epilogue_fusion": False}]
+
+
+@pytest.fixture(scope="module")
+def three_pipes():
+    return [fluxopt.load_model("tiny", device="cpu") for _ in FLAGS]
+
+
+@settings(max_examples=12, deadline=None)
+@given(order=st.permutations(range(len(FLAGS))))
+def test_any_closing_order_keeps_open_stacks_flags_and_ends_where_it_began(three_pipes, order):
+    """Stacks on three pipelines set overlapping Inductor flags; closed in any order, every flag a
+    still-open stack set stays in force, and the last close restores the process exactly."""
+    import torch._inductor.config as inductor_config
+
+    before = inductor_config.save_config()
+    applied = [fluxopt.apply_stack(pipe, {"compile": {**EAGER, "inductor_config": flags}}, build=False, **KW)
+               for pipe, flags in zip(three_pipes, FLAGS, strict=True)]
+    open_ = set(range(len(FLAGS)))
+    for i in order:
+        applied[i].close()
+        open_.discard(i)
+        for j in open_:
+            for key, value in FLAGS[j].items():
+                assert getattr(inductor_config, key) == value, (order, i, j, key)
+    assert inductor_config.save_config() == before
+    torch._dynamo.reset()
