@@ -1,0 +1,81 @@
+"""The one validation of every setting (``fluxopt.config.run_config``), called directly: each rule
+refuses just past its boundary with one message naming the setting, and accepts the boundary."""
+
+from __future__ import annotations
+
+import pytest
+
+from fluxopt.config import MAX_SEED, RunConfig, run_config
+from fluxopt.errors import ConfigError
+
+REFUSED = [
+    ({"bench": {"seed": -1}}, "bench.seed=-1 is not allowed: an integer between 0 and 9223372036854775807"),
+    ({"bench": {"seed": MAX_SEED + 1}}, f"bench.seed={MAX_SEED + 1} is not allowed"),
+    ({"bench": {"warmup": -1}}, "bench.warmup=-1 is not allowed: an integer >= 0"),
+    ({"bench": {"iterations": 0}}, "bench.iterations=0 is not allowed: an integer >= 1"),
+    ({"bench": {"steps": 0}}, "bench.steps=0 is not allowed: an integer >= 1"),
+    ({"bench": {"height": 8}}, "bench.height=8 is not allowed: a multiple of 16 between 16 and 8192"),
+    ({"bench": {"height": 8208}}, "bench.height=8208 is not allowed"),
+    ({"bench": {"width": 40}}, "bench.width=40 is not allowed: a multiple of 16"),
+    ({"bench": {"guidance_scale": -0.5}}, "bench.guidance_scale=-0.5 is not allowed: a finite number >= 0"),
+    ({"bench": {"guidance_scale": float("inf")}}, "bench.guidance_scale=inf is not allowed"),
+    ({"bench": {"max_sequence_length": 0}}, "bench.max_sequence_length=0 is not allowed: an integer between 1 and 512"),
+    ({"bench": {"max_sequence_length": 513}}, "bench.max_sequence_length=513 is not allowed"),
+    ({"bench": {"prompts": []}}, "bench.prompts=[] is not allowed: a non-empty list of strings"),
+    ({"bench": {"prompts": ["ok", " "]}}, "bench.prompts has ' ': every prompt must be a non-empty string"),
+    ({"fidelity": {"lossy": {"psnr": 100.5}}}, "fidelity.lossy.psnr=100.5 is not allowed: psnr is at most 100"),
+    ({"fidelity": {"lossless": {"ssim": 1.01}}}, "ssim is at most 1, so a threshold of 1.01 can never pass"),
+    ({"fidelity": {"lossy": {"latent_rel_l2": -0.01}}}, "latent_rel_l2 is at least 0, so a threshold of -0.01"),
+    ({"fidelity": {"lossy": {"psnr": float("nan")}}}, "fidelity.lossy.psnr=nan is not allowed: a finite number"),
+    ({"fidelity": {"lossless": {"ssmi": 0.9}}}, "fidelity.lossless.ssmi: unknown metric (did you mean 'ssim'?)"),
+    ({"fidelity": {"lossless": {"lpips": 0.1}}}, "fidelity.lossless.lpips=0.1 is not allowed: lpips cannot be computed"),
+    ({"device": "gpu"}, "device='gpu' is not one of auto, cpu, cuda"),
+    ({"bench": {"sed": 1}}, "Key 'sed' not in 'BenchConfig'"),
+    ({"bench": {"iterations": "many"}}, "bench.iterations"),
+]
+
+
+@pytest.mark.parametrize(("settings", "message"), REFUSED, ids=[m for _, m in REFUSED])
+def test_each_rule_refuses_with_one_line_naming_the_setting(settings, message):
+    with pytest.raises(ConfigError) as info:
+        run_config(settings)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+ACCEPTED = [
+    {"bench": {"seed": 0}}, {"bench": {"seed": MAX_SEED}}, {"bench": {"warmup": 0, "iterations": 1, "steps": 1}},
+    {"bench": {"height": 16, "width": 8192}}, {"bench": {"guidance_scale": 0}},
+    {"bench": {"max_sequence_length": 1}}, {"bench": {"max_sequence_length": 512}},
+    {"fidelity": {"lossy": {"psnr": 100.0, "ssim": 1.0, "latent_rel_l2": 0.0}}},
+    {"fidelity": {"lossless": {"ssim": -1.0}}}, {"device": "cuda"}, {"device": "cpu"},
+]
+
+
+@pytest.mark.parametrize("settings", ACCEPTED, ids=str)
+def test_each_boundary_is_allowed(settings):
+    assert isinstance(run_config(settings), RunConfig)
+
+
+def test_thresholds_are_set_on_top_of_the_defaults_not_instead_of_them():
+    config = run_config({"fidelity": {"lossless": {"psnr": 40.0}}})
+    assert config.fidelity.lossless == {"psnr": 40.0, "ssim": 0.95, "latent_rel_l2": 0.05}
+
+
+@pytest.mark.parametrize(("kind", "message"), [("missing", "does not exist"), ("file", "is a file"),
+                                               ("empty", "is not a diffusers checkpoint")])
+def test_a_local_model_path_must_be_a_checkpoint(tmp_path, kind, message):
+    path = tmp_path / "ckpt"
+    if kind == "file":
+        path.write_text("x")
+    elif kind == "empty":
+        path.mkdir()
+    with pytest.raises(ConfigError, match=f"model.path={path} {message}"):
+        run_config({"model": {"path": str(path)}})
+    path.unlink() if kind == "file" else None
+    (path.mkdir() if kind != "empty" else None)
+    (path / "model_index.json").write_text("{}")
+    assert run_config({"model": {"path": str(path)}}).model.path == str(path)
+
+
+def test_a_hub_id_is_left_to_the_loader():
+    assert run_config({"model": {"path": "black-forest-labs/FLUX.1-dev"}}).model.path == "black-forest-labs/FLUX.1-dev"
