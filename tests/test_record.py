@@ -123,3 +123,87 @@ def test_a_record_round_trips_and_keeps_what_the_reader_does_not_store(tmp_path)
     assert "edited" not in data and "path" not in data and data["schema_version"] == 3
     assert read_record(write_record(tmp_path / "r.json", record) or tmp_path / "r.json").to_json() == \
         json.loads(json.dumps(data))
+
+
+def test_latency_statistics_are_those_of_the_samples():
+    s = LatencyStats.from_samples([0.4, 0.1, 0.3, 0.2, 1.0])
+    assert (s.median, s.min, s.max, s.n) == (0.3, 0.1, 1.0, 5)
+    assert s.mean == pytest.approx(0.4) and s.std == pytest.approx(0.35355339059327373)
+    assert s.p90 == pytest.approx(0.76)  # numpy's linear interpolation at the 90th percentile
+    assert s.samples == [0.4, 0.1, 0.3, 0.2, 1.0]  # in the order measured
+    two = LatencyStats.from_samples([1.0, 3.0])
+    assert two.std == pytest.approx(1.4142135623730951)  # two samples have a spread
+    with pytest.raises(ValueError):
+        LatencyStats.from_samples([])
+
+
+def test_the_noise_rule_includes_its_boundaries():
+    assert within_noise(1.5, None, 0.5) is True and within_noise(1.5, 0.25) is True
+    assert within_noise(1.5, 0.2499) is False
+
+
+def test_the_uncertainty_weighs_each_side_by_its_own_median():
+    base, stack = LatencyStats.from_samples([2.0, 2.2, 1.8]), LatencyStats.from_samples([1.0, 1.05, 0.95])
+    s = speedup_of(base, stack)
+    assert s.value == pytest.approx(2.0) and s.uncertainty == pytest.approx(2.0 * math.hypot(0.2 / 2.0, 0.05 / 1.0))
+    assert speedup_of(base, LatencyStats.from_samples([1.0])).value == pytest.approx(2.0)
+
+
+def _with_step_latency(tmp_path):
+    record = records.run([records.stack("fuse_qkv", 1.5)])
+    record.stacks[0].step_latency = LatencyStats.from_samples([0.02, 0.021, 0.019])
+    path = tmp_path / "result.json"
+    write_record(path, record)
+    return path
+
+
+@pytest.mark.parametrize("key", ["median", "mean", "std", "min", "max", "p90", "n"])
+def test_every_stored_latency_statistic_is_checked_per_step_too(tmp_path, key):
+    path = _with_step_latency(tmp_path)
+    assert read_record(path).stacks[0].step_latency.median == 0.02
+    data = json.loads(path.read_text())
+    data["stacks"][0]["step_latency"][key] = 99
+    data["stacks"][0]["latency"][key] = 99
+    path.write_text(json.dumps(data))
+    edited = read_record(path).edited
+    assert any(f"fuse_qkv.step_latency.{key} 99" in why for why in edited), edited
+    assert any(f"fuse_qkv.latency.{key} 99" in why for why in edited), edited
+
+
+def test_a_non_finite_output_keeps_its_failed_gate_and_reason(tmp_path):
+    record = records.run([records.stack("fuse_qkv", 1.5)])
+    stack = record.stacks[0]
+    stack.fidelity = {"passed": False, "reason": "non-finite values (NaN/inf) in the output", "non_finite": True,
+                      "metrics": {}, "unavailable": {}, "thresholds": {"psnr": 20.0}}
+    stack.status, stack.phase, stack.reason = "failed", "fidelity", "fidelity: non-finite"
+    write_record(tmp_path / "result.json", record)
+    back = read_record(tmp_path / "result.json")
+    assert back.edited == [] and back.stacks[0].fidelity["passed"] is False
+    assert back.stacks[0].fidelity["reason"] == "non-finite values (NaN/inf) in the output"
+
+
+def test_the_gate_reason_is_re_derived_with_the_metrics(tmp_path):
+    path = tmp_path / "result.json"
+    write_record(path, records.run([records.stack("fuse_qkv", 1.5, psnr=10.0)]))
+    fidelity = read_record(path).stacks[0].fidelity
+    assert fidelity["reason"] == "psnr 10 (needs >= 20)" and fidelity["metrics"]["psnr"]["worst"] == 10.0
+
+
+def test_a_record_without_a_baseline_round_trips(tmp_path):
+    record = records.run([])
+    record.baseline = None
+    write_record(tmp_path / "result.json", record)
+    assert read_record(tmp_path / "result.json").baseline is None
+
+
+def test_what_cannot_be_read_is_named_with_the_reason(tmp_path):
+    (tmp_path / "result.json").mkdir()
+    with pytest.raises(UnreadableRecord, match=f"^{tmp_path / 'result.json'}: Is a directory"):
+        read_record(tmp_path / "result.json")
+    path = tmp_path / "r.json"
+    write_record(path, records.run([records.stack("fuse_qkv", 1.5)]))
+    data = json.loads(path.read_text())
+    data["stacks"][0] = "fuse_qkv"
+    path.write_text(json.dumps(data))
+    with pytest.raises(UnreadableRecord, match=rf"^{path}: stacks\[0\] is not an object"):
+        read_record(path)
