@@ -207,3 +207,65 @@ def test_what_cannot_be_read_is_named_with_the_reason(tmp_path):
     path.write_text(json.dumps(data))
     with pytest.raises(UnreadableRecord, match=rf"^{path}: stacks\[0\] is not an object"):
         read_record(path)
+
+
+def _stored(tmp_path, record):
+    path = tmp_path / "result.json"
+    write_record(path, record)
+    return path, json.loads(path.read_text())
+
+
+def test_consumers_see_the_re_derived_metrics_gate_and_reason_not_the_stored_ones(tmp_path):
+    path, data = _stored(tmp_path, records.run([records.stack("fuse_qkv", 1.5, psnr=30.0)]))
+    fidelity = data["stacks"][0]["fidelity"]
+    fidelity["metrics"]["psnr"].update(worst=99.0, passed=False)
+    fidelity.update(passed=False, reason="made up")
+    path.write_text(json.dumps(data))
+    record = read_record(path)
+    assert record.path == path
+    stack = record.stacks[0]
+    assert stack.worst("psnr") == 30.0 and stack.passed_gate and stack.fidelity["reason"] is None
+    assert stack.fidelity["metrics"]["psnr"]["passed"] is True
+    assert any("psnr.passed False is not True" in why for why in record.edited)
+
+
+def test_a_status_that_contradicts_a_consistent_gate_is_an_edit_either_way(tmp_path):
+    path, data = _stored(tmp_path, records.run([records.stack("fuse_qkv", 1.5, psnr=10.0)]))
+    data["stacks"][0].update(status="ok", phase=None, reason=None)  # the gate itself left as measured: failing
+    path.write_text(json.dumps(data))
+    record = read_record(path)
+    assert any("status 'ok' but its fidelity gate fails (psnr 10" in why for why in record.edited)
+    stack = record.stacks[0]
+    assert (stack.status, stack.phase, stack.reason) == ("failed", "fidelity", "fidelity: psnr 10 (needs >= 20)")
+    path, data = _stored(tmp_path, records.run([records.stack("fuse_qkv", 1.5, psnr=30.0)]))
+    data["stacks"][0].update(status="failed", phase="fidelity", reason="fidelity: psnr")
+    path.write_text(json.dumps(data))
+    assert any("status 'failed' for fidelity but its metrics pass" in why for why in read_record(path).edited)
+    data["stacks"][0].update(phase="build", reason="build: boom")  # a failure elsewhere is not contradicted
+    path.write_text(json.dumps(data))
+    assert read_record(path).edited == []
+
+
+@pytest.mark.parametrize("lossless", [True, False])
+def test_thresholds_are_checked_against_the_configured_gate_of_the_stack_s_kind(tmp_path, lossless):
+    record = records.run([records.stack("fuse_qkv", 1.5, threshold=30.0)])
+    record.stacks[0].lossless = lossless
+    kind, other = ("lossless", "lossy") if lossless else ("lossy", "lossless")
+    record.config = {"fidelity": {kind: {"psnr": 30.0}, other: {"psnr": 99.0}}}
+    path, _ = _stored(tmp_path, record)
+    assert read_record(path).edited == []
+    record.config = {"fidelity": {kind: {"psnr": 31.0}, other: {"psnr": 30.0}}}
+    path, _ = _stored(tmp_path, record)
+    assert any(f"is not the configured fidelity.{kind}.psnr=31.0" in why for why in read_record(path).edited)
+
+
+def test_a_baseline_of_the_wrong_shape_is_named(tmp_path):
+    path, data = _stored(tmp_path, records.run([records.stack("fuse_qkv", 1.5)]))
+    data["baseline"] = ["not", "an", "object"]
+    path.write_text(json.dumps(data))
+    with pytest.raises(UnreadableRecord, match=rf"^{path}: baseline is not an object"):
+        read_record(path)
+    data["baseline"] = {"stack": "baseline", "status": "ok", "step_latency": {"samples": [-1]}}
+    path.write_text(json.dumps(data))
+    with pytest.raises(UnreadableRecord, match=rf"^{path}: baseline.step_latency has no usable raw samples"):
+        read_record(path)
