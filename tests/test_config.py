@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from fluxopt.config import MAX_SEED, RunConfig, run_config
+from fluxopt.config import MAX_SEED, BenchConfig, FidelityConfig, RunConfig, run_config
 from fluxopt.errors import ConfigError
 
 REFUSED = [
@@ -79,3 +79,51 @@ def test_a_local_model_path_must_be_a_checkpoint(tmp_path, kind, message):
 
 def test_a_hub_id_is_left_to_the_loader():
     assert run_config({"model": {"path": "black-forest-labs/FLUX.1-dev"}}).model.path == "black-forest-labs/FLUX.1-dev"
+
+
+@pytest.mark.parametrize(("build", "message"), [
+    (lambda: BenchConfig(seed=True), "bench.seed=True is not allowed"),
+    (lambda: BenchConfig(guidance_scale=True), "bench.guidance_scale=True is not allowed"),
+    (lambda: FidelityConfig(lossy={"psnr": True}), "fidelity.lossy.psnr=True is not allowed: a finite number"),
+])
+def test_a_bool_is_not_a_number(build, message):
+    """Hydra's schema turns a bool into 1 before the check; the dataclasses, built directly, see it."""
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        build()
+
+
+def test_prompts_may_be_a_tuple_but_not_one_string():
+    from fluxopt.config import check_prompts
+
+    assert check_prompts("p", ("a", "b")) == ("a", "b")
+    with pytest.raises(ConfigError, match="p='ab' is not allowed"):
+        check_prompts("p", "ab")
+
+
+def test_the_error_names_the_key_once():
+    with pytest.raises(ConfigError) as info:
+        run_config({"bench": {"iterations": "many"}})
+    assert str(info.value) == "bench.iterations: Value 'many' of type 'str' could not be converted to Integer"
+    with pytest.raises(ConfigError) as info:
+        run_config({"fidelity": {"lossless": {"zzzzqq": 1.0}}})
+    assert "did you mean" not in str(info.value)  # nothing close: no suggestion
+
+
+def test_hydras_own_settings_are_not_part_of_the_run_config():
+    from omegaconf import OmegaConf
+
+    composed = OmegaConf.create({"hydra": {"run": {"dir": "x"}}, "bench": {"seed": 3}})
+    assert run_config(composed).bench.seed == 3
+
+
+@pytest.mark.parametrize("path", ["~/no-such-fluxopt-checkpoint", "./no-such-dir", "a/b/c", "no-such-dir"])
+def test_anything_but_owner_slash_name_is_a_local_path(path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        run_config({"model": {"path": path}})
+
+
+def test_an_existing_owner_slash_name_directory_is_checked_as_a_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "owner" / "name").mkdir(parents=True)
+    with pytest.raises(ConfigError, match="model.path=owner/name is not a diffusers checkpoint"):
+        run_config({"model": {"path": "owner/name"}})
