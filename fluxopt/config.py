@@ -20,7 +20,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from fluxopt import plugins
+from fluxopt import engines, plugins
 from fluxopt.errors import ConfigError
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -65,6 +65,7 @@ def check_prompts(setting: str, prompts: Any) -> tuple[str, ...]:
     return tuple(prompts)
 
 RUN_ID_RESOLVER = "fluxopt_run_id"
+LOCAL_GPUS_RESOLVER = "fluxopt_gpus_per_local_job"  # a local launcher's default GPUs per job
 
 
 @dataclass
@@ -242,6 +243,8 @@ def register_configs() -> None:
     """Put the schemas, every backend's options and every preset into Hydra's ConfigStore (idempotent)."""
     if not OmegaConf.has_resolver(RUN_ID_RESOLVER):
         OmegaConf.register_new_resolver(RUN_ID_RESOLVER, run_id, use_cache=True)
+    if not OmegaConf.has_resolver(LOCAL_GPUS_RESOLVER):
+        OmegaConf.register_new_resolver(LOCAL_GPUS_RESOLVER, engines.gpus_per_local_job, use_cache=True)
     cs = ConfigStore.instance()
     cs.store(name="fluxopt_run_schema", node=RunConfig)
     backends = plugins.backends()

@@ -59,10 +59,16 @@ def check_installed(group: str, name: str) -> None:
         raise ConfigError(f"{group}={name} needs the Hydra {kind} plugin '{module}', which is not installed ({install})")
 
 
-def _local_gpus() -> int:
+def local_gpus() -> int:
     import torch
 
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def gpus_per_local_job() -> int:
+    """The default GPUs per job of a launcher that runs jobs on this machine: one where GPUs
+    exist, none on a CPU machine (a default that asks for a GPU would refuse every CPU sweep)."""
+    return 1 if local_gpus() else 0
 
 
 def check_resources(launcher: Any) -> None:
@@ -72,12 +78,12 @@ def check_resources(launcher: Any) -> None:
     if target.endswith("FluxoptRayLauncher"):
         ray = launcher.get("ray") or {}
         wanted = (ray.get("remote") or {}).get("num_gpus") or 0
-        if (ray.get("init") or {}).get("address") is None and wanted > _local_gpus():
-            raise ConfigError(f"hydra.launcher.ray.remote.num_gpus={wanted}, but this machine has {_local_gpus()} "
+        if (ray.get("init") or {}).get("address") is None and wanted > local_gpus():
+            raise ConfigError(f"hydra.launcher.ray.remote.num_gpus={wanted}, but this machine has {local_gpus()} "
                               "GPU(s) and no Ray cluster is given (hydra.launcher.ray.init.address): Ray would wait "
                               "forever; use num_gpus=0 to run the jobs on the CPU")
     elif target.endswith("FluxoptSubmititLocalLauncher"):
         wanted = launcher.get("gpus_per_node") or 0
-        if wanted > _local_gpus():
-            raise ConfigError(f"hydra.launcher.gpus_per_node={wanted}, but this machine has {_local_gpus()} GPU(s); "
+        if wanted > local_gpus():
+            raise ConfigError(f"hydra.launcher.gpus_per_node={wanted}, but this machine has {local_gpus()} GPU(s); "
                               "use gpus_per_node=0 to run the jobs on the CPU")

@@ -173,8 +173,10 @@ def test_search_scores_a_crashed_job_as_infeasible():
 
 # ---- preflight ------------------------------------------------------------------------------
 @pytest.mark.parametrize(("argv", "message"), [
-    (["-m", "hydra/launcher=fluxopt_ray", "+backend=fuse_qkv"], "hydra.launcher.ray.remote.num_gpus=1, but this machine has 0"),
-    (["-m", "hydra/launcher=fluxopt_submitit_local", "+backend=fuse_qkv"], "hydra.launcher.gpus_per_node=1"),
+    (["-m", "hydra/launcher=fluxopt_ray", "+backend=fuse_qkv", "hydra.launcher.ray.remote.num_gpus=1"],
+     "hydra.launcher.ray.remote.num_gpus=1, but this machine has 0"),
+    (["-m", "hydra/launcher=fluxopt_submitit_local", "+backend=fuse_qkv", "hydra.launcher.gpus_per_node=1"],
+     "hydra.launcher.gpus_per_node=1"),
     (["hydra/sweeper=fluxopt_search"], "runs a sweep: add -m"),
     (["-m", "hydra/sweeper=fluxopt_search", "+backend=compile"], "the search chooses the stacks"),
     (["-m", "hydra/sweeper=fluxopt_search", "search.min_psnr=-3"], "search.min_psnr=-3.0 is not allowed"),
@@ -210,12 +212,22 @@ def test_slurm_and_local_submitit_configs_differ_only_in_the_executor():
     try:
         with initialize_config_module(config_module="fluxopt.conf", version_base="1.3"):
             configs = {name: OmegaConf.to_container(compose("config", [f"hydra/launcher={name}"],
-                                                            return_hydra_config=True).hydra.launcher)
+                                                            return_hydra_config=True).hydra.launcher, resolve=True)
                        for name in ("fluxopt_slurm", "fluxopt_submitit_local")}
     finally:
         GlobalHydra.instance().clear()
     slurm, local = configs["fluxopt_slurm"], configs["fluxopt_submitit_local"]
     assert slurm.pop("_target_").endswith("FluxoptSlurmLauncher")
     assert local.pop("_target_").endswith("FluxoptSubmititLocalLauncher")
-    assert {k: v for k, v in slurm.items() if k in local} == local  # shared settings, same values
-    assert local["gpus_per_node"] == 1 and local["timeout_min"] == 60
+    # shared settings, same values; a local job's GPUs follow this machine (a cluster's do not)
+    assert {k: v for k, v in slurm.items() if k in local and k != "gpus_per_node"} == \
+        {k: v for k, v in local.items() if k != "gpus_per_node"}
+    assert slurm["gpus_per_node"] == 1 and local["timeout_min"] == 60
+    assert local["gpus_per_node"] == engines.gpus_per_local_job() == 0  # this CPU machine
+
+
+def test_local_launchers_ask_for_no_gpu_on_a_cpu_machine_and_one_per_job_where_there_are_gpus(monkeypatch):
+    assert preflight(["-m", "hydra/launcher=fluxopt_ray", "+backend=fuse_qkv"])
+    assert preflight(["-m", "hydra/launcher=fluxopt_submitit_local", "+backend=fuse_qkv"])
+    monkeypatch.setattr(engines, "local_gpus", lambda: 4)
+    assert engines.gpus_per_local_job() == 1
