@@ -208,11 +208,14 @@ def test_slurm_and_local_submitit_configs_differ_only_in_the_executor():
     from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
 
+    from fluxopt.config import register_configs
+
+    register_configs()
     GlobalHydra.instance().clear()
     try:
         with initialize_config_module(config_module="fluxopt.conf", version_base="1.3"):
             configs = {name: OmegaConf.to_container(compose("config", [f"hydra/launcher={name}"],
-                                                            return_hydra_config=True).hydra.launcher, resolve=True)
+                                                            return_hydra_config=True).hydra.launcher)
                        for name in ("fluxopt_slurm", "fluxopt_submitit_local")}
     finally:
         GlobalHydra.instance().clear()
@@ -223,7 +226,7 @@ def test_slurm_and_local_submitit_configs_differ_only_in_the_executor():
     assert {k: v for k, v in slurm.items() if k in local and k != "gpus_per_node"} == \
         {k: v for k, v in local.items() if k != "gpus_per_node"}
     assert slurm["gpus_per_node"] == 1 and local["timeout_min"] == 60
-    assert local["gpus_per_node"] == engines.gpus_per_local_job() == 0  # this CPU machine
+    assert local["gpus_per_node"] == "${fluxopt_gpus_per_local_job:}" and engines.gpus_per_local_job() == 0
 
 
 def test_local_launchers_ask_for_no_gpu_on_a_cpu_machine_and_one_per_job_where_there_are_gpus(monkeypatch):
