@@ -116,7 +116,8 @@ def test_hydras_own_settings_are_not_part_of_the_run_config():
     assert run_config(composed).bench.seed == 3
 
 
-@pytest.mark.parametrize("path", ["~/no-such-fluxopt-checkpoint", "./no-such-dir", "a/b/c", "no-such-dir"])
+@pytest.mark.parametrize("path", ["~/no-such-fluxopt-checkpoint", "./no-such-dir", "a/b/c", "no-such-dir",
+                                  "/no-such-fluxopt-dir"])
 def test_anything_but_owner_slash_name_is_a_local_path(path):
     with pytest.raises(ConfigError, match="does not exist"):
         run_config({"model": {"path": path}})
