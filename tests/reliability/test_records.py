@@ -257,3 +257,54 @@ def test_any_edit_to_a_stored_derived_figure_is_detected(tmp_path_factory, where
     except UnreadableRecord:
         return  # a value of the wrong shape: refused, which is detection too
     assert record.edited, (where, value, stored)
+
+
+def test_the_job_list_says_what_who_and_when_and_an_earlier_one_is_kept(tmp_path, monkeypatch):
+    import datetime as dt
+
+    from fluxopt.environment import INVOCATION_ENV
+    from fluxopt.sweep import read_expected
+
+    monkeypatch.setenv(INVOCATION_ENV, "abc123")
+    write_expected(tmp_path, [["+backend=a"]], "python -m fluxopt -m +backend=a", search=False)
+    first = json.loads((tmp_path / "sweep.json").read_text())
+    assert first["invocation"] == "abc123" and first["command"] == "python -m fluxopt -m +backend=a"
+    assert first["search"] is False and first["jobs"] == [["+backend=a"]]
+    assert dt.datetime.fromisoformat(first["started"]).utcoffset() == dt.timedelta(0)
+    write_expected(tmp_path, [], "python -m fluxopt -m hydra/sweeper=fluxopt_search", search=True)
+    assert [p.name.startswith("sweep.previous-") for p in tmp_path.glob("sweep.previous-*.json")] == [True]
+    assert read_expected(tmp_path) == (None, None)  # a search's trials are not known in advance
+    (tmp_path / "sweep.json").write_text("{broken")
+    assert "cannot be read" in read_expected(tmp_path)[1]
+
+
+def test_a_job_is_matched_by_its_own_overrides_not_hydras(tmp_path):
+    write_expected(tmp_path, [["+backend=fuse_qkv", "hydra/launcher=fluxopt_joblib", "+hydra.job.env_set.X=1",
+                               "++hydra.sweep.dir=elsewhere", "~hydra.callbacks.x"]], "cmd", search=False)
+    write(tmp_path / "a", make_record(overrides=("+backend=fuse_qkv",)))
+    assert verdict_of(tmp_path).passed
+
+
+def test_summary_rows_show_noise_from_other_runs_warm_starts_and_what_was_not_run(tmp_path):
+    from fluxopt.sweep import summary_rows
+
+    fast = make_record(base=(1.0, 1.005, 0.995), stack=(0.952, 0.9545, 0.9495))
+    slow = make_record(base=(1.1, 1.2, 1.0), stack=(0.5, 0.52, 0.48), name="channels_last")
+    fast.stacks[0].stats = {"artifacts": {"compile": {"cache_hit": True}}}
+    slow.stacks[0].stats = {"artifacts": {"compile": {"cache_hit": True}, "x": {"cache_hit": False}}}
+    slow.requested = ["channels_last", "compile"]
+    slow.complete = False
+    for name, record in (("a", fast), ("b", slow)):
+        write(tmp_path / name, record)
+    records = [read_record(tmp_path / n / "result.json") for n in ("a", "b")]
+    rows = {(row["stack"], row["run"]): (row, machine) for row, machine in summary_rows(records, tmp_path)}
+    row, machine = rows[("fuse_qkv", "a")]
+    # 1.05x: its own sigma says "not noise", but the two runs' baselines differ by 10%: noise
+    assert machine["within_noise"] is False
+    assert row["speedup"].endswith("(noise)") and machine["within_noise_sweep"] is True
+    assert row["warm start"] == "cache hit" and machine["baseline_median_s"] == 1.0 and machine["model"] == "tiny"
+    row, machine = rows[("channels_last", "b")]
+    assert "(noise)" not in row["speedup"] and row["warm start"] == "cold build" and row["device"] == "?"
+    row, machine = rows[("compile", "b")]
+    assert row["status"] == "not run (the job was interrupted)" and machine["status"] == "not run"
+    assert len(rows) == 3
