@@ -308,3 +308,38 @@ def test_summary_rows_show_noise_from_other_runs_warm_starts_and_what_was_not_ru
     row, machine = rows[("compile", "b")]
     assert row["status"] == "not run (the job was interrupted)" and machine["status"] == "not run"
     assert len(rows) == 3
+
+
+def test_the_verdict_sorts_failures_from_what_could_not_be_judged(tmp_path):
+    from fluxopt.sweep import collect
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "result.json").write_text("{broken")  # read first: the others are still collected
+    failed = make_record(name="channels_last", overrides=("+backend=channels_last",))
+    failed.stacks[0].status, failed.stacks[0].reason = "failed", "build: boom"
+    write(tmp_path / "b", failed)
+    write(tmp_path / "c", make_record())
+    edit(tmp_path / "c" / "result.json", lambda d: d["stacks"][0].update(speedup=9.0))
+    assert len(collect(tmp_path).records) == 2
+    verdict = verdict_of(tmp_path)
+    assert verdict.failures == ["b: channels_last: build: boom"]
+    assert verdict.incomplete[0].startswith(str(tmp_path / "a" / "result.json"))
+    assert verdict.incomplete[1].startswith("c: edited: fuse_qkv.speedup 9.0")
+    (tmp_path / "sweep.json").write_text(json.dumps({"jobs": "all of them"}))
+    assert any("the sweep's job list has no 'jobs' list" in why for why in verdict_of(tmp_path).incomplete)
+    (tmp_path / "sweep.json").write_text(json.dumps({"jobs": [["+backend=x"], "+backend=y"]}))
+    assert any("has no 'jobs' list" in why for why in verdict_of(tmp_path).incomplete)
+    write_expected(tmp_path, [["+backend=compile"], []], "cmd", search=False)
+    missing = [why for why in verdict_of(tmp_path).incomplete if "no result" in why]
+    assert missing == ["job 0 (+backend=compile): no result: it never started, or its process was killed before "
+                       "writing one", "job 1 (no overrides): no result: it never started, or its process was killed "
+                       "before writing one"]
+
+
+def test_a_searchs_verdict_is_whether_some_trial_met_the_gate(tmp_path):
+    write(tmp_path / "a", make_record())
+    edit(tmp_path / "a" / "result.json", lambda d: d["stacks"][0].update(status="failed", reason="a trial missed"))
+    (tmp_path / "search.json").write_text(json.dumps({"best": {"stack": "fuse_qkv"}, "trials": []}))
+    assert verdict_of(tmp_path).passed  # a failing trial is part of searching
+    (tmp_path / "search.json").write_text(json.dumps({"best": None, "trials": []}))
+    assert verdict_of(tmp_path).failures[0].startswith("search: no trial met its fidelity gate")
