@@ -329,6 +329,8 @@ def test_the_verdict_sorts_failures_from_what_could_not_be_judged(tmp_path):
     assert any("the sweep's job list has no 'jobs' list" in why for why in verdict_of(tmp_path).incomplete)
     (tmp_path / "sweep.json").write_text(json.dumps({"jobs": [["+backend=x"], "+backend=y"]}))
     assert any("has no 'jobs' list" in why for why in verdict_of(tmp_path).incomplete)
+    (tmp_path / "sweep.json").write_text("[]")
+    assert any("has no 'jobs' list" in why for why in verdict_of(tmp_path).incomplete)
     write_expected(tmp_path, [["+backend=compile"], []], "cmd", search=False)
     missing = [why for why in verdict_of(tmp_path).incomplete if "no result" in why]
     assert missing == ["job 0 (+backend=compile): no result: it never started, or its process was killed before "
