@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from fluxopt.environment import DeviceInfo, package_versions
+from fluxopt.errors import ExitStatus, FluxoptError
 from fluxopt.files import dir_size, file_lock, file_sha256, lock_is_free, private_dir, walk_files
 
 log = logging.getLogger("fluxopt.artifacts")
@@ -147,6 +148,13 @@ class CacheResult:
         return stats
 
 
+class CacheLayoutError(FluxoptError):
+    """Something in the cache directory is not what the cache put there (a file in place of one of
+    its directories): the run cannot use the cache until the user moves it."""
+
+    exit_status = ExitStatus.STACK_FAILED
+
+
 class ArtifactCache:
     """Verified, locked, atomically written cache entries under ``root/artifacts/<kind>/``."""
 
@@ -227,7 +235,18 @@ class ArtifactCache:
         return None, None
 
     def get(self, kind: str, full_key: Mapping[str, Any], build: Callable[[Path], None]) -> CacheResult:
-        """The entry for ``full_key``, built with ``build(tmp_dir)`` if absent or invalid."""
+        """The entry for ``full_key``, built with ``build(tmp_dir)`` if absent or invalid. A file
+        where the cache needs a directory is :class:`CacheLayoutError`, naming it and the setting."""
+        try:
+            return self._get(kind, full_key, build)
+        except (NotADirectoryError, FileExistsError) as exc:
+            blocking = next((p for p in (Path(exc.filename), *Path(exc.filename).parents)
+                             if p.exists() and not p.is_dir()), Path(exc.filename))
+            raise CacheLayoutError(f"the cache directory {self.root} (cache.dir, else $FLUXOPT_CACHE_DIR) has a file "
+                                   f"where a directory is needed: {blocking}; move that file away, or set "
+                                   "cache.dir=<another directory>") from None
+
+    def _get(self, kind: str, full_key: Mapping[str, Any], build: Callable[[Path], None]) -> CacheResult:
         full_key = _normalise(full_key)
         target = self.entry_path(kind, full_key)
         start = time.perf_counter()

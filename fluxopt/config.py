@@ -8,6 +8,7 @@ option, for built-in and third-party backends alike, with no YAML file.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import secrets
@@ -81,8 +82,9 @@ class ModelConfig:
 
 
 def check_model_path(path: str) -> None:
-    """A ``model.path`` that names a local directory must be a diffusers FLUX checkpoint
-    (``model_index.json``); anything else that is not a hub id (``owner/name``) is refused."""
+    """A ``model.path`` that names a local directory must be a diffusers FLUX checkpoint (its
+    ``model_index.json`` names a Flux pipeline); anything else that is not a hub id (``owner/name``)
+    is refused."""
     local = Path(path).expanduser()
     looks_local = path.startswith(("/", ".", "~")) or local.exists() or path.count("/") != 1
     if not looks_local:
@@ -96,6 +98,13 @@ def check_model_path(path: str) -> None:
     if not (local / "model_index.json").is_file():
         raise ConfigError(f"model.path={path} is not a diffusers checkpoint: it has no model_index.json "
                           "(save one with pipe.save_pretrained(DIR))")
+    try:
+        pipeline_class = json.loads((local / "model_index.json").read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        raise ConfigError(f"model.path={path}: its model_index.json cannot be read as a diffusers index") from None
+    if not isinstance(pipeline_class, str) or not pipeline_class.startswith("Flux"):
+        raise ConfigError(f"model.path={path} is a {pipeline_class} checkpoint, not a FLUX one (fluxopt optimizes "
+                          "FluxPipeline and its variants)")
 
 
 @dataclass

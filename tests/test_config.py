@@ -73,8 +73,20 @@ def test_a_local_model_path_must_be_a_checkpoint(tmp_path, kind, message):
         run_config({"model": {"path": str(path)}})
     path.unlink() if kind == "file" else None
     (path.mkdir() if kind != "empty" else None)
-    (path / "model_index.json").write_text("{}")
+    (path / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')
     assert run_config({"model": {"path": str(path)}}).model.path == str(path)
+
+
+@pytest.mark.parametrize(("index", "message"), [
+    ('{"_class_name": "StableDiffusionPipeline"}', "is a StableDiffusionPipeline checkpoint, not a FLUX one"),
+    ("{}", "is a None checkpoint, not a FLUX one"),
+    ("not json", "model_index.json cannot be read"),
+    ("[1]", "model_index.json cannot be read"),
+])
+def test_a_checkpoint_of_another_pipeline_is_refused(tmp_path, index, message):
+    (tmp_path / "model_index.json").write_text(index)
+    with pytest.raises(ConfigError, match=message):
+        run_config({"model": {"path": str(tmp_path)}})
 
 
 def test_a_hub_id_is_left_to_the_loader():

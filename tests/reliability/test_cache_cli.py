@@ -45,3 +45,15 @@ def test_prune_keeps_the_checkpoint_it_just_built_and_lists_what_it_removes(tmp_
     assert "model/" not in out
     assert main(["--cache-dir", str(tmp_path), "prune", "--older-than=0"]) == 0  # age alone: then it may go
     assert "model/" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("where", ["artifacts", "artifacts/model"])
+def test_a_file_where_the_cache_needs_a_directory_is_named_with_the_setting(tmp_path, where):
+    from fluxopt.artifacts import CacheLayoutError
+
+    (tmp_path / where).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / where).write_text("in the way")
+    with pytest.raises(CacheLayoutError) as info:
+        local_model_dir(plugins.model("tiny"), tmp_path)
+    assert f"has a file where a directory is needed: {tmp_path / where};" in str(info.value)
+    assert "cache.dir" in str(info.value) and info.value.exit_status == 1
