@@ -190,11 +190,20 @@ class RunConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     backend: dict[str, Any] = field(default_factory=dict)  # selected backends -> their options
+    # Several stacks measured against one baseline in one process: a list (each a backend or
+    # preset name, a list of names, or a mapping name -> options) or a YAML file holding one
+    # under ``stacks:``. Read once here; the record holds the list itself.
+    stacks: Any = None
     device: str = "auto"  # auto | cpu | cuda
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
             raise ConfigError(f"device={self.device!r} is not one of {', '.join(DEVICES)}")
+        if self.stacks is not None:
+            if self.backend:
+                raise ConfigError("stacks= and +backend= both choose what is measured; use one (a single stack is "
+                                  "+backend=[a,b], several against one baseline stacks=[...])")
+            self.stacks = read_stack_list(self.stacks)
     save_images: bool = True
     # Skip a job whose output directory already holds a complete, passing result for the same
     # measurement config (rerun a sweep in its directory to finish it); false re-measures.
@@ -207,6 +216,41 @@ class RunConfig:
     # Run the command in a background process of its own session (it outlives the terminal); print
     # its output directory and pid, and return at once. Its console output: <output dir>/fluxopt.out.
     detach: bool = False
+
+
+STACK_ENTRY_RULE = "a backend or preset name, a list of names, or a mapping name -> options"
+
+
+def read_stack_list(value: Any) -> list[dict[str, dict[str, Any]]]:
+    """``stacks=`` as a list of mappings backend name -> options (names and options are checked when
+    the stacks are built): from the list given, or from the YAML file it names."""
+    setting = "stacks"
+    if isinstance(value, str):
+        path = Path(value).expanduser()
+        setting = f"stacks={value}"
+        if not path.is_file():
+            raise ConfigError(f"{setting}: no such file (a YAML file with a list under 'stacks:', or a list "
+                              "stacks=[a,[b,c]])")
+        import yaml
+
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+            raise ConfigError(f"{setting} cannot be read as YAML: {str(exc).splitlines()[0]}") from None
+        value = loaded.get("stacks") if isinstance(loaded, dict) else loaded
+    if not isinstance(value, (list, tuple)) or not value:
+        raise ConfigError(f"{setting}={value!r} is not allowed: a non-empty list, each entry {STACK_ENTRY_RULE}")
+    entries = []
+    for item in value:
+        if isinstance(item, str):
+            item = {item: {}}
+        elif isinstance(item, (list, tuple)) and item and all(isinstance(n, str) for n in item):
+            item = {n: {} for n in item}
+        if not isinstance(item, Mapping) or not item or not all(
+                isinstance(k, str) and (v is None or isinstance(v, Mapping)) for k, v in item.items()):
+            raise ConfigError(f"{setting} has {item!r}: each entry is {STACK_ENTRY_RULE}")
+        entries.append({k: dict(v or {}) for k, v in item.items()})
+    return entries
 
 
 def did_you_mean(name: str, known: Any) -> str:
@@ -236,11 +280,21 @@ def run_config(source: DictConfig | Mapping[str, Any]) -> RunConfig:
 
 
 # Settings that decide what is measured; resume compares these only (not output paths, resume, verbosity).
-MEASUREMENT_KEYS = ("model", "bench", "fidelity", "backend", "device", "build_only")
+MEASUREMENT_KEYS = ("model", "bench", "fidelity", "backend", "stacks", "device", "build_only")
 
 
 def measurement_config(config: dict[str, Any]) -> dict[str, Any]:
     return {k: config.get(k) for k in MEASUREMENT_KEYS}
+
+
+def recorded_config(cfg: DictConfig, config: RunConfig) -> dict[str, Any]:
+    """The configuration a record holds: the composed settings as given (resolved, without Hydra's
+    own), with ``stacks`` as the list measured, not the file that held it."""
+    data = OmegaConf.to_container(cfg, resolve=True)
+    data.pop("hydra", None)
+    if config.stacks is not None:
+        data["stacks"] = config.stacks
+    return data
 
 
 def run_id() -> str:
@@ -248,14 +302,29 @@ def run_id() -> str:
     return f"{os.getpid()}-{secrets.token_hex(2)}"
 
 
+# The bench presets (``bench=<name>``); a setting not given here is the model's own default.
+BENCHES = {
+    "quick": BenchConfig(name="quick"),  # the model's steps and resolution: a smoke test
+    # published numbers: FLUX.1-dev's 1024x1024 and 28 steps, more timed calls
+    "full": BenchConfig(name="full", height=1024, width=1024, steps=28, warmup=2, iterations=5),
+}
+
+
 def register_configs() -> None:
-    """Put the schemas, every backend's options and every preset into Hydra's ConfigStore (idempotent)."""
+    """Put every config group into Hydra's ConfigStore (idempotent): the run schema, the bench
+    presets, the default fidelity thresholds, every model (``model=<name>``, a plugin's included),
+    every backend's options and every preset."""
     if not OmegaConf.has_resolver(RUN_ID_RESOLVER):
         OmegaConf.register_new_resolver(RUN_ID_RESOLVER, run_id, use_cache=True)
     if not OmegaConf.has_resolver(LOCAL_GPUS_RESOLVER):
         OmegaConf.register_new_resolver(LOCAL_GPUS_RESOLVER, engines.gpus_per_local_job, use_cache=True)
     cs = ConfigStore.instance()
     cs.store(name="fluxopt_run_schema", node=RunConfig)
+    for name, bench in BENCHES.items():
+        cs.store(group="bench", name=name, node=bench)
+    cs.store(group="fidelity", name="default", node=FidelityConfig)
+    for name in plugins.models():
+        cs.store(group="model", name=name, node=ModelConfig(name=name))
     backends = plugins.backends()
     for name, backend in backends.items():
         cs.store(group="backend", name=name, node=backend.options_class, package=f"backend.{name}")

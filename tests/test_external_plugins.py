@@ -72,3 +72,23 @@ def test_a_misspelt_hook_is_refused_naming_the_plugin(tmp_path, monkeypatch):
     finally:
         monkeypatch.undo()
         plugins.get_plugin_manager.cache_clear()
+
+
+def test_a_plugin_model_is_selected_by_name_from_outside_the_checkout(tmp_path, plugin_env):
+    """Models are in Hydra's ConfigStore, built from the registered specs: a plugin's model needs
+    no YAML file anywhere to be ``model=<name>``, and its generation defaults apply."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    proc = run_cli("model=tiny-square", "+backend=fuse_qkv", "bench.iterations=1", "save_images=false",
+                   "hydra.run.dir=run", env=plugin_env, cwd=elsewhere)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = read_result(elsewhere / "run")
+    assert result["model"]["name"] == "tiny-square"
+    assert (result["shapes"]["height"], result["shapes"]["width"], result["shapes"]["steps"]) == (32, 32, 2)
+    assert result["stacks"][0]["status"] == "ok"
+
+
+def test_without_the_plugin_its_model_is_unknown(tmp_path):
+    proc = run_cli("model=tiny-square", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 2
+    assert "model='tiny-square' is not a known model" in proc.stderr and len(proc.stderr.splitlines()) == 1

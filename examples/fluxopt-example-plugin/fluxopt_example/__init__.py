@@ -1,7 +1,9 @@
-"""Example third-party fluxopt plugin: a backend, a metric and an event hook.
+"""Example third-party fluxopt plugin: a backend, a model, a metric and an event hook.
 
 * backend ``vae_tiling``: decode latents in tiles (and batch slices) to bound VAE memory;
   lossy, since tile seams are blended;
+* model ``tiny-square``: fluxopt's embedded tiny pipeline with generation defaults of its own
+  (32x32, 2 steps), selectable as ``model=tiny-square``;
 * metric ``max_abs_diff``: the largest per-pixel difference to the baseline image (reported;
   gates the verdict only if ``fidelity.lossy.max_abs_diff`` sets a threshold);
 * event hook: appends one line per finished stack to ``<run dir>/example-events.csv``.
@@ -15,7 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from fluxopt import Backend, ConfigError, Metric, Sample, StackContext, StackRecord, Stage, hookimpl
+import fluxopt
+from fluxopt import (Backend, ConfigError, GenerationDefaults, Metric, ModelSpec, Sample, StackContext, StackRecord,
+                     Stage, hookimpl)
 
 
 @dataclass
@@ -53,6 +57,18 @@ def max_abs_diff(reference: Sample, candidate: Sample) -> float:
 @hookimpl
 def fluxopt_backends() -> list[Backend]:
     return [VaeTilingBackend()]
+
+
+def _tiny_square(device: Any, dtype: Any) -> Any:
+    return fluxopt.load_model("tiny", device=str(device.type), dtype=str(dtype).removeprefix("torch."))
+
+
+@hookimpl
+def fluxopt_models() -> list[ModelSpec]:
+    return [ModelSpec(name="tiny-square", description="fluxopt's tiny pipeline at 32x32, 2 steps",
+                      defaults=GenerationDefaults(steps=2, guidance_scale=3.5, height=32, width=32,
+                                                  max_sequence_length=64),
+                      factory=_tiny_square, trained=False)]
 
 
 @hookimpl
