@@ -35,7 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from fluxopt import console, detach, engines, launch, plugins, search, sweep
-from fluxopt.config import RunConfig, register_configs
+from fluxopt.config import RunConfig, recorded_config, register_configs, run_config
 from fluxopt.environment import INVOCATION_ENV
 from fluxopt.errors import ConfigError, ExitStatus, FluxoptError, UnavailableError
 from fluxopt.files import move_aside, write_text_atomic
@@ -298,7 +298,7 @@ def run_job(cfg: DictConfig) -> RunRecord | None:
     hc = HydraConfig.get()
     output_dir = Path(hc.runtime.output_dir)
     multirun = hc.mode == RunMode.MULTIRUN
-    config = OmegaConf.to_container(cfg, resolve=True)
+    config = recorded_config(cfg, run_config(cfg))
     previous = _previous(output_dir, config)
     if previous is not None:
         console.say(f"{output_dir / RESULT_FILE} is complete and passed for this config; skipping it "

@@ -130,6 +130,8 @@ def plan_run(cfg: Any, stacks: list[Stack] | None = None, check_memory: bool = T
     selection = selected_backends(cfg)
     if stacks is not None:
         chosen = tuple(stacks)
+    elif config.stacks is not None:
+        chosen, explicit = tuple(build_stack(entry) for entry in config.stacks), True
     elif selection:
         chosen, explicit = (build_stack(selection),), True
     else:
@@ -143,8 +145,9 @@ def plan_run(cfg: Any, stacks: list[Stack] | None = None, check_memory: bool = T
 
 
 def check_runnable(plan: RunPlan) -> None:
-    """An explicitly requested stack must be runnable here: say why not, before loading."""
+    """Explicitly requested stacks must be runnable here: say which is not and why, before loading."""
     if plan.explicit:
-        unmet = plan.stacks[0].unmet_requirements(plan.device)
-        if unmet:
-            raise UnavailableError(f"stack '{plan.stacks[0].name}' cannot run here: " + "; ".join(unmet))
+        refused = [f"stack '{s.name}' cannot run here: " + "; ".join(unmet) for s in plan.stacks
+                   if (unmet := s.unmet_requirements(plan.device))]
+        if refused:
+            raise UnavailableError("; ".join(refused))

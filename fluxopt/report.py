@@ -17,7 +17,7 @@ from fluxopt.files import write_text_atomic
 from fluxopt.record import RunRecord, StackRecord
 
 COLUMNS = ("stack", "status", "latency (s)", "per step (ms)", "speedup", "build (s)", "first call (s)",
-           "peak mem (GiB)", "steps skipped", "PSNR", "SSIM", "latent err", "fidelity")
+           "peak mem (GiB)", "J/image", "avg W", "steps skipped", "PSNR", "SSIM", "latent err", "fidelity")
 
 
 def _fmt(value: Any, spec: str = ".3g") -> str:
@@ -69,6 +69,8 @@ def stack_row(r: StackRecord) -> dict[str, str]:
         "build (s)": _fmt(r.build_s, ".1f"),
         "first call (s)": _fmt(r.first_call_s, ".3f"),
         "peak mem (GiB)": _fmt(None if r.peak_memory_bytes is None else r.peak_memory_bytes / 2**30, ".2f"),
+        "J/image": _fmt(r.energy and r.energy.median_j, ".0f"),
+        "avg W": _fmt(r.energy and r.energy.average_w(r.latency), ".0f"),
         "PSNR": metric("psnr", ".1f"),
         "SSIM": metric("ssim", ".3f"),
         "latent err": metric("latent_rel_l2", ".2e"),
@@ -172,6 +174,9 @@ def render_run_markdown(data: RunRecord) -> str:
         *environment_lines(data.environment),
         "",
     ]
+    command = data.provenance.get("command")
+    if command:
+        lines += ["## Reproduce", "", "```bash", command, "```", ""]
     return "\n".join(lines)
 
 

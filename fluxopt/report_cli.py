@@ -1,7 +1,11 @@
 """``fluxopt-report DIR``: rebuild the summary of a sweep (or of all runs below DIR) from its
 result files. ``--best`` picks the fastest stack that passed its fidelity gate and the limits
 given (``--min-psnr``, ``--max-memory-gib``) and prints the command line and the Python call
-that reproduce it."""
+that reproduce it.
+
+``fluxopt-report publish RUN_DIR DEST``: a run's record and its page (report.md, ending with the
+command that produced it) copied into DEST (e.g. ``docs/results/<date>-<gpu>-<what>``), after the
+record was read through fluxopt's reader: an edited or unreadable record is never published."""
 
 from __future__ import annotations
 
@@ -10,6 +14,9 @@ from pathlib import Path
 
 from fluxopt.cache_cli import OneLineParser
 from fluxopt.errors import ConfigError, ExitStatus, FluxoptError
+from fluxopt.files import write_bytes_atomic, write_text_atomic
+from fluxopt.record import RESULT_FILE, read_record
+from fluxopt.report import render_run_markdown
 from fluxopt.selection import Limits, best
 from fluxopt.stack import option_defaults
 from fluxopt.sweep import collect, write_summary
@@ -39,6 +46,24 @@ def _print_best(directory: Path, limits: Limits) -> int:
     return ExitStatus.OK
 
 
+def publish(run_dir: Path, dest: Path) -> Path:
+    """Copy ``run_dir``'s result.json into ``dest`` with its page re-rendered from the record;
+    ``dest`` must not exist (a published run is never overwritten)."""
+    record = read_record(run_dir / RESULT_FILE)
+    if record is None:
+        raise ConfigError(f"RUN_DIR={run_dir} holds no {RESULT_FILE}")
+    if record.edited:
+        raise ConfigError(f"{record.path} was edited ({'; '.join(record.edited)}); it cannot be published")
+    if not record.provenance.get("command"):
+        raise ConfigError(f"{record.path} does not say which command produced it (a run of `python -m fluxopt` "
+                          "records it); only such runs are published")
+    if dest.exists():
+        raise ConfigError(f"DEST={dest} exists; a published run is never overwritten, choose a new name")
+    write_bytes_atomic(dest / RESULT_FILE, (run_dir / RESULT_FILE).read_bytes())
+    write_text_atomic(dest / "report.md", render_run_markdown(record))
+    return dest
+
+
 def main(argv: list[str] | None = None) -> None:
     """``fluxopt-report``; fluxopt's own errors (a broken installed plugin...) are one line."""
     try:
@@ -49,6 +74,18 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _main(argv: list[str] | None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["publish"]:
+        parser = OneLineParser(prog="fluxopt-report publish", description=publish.__doc__)
+        parser.add_argument("run_dir", type=Path, help="a run's output directory (holding result.json)")
+        parser.add_argument("dest", type=Path, help="a new directory for the record and its page")
+        args = parser.parse_args(argv[1:])
+        try:
+            where = publish(args.run_dir, args.dest)
+        except ConfigError as exc:
+            parser.error(str(exc))
+        print(f"published {args.run_dir / RESULT_FILE} as {where / RESULT_FILE} and {where / 'report.md'}")
+        return
     parser = OneLineParser(prog="fluxopt-report", description=__doc__)
     parser.add_argument("directory", type=Path, help="a sweep directory or any directory holding result.json files")
     parser.add_argument("--best", action="store_true", help="print the winner and how to reproduce it")

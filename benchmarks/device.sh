@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# The one script for the GPU machine (device tool), run from the repository root with .whl carried:
+#
+#   bash benchmarks/device.sh run NAME LIMIT_S [fluxopt arguments...]
+#       python -m fluxopt ARGS with hydra.run.dir=/tmp/res/NAME, stopped after LIMIT_S (SIGTERM:
+#       result.json stays valid, marked interrupted); NAME's result.json, report.md, console output
+#       and log are copied to $OUT/NAME/. Publish it here with `fluxopt-report publish`.
+#   bash benchmarks/device.sh tests [pytest arguments...]
+#       the GPU-marked tests ($OUT/gpu-tests.log).
+#   bash benchmarks/device.sh background WAIT_S (run ... | tests ...)
+#       the same in the background (it outlives this call while the machine stays warm), waiting
+#       up to WAIT_S; `bash benchmarks/device.sh poll WAIT_S` in later calls waits more and collects.
+#
+# Every call first installs the carried wheels and fluxopt itself (non-editable) into /tmp/site, once
+# per machine, and works from /tmp/work (no fluxopt/ source tree), so the installed package runs.
+set -u
+here=$PWD
+setup() {
+  if [ ! -f /tmp/site/.fluxopt-installed ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-build-isolation --target /tmp/site \
+      .whl/*.whl . || return 1
+    touch /tmp/site/.fluxopt-installed
+  fi
+  export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 FLUXOPT_CACHE_DIR=${FLUXOPT_CACHE_DIR:-/tmp/fluxopt-cache} \
+    HF_HUB_OFFLINE=1
+  mkdir -p /tmp/work /tmp/res && cp -r tests benchmarks examples pyproject.toml /tmp/work/ && cd /tmp/work
+  nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,power.limit --format=csv,noheader
+}
+collect() {  # what a run has written so far (result.json is rewritten after every stack)
+  for run in /tmp/res/*/; do
+    name=$(basename "$run") && mkdir -p "$OUT/$name"
+    cp "$run"/result.json "$run"/report.md "$run"/fluxopt.out "$run"/*.log "$OUT/$name/" 2>/dev/null
+  done
+  cp /tmp/background.log "$OUT/" 2>/dev/null
+  true
+}
+case ${1:-} in
+  run)
+    name=$2 limit=$3
+    shift 3
+    setup || exit 1
+    timeout -s TERM -k 30 "$limit" python3 -m fluxopt "$@" "hydra.run.dir=/tmp/res/$name" 2>&1 \
+      | tee "/tmp/res/$name.out"
+    rc=${PIPESTATUS[0]}
+    mkdir -p "/tmp/res/$name" && mv "/tmp/res/$name.out" "/tmp/res/$name/fluxopt.out"
+    collect
+    echo "$name: exit $rc"
+    exit "$rc" ;;
+  tests)
+    shift
+    setup || exit 1
+    timeout 540 python3 -m pytest -q -p no:cacheprovider -o addopts="" -m gpu -rs "$@" tests 2>&1 \
+      | tee "$OUT/gpu-tests.log"
+    exit "${PIPESTATUS[0]}" ;;
+  background)
+    wait=$2
+    shift 2
+    mkdir -p /tmp/out
+    OUT=/tmp/out setsid nohup bash "$here/benchmarks/device.sh" "$@" > /tmp/background.log 2>&1 < /dev/null &
+    echo $! > /tmp/background.pid
+    exec bash "$here/benchmarks/device.sh" poll "$wait" ;;
+  poll)
+    pid=$(cat /tmp/background.pid)
+    for _ in $(seq "$2"); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
+    cp -r /tmp/out/. "$OUT/" 2>/dev/null
+    collect
+    tail -5 /tmp/background.log
+    if kill -0 "$pid" 2>/dev/null; then echo "still running"; exit 3; fi
+    echo "finished"; exit 0 ;;
+  *)
+    sed -n 2,16p "$0"; exit 2 ;;
+esac
