@@ -18,6 +18,7 @@ import numpy as np
 import psutil
 import torch
 
+from fluxopt.energy import EnergyMeter, spent
 from fluxopt.environment import DeviceInfo
 from fluxopt.record import LatencyStats
 from fluxopt.shapes import Shapes
@@ -41,6 +42,8 @@ class Measurement:
     peak_memory_bytes: int | None
     memory_kind: str
     samples: list[Sample]
+    energy_j: list[float] | None = None  # per timed generation (None: no energy counter here)
+    warmup_energy_j: float | None = None  # the first calls and the warm-up
 
 
 class _Clock:
@@ -133,11 +136,13 @@ class Generator:
 
 
 def measure(gen: Generator, prompts: Sequence[str], seed: int, warmup: int, iterations: int,
-            on_phase: Callable[[str], None] | None = None) -> Measurement:
+            on_phase: Callable[[str], None] | None = None, meter: EnergyMeter | None = None) -> Measurement:
     """First call, one output per prompt (same seed for every stack), extra warm-up, then
     ``iterations`` timed calls cycling over the prompts. ``on_phase`` is told when the
-    warm-up and timing phases start, so a failure can be attributed to one."""
+    warm-up and timing phases start, so a failure can be attributed to one; ``meter`` reads the
+    GPU's energy around the warm-up and each timed call (after a sync, so each call's work is done)."""
     on_phase = on_phase or (lambda name: None)
+    meter = meter or EnergyMeter(None)
     if iterations < 1:
         raise ValueError("bench.iterations must be at least 1")
     on_phase("warmup")
@@ -145,6 +150,7 @@ def measure(gen: Generator, prompts: Sequence[str], seed: int, warmup: int, iter
         torch.cuda.reset_peak_memory_stats()
     sampler = _RssSampler() if not gen.device.is_gpu else None
     with sampler if sampler is not None else contextlib.nullcontext():
+        warmup_start = meter.read()
         samples = []
         first_call = None
         for i, prompt in enumerate(prompts):
@@ -154,9 +160,12 @@ def measure(gen: Generator, prompts: Sequence[str], seed: int, warmup: int, iter
         for i in range(warmup):
             gen(prompts[i % len(prompts)], seed + i % len(prompts))
         on_phase("timing")
-        totals, steps = [], []
+        warmup_energy = spent(warmup_start, meter.read())
+        totals, steps, energy = [], [], []
         for i in range(iterations):
+            before = meter.read()
             _, total, per_step = gen(prompts[i % len(prompts)], seed + i % len(prompts))
+            energy.append(spent(before, meter.read()))
             totals.append(total)
             if per_step is not None:
                 steps.append(per_step)
@@ -166,4 +175,5 @@ def measure(gen: Generator, prompts: Sequence[str], seed: int, warmup: int, iter
         peak, kind = sampler.peak, "process_peak_rss"
     return Measurement(first_call_s=float(first_call), latency=LatencyStats.from_samples(totals),
                        step_latency=LatencyStats.from_samples(steps) if steps else None,
-                       peak_memory_bytes=int(peak), memory_kind=kind, samples=samples)
+                       peak_memory_bytes=int(peak), memory_kind=kind, samples=samples,
+                       energy_j=None if None in energy else energy, warmup_energy_j=warmup_energy)

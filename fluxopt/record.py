@@ -26,8 +26,8 @@ import numpy as np
 
 from fluxopt.files import write_json_atomic
 
-SCHEMA_VERSION = 3
-READABLE_SCHEMAS = (2, 3)  # 2: before partial builds were labelled; read the same way
+SCHEMA_VERSION = 4
+READABLE_SCHEMAS = (2, 3, 4)  # 2: before partial builds were labelled, 3: before energy; read the same way
 RESULT_FILE = "result.json"
 NOISE_SIGMAS = 2.0  # a speedup within this many standard deviations of 1 is noise
 _REL_TOL = 1e-6  # stored and re-derived figures agree within this (JSON keeps 17 digits)
@@ -76,6 +76,27 @@ class LatencyStats:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+@dataclass
+class Energy:
+    """Joules the GPU board drew (NVML's cumulative counter): one sample per timed generation,
+    matched to the latency samples, and the totals of the warm-up and build phases. Per image and
+    average watts are derived from the samples, never stored."""
+
+    per_image_j: list[float]
+    warmup_j: float | None = None
+    build_j: float | None = None
+
+    @property
+    def median_j(self) -> float:
+        return statistics.median(self.per_image_j)
+
+    def average_w(self, latency: LatencyStats | None) -> float | None:
+        """Mean power over the timed generations (joules / seconds of the same generations)."""
+        if latency is None or len(latency.samples) != len(self.per_image_j) or not sum(latency.samples):
+            return None
+        return sum(self.per_image_j) / sum(latency.samples)
 
 
 @dataclass(frozen=True)
@@ -161,6 +182,7 @@ class StackRecord:
     speedup_uncertainty: float | None = None  # derived
     within_noise: bool | None = None  # derived
     fidelity: dict[str, Any] | None = None  # per-metric values (raw) and the gate (derived)
+    energy: Energy | None = None  # GPU board energy (None where NVML cannot read it)
     # What was measured instead of the whole backend when a backend stopped its build early
     # (e.g. trt_fp8 stop_after=onnx measures ModelOpt's fake-quantized torch model); None: the backend
     partial: str | None = None
@@ -272,6 +294,27 @@ def _latency(value: Any, path: Path, where: str, edited: list[str]) -> LatencySt
     return stats
 
 
+def _energy(value: Any, path: Path, where: str, latency: LatencyStats | None) -> Energy | None:
+    """The energy block: non-negative joules, one per timed generation."""
+    if value is None:
+        return None
+
+    def joules(x: Any) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x >= 0
+
+    _require(isinstance(value, Mapping) and set(value) <= {"per_image_j", "warmup_j", "build_j"}, path,
+             f"{where} is not an object of per_image_j, warmup_j, build_j")
+    samples = value.get("per_image_j")
+    _require(isinstance(samples, list) and samples and all(joules(x) for x in samples), path,
+             f"{where}.per_image_j is not a list of joules")
+    _require(latency is None or len(samples) == latency.n, path,
+             f"{where}.per_image_j has {len(samples)} samples for {latency and latency.n} timed generations")
+    for key in ("warmup_j", "build_j"):
+        _require(value.get(key) is None or joules(value[key]), path, f"{where}.{key} is not joules")
+    return Energy(per_image_j=[float(x) for x in samples], warmup_j=value.get("warmup_j"),
+                  build_j=value.get("build_j"))
+
+
 def _same(stored: Any, derived: Any) -> bool:
     if isinstance(stored, bool) or isinstance(derived, bool):  # 0 is not False, 1 is not True
         return type(stored) is type(derived) and stored == derived
@@ -332,6 +375,7 @@ def _stack(value: Any, path: Path, where: str, baseline: StackRecord | None, edi
     fields["latency"] = _latency(value.get("latency"), path, f"{name}.latency", edited)
     fields["step_latency"] = _latency(value.get("step_latency"), path, f"{name}.step_latency", edited)
     fields["fidelity"] = _fidelity(value.get("fidelity"), path, f"{name}.fidelity", edited)
+    fields["energy"] = _energy(value.get("energy"), path, f"{name}.energy", fields["latency"])
     record = StackRecord(**fields)
     if record.is_baseline:
         return record

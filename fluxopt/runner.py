@@ -29,8 +29,9 @@ from PIL import Image
 
 from fluxopt import plugins, profiling
 from fluxopt.apply import apply_to_pipeline
-from fluxopt.config import measurement_config
+from fluxopt.config import measurement_config, recorded_config
 from fluxopt.context import StackContext
+from fluxopt.energy import EnergyMeter, spent
 from fluxopt.environment import capture_environment
 from fluxopt.errors import DiskFullError, FluxoptError
 from fluxopt.fidelity import evaluate
@@ -39,7 +40,7 @@ from fluxopt.measure import Generator, Measurement, Sample, measure
 from fluxopt.models import load_pipeline
 from fluxopt.plan import RunPlan, plan_run, selected_backends
 from fluxopt.report import write_run_report
-from fluxopt.record import RESULT_FILE, Phase, RunRecord, StackRecord, Status, speedup_of, write_record
+from fluxopt.record import RESULT_FILE, Energy, Phase, RunRecord, StackRecord, Status, speedup_of, write_record
 from fluxopt.stack import Stack
 
 log = logging.getLogger("fluxopt")
@@ -75,6 +76,7 @@ class Run:
         self.profiling = bool(self.cfg.bench.get("profile", False)) and not self.build_only
         self.profile_info: dict[str, Any] = {}
         self.file_labels: set[str] = {"baseline"}  # names of the stacks' image, profile and log files so far
+        self.meter = EnergyMeter(torch.cuda.current_device() if self.plan.device.is_gpu else None)
 
     # ------------------------------------------------------------------ pipeline
     def _load(self) -> Any:
@@ -87,7 +89,7 @@ class Run:
     def _measure(self, pipe: Any, label: str) -> Measurement:
         p = self.plan
         return measure(Generator(pipe, p.shapes, p.device), p.prompts, p.seed, warmup=p.warmup,
-                       iterations=p.iterations, on_phase=lambda phase: self._enter(label, phase))
+                       iterations=p.iterations, on_phase=lambda phase: self._enter(label, phase), meter=self.meter)
 
     def _file_label(self, name: str) -> str:
         """The stack's name for its files, made unique within the run (a plan may measure one stack
@@ -115,8 +117,10 @@ class Run:
         return paths
 
     @staticmethod
-    def _fill(result: StackRecord, m: Measurement) -> None:
+    def _fill(result: StackRecord, m: Measurement, build_j: float | None = None) -> None:
         result.latency = m.latency
+        if m.energy_j is not None:
+            result.energy = Energy(per_image_j=m.energy_j, warmup_j=m.warmup_energy_j, build_j=build_j)
         result.step_latency = m.step_latency
         result.first_call_s = m.first_call_s
         result.peak_memory_bytes = m.peak_memory_bytes
@@ -207,19 +211,21 @@ class Run:
         ctx = StackContext(device=p.device, dtype=p.dtype, model=p.spec, shapes=p.shapes, cache_dir=p.cache_dir,
                            prompts=p.prompts, stack=stack, run_once=lambda: gen(p.prompts[0], p.seed))
         # A fresh pipeline per stack needs no copy of replaced weights; the user's own must get them back.
+        build_start = self.meter.read()
         applied = apply_to_pipeline(pipe, stack, ctx, restorable=self.pipeline is not None,
                                     on_phase=lambda name: enter(Phase(name)))
         try:
             result.partial = ctx.partial
             result.build_s = applied.build_s
             result.build_phases_s = ctx.stats.pop("build_phases_s", {})
+            build_j = spent(build_start, self.meter.read())
             log.info("stack %s: built in %.1f s", stack.name, result.build_s)
             if self.build_only:
                 result.stats = ctx.stats
                 return
             m = measure(gen, p.prompts, p.seed, warmup=p.warmup, iterations=p.iterations,
-                        on_phase=lambda name: enter(Phase(name)))
-            self._fill(result, m)
+                        on_phase=lambda name: enter(Phase(name)), meter=self.meter)
+            self._fill(result, m, build_j)
             if self.profiling:
                 self._enter(stack.name, "profile")
                 self._profile(result, gen, label, precision=ctx.stats.get("compute_precision", {}),
@@ -278,7 +284,7 @@ class Run:
             model={"name": p.spec.name, "trained": p.spec.trained, "dtype": str(p.dtype).removeprefix("torch.")},
             shapes=dataclasses.asdict(p.shapes), prompts=list(p.prompts), seed=p.seed,
             mode="stack" if p.explicit else "bakeoff", build_only=self.build_only,
-            requested=[s.name for s in p.stacks], config=OmegaConf.to_container(self.cfg, resolve=True),
+            requested=[s.name for s in p.stacks], config=recorded_config(self.cfg, self.plan.config),
             provenance=self.provenance, environment=self.environment, profile=self.profile_info or None,
             baseline=self.baseline, stacks=list(self.results))
 
@@ -291,7 +297,7 @@ class Run:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.environment = capture_environment(self.plan.device)
         hook = plugins.hook()
-        hook.fluxopt_run_started(config=OmegaConf.to_container(self.cfg, resolve=True),
+        hook.fluxopt_run_started(config=recorded_config(self.cfg, self.plan.config),
                                  output_dir=str(self.output_dir))
         try:
             reference = [] if self.build_only else self.measure_baseline()

@@ -37,7 +37,7 @@ from fluxopt.report import (SEARCH_FILE, environment_lines, fidelity_note, markd
 from fluxopt.runner import job_record
 
 SUMMARY_COLUMNS = ("stack", "status", "latency (s)", "per step (ms)", "speedup", "build (s)", "warm start",
-                   "first call (s)", "peak mem (GiB)", "steps skipped", "PSNR", "SSIM", "latent err", "fidelity", "device", "run")
+                   "first call (s)", "peak mem (GiB)", "J/image", "avg W", "steps skipped", "PSNR", "SSIM", "latent err", "fidelity", "device", "run")
 EXPECTED_FILE = "sweep.json"  # the jobs a sweep expects, written before any starts
 LOCK_FILE = ".sweep.lock"  # held (flock) by the process running a sweep into the directory
 OWNER_FILE = "sweep.lock.json"  # who holds it: pid, command, start time

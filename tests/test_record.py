@@ -10,7 +10,7 @@ import math
 import _records as records
 import pytest
 
-from fluxopt.record import (LatencyStats, UnreadableRecord, gate_verdict, judge_metric, read_record, speedup_of,
+from fluxopt.record import (SCHEMA_VERSION, LatencyStats, UnreadableRecord, gate_verdict, judge_metric, read_record, speedup_of,
                             within_noise, write_record)
 
 
@@ -120,7 +120,7 @@ def test_a_record_round_trips_and_keeps_what_the_reader_does_not_store(tmp_path)
     record = records.run([records.stack("fuse_qkv", 1.5)])
     record.edited = ["x"]
     data = record.to_json()
-    assert "edited" not in data and "path" not in data and data["schema_version"] == 3
+    assert "edited" not in data and "path" not in data and data["schema_version"] == SCHEMA_VERSION
     assert read_record(write_record(tmp_path / "r.json", record) or tmp_path / "r.json").to_json() == \
         json.loads(json.dumps(data))
 

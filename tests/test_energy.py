@@ -1,0 +1,76 @@
+"""Energy per image: NVML's counter read around each timed generation, stored as raw samples
+beside the latency samples, with joules per image and average watts derived when read back."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from _records import run, stack
+from fluxopt.energy import EnergyMeter, spent
+from fluxopt.measure import Generator, measure
+from fluxopt.record import Energy, UnreadableRecord, read_record, write_record
+from fluxopt.report import stack_row
+from fluxopt.shapes import Shapes
+
+
+class FakeMeter(EnergyMeter):
+    """A board counter that gains 100 J per reading taken after a generation."""
+
+    def __init__(self) -> None:
+        super().__init__(None)
+        self.joules = 0.0
+
+    def read(self) -> float:
+        self.joules += 50.0
+        return self.joules
+
+
+def test_no_gpu_means_no_energy_and_nothing_else_changes(tiny_pipe):
+    from fluxopt.environment import detect_device
+
+    meter = EnergyMeter(None)
+    assert not meter.available and meter.read() is None and spent(None, 1.0) is None
+    gen = Generator(tiny_pipe, Shapes(height=64, width=64, steps=2, guidance_scale=3.5, max_sequence_length=32),
+                    detect_device("cpu"))
+    m = measure(gen, ["a cat"], 0, warmup=0, iterations=2, meter=meter)
+    assert m.energy_j is None and m.warmup_energy_j is None and m.latency.n == 2
+
+
+def test_each_timed_generation_has_its_own_energy_sample(tiny_pipe):
+    from fluxopt.environment import detect_device
+
+    gen = Generator(tiny_pipe, Shapes(height=64, width=64, steps=2, guidance_scale=3.5, max_sequence_length=32),
+                    detect_device("cpu"))
+    m = measure(gen, ["a cat"], 0, warmup=1, iterations=3, meter=FakeMeter())
+    assert m.energy_j == [50.0, 50.0, 50.0]  # one reading before and one after each timed call
+    assert m.warmup_energy_j == 50.0
+
+
+def test_joules_per_image_and_watts_are_derived_from_the_samples(tmp_path):
+    s = stack("compile", 2.0)
+    s.energy = Energy(per_image_j=[300.0, 310.0, 290.0], warmup_j=900.0, build_j=5000.0)
+    assert s.energy.median_j == 300.0
+    assert s.energy.average_w(s.latency) == pytest.approx(900.0 / sum(s.latency.samples))
+    write_record(tmp_path / "result.json", run([s]))
+    back = read_record(tmp_path / "result.json").stacks[0]
+    assert back.energy == s.energy and not read_record(tmp_path / "result.json").edited
+    row = stack_row(back)
+    assert row["J/image"] == "300" and row["avg W"] == format(900.0 / sum(s.latency.samples), ".0f")
+
+
+@pytest.mark.parametrize(("energy", "why"), [
+    ({"per_image_j": [1.0, 2.0]}, "2 samples for 3 timed generations"),
+    ({"per_image_j": [1.0, -2.0, 3.0]}, "not a list of joules"),
+    ({"per_image_j": [1.0, 2.0, 3.0], "watts": 5}, "not an object of per_image_j"),
+    ({"per_image_j": [1.0, 2.0, 3.0], "build_j": "lots"}, "build_j is not joules"),
+])
+def test_energy_of_the_wrong_shape_makes_the_record_unreadable(tmp_path, energy, why):
+    path = tmp_path / "result.json"
+    write_record(path, run([stack("compile", 2.0)]))
+    data = json.loads(path.read_text())
+    data["stacks"][0]["energy"] = energy
+    path.write_text(json.dumps(data))
+    with pytest.raises(UnreadableRecord, match=why):
+        read_record(path)
