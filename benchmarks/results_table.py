@@ -1,5 +1,6 @@
-"""Markdown tables of a GPU results file (``docs/results/*-h100-*.json``: a list of runs, each
-with the command that produced it and its result.json content), one row per measured stack.
+"""Markdown tables of GPU results, one row per measured stack: a published record
+(``docs/results/<name>/result.json``, written by ``fluxopt-report publish``) or an older results
+file (``docs/results/*-h100-*.json``: a list of runs, each with its command and result.json content).
 
     python benchmarks/results_table.py docs/results/2026-11-24-h100-backends.json [--profile | --build]
     python benchmarks/results_table.py --render docs/results/2026-11-25-h100-issue15.md [--check]
@@ -23,8 +24,8 @@ from fluxopt.profiling import average_step_floor_ms, floor_at_clock_ms, pct_of_f
 from fluxopt.record import StackRecord, record_from_json
 from fluxopt.report import markdown_table, stack_row
 
-COLUMNS = ("run", "stack", "per step (ms)", "latency (s)", "speedup", "build (s)", "peak mem (GiB)", "PSNR",
-           "SSIM", "latent err", "fidelity", "steps skipped")
+COLUMNS = ("run", "stack", "per step (ms)", "latency (s)", "speedup", "build (s)", "peak mem (GiB)", "J/image",
+           "PSNR", "SSIM", "latent err", "fidelity", "steps skipped")
 
 
 # The options worth a reader's eye in the table (the JSON has them all).
@@ -127,9 +128,17 @@ def build_rows(results: dict[str, Any]) -> list[dict[str, str]]:
     return out
 
 
+def load(path: Path) -> dict[str, Any]:
+    """``{"runs": [{"command", "result"}]}``: an older results file as it is, a published record as its one run."""
+    data = json.loads(path.read_text())
+    if "runs" in data:
+        return data
+    return {"runs": [{"command": (data.get("provenance") or {}).get("command"), "result": data}]}
+
+
 def table(path: Path, kind: str | None) -> str:
     """``kind``: None (the stacks), "profile" (per-step breakdown) or "build" (build phases, memory left)."""
-    results = json.loads(path.read_text())
+    results = load(path)
     if kind == "profile":
         return markdown_table(profile_rows(results), PROFILE_COLUMNS)
     if kind == "build":

@@ -24,16 +24,6 @@ def test_generated_tables_are_up_to_date(doc):
     assert proc.returncode == 0, f"{doc} is stale: run python benchmarks/results_table.py --render {doc}"
 
 
-KERNEL_DOCS = sorted(p for p in (REPO / "docs").rglob("*.md") if "<!-- kernels:" in p.read_text())
-
-
-@pytest.mark.parametrize("doc", KERNEL_DOCS, ids=lambda p: p.name)
-def test_kernel_tables_are_generated_from_the_committed_traces(doc):
-    proc = subprocess.run([sys.executable, "benchmarks/kernel_table.py", "--render", "--check", str(doc)], cwd=REPO,
-                          capture_output=True, text=True)
-    assert proc.returncode == 0, f"{doc} is stale: run python benchmarks/kernel_table.py --render {doc}"
-
-
 def test_backend_catalog_in_docs_is_generated_from_the_code():
     """docs/backends.md's backend table and option list equal ``python -m fluxopt.catalog``'s
     output (the table header names the machine's CPU, which differs between machines)."""
