@@ -15,10 +15,6 @@ from typing import Any
 
 import torch
 
-TENSOR_INPUTS = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "img_ids", "txt_ids",
-                 "guidance")
-
-
 class CudaGraphRunner:
     """Runs ``fn(**tensors)`` by replaying one CUDA graph per input signature (shapes, dtypes).
 

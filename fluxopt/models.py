@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +46,6 @@ class ModelSpec:
     local_version: int = 1
     factory: Callable[[torch.device, torch.dtype], Any] | None = None
     trained: bool = True  # random weights: fidelity numbers say nothing about image quality
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _build_tiny(directory: Path) -> None:

@@ -72,6 +72,7 @@ class Run:
         self.environment: dict[str, Any] = {}
         self.interrupted = False
         self.device_lost: str | None = None  # why the CUDA context cannot run more stacks
+        self.phase = Phase.LOAD  # the phase of the stack in progress, for attributing a failure or interrupt
         self.build_only = bool(self.cfg.get("build_only", False))  # apply and build, measure nothing
         self.profiling = bool(self.cfg.bench.get("profile", False)) and not self.build_only
         self.profile_info: dict[str, Any] = {}
@@ -163,15 +164,22 @@ class Run:
             result.status, result.phase = Status.FAILED.value, Phase.LOAD.value
             result.reason = f"not run: the GPU is unusable in this process after an earlier failure ({self.device_lost})"
             return result
-        phase = [Phase.LOAD]  # the phase in progress, for attributing a failure
+        self.phase = Phase.LOAD
         started = time.perf_counter()
         allocated_before = torch.cuda.memory_allocated() if self.plan.device.is_gpu else None
         try:
-            self._apply_build_measure(stack, result, reference, phase, label)
-        except (KeyboardInterrupt, DiskFullError):
+            self._apply_build_measure(stack, result, reference, label)
+        except KeyboardInterrupt:
+            # recorded with the phase it reached and the time it took, so the record says what was lost
+            result.status, result.phase = Status.FAILED.value, self.phase.value
+            result.reason = f"interrupted during {self.phase.value} after {time.perf_counter() - started:.0f} s"
+            result.elapsed_s = time.perf_counter() - started
+            self.results.append(result)
+            raise
+        except DiskFullError:
             raise
         except Exception as exc:  # noqa: BLE001 - any backend failure is recorded, the run goes on
-            result.status, result.phase = Status.FAILED.value, phase[0].value
+            result.status, result.phase = Status.FAILED.value, self.phase.value
             if isinstance(exc, torch.OutOfMemoryError):
                 result.reason = "out of memory: " + str(exc).splitlines()[0]
             else:
@@ -195,14 +203,13 @@ class Run:
             result.speedup, result.speedup_uncertainty, result.within_noise = s.value, s.uncertainty, s.within_noise
         return result
 
-    def _apply_build_measure(self, stack: Stack, result: StackRecord, reference: list[Sample],
-                             phase: list[Phase], label: str) -> None:
+    def _apply_build_measure(self, stack: Stack, result: StackRecord, reference: list[Sample], label: str) -> None:
         """Load a fresh pipeline, apply and build the stack, measure it and judge its fidelity;
         its images and profile go under ``label``."""
         p = self.plan
 
         def enter(name: Phase) -> None:
-            phase[0] = name
+            self.phase = name
             self._enter(stack.name, name.value)
 
         enter(Phase.LOAD)

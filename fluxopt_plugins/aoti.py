@@ -78,7 +78,6 @@ SELF_CHECK_TOLERANCE = {torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16
 QUANTIZED_SELF_CHECK_TOLERANCE = 0.25
 TRANSFORMER_PACKAGE = "transformer.pt2"
 VAE_PACKAGE = "vae_decoder.pt2"
-TOKEN_INPUTS = ("hidden_states", "img_ids")  # inputs whose token dimension is dynamic
 PROBE_CODE = "import sys, torch; torch._inductor.aoti_load_package(sys.argv[1])"
 PROBE_TIMEOUT_S = 600
 

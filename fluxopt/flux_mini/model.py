@@ -62,7 +62,3 @@ def encode(pipe, clip_ids: torch.Tensor, t5_ids: torch.Tensor):
     pooled = pipe.text_encoder(clip_ids, output_hidden_states=False).pooler_output
     embeds = pipe.text_encoder_2(t5_ids, output_hidden_states=False)[0]
     return embeds, pooled
-
-
-def parameter_count(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())

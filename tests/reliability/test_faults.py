@@ -169,6 +169,10 @@ def test_ctrl_c_prints_one_line_keeps_partial_results_and_exits_130(tmp_path, pl
     assert "Traceback" not in err
     data = json.loads((run_dir / "result.json").read_text())
     assert data["complete"] is False and data["interrupted"] is True and data["baseline"]["status"] == "ok"
+    # the stack in progress says which phase it reached and how long it had run
+    (stack,) = data["stacks"]
+    assert stack["status"] == "failed" and stack["phase"] in ("load", "apply", "build", "warmup", "timing")
+    assert stack["reason"].startswith(f"interrupted during {stack['phase']} after ") and stack["elapsed_s"] > 0
 
 
 def test_kill_9_mid_run_leaves_a_parseable_result(tmp_path, plugin_env):
