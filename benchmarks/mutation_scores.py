@@ -17,7 +17,7 @@ from pathlib import Path
 
 from results_table import markdown_cli
 
-from fluxopt.report import markdown_table
+from fluxopt.report.tables import markdown_table
 
 COLUMNS = ("module", "mutants", "killed", "timeout", "survived", "not checked", "score")
 DETECTED = ("killed", "timeout")

@@ -20,9 +20,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from fluxopt.profiling import average_step_floor_ms, floor_at_clock_ms, pct_of_floor
+from fluxopt.profile.steps import average_step_floor_ms, floor_at_clock_ms, pct_of_floor
 from fluxopt.record import StackRecord, record_from_json
-from fluxopt.report import markdown_table, stack_row
+from fluxopt.report.tables import markdown_table, stack_row
 
 COLUMNS = ("run", "stack", "per step (ms)", "latency (s)", "speedup", "build (s)", "peak mem (GiB)", "J/image",
            "PSNR", "SSIM", "latent err", "fidelity", "steps skipped")

@@ -26,9 +26,9 @@ _PUBLIC = {
     "RECIPE_INDUCTOR_FLAGS": "fluxopt.compiler_state",
     "validate_inductor_flags": "fluxopt.compiler_state",
     "StackContext": "fluxopt.context",
-    "CudaGraphRunner": "fluxopt.cuda_graphs",
-    "TransformerForward": "fluxopt.cuda_graphs",
-    "keep_eager_timestep_rounding": "fluxopt.eager_rounding",
+    "CudaGraphRunner": "fluxopt.kit.cuda_graphs",
+    "TransformerForward": "fluxopt.kit.cuda_graphs",
+    "keep_eager_timestep_rounding": "fluxopt.kit.eager_rounding",
     "DeviceInfo": "fluxopt.environment",
     "ConfigError": "fluxopt.errors",
     "FluxoptError": "fluxopt.errors",
@@ -61,8 +61,8 @@ if TYPE_CHECKING:
     from fluxopt.benchmarking import benchmark
     from fluxopt.compiler_state import RECIPE_INDUCTOR_FLAGS, validate_inductor_flags
     from fluxopt.context import StackContext
-    from fluxopt.cuda_graphs import CudaGraphRunner, TransformerForward
-    from fluxopt.eager_rounding import keep_eager_timestep_rounding
+    from fluxopt.kit.cuda_graphs import CudaGraphRunner, TransformerForward
+    from fluxopt.kit.eager_rounding import keep_eager_timestep_rounding
     from fluxopt.environment import DeviceInfo
     from fluxopt.errors import ConfigError, FluxoptError, ModelLoadError, UnavailableError
     from fluxopt.fidelity import Metric

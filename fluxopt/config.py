@@ -21,8 +21,9 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from fluxopt import engines, plugins
+from fluxopt import plugins
 from fluxopt.errors import ConfigError
+from fluxopt.models import DEV_DEFAULTS
 
 DEVICES = ("auto", "cpu", "cuda")
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes 64-bit seeds; each prompt adds one
@@ -66,7 +67,6 @@ def check_prompts(setting: str, prompts: Any) -> tuple[str, ...]:
     return tuple(prompts)
 
 RUN_ID_RESOLVER = "fluxopt_run_id"
-LOCAL_GPUS_RESOLVER = "fluxopt_gpus_per_local_job"  # a local launcher's default GPUs per job
 
 
 @dataclass
@@ -195,6 +195,9 @@ class RunConfig:
     # under ``stacks:``. Read once here; the record holds the list itself.
     stacks: Any = None
     device: str = "auto"  # auto | cpu | cuda
+    # Plugins whose event hooks this run skips, by registered name (fluxopt.report: no report.md or
+    # console table; fluxopt.profile: no profiling; a third-party event writer by its entry point)
+    disabled_plugins: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
@@ -204,6 +207,7 @@ class RunConfig:
                 raise ConfigError("stacks= and +backend= both choose what is measured; use one (a single stack is "
                                   "+backend=[a,b], several against one baseline stacks=[...])")
             self.stacks = read_stack_list(self.stacks)
+        plugins.check_disabled(self.disabled_plugins)
     save_images: bool = True
     # Skip a job whose output directory already holds a complete, passing result for the same
     # measurement config (rerun a sweep in its directory to finish it); false re-measures.
@@ -306,7 +310,8 @@ def run_id() -> str:
 BENCHES = {
     "quick": BenchConfig(name="quick"),  # the model's steps and resolution: a smoke test
     # published numbers: FLUX.1-dev's 1024x1024 and 28 steps, more timed calls
-    "full": BenchConfig(name="full", height=1024, width=1024, steps=28, warmup=2, iterations=5),
+    "full": BenchConfig(name="full", height=DEV_DEFAULTS.height, width=DEV_DEFAULTS.width, steps=DEV_DEFAULTS.steps,
+                        warmup=2, iterations=5),
 }
 
 
@@ -316,8 +321,7 @@ def register_configs() -> None:
     every backend's options and every preset."""
     if not OmegaConf.has_resolver(RUN_ID_RESOLVER):
         OmegaConf.register_new_resolver(RUN_ID_RESOLVER, run_id, use_cache=True)
-    if not OmegaConf.has_resolver(LOCAL_GPUS_RESOLVER):
-        OmegaConf.register_new_resolver(LOCAL_GPUS_RESOLVER, engines.gpus_per_local_job, use_cache=True)
+    plugins.hook().fluxopt_register_configs()
     cs = ConfigStore.instance()
     cs.store(name="fluxopt_run_schema", node=RunConfig)
     for name, bench in BENCHES.items():

@@ -27,7 +27,7 @@ TRACKED_PACKAGES = (
     "omegaconf", "pluggy", "numpy", "scikit-image", "safetensors",
 )
 
-# Set by fluxopt.gpu_pool in a pooled sweep job: which GPU slot it holds (JSON).
+# Set by fluxopt.scale.gpu_pool in a pooled sweep job: which GPU slot it holds (JSON).
 GPU_ASSIGNMENT_ENV = "FLUXOPT_GPU_ASSIGNMENT"
 # One id per `fluxopt` command, inherited by its job processes: a sweep's verdict covers the jobs
 # this command ran, not older jobs in the same directory.
@@ -105,7 +105,7 @@ def _nvidia_driver() -> str | None:
 
 
 def gpu_assignment() -> dict[str, Any] | None:
-    """The GPU-pool slot of the current sweep job (set by ``fluxopt.gpu_pool``), or None."""
+    """The GPU-pool slot of the current sweep job (set by ``fluxopt.scale.gpu_pool``), or None."""
     raw = os.environ.get(GPU_ASSIGNMENT_ENV)
     return json.loads(raw) if raw else None
 
@@ -157,7 +157,7 @@ def capture_environment(device: DeviceInfo) -> dict[str, Any]:
         "rocm_version": torch.version.hip,
         "cudnn_version": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
-        # GPU pool slot of a parallel sweep job (fluxopt/gpu_pool.py) and torchrun rank, when any.
+        # GPU pool slot of a parallel sweep job (fluxopt/scale/gpu_pool.py) and torchrun rank, when any.
         "gpu_assignment": gpu_assignment(),
         "distributed": launch_info(),
         "scheduler": scheduler_info(),
@@ -172,3 +172,19 @@ def capture_environment(device: DeviceInfo) -> dict[str, Any]:
         })
         env["driver"] = _nvidia_driver()
     return env
+
+
+def in_torchrun(env: Mapping[str, str] | None = None) -> bool:
+    """Whether this process is a rank launched by torchrun (by fluxopt or by the user)."""
+    env = os.environ if env is None else env
+    return "LOCAL_RANK" in env or LAUNCHED_ENV in env
+
+
+def rank(env: Mapping[str, str] | None = None) -> int:
+    env = os.environ if env is None else env
+    return int(env.get("RANK", "0"))
+
+
+def writes_results(env: Mapping[str, str] | None = None) -> bool:
+    """Whether this process writes result files: always outside torchrun, rank 0 inside."""
+    return rank(env) == 0

@@ -5,6 +5,7 @@ The CLI prints these as one line without a traceback; anything else is a bug (or
 failure, which the runner records with its phase instead of crashing).
 """
 
+import argparse
 import enum
 
 
@@ -43,3 +44,10 @@ class DiskFullError(FluxoptError):
     """The disk filled up while fluxopt wrote a file; what was written before is intact."""
 
     exit_status = ExitStatus.STACK_FAILED
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Bad arguments end in one line naming the argument and what is allowed (exit 2), no usage dump."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")

@@ -13,8 +13,15 @@ writers...) follow a run without touching the runner; their return values are ig
 A function marked ``@hookimpl`` whose name is not one of these hooks is an error when the
 plugin is registered (pluggy's ``check_pending``), so a misspelt hook never goes unnoticed.
 The types named below live in ``fluxopt`` (``fluxopt.Backend``, ``fluxopt.ModelSpec``,
-``fluxopt.Metric``, ``fluxopt.StackRecord``, ``fluxopt.RunRecord``); this module imports them
-for type checking only, so that it stays the bottom of the import graph.
+``fluxopt.Metric``, ``fluxopt.StackRecord``, ``fluxopt.RunRecord``, ``fluxopt.measure.Measured``);
+this module imports them for type checking only, so that it stays the bottom of the import graph.
+
+fluxopt's own accessories are plugins on these hooks too, registered before the built-in
+backends: the report ring (``fluxopt.report``: report.md, the console table, the sweep summary),
+the profile ring (``fluxopt.profile``: one profiled step per stack), the scale ring
+(``fluxopt.scale``: launchers' configs) and the model zoo (``fluxopt.zoo``: the built-in models).
+A run's event hooks skip the plugins named in ``disabled_plugins`` (``disabled_plugins=[fluxopt.report]``
+writes no report.md and prints no table), the way pytest's ``-p no:terminal`` does.
 """
 
 from __future__ import annotations
@@ -24,6 +31,11 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
+    from fluxopt.backend import Backend
+    from fluxopt.fidelity import Metric
+    from fluxopt.measure import Measured
+    from fluxopt.models import ModelSpec
+    from fluxopt.preset import Preset
     from fluxopt.record import RunRecord, StackRecord
 
 PROJECT = "fluxopt"
@@ -32,7 +44,7 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
 @hookspec
-def fluxopt_backends() -> list[Any]:
+def fluxopt_backends() -> list[Backend]:
     """Return the optimization backends this plugin provides.
 
     Called once, when the plugin manager is first used (before any config is composed).
@@ -44,7 +56,7 @@ def fluxopt_backends() -> list[Any]:
 
 
 @hookspec
-def fluxopt_presets() -> list[Any]:
+def fluxopt_presets() -> list[Preset]:
     """Return presets: published recipes (stacks with their options) under one name.
 
     :return: a list of :class:`fluxopt.Preset` (``name``, ``description``, ``backends``: backend
@@ -56,7 +68,7 @@ def fluxopt_presets() -> list[Any]:
 
 
 @hookspec
-def fluxopt_models() -> list[Any]:
+def fluxopt_models() -> list[ModelSpec]:
     """Return the models (how to obtain a FluxPipeline) this plugin provides.
 
     :return: a list of :class:`fluxopt.ModelSpec`; each becomes selectable as ``model=<name>``.
@@ -64,7 +76,7 @@ def fluxopt_models() -> list[Any]:
 
 
 @hookspec
-def fluxopt_metrics() -> list[Any]:
+def fluxopt_metrics() -> list[Metric]:
     """Return fidelity metrics: comparisons of a stack's output with the baseline's output for
     the same prompt and seed.
 
@@ -107,4 +119,45 @@ def fluxopt_run_finished(result: RunRecord, output_dir: str) -> None:
     :param result: the whole :class:`fluxopt.RunRecord` (``fluxopt.record``): baseline, stacks,
         config, environment, provenance; ``result.to_json()`` is what result.json holds.
     :param output_dir: the run's output directory.
+    """
+
+
+@hookspec
+def fluxopt_register_configs() -> None:
+    """Called when fluxopt puts its configuration into Hydra's ConfigStore, before any config is
+    composed: register config nodes or OmegaConf resolvers that a plugin's configs use (the scale
+    ring registers ``${fluxopt_gpus_per_local_job:}`` for its launchers' configs)."""
+
+
+@hookspec
+def fluxopt_stack_measured(measured: Measured) -> None:
+    """Called after the baseline and after each stack was measured, while its pipeline is still
+    built, before its fidelity is judged (not called with ``build_only``).
+
+    :param measured: a :class:`fluxopt.measure.Measured`: ``label`` (the stack's name for its
+        files), ``record`` (its :class:`fluxopt.StackRecord`, to which a plugin may add, e.g.
+        ``record.profile``), ``pipe``, ``generate(on_step)`` (one more generation of the first prompt;
+        ``on_step(i)`` after denoising step ``i``), ``shapes``, ``device``, ``output_dir``,
+        ``config`` (the validated :class:`fluxopt.config.RunConfig`), ``stats`` (what the backends
+        reported), ``run_info`` (a mapping shared by every call of one run, stored as the record's
+        ``profile``) and ``enter(phase)`` (announce a phase on the progress display).
+    """
+
+
+@hookspec
+def fluxopt_terminal_summary(result: RunRecord, output_dir: str) -> None:
+    """Called by the command line after a single run (not a sweep job) finished, to present its
+    result on the terminal (the report ring prints the table and the verdict sentence).
+
+    :param result: the run's :class:`fluxopt.RunRecord`, as written.
+    :param output_dir: the run's output directory.
+    """
+
+
+@hookspec
+def fluxopt_sweep_finished(sweep_dir: str) -> None:
+    """Called once when a sweep ends, also when it was interrupted, with every job's result.json
+    in place (the report ring writes ``summary.{md,csv,json}``, the plot and the image grid).
+
+    :param sweep_dir: the sweep's directory (``hydra.sweep.dir``).
     """

@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,7 +21,7 @@ import torch
 
 from fluxopt.energy import EnergyMeter, spent
 from fluxopt.environment import DeviceInfo
-from fluxopt.record import LatencyStats
+from fluxopt.record import LatencyStats, StackRecord
 from fluxopt.shapes import Shapes
 
 
@@ -32,6 +33,24 @@ class Sample:
     seed: int
     image: np.ndarray
     latents: torch.Tensor
+
+
+@dataclass
+class Measured:
+    """The handle ``fluxopt_stack_measured`` gets: a stack (or the baseline) just measured, its
+    pipeline still built (see :func:`fluxopt.hookspecs.fluxopt_stack_measured`)."""
+
+    label: str
+    record: StackRecord
+    pipe: Any
+    generate: Callable[[Callable[[int], None] | None], Any]
+    shapes: Shapes
+    device: DeviceInfo
+    output_dir: Path
+    config: Any  # fluxopt.config.RunConfig
+    stats: dict[str, Any]
+    run_info: dict[str, Any]
+    enter: Callable[[str], None]
 
 
 @dataclass

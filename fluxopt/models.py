@@ -1,5 +1,6 @@
 """The ModelSpec concept: how to obtain a FluxPipeline, and the generation defaults its
-authors use. Built-in specs are registered through the ``fluxopt_models`` hook."""
+authors use. Specs are registered through the ``fluxopt_models`` hook (the built-in ones by the
+model zoo, ``fluxopt.zoo``)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ import torch
 from fluxopt.artifacts import ArtifactCache
 from fluxopt.errors import ConfigError, ModelLoadError
 from fluxopt.files import file_sha256
-from fluxopt.hookspecs import hookimpl
 from fluxopt.shapes import DTYPES
 
 
@@ -48,60 +48,9 @@ class ModelSpec:
     trained: bool = True  # random weights: fidelity numbers say nothing about image quality
 
 
-def _build_tiny(directory: Path) -> None:
-    from fluxopt.tiny_model import save_tiny_pipeline
-
-    save_tiny_pipeline(directory)
-
-
-def _flux_dev_random(device: torch.device, dtype: torch.dtype):
-    from fluxopt.random_flux import build_random_flux
-
-    return build_random_flux(device, dtype, guidance_embeds=True)
-
-
-def _flux_schnell_random(device: torch.device, dtype: torch.dtype):
-    from fluxopt.random_flux import build_random_flux
-
-    return build_random_flux(device, dtype, guidance_embeds=False)
-
-
 # FLUX.1-dev: guidance-distilled, 28 steps; FLUX.1-schnell: timestep-distilled, 4 steps, no guidance.
 DEV_DEFAULTS = GenerationDefaults(steps=28, guidance_scale=3.5, height=1024, width=1024, max_sequence_length=512)
 SCHNELL_DEFAULTS = GenerationDefaults(steps=4, guidance_scale=0.0, height=1024, width=1024, max_sequence_length=256)
-
-
-def _tiny_version() -> int:
-    from fluxopt.tiny_model import TINY_FORMAT_VERSION
-
-    return TINY_FORMAT_VERSION
-
-
-BUILTIN_MODELS = (
-    ModelSpec(
-        name="tiny",
-        description="embedded offline FluxPipeline with tiny random weights (CPU-fast, for tests and CI)",
-        defaults=GenerationDefaults(steps=4, guidance_scale=3.5, height=64, width=64, max_sequence_length=128),
-        local_builder=_build_tiny, local_version=_tiny_version(), trained=False),
-    ModelSpec(
-        name="flux-dev",
-        description="black-forest-labs/FLUX.1-dev (gated; needs a Hugging Face login and download)",
-        defaults=DEV_DEFAULTS, hub_id="black-forest-labs/FLUX.1-dev"),
-    ModelSpec(
-        name="flux-schnell",
-        description="black-forest-labs/FLUX.1-schnell (timestep-distilled, 4 steps, no guidance)",
-        defaults=SCHNELL_DEFAULTS, hub_id="black-forest-labs/FLUX.1-schnell"),
-    ModelSpec(
-        name="flux-dev-random",
-        description="FLUX.1-dev shapes (19+38 blocks, 3072 wide) with random weights made on the device: "
-                    "real cost per step, no download, meaningless images",
-        defaults=DEV_DEFAULTS, factory=_flux_dev_random, trained=False),
-    ModelSpec(
-        name="flux-schnell-random",
-        description="FLUX.1-schnell shapes (no guidance embedding; 4 steps, guidance 0, 256 text tokens) with "
-                    "random weights made on the device",
-        defaults=SCHNELL_DEFAULTS, factory=_flux_schnell_random, trained=False),
-)
 
 
 def checkpoint_defaults(spec: ModelSpec, path: str | None) -> GenerationDefaults:
@@ -120,11 +69,6 @@ def checkpoint_defaults(spec: ModelSpec, path: str | None) -> GenerationDefaults
     keep = spec.defaults
     return dataclasses.replace(base, height=keep.height, width=keep.width, prompts=keep.prompts,
                                max_sequence_length=min(base.max_sequence_length, keep.max_sequence_length))
-
-
-@hookimpl
-def fluxopt_models() -> list[ModelSpec]:
-    return list(BUILTIN_MODELS)
 
 
 def local_model_dir(spec: ModelSpec, cache_dir: Path) -> Path:

@@ -50,7 +50,7 @@ class RunPlan:
     explicit: bool  # the user named the stack (else: a bake-off of every backend)
     cache_dir: Path
     config: RunConfig
-    detach: bool = False  # run the command in the background (fluxopt.detach)
+    detach: bool = False  # run the command in the background (fluxopt.scale.detach)
 
 
 def selected_backends(cfg: Any) -> dict[str, Any]:

@@ -23,8 +23,9 @@ from fluxopt.errors import ConfigError
 
 ENTRY_POINT_GROUP = "fluxopt"
 
-# Core modules that are plugins themselves (models and metrics).
-CORE_PLUGINS = ("fluxopt.models", "fluxopt.fidelity")
+# fluxopt's own plugins, registered first: the built-in metrics, then the rings (each a subpackage
+# that the kernel names only here, by string: the kernel never imports a ring).
+CORE_PLUGINS = ("fluxopt.fidelity", "fluxopt.zoo", "fluxopt.report", "fluxopt.profile", "fluxopt.scale")
 
 
 # Where the built-in plugins live (``fluxopt_plugins/`` in the source tree). Imported by name: the core
@@ -137,6 +138,36 @@ def metrics() -> dict[str, Any]:
     return _collect("fluxopt_metrics", "metric")
 
 
-def hook() -> Any:
-    """The hook relay, for firing event hooks."""
-    return get_plugin_manager().hook
+class _Relay:
+    """``pm.hook`` without the plugins a run disabled: each hook a subset caller."""
+
+    def __init__(self, pm: pluggy.PluginManager, disabled: Iterable[str]):
+        self._pm = pm
+        self._without = [pm.get_plugin(name) for name in disabled]
+
+    def __getattr__(self, name: str) -> Any:
+        return self._pm.subset_hook_caller(name, remove_plugins=self._without)
+
+
+def plugin_names() -> list[str]:
+    """The registered plugins' names (module names; an entry point's name for third-party ones)."""
+    return sorted(name for name, _ in get_plugin_manager().list_name_plugin())
+
+
+def check_disabled(names: Iterable[str]) -> list[str]:
+    """``disabled_plugins`` checked against the registered plugins."""
+    known = plugin_names()
+    for name in names:
+        if name not in known:
+            close = difflib.get_close_matches(str(name), known, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"disabled_plugins has {name!r}, which is not a registered plugin{hint}; "
+                              f"plugins: {', '.join(known)}")
+    return list(names)
+
+
+def hook(disabled: Iterable[str] = ()) -> Any:
+    """The hook relay for firing event hooks, without the plugins named in ``disabled``."""
+    pm = get_plugin_manager()
+    disabled = list(disabled)
+    return _Relay(pm, disabled) if disabled else pm.hook

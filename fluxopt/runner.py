@@ -27,7 +27,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
-from fluxopt import plugins, profiling
+from fluxopt import plugins
 from fluxopt.apply import apply_to_pipeline
 from fluxopt.config import measurement_config, recorded_config
 from fluxopt.context import StackContext
@@ -36,18 +36,14 @@ from fluxopt.environment import capture_environment
 from fluxopt.errors import DiskFullError, FluxoptError
 from fluxopt.fidelity import evaluate
 from fluxopt.files import save_image_atomic, write_text_atomic
-from fluxopt.measure import Generator, Measurement, Sample, measure
+from fluxopt.measure import Generator, Measured, Measurement, Sample, measure
 from fluxopt.models import load_pipeline
 from fluxopt.plan import RunPlan, plan_run, selected_backends
-from fluxopt.report import write_run_report
 from fluxopt.record import RESULT_FILE, Energy, Phase, RunRecord, StackRecord, Status, speedup_of, write_record
 from fluxopt.stack import Stack
 
 log = logging.getLogger("fluxopt")
 LEAK_WARNING_BYTES = 256 * 2**20  # allocator rounding and cached workspaces stay below this
-# With a step cache, profile this many steps from the middle one and keep the slowest (a computed
-# one, when the cache skips at most three steps in a row)
-CACHED_STEPS_PROFILED = 4
 
 
 class Run:
@@ -74,8 +70,8 @@ class Run:
         self.device_lost: str | None = None  # why the CUDA context cannot run more stacks
         self.phase = Phase.LOAD  # the phase of the stack in progress, for attributing a failure or interrupt
         self.build_only = bool(self.cfg.get("build_only", False))  # apply and build, measure nothing
-        self.profiling = bool(self.cfg.bench.get("profile", False)) and not self.build_only
-        self.profile_info: dict[str, Any] = {}
+        self.run_info: dict[str, Any] = {}  # shared by the plugins' fluxopt_stack_measured calls
+        self.hook = plugins.hook(self.plan.config.disabled_plugins)
         self.file_labels: set[str] = {"baseline"}  # names of the stacks' image, profile and log files so far
         self.meter = EnergyMeter(torch.cuda.current_device() if self.plan.device.is_gpu else None)
 
@@ -142,11 +138,7 @@ class Run:
             self.baseline.reason = (f"{problem}, so no stack can be judged against it; check "
                                     f"bench.guidance_scale={p.shapes.guidance_scale:g}, the prompts and the "
                                     f"model's weights ({self.cfg.model.get('path') or 'model=' + p.spec.name})")
-        if self.profiling:
-            self._enter("baseline", "profile")
-            self.profile_info = {"step_flops": profiling.step_flops(pipe.transformer, p.shapes),
-                                 "ceilings_tflops": profiling.matmul_ceilings() if p.device.is_gpu else {}}
-            self._profile(self.baseline, Generator(pipe, p.shapes, p.device), "baseline", precision={})
+        self._measured("baseline", self.baseline, pipe, Generator(pipe, p.shapes, p.device), {})
         self.baseline.images = self._save_images("baseline", m.samples)
         del pipe
         self._release()
@@ -233,10 +225,7 @@ class Run:
             m = measure(gen, p.prompts, p.seed, warmup=p.warmup, iterations=p.iterations,
                         on_phase=lambda name: enter(Phase(name)), meter=self.meter)
             self._fill(result, m, build_j)
-            if self.profiling:
-                self._enter(stack.name, "profile")
-                self._profile(result, gen, label, precision=ctx.stats.get("compute_precision", {}),
-                              cache=ctx.stats.get("cache"))
+            self._measured(label, result, pipe, gen, ctx.stats)
             result.stats = ctx.stats
             enter(Phase.FIDELITY)
             result.images = self._save_images(label, m.samples)
@@ -250,25 +239,13 @@ class Run:
         finally:
             applied.close()  # process-wide state back to what it was before this stack
 
-    def _profile(self, result: StackRecord, gen: Generator, label: str, precision: dict[str, str],
-                 cache: dict[str, Any] | None = None) -> None:
-        """One profiled step: breakdown, trace file (named ``label``), and how close the average step
-        is to the floor (``precision``: what the stack computes in fp8, for the floor's rates;
-        ``cache``: the stack's step-cache counts, for the share of computed steps)."""
+    def _measured(self, label: str, record: StackRecord, pipe: Any, gen: Generator, stats: dict[str, Any]) -> None:
+        """Let the plugins look at a measured stack while it is still built (the profile ring)."""
         p = self.plan
-        path = self.output_dir / "profiles" / f"{label}.json"
-        profile = profiling.profile_one_step(lambda on_step: gen(p.prompts[0], p.seed, on_step), p.shapes.steps,
-                                             p.device.is_gpu, path, span=CACHED_STEPS_PROFILED if cache else 1)
-        profile["trace"] = str(path.relative_to(self.output_dir))
-        profile["floor_ms"] = profiling.floor_ms(self.profile_info["step_flops"], self.profile_info["ceilings_tflops"],
-                                                 precision)  # of one computed step
-        profile["average_step_floor_ms"] = profiling.average_step_floor_ms(profile["floor_ms"], cache)
-        step_s = result.step_latency.median if result.step_latency else None
-        profile["pct_of_floor"] = profiling.pct_of_floor(profile["average_step_floor_ms"], step_s)
-        at_clock = profiling.floor_at_clock_ms(profile["average_step_floor_ms"],
-                                               self.profile_info["ceilings_tflops"].get("sm_mhz"), profile["gpu_clock"])
-        profile["pct_of_floor_at_clock"] = profiling.pct_of_floor(at_clock, step_s)
-        result.profile = profile
+        self.hook.fluxopt_stack_measured(measured=Measured(
+            label=label, record=record, pipe=pipe, generate=lambda on_step: gen(p.prompts[0], p.seed, on_step),
+            shapes=p.shapes, device=p.device, output_dir=self.output_dir, config=p.config, stats=stats,
+            run_info=self.run_info, enter=lambda phase: self._enter(label, phase)))
 
     def _log_failure(self, stack_name: str, exc: BaseException) -> None:
         path = self.output_dir / "logs" / f"{stack_name}.log"
@@ -292,7 +269,7 @@ class Run:
             shapes=dataclasses.asdict(p.shapes), prompts=list(p.prompts), seed=p.seed,
             mode="stack" if p.explicit else "bakeoff", build_only=self.build_only,
             requested=[s.name for s in p.stacks], config=recorded_config(self.cfg, self.plan.config),
-            provenance=self.provenance, environment=self.environment, profile=self.profile_info or None,
+            provenance=self.provenance, environment=self.environment, profile=self.run_info or None,
             baseline=self.baseline, stacks=list(self.results))
 
     def write(self, complete: bool) -> RunRecord:
@@ -303,7 +280,7 @@ class Run:
     def execute(self) -> RunRecord:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.environment = capture_environment(self.plan.device)
-        hook = plugins.hook()
+        hook = self.hook
         hook.fluxopt_run_started(config=recorded_config(self.cfg, self.plan.config),
                                  output_dir=str(self.output_dir))
         try:
@@ -323,7 +300,6 @@ class Run:
             self.write(complete=False)
             raise
         record = self.write(complete=True)
-        write_run_report(record, self.output_dir)
         hook.fluxopt_run_finished(result=record, output_dir=str(self.output_dir))
         return record
 

@@ -9,11 +9,11 @@ set -euo pipefail
 RUN=${RUN:-runs/flux-mini}
 case "${1:-}" in
   train)
-    python -m fluxopt.flux_mini.train --out "$RUN/vae" --vae-only --vae-steps 1680
-    python -m fluxopt.flux_mini.train --out "$RUN/full" --resume "$RUN/vae/pipeline" --dit-steps 2867
+    python -m fluxopt.zoo.flux_mini.train --out "$RUN/vae" --vae-only --vae-steps 1680
+    python -m fluxopt.zoo.flux_mini.train --out "$RUN/full" --resume "$RUN/vae/pipeline" --dit-steps 2867
     ;;
   eval)
-    python -m fluxopt.flux_mini.evaluate ${WEIGHTS:+--weights "$WEIGHTS"} --out docs/results --images docs/images
+    python -m fluxopt.zoo.flux_mini.evaluate ${WEIGHTS:+--weights "$WEIGHTS"} --out docs/results --images docs/images
     ;;
   ship)
     rm -rf fluxopt_plugins/flux_mini/weights && cp -r "$RUN/full/pipeline" fluxopt_plugins/flux_mini/weights

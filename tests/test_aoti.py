@@ -121,7 +121,7 @@ class _AsFloat(torch.nn.Module):
 def test_whole_graph_inductor_keeps_eagers_timestep_only_with_eager_rounding(eager_rounding):
     """The cause of the H100's aoti mismatch: a fused kernel drops eager's bf16 rounding of
     timestep * 1000 (699.2 instead of 700.0) unless the projection's input is rounded explicitly."""
-    from fluxopt.eager_rounding import EagerRoundedTimesteps
+    from fluxopt.kit.eager_rounding import EagerRoundedTimesteps
 
     proj = EagerRoundedTimesteps(_AsFloat()) if eager_rounding else _AsFloat()
 
@@ -331,7 +331,7 @@ def test_a_package_given_live_weights_lets_go_of_them_when_dropped(tmp_path):
 
 
 def test_fingerprint_sees_weight_rewrites_and_values_only_when_asked():
-    from fluxopt.tiny_model import build_tiny_pipeline
+    from fluxopt.zoo.tiny import build_tiny_pipeline
 
     transformer = build_tiny_pipeline().transformer
     structure, values = module_fingerprint(transformer, False), module_fingerprint(transformer, True)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fluxopt
-from fluxopt.catalog import render
+from fluxopt.report.catalog import render
 from fluxopt.errors import ConfigError, UnavailableError
 
 

@@ -19,7 +19,7 @@ import torch
 from fluxopt import artifacts
 from fluxopt.artifacts import MANIFEST, ArtifactCache, entry_key, key_digest
 from fluxopt import Shapes, StackContext
-from fluxopt.cache_cli import main as cache_main
+from fluxopt.cli.cache import main as cache_main
 from fluxopt.files import private_dir
 from fluxopt.environment import DeviceInfo, detect_device
 
@@ -394,7 +394,7 @@ def test_cache_cli_rm(cache, device, capsys):
 
 def test_cache_cli_as_module(cache, device):
     _populate(cache, device)
-    proc = subprocess.run([sys.executable, "-m", "fluxopt.cache_cli", "--cache-dir", str(cache.root), "ls"],
+    proc = subprocess.run([sys.executable, "-m", "fluxopt.cli.cache", "--cache-dir", str(cache.root), "ls"],
                           capture_output=True, text=True, cwd=REPO, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "4 entries" in proc.stdout

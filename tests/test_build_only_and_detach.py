@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import read_result, run_cli
 
-from fluxopt.detach import is_detach_override, output_dir
+from fluxopt.scale.detach import is_detach_override, output_dir
 from fluxopt.record import record_from_json
 from fluxopt.runner import can_reuse
 

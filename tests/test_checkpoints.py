@@ -51,7 +51,7 @@ def test_flux_schnell_random_has_schnell_shapes_and_no_guidance_embedding():
 
 
 def test_a_local_schnell_directory_runs_with_schnell_defaults(tmp_path):
-    from fluxopt.tiny_model import TINY_CLIP, TINY_T5, TINY_TRANSFORMER, TINY_VAE, assemble_flux_pipeline
+    from fluxopt.zoo.tiny import TINY_CLIP, TINY_T5, TINY_TRANSFORMER, TINY_VAE, assemble_flux_pipeline
 
     checkpoint = tmp_path / "schnell-like"
     pipe = assemble_flux_pipeline(TINY_CLIP, TINY_T5, {**TINY_TRANSFORMER, "guidance_embeds": False}, TINY_VAE, 0)

@@ -105,7 +105,7 @@ def test_console_table_keeps_bracketed_install_hints(tmp_path):
 
     from rich.console import Console
 
-    from fluxopt.report import print_table
+    from fluxopt.report.tables import print_table
 
     data = records.run([records.stack("x", None, status="skipped",
                                       reason="needs 'tensorrt' (pip install 'fluxopt[tensorrt]')")], model="tiny")
@@ -127,7 +127,7 @@ def test_console_table_fits_120_columns_and_ends_with_the_verdict(tmp_path):
 
     from rich.console import Console
 
-    from fluxopt.report import print_table, verdict_sentence
+    from fluxopt.report.tables import print_table, verdict_sentence
 
     stacks = [records.stack(name, speedup) for name, speedup in (("torchao_fp8+compile", 1.8), ("compile", 1.35))]
     stacks.append(records.stack("aoti", None, status="failed",
@@ -145,7 +145,7 @@ def test_console_table_fits_120_columns_and_ends_with_the_verdict(tmp_path):
 
 @pytest.mark.parametrize(("trained", "speedups"), [(False, (1.8,)), (False, (0.9,)), (False, ()), (True, (1.8,))])
 def test_verdict_explains_random_weights_whatever_the_outcome(tmp_path, trained, speedups):
-    from fluxopt.report import verdict_sentence
+    from fluxopt.report.tables import verdict_sentence
 
     data = records.run([records.stack(f"s{i}", s) for i, s in enumerate(speedups)], model="tiny")
     data.model["trained"] = trained

@@ -10,7 +10,7 @@ import warnings
 import pytest
 from rich.console import Console
 
-from fluxopt import console
+from fluxopt.cli import console
 
 
 def test_progress_without_a_terminal_prints_one_plain_line_per_phase(capsys):

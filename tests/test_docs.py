@@ -25,15 +25,15 @@ def test_generated_tables_are_up_to_date(doc):
 
 
 def test_backend_catalog_in_docs_is_generated_from_the_code():
-    """docs/backends.md's backend table and option list equal ``python -m fluxopt.catalog``'s
+    """docs/backends.md's backend table and option list equal ``python -m fluxopt.report.catalog``'s
     output (the table header names the machine's CPU, which differs between machines)."""
-    from fluxopt.catalog import BEGIN, END, render
+    from fluxopt.report.catalog import BEGIN, END, render
 
     text = (REPO / "docs" / "backends.md").read_text()
     block = text.split(BEGIN, 1)[1].split(END, 1)[0]
     generated = render("cpu")
     assert block.split("\n", 1)[1] == generated.split("\n", 1)[1], \
-        "docs/backends.md is stale: python -m fluxopt.catalog --device cpu --render docs/backends.md"
+        "docs/backends.md is stale: python -m fluxopt.report.catalog --device cpu --render docs/backends.md"
 
 
 def test_mutation_scores_in_docs_come_from_the_committed_listing():

@@ -1,4 +1,4 @@
-"""fluxopt.eager_rounding: the explicit rounding equals torch's cast for every value it is used
+"""fluxopt.kit.eager_rounding: the explicit rounding equals torch's cast for every value it is used
 on, and the wrapper is a no-op in eager (so the stack stays lossless there)."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
-from fluxopt.eager_rounding import EagerRoundedTimesteps, keep_eager_timestep_rounding, round_like
-from fluxopt.tiny_model import build_tiny_pipeline
+from fluxopt.kit.eager_rounding import EagerRoundedTimesteps, keep_eager_timestep_rounding, round_like
+from fluxopt.zoo.tiny import build_tiny_pipeline
 
 LIMIT = 60000.0  # float16's normal range is [2**-14, 65504]; timesteps and guidance x 1000 are inside it
 NORMAL = st.floats(-LIMIT, LIMIT, width=32).filter(lambda v: v == 0 or abs(v) >= 2 ** -14)

@@ -11,7 +11,7 @@ from _records import run, stack
 from fluxopt.energy import EnergyMeter, spent
 from fluxopt.measure import Generator, measure
 from fluxopt.record import Energy, UnreadableRecord, read_record, write_record
-from fluxopt.report import stack_row
+from fluxopt.report.tables import stack_row
 from fluxopt.shapes import Shapes
 
 

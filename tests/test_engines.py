@@ -12,7 +12,8 @@ import pytest
 from conftest import read_result, run_cli
 from hydra.core.utils import JobReturn, JobStatus
 
-from fluxopt import engines, search
+from fluxopt.scale import launchers as engines
+from fluxopt.scale import search
 from fluxopt.cli import preflight
 from fluxopt.errors import ConfigError
 from fluxopt.record import write_record

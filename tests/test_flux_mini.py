@@ -11,7 +11,7 @@ from PIL import Image
 
 from fluxopt import Shapes
 from fluxopt.environment import detect_device
-from fluxopt.flux_mini import dataset
+from fluxopt.zoo.flux_mini import dataset
 from fluxopt_plugins.flux_mini import WEIGHTS_DIR
 from fluxopt.measure import Generator
 
@@ -84,7 +84,7 @@ def test_captions_condition_the_output(mini_pipe):
 
 
 def test_training_tokenization_matches_pipeline(mini_pipe):
-    from fluxopt.flux_mini.model import encode, tokenize
+    from fluxopt.zoo.flux_mini.model import encode, tokenize
 
     captions = ["a small green square on the left on a gray background", "white background, large red circle"]
     with torch.no_grad():
@@ -120,7 +120,7 @@ def test_held_out_combinations_never_train():
 def test_training_script_runs_and_resumes(tmp_path):
     from diffusers import FluxPipeline
 
-    from fluxopt.flux_mini import train
+    from fluxopt.zoo.flux_mini import train
 
     train.main(["--out", str(tmp_path / "a"), "--vae-only", "--vae-steps", "2", "--vae-batch", "2",
                 "--calib-images", "8", "--device", "cpu"])

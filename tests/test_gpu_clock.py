@@ -8,7 +8,7 @@ import types
 
 import pytest
 
-from fluxopt import gpu_clock
+from fluxopt.profile import gpu_clock
 
 
 def test_summary_means_and_the_share_held_back_by_the_power_limit():

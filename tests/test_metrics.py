@@ -18,7 +18,7 @@ def clip_dir(tmp_path_factory):
     """A tiny CLIP (random weights) saved the way a real one is: what FLUXOPT_CLIP_MODEL points at."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    from fluxopt.tiny_model import clip_tokenizer
+    from fluxopt.zoo.tiny import clip_tokenizer
 
     torch.manual_seed(0)
     tokenizer = clip_tokenizer()

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from fluxopt import profiling
+from fluxopt.profile import steps as profiling
 
 
 @pytest.mark.parametrize("kernel, expected", [
@@ -72,7 +72,7 @@ def test_the_clock_of_a_profile_is_read_during_the_step_kept(monkeypatch, tmp_pa
     import sys
     import time
 
-    from fluxopt import gpu_clock
+    from fluxopt.profile import gpu_clock
     from test_gpu_clock import _FakeNvml
 
     monkeypatch.setitem(sys.modules, "pynvml", _FakeNvml())

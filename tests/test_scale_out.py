@@ -12,7 +12,9 @@ import pytest
 import torch
 from conftest import read_result, run_cli
 
-from fluxopt import gpu_pool, launch
+from fluxopt import environment
+from fluxopt.scale import gpu_pool
+from fluxopt.scale import torchrun as launch
 from fluxopt.environment import detect_device
 from fluxopt.errors import ConfigError
 
@@ -142,18 +144,18 @@ def test_torchrun_command_construction():
     assert cmd[-1] == f"hydra.sweep.dir=multirun/2025-01-02/03-04-05-{os.getpid()}-torchrun"
     cmd, _ = launch.torchrun_command([*argv, "hydra.run.dir=/x"], 2, env={}, now=now, python="/py")
     assert cmd[-1] == "hydra.run.dir=/x"
-    assert launch.in_torchrun(env) and not launch.in_torchrun({})
+    assert environment.in_torchrun(env) and not environment.in_torchrun({})
 
 
 def test_only_rank_zero_writes_results(monkeypatch, tmp_path):
-    assert launch.writes_results({})
-    assert launch.writes_results({"RANK": "0", "LOCAL_RANK": "0"})
-    assert not launch.writes_results({"RANK": "1", "LOCAL_RANK": "1"})
-    from fluxopt.sweep import SweepSummaryCallback
+    assert environment.writes_results({})
+    assert environment.writes_results({"RANK": "0", "LOCAL_RANK": "0"})
+    assert not environment.writes_results({"RANK": "1", "LOCAL_RANK": "1"})
+    from fluxopt.sweep import SweepFinishedCallback
     from omegaconf import OmegaConf
 
     monkeypatch.setenv("RANK", "1")
-    SweepSummaryCallback().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}}))
+    SweepFinishedCallback().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}}))
     assert not (tmp_path / "summary.json").exists()
     scratch = launch.scratch_dir(tmp_path / "job")
     assert not scratch.is_relative_to(tmp_path) and "rank1" in scratch.name

@@ -9,7 +9,7 @@ from diffusers import FluxPipeline
 from fluxopt import Shapes
 from fluxopt.environment import detect_device
 from fluxopt.measure import Generator
-from fluxopt.tiny_model import build_tiny_pipeline
+from fluxopt.zoo.tiny import build_tiny_pipeline
 
 SHAPES = Shapes(height=64, width=64, steps=3, guidance_scale=3.5, max_sequence_length=64)
 
@@ -35,7 +35,7 @@ def test_tiny_save_load_roundtrip_is_bit_identical(tmp_path, tiny_pipe):
 
 
 def test_tiny_weights_depend_only_on_seed():
-    a, b, c = build_tiny_pipeline(seed=0), build_tiny_pipeline(seed=0), build_tiny_pipeline(seed=1)
+    a, b, c = build_tiny_pipeline(weight_seed=0), build_tiny_pipeline(weight_seed=0), build_tiny_pipeline(weight_seed=1)
     wa, wb, wc = (p.transformer.state_dict()["proj_out.weight"] for p in (a, b, c))
     assert torch.equal(wa, wb)
     assert not torch.equal(wa, wc)

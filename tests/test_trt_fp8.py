@@ -29,7 +29,7 @@ HAS_TRT_GPU = importlib.util.find_spec("tensorrt") is not None and torch.cuda.is
 
 def _quantized(fmt: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
     """A tiny pipeline whose transformer is quantized (calibrated on 2 prompts x 2 steps)."""
-    from fluxopt.tiny_model import build_tiny_pipeline
+    from fluxopt.zoo.tiny import build_tiny_pipeline
     from fluxopt_plugins.trt_fp8 import onnx_export, quantize
 
     pipe = build_tiny_pipeline().to(device=device, dtype=dtype)

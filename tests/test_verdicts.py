@@ -120,7 +120,7 @@ def test_timing_measures_an_injected_delay():
 
 
 def test_one_sample_is_marked_n1_and_never_shows_plus_minus_zero():
-    from fluxopt.report import stack_row
+    from fluxopt.report.tables import stack_row
 
     stats = LatencyStats.from_samples([0.5])
     assert stats.n == 1 and stats.std is None

@@ -1,5 +1,5 @@
 """``hydra/sweeper=fluxopt_search``: hydra-optuna-sweeper searching fluxopt stacks. Optuna
-proposes; :class:`fluxopt.search.SearchLauncher` turns proposals into runs (refusing incompatible
+proposes; :class:`fluxopt.scale.search.SearchLauncher` turns proposals into runs (refusing incompatible
 ones before any model loads) and scores them; the winner is printed as a command line."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from hydra.types import HydraContext, TaskFunction
 from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper
 from omegaconf import DictConfig, OmegaConf
 
-from fluxopt.search import SearchLauncher, SearchLog, backends_from, limits_from, search_space
+from fluxopt.scale.search import SearchLauncher, SearchLog, backends_from, limits_from, search_space
 
 
 class FluxoptSearchSweeper(OptunaSweeper):

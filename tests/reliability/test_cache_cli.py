@@ -8,7 +8,7 @@ import pytest
 
 from fluxopt import plugins
 from fluxopt.artifacts import ArtifactCache
-from fluxopt.cache_cli import main
+from fluxopt.cli.cache import main
 from fluxopt.models import local_model_dir
 
 

@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 
 from fluxopt.record import RunRecord, StackRecord, UnreadableRecord, read_record, speedup_of, write_record
 from fluxopt.record import LatencyStats
-from fluxopt.sweep import sweep_lock, verdict_of, write_expected, write_summary
+from fluxopt.report.summary import write_summary
+from fluxopt.sweep import sweep_lock, verdict_of, write_expected
 
 
 def _fidelity(psnr: list[float], threshold: float = 20.0) -> dict:
@@ -61,7 +62,7 @@ def report(directory: Path, *args: str) -> subprocess.CompletedProcess:
     import contextlib
     import io
 
-    from fluxopt import report_cli
+    from fluxopt.report import cli as report_cli
 
     out, err = io.StringIO(), io.StringIO()
     code = 0
@@ -286,7 +287,7 @@ def test_a_job_is_matched_by_its_own_overrides_not_hydras(tmp_path):
 
 
 def test_summary_rows_show_noise_from_other_runs_warm_starts_and_what_was_not_run(tmp_path):
-    from fluxopt.sweep import summary_rows
+    from fluxopt.report.summary import summary_rows
 
     fast = make_record(base=(1.0, 1.005, 0.995), stack=(0.952, 0.9545, 0.9495))
     slow = make_record(base=(1.1, 1.2, 1.0), stack=(0.5, 0.52, 0.48), name="channels_last")

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from fluxopt import gpu_clock
+from fluxopt.profile import gpu_clock
 from fluxopt.shapes import Shapes, transformer_inputs
 
 CATEGORIES = ("gemm", "attention", "quantize", "norm_elementwise", "other")

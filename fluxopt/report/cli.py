@@ -12,14 +12,15 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from fluxopt.cache_cli import OneLineParser
-from fluxopt.errors import ConfigError, ExitStatus, FluxoptError
+
+from fluxopt.errors import ConfigError, ExitStatus, FluxoptError, OneLineParser
 from fluxopt.files import write_bytes_atomic, write_text_atomic
 from fluxopt.record import RESULT_FILE, read_record
-from fluxopt.report import render_run_markdown
+from fluxopt.report.tables import render_run_markdown
 from fluxopt.selection import Limits, best
 from fluxopt.stack import option_defaults
-from fluxopt.sweep import collect, write_summary
+from fluxopt.report.summary import write_summary
+from fluxopt.sweep import collect
 
 
 def _print_best(directory: Path, limits: Limits) -> int:

@@ -28,7 +28,7 @@ from fluxopt.backend import Stage
 from fluxopt.environment import INVOCATION_ENV, detect_device
 from fluxopt.errors import ConfigError, FluxoptError
 from fluxopt.files import write_json_atomic
-from fluxopt.report import SEARCH_FILE
+from fluxopt.sweep import SEARCH_FILE
 from fluxopt.record import RESULT_FILE, RunRecord, UnreadableRecord, read_record
 from fluxopt.selection import Limits, Pick, ineligible
 from fluxopt.stack import build_stack, option_defaults, unknown_backend_message

@@ -57,14 +57,14 @@ FLUX_DEV_CLIP = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=
 FLUX_DEV_T5 = dict(d_model=4096, d_kv=64, d_ff=1024, num_layers=2, num_heads=64, dropout_rate=0.0)
 
 
-def build_random_flux(device: torch.device, dtype: torch.dtype, guidance_embeds: bool = True, seed: int = 0):
+def build_random_flux(device: torch.device, dtype: torch.dtype, guidance_embeds: bool = True, weight_seed: int = 0):
     """Built directly on ``device`` in ``dtype`` (no 48 GB fp32 detour through host memory);
     ``guidance_embeds=False`` gives FLUX.1-schnell's transformer."""
-    from fluxopt.tiny_model import assemble_flux_pipeline
+    from fluxopt.zoo.tiny import assemble_flux_pipeline
 
     init_dtype = dtype if dtype.is_floating_point else torch.float32
     transformer = {**FLUX_DEV_TRANSFORMER, "guidance_embeds": guidance_embeds}
     with torch.device(device), _default_dtype(init_dtype):
-        pipe = assemble_flux_pipeline(FLUX_DEV_CLIP, FLUX_DEV_T5, transformer, FLUX_VAE, seed)
+        pipe = assemble_flux_pipeline(FLUX_DEV_CLIP, FLUX_DEV_T5, transformer, FLUX_VAE, weight_seed)
         _init_like_trained(pipe.transformer)
     return pipe.to(device=device, dtype=dtype)

@@ -19,7 +19,7 @@ are timed and the step count is fixed from them (and written to ``train_config.j
 learning-rate schedule always completes. Rerun with ``--vae-steps/--dit-steps`` from that file
 to repeat a run (GPU kernels are not bit-deterministic; the data stream is).
 
-    python -m fluxopt.flux_mini.train --out runs/flux-mini --vae-seconds 120 --dit-seconds 330
+    python -m fluxopt.zoo.flux_mini.train --out runs/flux-mini --vae-seconds 120 --dit-seconds 330
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from fluxopt.flux_mini import dataset
-from fluxopt.flux_mini.model import MAX_SEQUENCE_LENGTH, build_untrained_pipeline, encode, tokenize
+from fluxopt.zoo.flux_mini import dataset
+from fluxopt.zoo.flux_mini.model import MAX_SEQUENCE_LENGTH, build_untrained_pipeline, encode, tokenize
 
 DEFAULTS = dict(
     seed=0,

@@ -106,11 +106,9 @@ def progress(enabled: bool = True) -> Iterator[Callable[[str, str], None]]:
         yield on_phase
 
 
-def print_run(data: dict[str, Any], output_dir: Path) -> None:
-    from fluxopt.report import print_table, verdict_sentence
-
-    print_table(data)
-    print(verdict_sentence(data, output_dir))
+def print_run(data: Any, output_dir: Path, hook: Any) -> None:
+    """After a single run: the plugins present it (``fluxopt_terminal_summary``), then where it is."""
+    hook.fluxopt_terminal_summary(result=data, output_dir=str(output_dir))
     dropped = dropped_records()
     if dropped:
         say(f"{dropped} library log record(s) and warning(s) kept off the console; see the log in {output_dir}")

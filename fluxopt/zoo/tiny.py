@@ -2,7 +2,7 @@
 random weights and tokenizers built locally, so everything runs offline on a CPU.
 
 It is written with ``save_pretrained`` and read back with ``FluxPipeline.from_pretrained``,
-so the normal loading path is exercised. Weights depend only on ``seed``.
+so the normal loading path is exercised. Weights depend only on ``weight_seed``.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def t5_tokenizer(words: Sequence[str] = ()):
 
 
 def assemble_flux_pipeline(clip: dict[str, Any], t5: dict[str, Any], transformer: dict[str, Any],
-                           vae: dict[str, Any], seed: int = 0, t5_words: Sequence[str] = ()):
+                           vae: dict[str, Any], weight_seed: int = 0, t5_words: Sequence[str] = ()):
     """A FluxPipeline of diffusers/transformers classes with fresh weights (eval mode) and the
     locally built tokenizers; the sizes come from the four config dicts."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
@@ -57,7 +57,7 @@ def assemble_flux_pipeline(clip: dict[str, Any], t5: dict[str, Any], transformer
 
     clip_tok, t5_tok = clip_tokenizer(), t5_tokenizer(t5_words)
     eos = clip_tok.convert_tokens_to_ids("<|endoftext|>")
-    torch.manual_seed(seed)
+    torch.manual_seed(weight_seed)
     modules = dict(
         text_encoder=CLIPTextModel(CLIPTextConfig(
             vocab_size=len(clip_tok), bos_token_id=clip_tok.convert_tokens_to_ids("<|startoftext|>"),
@@ -85,11 +85,11 @@ TINY_VAE = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlo
                 use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035)
 
 
-def build_tiny_pipeline(seed: int = 0):
+def build_tiny_pipeline(weight_seed: int = 0):
     """Construct the tiny FluxPipeline in memory (float32, eval mode)."""
-    return assemble_flux_pipeline(TINY_CLIP, TINY_T5, TINY_TRANSFORMER, TINY_VAE, seed)
+    return assemble_flux_pipeline(TINY_CLIP, TINY_T5, TINY_TRANSFORMER, TINY_VAE, weight_seed)
 
 
-def save_tiny_pipeline(directory: Path, seed: int = 0) -> None:
+def save_tiny_pipeline(directory: Path, weight_seed: int = 0) -> None:
     """Write the tiny pipeline with ``save_pretrained`` (safetensors)."""
-    build_tiny_pipeline(seed).save_pretrained(str(directory), safe_serialization=True)
+    build_tiny_pipeline(weight_seed).save_pretrained(str(directory), safe_serialization=True)

@@ -20,23 +20,8 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from fluxopt.environment import LAUNCHED_ENV, MULTICAST_OFF
+from fluxopt.environment import LAUNCHED_ENV, MULTICAST_OFF, in_torchrun, rank
 from fluxopt.errors import ConfigError
-
-
-def in_torchrun(env: Mapping[str, str] | None = None) -> bool:
-    env = os.environ if env is None else env
-    return "LOCAL_RANK" in env or LAUNCHED_ENV in env
-
-
-def rank(env: Mapping[str, str] | None = None) -> int:
-    env = os.environ if env is None else env
-    return int(env.get("RANK", "0"))
-
-
-def writes_results(env: Mapping[str, str] | None = None) -> bool:
-    """Whether this process writes result files: always outside torchrun, rank 0 inside."""
-    return rank(env) == 0
 
 
 def scratch_dir(output_dir: Path) -> Path:

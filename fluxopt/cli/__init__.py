@@ -34,9 +34,12 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from fluxopt import console, detach, engines, launch, plugins, search, sweep
+from fluxopt import plugins, sweep
+from fluxopt.cli import console
+from fluxopt.scale import detach, launchers, search, torchrun
+
 from fluxopt.config import RunConfig, recorded_config, register_configs, run_config
-from fluxopt.environment import INVOCATION_ENV
+from fluxopt.environment import INVOCATION_ENV, in_torchrun, rank, writes_results
 from fluxopt.errors import ConfigError, ExitStatus, FluxoptError, UnavailableError
 from fluxopt.files import move_aside, write_text_atomic
 from fluxopt.plan import RunPlan, check_runnable, check_writable_dir, plan_run
@@ -115,8 +118,8 @@ def _check_override(ov: Override) -> None:
         raise ConfigError(f"unknown setting '{key}'.{hint} Settings: {', '.join(sorted(TOP_LEVEL - {'backend'}))}; "
                           "groups: model=, bench=, fidelity=, +backend=")
     if key in ("hydra/launcher", "hydra/sweeper"):
-        engines.check_installed(key, _text(ov.value()))
-        engines.register_engine(_text(ov.value()))
+        launchers.check_installed(key, _text(ov.value()))
+        launchers.register_engine(_text(ov.value()))
     elif key == "backend" and not ov.is_delete():
         for names in _stack_choices(ov.value()):
             build_stack(names)  # unknown names, empty stacks and incompatible pairs raise here
@@ -213,13 +216,13 @@ def preflight(argv: list[str]) -> list[RunPlan]:
                 check_writable_dir("hydra.sweep.dir" if multirun else "hydra.run.dir", Path(run_dir))
                 plan = plan_run(cfg, check_requirements=False)
                 if multirun:
-                    engines.check_resources(cfg.hydra.launcher)
+                    launchers.check_resources(cfg.hydra.launcher)
                 if searching:
                     search.limits_from(cfg)
                     search.search_space(search.backends_from(cfg))
                 # In a sweep a stack this machine cannot run is recorded as refused and the other
                 # jobs still run; a single run ends at once.
-                if not multirun and (launch.in_torchrun() or required_processes([plan]) == 1):
+                if not multirun and (in_torchrun() or required_processes([plan]) == 1):
                     check_runnable(plan)
                 plans.append(plan)
     finally:
@@ -286,7 +289,7 @@ def _previous(output_dir: Path, config: dict[str, Any]) -> RunRecord | None:
         return None
     if can_reuse(previous, config):
         return previous
-    if launch.writes_results():
+    if writes_results():
         moved = move_aside(path, "previous")
         console.say(f"{path} is from an earlier, {'interrupted' if not previous.complete else 'different or failed'} "
                     f"run; kept as {moved.name}")
@@ -298,18 +301,19 @@ def run_job(cfg: DictConfig) -> RunRecord | None:
     hc = HydraConfig.get()
     output_dir = Path(hc.runtime.output_dir)
     multirun = hc.mode == RunMode.MULTIRUN
-    config = recorded_config(cfg, run_config(cfg))
+    settings = run_config(cfg)
+    config = recorded_config(cfg, settings)
     previous = _previous(output_dir, config)
     if previous is not None:
         console.say(f"{output_dir / RESULT_FILE} is complete and passed for this config; skipping it "
                     "(resume=false measures again)")
         return previous
     console.quiet_libraries(output_dir, verbose=bool(cfg.get("verbose", False)))
-    if not launch.writes_results():  # torchrun rank > 0: computes in lock-step, writes nothing here
+    if not writes_results():  # torchrun rank > 0: computes in lock-step, writes nothing here
         try:
-            return Run(cfg, launch.scratch_dir(output_dir)).execute()
+            return Run(cfg, torchrun.scratch_dir(output_dir)).execute()
         except FluxoptError as exc:
-            log.error("rank %s: %s", launch.rank(), exc)
+            log.error("rank %s: %s", rank(), exc)
             return None
     try:
         with console.progress(enabled=not multirun) as on_phase:
@@ -334,7 +338,7 @@ def run_job(cfg: DictConfig) -> RunRecord | None:
         return None
     OUTCOME.failed.extend(data.failures())
     if not multirun:
-        console.print_run(data, output_dir)
+        console.print_run(data, output_dir, plugins.hook(settings.disabled_plugins))
     return data
 
 
@@ -381,7 +385,7 @@ def _sweep(argv: list[str], sweep_dir: Path) -> list[str]:
         try:
             _hydra_main()
         except KeyboardInterrupt:
-            sweep.write_summary(sweep_dir)
+            plugins.hook().fluxopt_sweep_finished(sweep_dir=str(sweep_dir))
             raise
     return sweep.verdict_of(sweep_dir).reasons()
 
@@ -397,7 +401,7 @@ def main() -> None:
 
 
 def _main(argv: list[str]) -> None:
-    if not launch.in_torchrun():  # torchrun ranks keep the id of the command that launched them
+    if not in_torchrun():  # torchrun ranks keep the id of the command that launched them
         os.environ[INVOCATION_ENV] = secrets.token_hex(8)
     try:
         register_configs()
@@ -410,16 +414,16 @@ def _main(argv: list[str]) -> None:
                         f"results in {directory}. Once it has stopped (fluxopt.out ends with its verdict), the "
                         f"same command with {key}={directory} finishes what it left")
             sys.exit(ExitStatus.OK)
-        status = launch.maybe_relaunch(argv, required_processes(plans))
+        status = torchrun.maybe_relaunch(argv, required_processes(plans))
     except FluxoptError as exc:
         console.error(str(exc))
         sys.exit(exc.exit_status)
     if status is not None:
         sys.exit(status)
-    launch.init_rank()
+    torchrun.init_rank()
     sys.argv = [sys.argv[0], *argv]  # Hydra reads the command line from sys.argv
     try:
-        if sweep_dir is not None and launch.writes_results():
+        if sweep_dir is not None and writes_results():
             failed = _sweep(argv, sweep_dir)
         else:
             _hydra_main()

@@ -8,7 +8,7 @@ size that trains in minutes and runs on a CPU.
   quant convs (like FLUX); ``scaling_factor``/``shift_factor`` are measured after training;
 * text: CLIPTextModel (pooled vector) and T5EncoderModel (sequence), small, trained jointly
   with the transformer. Tokenizers are built locally: CLIP's is fluxopt's character-level one
-  (:func:`fluxopt.tiny_model.clip_tokenizer`); T5's is the tiny model's character unigram
+  (:func:`fluxopt.zoo.tiny.clip_tokenizer`); T5's is the tiny model's character unigram
   vocabulary plus the dataset's words as single pieces (any ASCII text still tokenizes);
 * scheduler: FLUX.1-dev's FlowMatchEulerDiscreteScheduler configuration.
 """
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from fluxopt.flux_mini.dataset import VOCABULARY
+from fluxopt.zoo.flux_mini.dataset import VOCABULARY
 
 MAX_SEQUENCE_LENGTH = 32  # T5 tokens the model was trained with (the pipeline pads to this)
 
@@ -36,14 +36,14 @@ T5 = dict(d_model=128, d_kv=32, d_ff=256, num_layers=2, num_heads=4, relative_at
 
 def t5_tokenizer():
     """The tiny model's character unigram vocabulary plus each dataset word as one piece."""
-    from fluxopt.tiny_model import t5_tokenizer as character_t5_tokenizer
+    from fluxopt.zoo.tiny import t5_tokenizer as character_t5_tokenizer
 
     return character_t5_tokenizer(VOCABULARY)
 
 
 def build_untrained_pipeline(seed: int = 0):
     """The flux-mini FluxPipeline with freshly initialised weights (float32, eval mode)."""
-    from fluxopt.tiny_model import assemble_flux_pipeline
+    from fluxopt.zoo.tiny import assemble_flux_pipeline
 
     return assemble_flux_pipeline(CLIP, T5, TRANSFORMER, VAE, seed, t5_words=VOCABULARY)
 

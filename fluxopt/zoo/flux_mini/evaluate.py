@@ -2,13 +2,13 @@
 
 * ``accuracy``: generate images for captions of held-out attribute combinations (never seen in
   training) and of training combinations, read the attributes back with
-  :func:`fluxopt.flux_mini.dataset.detect`, and report accuracy per attribute against chance;
+  :func:`fluxopt.zoo.flux_mini.dataset.detect`, and report accuracy per attribute against chance;
 * ``residuals``: relative L1 change of the first transformer block's residual (what diffusers'
   first-block cache compares with its threshold) from one denoising step to the next;
 * ``fbcache``: diffusers' FirstBlockCacheConfig at several thresholds: steps whose remaining
   blocks were skipped, and fidelity (PSNR, SSIM, latent relative L2) against the uncached run.
 
-    python -m fluxopt.flux_mini.evaluate --out docs/results --images docs/images
+    python -m fluxopt.zoo.flux_mini.evaluate --out docs/results --images docs/images
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fluxopt.flux_mini import dataset
-from fluxopt.flux_mini.model import MAX_SEQUENCE_LENGTH
+from fluxopt.zoo.flux_mini import dataset
+from fluxopt.zoo.flux_mini.model import MAX_SEQUENCE_LENGTH
 
 STEPS = 28
 GUIDANCE = 3.5
@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     pipe = load(args.weights, args.device, getattr(torch, args.dtype))
     args.out.mkdir(parents=True, exist_ok=True)
-    meta = {"command": "python -m fluxopt.flux_mini.evaluate " + " ".join(argv if argv is not None else sys.argv[1:]),
+    meta = {"command": "python -m fluxopt.zoo.flux_mini.evaluate " + " ".join(argv if argv is not None else sys.argv[1:]),
             "device": args.device, "dtype": args.dtype, "torch": torch.__version__,
             "python": platform.python_version(), "weights": args.weights or "shipped (fluxopt_plugins/flux_mini/weights)"}
     if args.only in (None, "accuracy"):

@@ -7,7 +7,7 @@
                                               package versions, runtimes or GPUs, and old entries
 
 The cache directory is ``--cache-dir``, else ``$FLUXOPT_CACHE_DIR``, else ``~/.cache/fluxopt``.
-Also ``python -m fluxopt.cache_cli``.
+Also ``python -m fluxopt.cli.cache``.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from fluxopt.artifacts import ArtifactCache, EntryInfo, default_cache_dir
+from fluxopt.errors import OneLineParser
 
 
 def human_size(n: int) -> str:
@@ -152,13 +153,6 @@ def _cache(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Artifac
     if not root.is_dir():
         parser.exit(2, f"fluxopt-cache: error: {setting}={root} is not a directory\n")
     return ArtifactCache(root)
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """Bad arguments end in one line naming the argument and what is allowed (exit 2), no usage dump."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:

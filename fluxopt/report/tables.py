@@ -131,7 +131,6 @@ def environment_lines(env: dict[str, Any]) -> list[str]:
     ]
 
 
-SEARCH_FILE = "search.json"  # the search sweeper's trial log, in the sweep directory
 
 
 def search_lines(record: dict[str, Any]) -> list[str]:

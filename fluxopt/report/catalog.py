@@ -1,6 +1,6 @@
-"""``python -m fluxopt.catalog``: every registered backend and preset, what it needs and whether it can
+"""``python -m fluxopt.report.catalog``: every registered backend and preset, what it needs and whether it can
 run on this machine (Markdown, so docs/backends.md is generated from the code itself:
-``python -m fluxopt.catalog --device cpu --render docs/backends.md`` rewrites its marked block)."""
+``python -m fluxopt.report.catalog --device cpu --render docs/backends.md`` rewrites its marked block)."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def render(device: str = "auto") -> str:
     return "\n".join(lines + ["", "Options (`backend.<name>.<option>=value`):", ""] + details + presets) + "\n"
 
 
-BEGIN, END = "<!-- catalog: python -m fluxopt.catalog --device cpu -->\n", "<!-- end catalog -->"
+BEGIN, END = "<!-- catalog: python -m fluxopt.report.catalog --device cpu -->\n", "<!-- end catalog -->"
 
 
 def render_into(text: str, catalog: str) -> str:
