@@ -77,6 +77,12 @@ class AppliedStack:
         return self.ctx.stats
 
     @property
+    def changes(self) -> dict[str, list[str]]:
+        """What each backend changed, by name (the journal undone on close; the pipeline's own
+        state is also restored from its snapshot)."""
+        return self.ctx.changes_by_backend
+
+    @property
     def closed(self) -> bool:
         return self._closed
 
@@ -95,7 +101,8 @@ class AppliedStack:
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else "applied"
-        return f"<AppliedStack {self.stack.name} ({state})>"
+        changes = "; ".join(f"{backend}: {', '.join(names)}" for backend, names in self.changes.items())
+        return f"<AppliedStack {self.stack.name} ({state}){' ' + changes if changes else ''}>"
 
 
 def _rollback(pipe: Any, ctx: StackContext, snapshot: PipelineSnapshot | None, restore_globals: Any) -> None:
@@ -172,11 +179,13 @@ def apply_to_pipeline(pipe: Any, stack: Stack, ctx: StackContext, *, build: bool
     try:
         on_phase("apply")
         for entry in stack.entries:
-            entry.backend.apply(pipe, entry.options, ctx)
+            with ctx.acting_for(entry.name):
+                entry.backend.apply(pipe, entry.options, ctx)
         if build:
             on_phase("build")
             for entry in stack.entries:
-                entry.backend.build(pipe, entry.options, ctx)
+                with ctx.acting_for(entry.name):
+                    entry.backend.build(pipe, entry.options, ctx)
         ctx.install_outer_calls(pipe.transformer)
     except BaseException:
         try:

@@ -3,8 +3,10 @@ journal of every process-wide change it made, undone in reverse order when the s
 
 Changes to the pipeline itself are undone by the stack's :class:`~fluxopt.snapshot.PipelineSnapshot`;
 changes outside it (compiler flags, a library's global registry, files) go through
-:meth:`StackContext.enter_context` or :meth:`StackContext.callback`, each under a name, so
-``ctx.changes`` lists what a stack did, like diffusers' ``HookRegistry`` lists its hooks.
+:meth:`StackContext.enter_context` or :meth:`StackContext.callback`, and attributes a backend
+replaces (in the pipeline too) through :meth:`StackContext.set_attr`, each under a name and
+filed under the backend that made it, so ``ctx.changes_by_backend`` lists what each backend of a
+stack did, like diffusers' ``HookRegistry`` lists its hooks.
 """
 
 from __future__ import annotations
@@ -50,9 +52,10 @@ class StackContext:
     # (set through measures_partial; every table labels such a stack)
     partial: str | None = None
     claimed_settings: set[tuple[str, ...]] = field(default_factory=set)  # process-wide, set through set_config
-    _undo: list[tuple[str, Callable[[], Any]]] = field(default_factory=list, repr=False)
-    _outer_calls: list[tuple[str, Callable[[Callable[..., Any]], Callable[..., Any]]]] = field(
+    _undo: list[tuple[str, str, Callable[[], Any]]] = field(default_factory=list, repr=False)  # backend, name, undo
+    _outer_calls: list[tuple[str, str, Callable[[Callable[..., Any]], Callable[..., Any]]]] = field(
         default_factory=list, repr=False)
+    _acting: str = field(default="stack", repr=False)  # the backend whose apply/build is running
 
     def measures_partial(self, what: str) -> None:
         """Declare that the pipeline this stack leaves is not the backend's final form (a build
@@ -64,11 +67,36 @@ class StackContext:
     @property
     def changes(self) -> list[str]:
         """Names of the changes registered so far, oldest first."""
-        return [name for name, _ in self._undo]
+        return [name for _, name, _ in self._undo]
+
+    @property
+    def changes_by_backend(self) -> dict[str, list[str]]:
+        """The changes' names filed under the backend that made each (without the ``backend: ``
+        their names start with), oldest first."""
+        grouped: dict[str, list[str]] = {}
+        for backend, name, _ in self._undo:
+            grouped.setdefault(backend, []).append(name.removeprefix(f"{backend}: "))
+        return grouped
+
+    @contextlib.contextmanager
+    def acting_for(self, backend: str) -> Iterator[None]:
+        """File the changes registered inside the block under ``backend`` (the apply path wraps
+        each backend's ``apply`` and ``build`` in it)."""
+        previous, self._acting = self._acting, backend
+        try:
+            yield
+        finally:
+            self._acting = previous
 
     def callback(self, name: str, undo: Callable[[], Any]) -> None:
         """Register ``undo`` (no arguments) to run when the stack closes, under ``name``."""
-        self._undo.append((name, undo))
+        self._undo.append((getattr(self, "_acting", "stack"), name, undo))
+
+    def note(self, name: str) -> None:
+        """Name a change a library call made inside the pipeline (``quantize_``, ``enable_cache``,
+        ``fuse_qkv_projections``...), which the pipeline's snapshot undoes: the journal lists it
+        with the rest; nothing runs for it on close."""
+        self.callback(name, lambda: None)
 
     def set_config(self, name: str, config: Any, flags: Mapping[str, Any]) -> None:
         """Set process-wide compiler settings (a torch config module such as
@@ -79,7 +107,7 @@ class StackContext:
         exited out of order would."""
         config.load_config(dict(flags))
         self.claimed_settings.update(config_key(config, key) for key in flags)
-        self._undo.append((name, lambda: None))
+        self.callback(name, lambda: None)
 
     def enter_context(self, name: str, manager: AbstractContextManager[T]) -> T:
         """Enter ``manager`` now (e.g. ``torch._inductor.config.patch(...)``); exit it on close."""
@@ -107,22 +135,22 @@ class StackContext:
         backend is built, outside whatever they made of it (compiled module, CUDA graph runner,
         AOTInductor package, engine). For decisions taken on the host between steps, such as a
         fixed-schedule step cache: inside a graph they would be captured once and replayed."""
-        self._outer_calls.append((name, wrap))
+        self._outer_calls.append((self._acting, name, wrap))
 
     def install_outer_calls(self, transformer: Any) -> None:
         """Install the requested wrappers, first requested innermost; each undone on close."""
         while self._outer_calls:
-            name, wrap = self._outer_calls.pop(0)
+            backend, name, wrap = self._outer_calls.pop(0)
             inner = transformer._compiled_call_impl or transformer._call_impl
-            # Module.__call__ goes through _compiled_call_impl when it is set
-            self.set_attr(name, transformer, "_compiled_call_impl", wrap(inner))
+            with self.acting_for(backend):  # Module.__call__ goes through _compiled_call_impl when it is set
+                self.set_attr(name, transformer, "_compiled_call_impl", wrap(inner))
 
     def undo(self) -> None:
         """Run every registered undo, newest first. All of them run even if one fails; the
         first failure is raised afterwards."""
         errors = []
         while self._undo:
-            name, fn = self._undo.pop()
+            _, name, fn = self._undo.pop()
             try:
                 fn()
             except Exception as exc:  # noqa: BLE001 - keep undoing the rest

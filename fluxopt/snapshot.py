@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 _CONTAINERS = (dict, list, set)
+_MISSING = object()
 
 
 def _copy_dict(d: dict[str, Any]) -> dict[str, Any]:
@@ -93,6 +94,27 @@ class PipelineSnapshot:
                 tensor.data = entry[4]
             elif not _same_storage(tensor, data):
                 entry[4] = data.to("cpu")
+
+    def changed(self) -> list[str]:
+        """What :meth:`restore` would put back now: ``Type.attribute`` for every attribute added,
+        removed or replaced (in a container too: hooks, submodules), and every tensor whose data changed."""
+        found = set()
+        for obj, state in self.dicts:
+            live = vars(obj)
+            for key in set(live) | set(state):
+                old, new = state.get(key, _MISSING), live.get(key, _MISSING)
+                if isinstance(old, dict) and isinstance(new, dict):
+                    differs = old.keys() != new.keys() or any(old[k] is not new[k] for k in old)
+                elif isinstance(old, (list, set)) and type(new) is type(old):
+                    differs = len(old) != len(new) or any(a is not b for a, b in zip(old, new))
+                else:
+                    differs = old is not new
+                if differs:
+                    found.add(f"{type(obj).__name__}.{key}")
+        for owner, table, name, tensor, data, _ in self.tensors:
+            if vars(owner)[table].get(name) is not tensor or not _same_storage(tensor, data):
+                found.add(f"{type(owner).__name__}.{name}")
+        return sorted(found)
 
     def restore(self) -> None:
         for obj, state in self.dicts:

@@ -209,15 +209,33 @@ def option_defaults() -> dict[str, dict[str, Any]]:
     return {name: dataclasses.asdict(b.options_class()) for name, b in plugins.backends().items()}
 
 
-def build_stack(selection: Mapping[str, Any] | Sequence[str] | str) -> Stack:
-    """Resolve a backend name, a list of names, or a mapping name -> options into a Stack in
-    stage order, refusing unknown names, bad options and incompatible combinations."""
-    if isinstance(selection, str):
+def backend_of_options(options: Any) -> str | None:
+    """The backend whose options class ``options`` is an instance of (an options object is a
+    handle on its backend, as torchao's configs are), or None."""
+    if not dataclasses.is_dataclass(options) or isinstance(options, type):
+        return None
+    owners = sorted(name for name, b in plugins.backends().items() if type(options) is b.options_class)
+    if len(owners) > 1:
+        raise ConfigError(f"{type(options).__name__} is the options class of {', '.join(owners)}; name the backend: "
+                          f"{{'{owners[0]}': {type(options).__name__}(...)}}")
+    return owners[0] if owners else None
+
+
+def build_stack(selection: Mapping[str, Any] | Sequence[Any] | str | Any) -> Stack:
+    """Resolve a backend name, a list of names or options objects (``CompileOptions(regional=True)``),
+    or a mapping name -> options into a Stack in stage order, refusing unknown names, bad options
+    and incompatible combinations."""
+    if isinstance(selection, str) or backend_of_options(selection):
         selection = [selection]
     if isinstance(selection, Mapping):
         items = list(selection.items())
     elif isinstance(selection, Sequence):
-        items = [(name, None) for name in selection]
+        items = []
+        for item in selection:
+            owner = backend_of_options(item)
+            if owner is None and dataclasses.is_dataclass(item):
+                raise ConfigError(f"{type(item).__name__} is not the options class of any registered backend")
+            items.append((owner, item) if owner else (item, None))
     else:
         raise ConfigError(f"a stack is a backend name, a list of names or a mapping name -> options; "
                           f"got {selection!r}")

@@ -51,7 +51,7 @@ def attention_modules(transformer: torch.nn.Module) -> list[torch.nn.Module]:
 class ComputeCounter:
     """Counts computed vs reused transformer steps (and optionally attention calls) per generation."""
 
-    def __init__(self, pipe: Any, stats: dict[str, Any], backend: str, count_attention: bool = False,
+    def __init__(self, pipe: Any, ctx: Any, backend: str, count_attention: bool = False,
                  key: str = "cache", decision: Callable[[], bool] | None = None, blind: bool = False):
         """``decision``, when the cache library exposes it, says after each step whether that step
         was computed; it is read outside the transformer, so it stays right when the blocks are
@@ -61,7 +61,8 @@ class ComputeCounter:
         would observe nothing, and under torch.compile each hook's closure would add guards and
         recompile every block (seen on the H100: the recompile limit was hit and the blocks fell
         back to eager). No hook is installed and the counts say "unavailable"."""
-        self.stats = stats
+        self.stats = ctx.stats
+        self.ctx = ctx
         self.decision = decision
         self.transformer = pipe.transformer
         self.decided = [0, 0]  # steps, computed steps counted through ``decision``
@@ -90,6 +91,9 @@ class ComputeCounter:
                 self._probe(outer, inner, group, slot)
                 slot += 1
         self.generations: list[dict[str, int]] = []
+        if self.handles:
+            ctx.callback(f"{backend}: the step counter's {len(self.handles)} module hooks",
+                         lambda: [handle.remove() for handle in self.handles])
         self._wrap_scheduler(pipe)
 
     # ------------------------------------------------------------------ hooks
@@ -128,7 +132,7 @@ class ComputeCounter:
                 self.end_generation()
             return out
 
-        scheduler.step = step
+        self.ctx.set_attr(f"{self.backend}: the scheduler's steps counted", scheduler, "step", step)
 
     # ------------------------------------------------------------------ report
     def end_generation(self) -> None:

@@ -26,7 +26,7 @@ compiler the package was built with.
 
 Numerics (``eager_rounding``, on by default): the exported graph keeps eager's bf16 rounding of
 the scaled timestep and guidance, which Inductor's fusion would otherwise drop (see
-``fluxopt.eager_rounding``; without it the package scored a relative L2 of 0.51 against eager on
+``fluxopt.kit.eager_rounding``; without it the package scored a relative L2 of 0.51 against eager on
 flux-dev-random).
 
 C++ compiler: Inductor's configured compiler is used only if the libstdc++ it links is not
@@ -89,7 +89,7 @@ class AotiOptions:
     max_autotune: Optional[bool] = None
     tuning_flags: bool = True  # the recipe's Inductor flags (conv_1x1_as_mm, coordinate descent, no epilogue fusion)
     inductor_config: dict[str, Any] = field(default_factory=dict)  # extra Inductor options for AOTI
-    # keep eager's rounding of the scaled timestep/guidance (fluxopt.eager_rounding): without it
+    # keep eager's rounding of the scaled timestep/guidance (fluxopt.kit.eager_rounding): without it
     # the fused embedding sees 699.2 where eager sees 700.0 (bf16) and the images drift
     eager_rounding: bool = True
     cuda_graphs: bool = True  # record/replay the loaded package under CUDA graphs (GPU only)

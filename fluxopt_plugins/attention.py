@@ -187,6 +187,7 @@ class AttentionBackend(Backend):
         previous = _AttentionBackendRegistry._active_backend
         ctx.callback("attention: active attention backend", lambda: _AttentionBackendRegistry.set_active_backend(previous))
         pipe.transformer.set_attention_backend(kernel)
+        ctx.note(f"attention: the transformer's attention backend set to {kernel}")
         ctx.stats["attention_kernel"] = kernel
 
 

@@ -26,6 +26,7 @@ class ChannelsLastBackend(Backend):
 
     def apply(self, pipe: Any, options: ChannelsLastOptions, ctx: StackContext) -> None:
         pipe.vae.to(memory_format=torch.channels_last)
+        ctx.note("channels_last: the VAE's weights in channels_last layout")
 
 
 @hookimpl

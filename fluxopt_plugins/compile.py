@@ -43,7 +43,7 @@ class CompileOptions:
     compile_vae: bool = False  # also compile vae.decode
     tuning_flags: bool = False  # the recipe's Inductor flags (slower compile, a bit faster kernels)
     inductor_config: dict[str, Any] = field(default_factory=dict)  # extra torch._inductor.config flags
-    # whole graph: keep eager's rounding of the scaled timestep/guidance (fluxopt.eager_rounding);
+    # whole graph: keep eager's rounding of the scaled timestep/guidance (fluxopt.kit.eager_rounding);
     # without it the fused embedding sees 699.2 where eager sees 700.0 and the images drift
     eager_rounding: bool = True
     cache: bool = True  # persistent compile caches in cache.dir (warm start in later processes)
@@ -101,10 +101,12 @@ class CompileBackend(Backend):
                   "mode": None if options.mode == "default" else options.mode}
         if options.regional:
             pipe.transformer.compile_repeated_blocks(**kwargs)
+            ctx.note("compile: the repeated blocks compiled (regional)")
         else:
             pipe.transformer.compile(**kwargs)
+            ctx.note("compile: the transformer compiled")
         if options.compile_vae:
-            pipe.vae.decode = torch.compile(pipe.vae.decode, **kwargs)
+            ctx.set_attr("compile: the VAE decoder compiled", pipe.vae, "decode", torch.compile(pipe.vae.decode, **kwargs))
         if options.cache:
             from torch._functorch import config as functorch_config
             from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir
@@ -122,8 +124,9 @@ class CompileBackend(Backend):
             transformer = pipe.transformer
             original = transformer._compiled_call_impl or transformer._call_impl
             run = CudaGraphRunner(lambda **t: original(**t, joint_attention_kwargs=None, return_dict=False)[0])
-            # Module.__call__ goes through _compiled_call_impl when it is set; the snapshot restores it.
-            transformer._compiled_call_impl = TransformerForward(run, fallback=original, what="compile cuda_graphs")
+            # Module.__call__ goes through _compiled_call_impl when it is set
+            ctx.set_attr("compile: the transformer replayed from CUDA graphs", transformer, "_compiled_call_impl",
+                         TransformerForward(run, fallback=original, what="compile cuda_graphs"))
             ctx.callback("compile: free the CUDA graphs", run.release)
             with ctx.timed("cuda_graph_capture"):
                 ctx.run_once()

@@ -4,7 +4,7 @@ context parallelism: ``transformer.enable_parallelism(config=ContextParallelConf
 ``mode=ulysses`` (all-to-all over attention heads; heads must divide by ``world_size``) or
 ``mode=ring`` (K/V passed around a ring; the sequence must divide by ``world_size``). Needs
 ``world_size`` NVIDIA GPUs and one process per GPU: fluxopt re-launches itself with torchrun
-when this backend is selected (fluxopt/launch.py); rank 0 writes the results.
+when this backend is selected (fluxopt/scale/torchrun.py); rank 0 writes the results.
 
 Composition: the attention kernel (``attention`` backend) is set in its ``apply``, compile only
 wraps the module there, and step caches register their hooks there too; this backend enables
@@ -87,7 +87,7 @@ def _unmet_gpus(world_size: int, device_count: int, env: Any) -> str | None:
     if int(launched) != world_size:
         return f"launched with WORLD_SIZE={launched} but backend.context_parallel.world_size={world_size}"
     if not torch.distributed.is_initialized():
-        return "torch.distributed is not initialised in this process (fluxopt.launch.init_rank)"
+        return "torch.distributed is not initialised in this process (fluxopt.scale.torchrun.init_rank)"
     return None
 
 

@@ -63,10 +63,11 @@ class FBCacheBackend(Backend):
             from diffusers.hooks import FirstBlockCacheConfig
 
             pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=options.residual_diff_threshold))
-            ComputeCounter(pipe, ctx.stats, self.name, decision=_diffusers_decision(pipe.transformer))
+            ctx.note("fbcache: diffusers' first-block cache hooks on the transformer")
+            ComputeCounter(pipe, ctx, self.name, decision=_diffusers_decision(pipe.transformer))
         else:
             # Probes go on the original blocks first: para_attn moves them into its own wrapper.
-            ComputeCounter(pipe, ctx.stats, self.name, blind=graph_follows(ctx))
+            ComputeCounter(pipe, ctx, self.name, blind=graph_follows(ctx))
             apply_first_block_cache(pipe, options.residual_diff_threshold, ctx)
 
 

@@ -132,7 +132,7 @@ class FixedCacheBackend(Backend):
         steps = ctx.shapes.steps
         if steps:
             ctx.stats["fixed_cache"] = {"schedule": "".join("C" if c else "." for c in computed_steps(steps, options))}
-        ComputeCounter(pipe, ctx.stats, self.name, decision=lambda: calls[-1].last_computed if calls else True)
+        ComputeCounter(pipe, ctx, self.name, decision=lambda: calls[-1].last_computed if calls else True)
 
 
 @hookimpl

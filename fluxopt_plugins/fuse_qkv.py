@@ -27,8 +27,10 @@ class FuseQKVBackend(Backend):
     def apply(self, pipe: Any, options: FuseQKVOptions, ctx: StackContext) -> None:
         if options.transformer:
             pipe.transformer.fuse_qkv_projections()
+            ctx.note("fuse_qkv: the transformer's q, k, v projections fused")
         if options.vae:
             pipe.vae.fuse_qkv_projections()
+            ctx.note("fuse_qkv: the VAE's q, k, v projections fused")
 
 
 @hookimpl

@@ -63,8 +63,10 @@ class OffloadBackend(Backend):
         device = ctx.device.torch_device
         if options.mode == "model":
             pipe.enable_model_cpu_offload(device=device)
+            ctx.note("offload: accelerate's model offload hooks")
         else:
             pipe.enable_sequential_cpu_offload(device=device)
+            ctx.note("offload: accelerate's sequential offload hooks")
 
 
 @hookimpl

@@ -49,9 +49,10 @@ class _StepCache(Backend):
         raise NotImplementedError
 
     def apply(self, pipe: Any, options: Any, ctx: StackContext) -> None:
-        ComputeCounter(pipe, ctx.stats, self.name, count_attention=self.count_attention,
+        ComputeCounter(pipe, ctx, self.name, count_attention=self.count_attention,
                        blind=graph_follows(ctx))
         pipe.transformer.enable_cache(self.config(pipe, options, ctx))
+        ctx.note(f"{self.name}: diffusers' cache hooks on the transformer")
 
 
 # ---------------------------------------------------------------------------- TaylorSeer

@@ -116,6 +116,7 @@ class _TorchaoBackend(Backend):
         config = dataclasses.replace(self.make_config(options), set_inductor_config=False)  # no global side effect
         with ctx.timed("quantize"):
             quantize_(pipe.transformer, config, filter_fn=lambda m, fqn: _selected(m, fqn, options))
+        ctx.note(f"{self.name}: the selected Linear layers' weights quantized ({type(config).__name__})")
 
 
 class TorchaoFp8(_TorchaoBackend):
@@ -184,6 +185,7 @@ class TorchaoFp8Static(_TorchaoBackend):
         with ctx.timed("quantize"):
             quantize_(pipe.transformer, Float8StaticActivationFloat8WeightConfig(step="convert", set_inductor_config=False),
                       filter_fn=lambda m, fqn: isinstance(m, Float8ObservedLinear))
+        ctx.note(f"{self.name}: the selected Linear layers float8 with calibrated activation scales")
 
 
 class TorchaoFp8WeightOnly(_TorchaoBackend):

@@ -7,6 +7,7 @@ end to end on the tiny model; the GPU-only ones are marked ``gpu``.
 
 from __future__ import annotations
 
+from pathlib import Path
 
 import pytest
 import torch
@@ -397,11 +398,15 @@ def test_seacache_without_flux_adapter_would_never_skip():
     pipe = tiny_pipe()
     from fluxopt_plugins._cache_probe import ComputeCounter
 
-    stats: dict = {}
-    ComputeCounter(pipe, stats, "seacache")
+    from fluxopt import Shapes, StackContext
+    from fluxopt.environment import detect_device
+
+    ctx = StackContext(device=detect_device("cpu"), dtype=torch.float32, model=None, cache_dir=Path("."),
+                       shapes=Shapes(height=64, width=64, steps=2, guidance_scale=3.5, max_sequence_length=32))
+    ComputeCounter(pipe, ctx, "seacache")
     pipe.transformer.enable_cache(SeaCacheConfig(threshold=2.0))
     generate(pipe)
-    assert stats["cache"]["skipped_steps"] == 0
+    assert ctx.stats["cache"]["skipped_steps"] == 0
 
 
 # ---------------------------------------------------------------------------- attention / offload

@@ -1,4 +1,4 @@
-"""Model ``flux-mini``: a small FluxPipeline trained by fluxopt (fluxopt/flux_mini), shipped as
+"""Model ``flux-mini``: a small FluxPipeline trained by fluxopt (fluxopt/zoo/flux_mini), shipped as
 bf16 safetensors inside the package and loaded offline with ``FluxPipeline.from_pretrained``.
 
 It is a *trained* model (images follow their captions, consecutive denoising steps change

@@ -41,13 +41,16 @@ class VaeTilingBackend(Backend):
             raise ConfigError(f"backend.vae_tiling.tile_size={options.tile_size} must be a multiple of 8, at least 64")
 
     def apply(self, pipe: Any, options: VaeTilingOptions, ctx: StackContext) -> None:
-        # Changes to the pipeline need no bookkeeping: the stack's snapshot undoes them on close.
+        # A library call's change to the pipeline is undone by the stack's snapshot; naming it puts it
+        # in the journal (applied.changes) with the rest.
         if options.tiling:
             pipe.vae.enable_tiling()
             pipe.vae.tile_sample_min_size = options.tile_size
             pipe.vae.tile_latent_min_size = options.tile_size // 8
+            ctx.note(f"vae_tiling: tiled VAE decoding, {options.tile_size} px tiles")
         if options.slicing:
             pipe.vae.enable_slicing()
+            ctx.note("vae_tiling: sliced VAE decoding")
 
 
 def max_abs_diff(reference: Sample, candidate: Sample) -> float:
