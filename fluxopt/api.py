@@ -23,7 +23,7 @@ from fluxopt.config import BenchConfig
 from fluxopt.context import StackContext
 from fluxopt.environment import DeviceInfo, detect_device
 from fluxopt.errors import ConfigError, UnavailableError
-from fluxopt.models import load_pipeline, resolve_dtype
+from fluxopt.models import DEV_DEFAULTS, load_pipeline, resolve_dtype
 from fluxopt.record import RESULT_FILE, RunRecord, StackRecord, UnreadableRecord, read_record
 from fluxopt.selection import Limits, ineligible
 from fluxopt.shapes import Shapes
@@ -96,7 +96,7 @@ def apply_stack(pipe: Any, backends: str | Path | Sequence[str] | Mapping[str, M
     directory) with ``stack`` naming one of its stacks: that stack's backends and options are
     applied, at the shapes it was measured at (max_sequence_length included) unless given here;
     only a measurement that ran whole and passed its gate is applied, and ``applied.source`` names
-    it. Default shapes: 1024x1024, 28 steps, guidance 3.5, 512 text tokens.
+    it. Default shapes: FLUX.1-dev's (1024x1024, 28 steps, guidance 3.5, 512 text tokens).
 
     The shapes are those you will serve: graph backends specialise on them. With ``build``,
     ahead-of-time work (compilation, export, engine build) happens now, with one warm-up
@@ -122,9 +122,11 @@ def apply_stack(pipe: Any, backends: str | Path | Sequence[str] | Mapping[str, M
     def pick(value: Any, key: str, default: Any) -> Any:
         return value if value is not None else measured.get(key, default)
 
-    bench = BenchConfig(height=pick(height, "height", 1024), width=pick(width, "width", 1024),
-                        steps=pick(steps, "steps", 28), guidance_scale=pick(guidance_scale, "guidance_scale", 3.5),
-                        max_sequence_length=pick(max_sequence_length, "max_sequence_length", 512))
+    d = DEV_DEFAULTS
+    bench = BenchConfig(height=pick(height, "height", d.height), width=pick(width, "width", d.width),
+                        steps=pick(steps, "steps", d.steps), guidance_scale=pick(guidance_scale, "guidance_scale",
+                                                                                d.guidance_scale),
+                        max_sequence_length=pick(max_sequence_length, "max_sequence_length", d.max_sequence_length))
     built = build_stack(backends)
     shapes = Shapes(height=bench.height, width=bench.width, steps=bench.steps,
                     guidance_scale=float(bench.guidance_scale), max_sequence_length=bench.max_sequence_length)

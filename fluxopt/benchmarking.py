@@ -22,21 +22,23 @@ from fluxopt.api import pipeline_device
 from fluxopt.apply import check_pipeline
 from fluxopt.config import run_config, run_id
 from fluxopt.errors import ConfigError
-from fluxopt.models import GenerationDefaults, ModelSpec
-from fluxopt.plan import DEFAULT_PROMPTS, check_writable_dir, plan_run
+from fluxopt.models import DEV_DEFAULTS, ModelSpec
+from fluxopt.plan import check_writable_dir, plan_run
 from fluxopt.record import RunRecord
 from fluxopt.runner import Run
 from fluxopt.stack import build_stack
 
 
-def benchmark(pipe: Any, stacks: Sequence[str | Sequence[str] | Mapping[str, Any]], *,
-              prompts: Sequence[str] = DEFAULT_PROMPTS, seed: int = 0, height: int = 1024, width: int = 1024,
-              steps: int = 28, guidance_scale: float = 3.5, max_sequence_length: int = 512,
-              warmup: int = 1, iterations: int = 3, fidelity: Mapping[str, Mapping[str, float]] | None = None,
+def benchmark(pipe: Any, stacks: Sequence[Any], *,
+              prompts: Sequence[str] | None = None, seed: int | None = None, height: int | None = None,
+              width: int | None = None, steps: int | None = None, guidance_scale: float | None = None,
+              max_sequence_length: int | None = None, warmup: int | None = None, iterations: int | None = None,
+              fidelity: Mapping[str, Mapping[str, float]] | None = None,
               trained: bool = True, name: str = "your pipeline", output_dir: str | Path | None = None,
               save_images: bool = True) -> RunRecord:
-    """Measure each stack (a backend name, a list of names, or names -> options) on ``pipe``
-    against its own baseline; returns the run record (also written to ``output_dir``, by default
+    """Measure each stack (a backend name, a list of names or options objects, or names -> options)
+    on ``pipe`` against its own baseline; a setting left out (None) is the command line's default
+    (FLUX.1-dev's shapes, ``bench``'s seed, warm-up and timed calls, fluxopt's prompts); returns the run record (also written to ``output_dir``, by default
     ``outputs/benchmark/<time>-<id>``). ``fidelity`` sets thresholds on top of the defaults
     (``{"lossless": {"psnr": 40}}``), as ``fidelity.lossless.psnr=40`` does on the command line;
     ``trained=False`` marks random weights, whose fidelity says nothing about image quality.
@@ -46,14 +48,15 @@ def benchmark(pipe: Any, stacks: Sequence[str | Sequence[str] | Mapping[str, Any
     this refuses with the same message, before anything runs."""
     if isinstance(stacks, (str, Mapping)) or not stacks:
         raise ConfigError("stacks is a list of stacks, e.g. ['compile', ['torchao_fp8', 'compile']]")
-    if isinstance(prompts, str) or not isinstance(prompts, Sequence):
+    if prompts is not None and (isinstance(prompts, str) or not isinstance(prompts, Sequence)):
         raise ConfigError(f"bench.prompts={prompts!r} is not allowed: a non-empty list of strings")
     if fidelity is not None and not isinstance(fidelity, Mapping):
         raise ConfigError(f"fidelity={fidelity!r} is not allowed: a mapping like {{'lossless': {{'psnr': 40}}}}")
+    given = {"seed": seed, "steps": steps, "height": height, "width": width, "guidance_scale": guidance_scale,
+             "max_sequence_length": max_sequence_length, "warmup": warmup, "iterations": iterations,
+             "prompts": None if prompts is None else list(prompts)}
     settings = {"model": {"name": name}, "fidelity": dict(fidelity or {}), "save_images": save_images,
-                "bench": {"seed": seed, "steps": steps, "height": height, "width": width,
-                          "guidance_scale": guidance_scale, "max_sequence_length": max_sequence_length,
-                          "warmup": warmup, "iterations": iterations, "prompts": list(prompts)}}
+                "bench": {k: v for k, v in given.items() if v is not None}}
     config = run_config(settings)
     built = [build_stack(s) for s in stacks]
     check_pipeline(pipe)
@@ -62,10 +65,7 @@ def benchmark(pipe: Any, stacks: Sequence[str | Sequence[str] | Mapping[str, Any
     check_writable_dir("output_dir", out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output_dir={out} is a file, not a directory")
-    bench = config.bench
-    spec = ModelSpec(name=name, description="a pipeline passed to fluxopt.benchmark",
-                     defaults=GenerationDefaults(bench.steps, bench.guidance_scale, bench.height, bench.width,
-                                                 bench.max_sequence_length, tuple(bench.prompts)),
+    spec = ModelSpec(name=name, description="a pipeline passed to fluxopt.benchmark", defaults=DEV_DEFAULTS,
                      factory=lambda *_: pipe, trained=trained)
     cfg = OmegaConf.structured(config)
     plan = plan_run(cfg, stacks=built, spec=spec, device=pipeline_device(pipe), dtype=pipe.transformer.dtype,

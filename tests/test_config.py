@@ -140,3 +140,35 @@ def test_an_existing_owner_slash_name_directory_is_checked_as_a_checkpoint(tmp_p
     (tmp_path / "owner" / "name").mkdir(parents=True)
     with pytest.raises(ConfigError, match="model.path=owner/name is not a diffusers checkpoint"):
         run_config({"model": {"path": "owner/name"}})
+
+
+def test_each_default_is_written_once():
+    """A setting's default lives in one place: the config dataclasses (config.py) or a model's
+    generation defaults (models.py). Functions that take a bench setting default it to None and
+    resolve it there, and no module but config.py writes fidelity thresholds (the run's settings;
+    flux_mini's training and evaluation scripts have settings of their own)."""
+    import ast
+    import dataclasses
+    from pathlib import Path
+
+    from fluxopt.config import BenchConfig
+
+    owned = {f.name for f in dataclasses.fields(BenchConfig)} - {"name", "profile"}
+    metrics = {"psnr", "ssim", "latent_rel_l2"}
+    offenders = []
+    for path in sorted((Path(__file__).resolve().parent.parent / "fluxopt").rglob("*.py")):
+        if "flux_mini" in path.parts:  # the trained model's training and evaluation scripts: their own settings
+            continue
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                a = node.args
+                pairs = list(zip(a.args[len(a.args) - len(a.defaults):], a.defaults))
+                pairs += [(arg, d) for arg, d in zip(a.kwonlyargs, a.kw_defaults) if d is not None]
+                offenders += [f"{path.name}:{node.lineno} {node.name}({arg.arg}=...)" for arg, d in pairs
+                              if arg.arg in owned and not (isinstance(d, ast.Constant) and d.value is None)]
+            elif isinstance(node, ast.Dict) and path.name != "config.py":
+                keys = {k.value for k in node.keys if isinstance(k, ast.Constant)}
+                if keys & metrics and all(isinstance(v, ast.Constant) and isinstance(v.value, float) for v in node.values):
+                    offenders.append(f"{path.name}:{node.lineno} fidelity thresholds {sorted(keys)}")
+    assert not offenders, offenders

@@ -44,12 +44,14 @@ def _unfused(x, text, norms, rotary, amax):
 
 
 def _close_in_float8(a8, b8):
-    """Elementwise: equal up to rounding. The unfused path rounds the normed and the rotated values
-    to bf16 (relative 2^-9 of terms up to 448 in float8 units: < 2 absolute after the rotation's two
-    terms), then both round to e4m3 (relative 2^-4 each); where the terms cancel, that absolute
-    part dominates."""
+    """Elementwise: equal up to rounding. The unfused path rounds the normed values to bf16
+    (relative 2^-9 of terms up to 448 in float8 units, carried through the rotation's two terms:
+    1.75 absolute) and the rotated ones again (0.875), then both round to e4m3 (relative 2^-4 each,
+    half a step either side where the terms cancel to a small value: up to 0.5 each near 8); where
+    the terms cancel, that absolute part (< 3.7) dominates. Hypothesis found a case that needs all of
+    it (9 against 5.5 at amax 1.57)."""
     a, b = a8.float(), b8.float()
-    return (a - b).abs() <= 0.125 * torch.maximum(a.abs(), b.abs()) + 2.0
+    return (a - b).abs() <= 0.125 * torch.maximum(a.abs(), b.abs()) + 3.75
 
 
 @settings(max_examples=25, deadline=None)
