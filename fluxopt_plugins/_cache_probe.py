@@ -59,8 +59,8 @@ class ComputeCounter:
 
         ``blind``: a graph backend (compile, aoti, TensorRT) will run the blocks, so hooks on them
         would observe nothing, and under torch.compile each hook's closure would add guards and
-        recompile every block (seen on the H100: the recompile limit was hit and the blocks fell
-        back to eager). No hook is installed and the counts say "unavailable"."""
+        recompile every block until the recompile limit sends the blocks back to eager. No hook
+        is installed and the counts say "unavailable"."""
         self.stats = ctx.stats
         self.ctx = ctx
         self.decision = decision

@@ -1,20 +1,18 @@
 """Choosing a C++ compiler whose AOTInductor packages this process can load.
 
-An AOTInductor package is a shared library that links against libstdc++. The Python process
-has already loaded one libstdc++ (torch's, usually the system's). If Inductor's compiler
-(``torch._inductor.config.cpp.cxx``, ``$CXX``) ships a *newer* libstdc++, the package uses
-symbols the loaded library lacks or implements differently; seen on the H100 machine we measure
-on: every package segfaulted on load in ``std::regex``. The same one-Linear package built with
-the system ``g++`` loaded and ran.
+The rule: a package may link no newer libstdc++ than the one this process has loaded. An
+AOTInductor package is a shared library linked against libstdc++, and the Python process has
+already loaded one (torch's, usually the system's); a package built by a compiler
+(``torch._inductor.config.cpp.cxx``, ``$CXX``) that ships a newer one uses symbols the loaded
+library lacks or implements differently, and crashes on load (a GPU machine's ``/opt/gcc`` did,
+in ``std::regex``, while the system ``g++`` built packages that loaded).
 
-So before compiling, check the configured compiler against the loaded runtime: neither the
+So before compiling, the configured compiler is checked against the loaded runtime: neither the
 libstdc++ it links (its newest ``GLIBCXX_x.y.z`` symbol version) nor its own GCC version (its
-headers) may be newer; then build and load a one-Linear package with it in a child process
-(:func:`package_loads`), the ground truth (the compatible candidates' probes run side by side:
-one after the other they took 214 s on the H100). Otherwise use the first candidate that passes
-(``/usr/bin/g++``, ``g++``, ``c++``); otherwise refuse with the reason. Checked on the H100
-(2026-11-25, ``benchmarks/aoti_compiler_probe.py``): the configured ``/opt/gcc/bin/g++`` passes
-the version checks, its probe package dies with SIGSEGV; ``/usr/bin/g++``'s loads and is correct.
+headers) may be newer; then a one-Linear package built with it is loaded in a child process
+(:func:`package_loads`), the ground truth. The version checks are necessary, not sufficient.
+Candidates' probes run side by side (they take minutes each). Otherwise the first candidate
+that passes (``/usr/bin/g++``, ``g++``, ``c++``) is used; otherwise the stack is refused with the reason.
 """
 
 from __future__ import annotations

@@ -188,8 +188,8 @@ class AotiLoadError(FluxoptError):
 def probe_load(path: Path) -> None:
     """Load ``path`` in a child process and raise AotiLoadError if that process dies.
 
-    Why: on the H100 machine we measure on (torch 2.11.0+cu130), every AOTInductor package, down
-    to a single Linear layer, crashes the process with SIGSEGV inside the package loader; in
+    Why: a package that the process's runtime cannot load (an ABI mismatch of the torch build or
+    of libstdc++) crashes the loading process with SIGSEGV, down to a single Linear layer; in
     process, that would take every other stack of a sweep with it."""
     proc = subprocess.run([sys.executable, "-c", PROBE_CODE, str(path)], capture_output=True, text=True,
                           timeout=PROBE_TIMEOUT_S)

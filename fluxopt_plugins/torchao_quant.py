@@ -9,11 +9,12 @@ whose qualified name does not start with a ``skip`` prefix and whose in/out feat
 at least ``min_features`` (tiny layers gain nothing and lose precision). The embedders and the
 final projection are skipped by default, as they are the most precision-sensitive.
 
-torchao's configs set "recommended" Inductor flags process-wide by default (coordinate-descent
-tuning among them) and never restore them. On the H100 that made the first ``torchao_fp8`` +
-``compile`` build take 311-359 s instead of ~30 s (283 s of it coordinate-descent tuning,
-read from the compile-time breakdown) and leaked into every later stack of the process. So
-fluxopt turns that off and offers the same flags as ``inductor_tuning=true``, scoped to the stack.
+The rule: a backend's process-wide settings are the stack's, undone when it closes. torchao's
+configs set "recommended" Inductor flags process-wide by default (coordinate-descent tuning among
+them) and never restore them: every later stack of the process would build with them, for
+minutes instead of seconds (most of a ten-times-longer first build was coordinate-descent
+tuning). So fluxopt turns that off and offers the same flags as ``inductor_tuning=true``, scoped
+to the stack.
 """
 
 from __future__ import annotations

@@ -25,8 +25,14 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 @pytest.fixture(scope="session", autouse=True)
 def fluxopt_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Every test (and every CLI subprocess) uses one fresh cache directory."""
-    path = tmp_path_factory.mktemp("fluxopt-cache")
+    """Every test (and every CLI subprocess) of a session uses one fresh cache directory, shared by
+    the xdist workers (the cache is locked and verified for concurrent processes, which the suite
+    then exercises too; what one worker compiles the other reuses). Tests that need a cold cache
+    make their own."""
+    root = tmp_path_factory.getbasetemp()
+    shared = root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
+    path = shared / "fluxopt-cache"
+    path.mkdir(exist_ok=True)
     os.environ["FLUXOPT_CACHE_DIR"] = str(path)
     return path
 

@@ -12,6 +12,8 @@ import pytest
 
 from conftest import REPO, read_result, run_cli
 
+pytestmark = pytest.mark.xdist_group("stack_list")  # one worker runs the shared listed run once
+
 
 @pytest.fixture(scope="module")
 def listed_run(tmp_path_factory):
