@@ -168,6 +168,23 @@ class FidelityConfig:
 
 
 @dataclass
+class BudgetConfig:
+    """Wall-clock limits: a stack over ``stack_s`` (load, build, measurement) is stopped and
+    recorded as over budget with the phase it reached; once the run has spent ``run_s`` (baseline
+    included), the stacks left are recorded as not run. None: no limit."""
+
+    stack_s: Optional[float] = None
+    run_s: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        for name in ("stack_s", "run_s"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not math.isfinite(value) or value <= 0):
+                raise ConfigError(f"budget.{name}={value!r} is not allowed: seconds, a finite number > 0 (or null)")
+
+
+@dataclass
 class CacheConfig:
     dir: Optional[str] = None  # default: $FLUXOPT_CACHE_DIR or ~/.cache/fluxopt
 
@@ -188,6 +205,7 @@ class RunConfig:
     bench: BenchConfig = field(default_factory=BenchConfig)
     fidelity: FidelityConfig = field(default_factory=FidelityConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     backend: dict[str, Any] = field(default_factory=dict)  # selected backends -> their options
     # Several stacks measured against one baseline in one process: a list (each a backend or
@@ -284,7 +302,7 @@ def run_config(source: DictConfig | Mapping[str, Any]) -> RunConfig:
 
 
 # Settings that decide what is measured; resume compares these only (not output paths, resume, verbosity).
-MEASUREMENT_KEYS = ("model", "bench", "fidelity", "backend", "stacks", "device", "build_only")
+MEASUREMENT_KEYS = ("model", "bench", "fidelity", "backend", "stacks", "device", "build_only", "budget")
 
 
 def measurement_config(config: dict[str, Any]) -> dict[str, Any]:

@@ -12,12 +12,15 @@ interrupt (Ctrl-C, SIGTERM) leaves result.json valid, marked incomplete and inte
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import logging
+import signal
+import threading
 import time
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -46,6 +49,31 @@ log = logging.getLogger("fluxopt")
 LEAK_WARNING_BYTES = 256 * 2**20  # allocator rounding and cached workspaces stay below this
 
 
+class OverBudget(BaseException):
+    """Raised in the main thread when a stack's or the run's time budget runs out (a BaseException,
+    like KeyboardInterrupt, so a backend's ``except Exception`` cannot swallow it)."""
+
+
+@contextlib.contextmanager
+def _deadline(seconds: float | None) -> Iterator[None]:
+    """Raise :class:`OverBudget` in the block after ``seconds`` (SIGALRM: the main thread only;
+    elsewhere, or with None, no limit)."""
+    if seconds is None or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(signum: int, frame: Any) -> None:
+        raise OverBudget
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, max(seconds, 0.001))
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 class Run:
     def __init__(self, cfg: DictConfig | Mapping[str, Any], output_dir: Path, stacks: list[Stack] | None = None,
                  provenance: Mapping[str, Any] | None = None,
@@ -65,6 +93,9 @@ class Run:
         self.results: list[StackRecord] = []
         self.baseline: StackRecord | None = None
         self.started = datetime.now(timezone.utc).isoformat()
+        self.clock_start = time.monotonic()
+        self.position = ""  # "stack i/N" while the stacks run
+        self.budget = self.plan.config.budget
         self.environment: dict[str, Any] = {}
         self.interrupted = False
         self.device_lost: str | None = None  # why the CUDA context cannot run more stacks
@@ -99,8 +130,12 @@ class Run:
         return label
 
     def _enter(self, label: str, phase: str) -> None:
+        """A phase starts: logged, and shown on the progress display with the stack's place in the
+        run and the time spent so far (``stack 2/5 compile: build (3 min in)``)."""
         log.info("%s: %s", label, phase)
-        self.on_phase(label, phase)
+        spent = time.monotonic() - self.clock_start
+        where = f"{self.position} {label}" if self.position else label
+        self.on_phase(where, f"{phase} ({spent / 60:.0f} min in)" if spent >= 60 else phase)
 
     def _save_images(self, label: str, samples: list[Sample]) -> list[str]:
         if not self.cfg.get("save_images", True):
@@ -156,11 +191,22 @@ class Run:
             result.status, result.phase = Status.FAILED.value, Phase.LOAD.value
             result.reason = f"not run: the GPU is unusable in this process after an earlier failure ({self.device_lost})"
             return result
+        limit, which = self._time_left()
+        if limit is not None and limit <= 0:
+            result.status, result.phase = Status.FAILED.value, Phase.LOAD.value
+            result.reason = f"not run: over the run's budget (budget.run_s={self.budget.run_s:g})"
+            return result
         self.phase = Phase.LOAD
         started = time.perf_counter()
         allocated_before = torch.cuda.memory_allocated() if self.plan.device.is_gpu else None
         try:
-            self._apply_build_measure(stack, result, reference, label)
+            with _deadline(limit):
+                self._apply_build_measure(stack, result, reference, label)
+        except OverBudget:
+            elapsed = time.perf_counter() - started
+            result.status, result.phase = Status.FAILED.value, self.phase.value
+            result.reason = f"over budget: stopped during {self.phase.value} after {elapsed:.0f} s ({which})"
+            log.warning("stack %s: %s", stack.name, result.reason)
         except KeyboardInterrupt:
             # recorded with the phase it reached and the time it took, so the record says what was lost
             result.status, result.phase = Status.FAILED.value, self.phase.value
@@ -194,6 +240,15 @@ class Run:
             s = speedup_of(self.baseline.latency, result.latency)
             result.speedup, result.speedup_uncertainty, result.within_noise = s.value, s.uncertainty, s.within_noise
         return result
+
+    def _time_left(self) -> tuple[float | None, str]:
+        """Seconds the next stack may take (None: no limit) and which budget sets it."""
+        limits = []
+        if self.budget.stack_s is not None:
+            limits.append((self.budget.stack_s, f"budget.stack_s={self.budget.stack_s:g}"))
+        if self.budget.run_s is not None:
+            limits.append((self.budget.run_s - (time.monotonic() - self.clock_start), f"budget.run_s={self.budget.run_s:g}"))
+        return min(limits, key=lambda item: item[0]) if limits else (None, "")
 
     def _apply_build_measure(self, stack: Stack, result: StackRecord, reference: list[Sample], label: str) -> None:
         """Load a fresh pipeline, apply and build the stack, measure it and judge its fidelity;
@@ -237,7 +292,8 @@ class Run:
                 result.status, result.reason = Status.FAILED.value, f"fidelity: {result.fidelity['reason']}"
                 result.phase = Phase.FIDELITY.value
         finally:
-            applied.close()  # process-wide state back to what it was before this stack
+            signal.setitimer(signal.ITIMER_REAL, 0) if threading.current_thread() is threading.main_thread() else None
+            applied.close()  # process-wide state back to what it was before this stack (never cut short)
 
     def _measured(self, label: str, record: StackRecord, pipe: Any, gen: Generator, stats: dict[str, Any]) -> None:
         """Let the plugins look at a measured stack while it is still built (the profile ring)."""
@@ -287,7 +343,8 @@ class Run:
             reference = [] if self.build_only else self.measure_baseline()
             self.write(complete=False)
             if self.baseline is None or self.baseline.status == Status.OK.value:
-                for stack in self.plan.stacks:
+                for number, stack in enumerate(self.plan.stacks, 1):
+                    self.position = f"stack {number}/{len(self.plan.stacks)}"
                     log.info("stack %s", stack.name)
                     result = self.measure_stack(stack, reference)
                     self.results.append(result)
