@@ -185,6 +185,28 @@ class AotiLoadError(FluxoptError):
     """The AOTInductor runtime of this torch build could not load a package."""
 
 
+def weight_bytes(module: torch.nn.Module) -> int:
+    """Bytes of a module's parameters and buffers (quantized ones as their elements count them)."""
+    return sum(t.numel() * t.element_size() for t in itertools.chain(module.parameters(), module.buffers()))
+
+
+# Writing a package with embedded weights holds them twice on disk (Inductor's serialized constants,
+# then the package archive); a full disk fails deep inside torch's archive writer and aborts the
+# process from a destructor, so the space is checked before the export starts.
+EMBEDDED_COPIES = 2
+SPACE_MARGIN_BYTES = 2 * 2**30  # compiled kernels, sources, the runtime's shared libraries
+
+
+def check_space(where: Path, modules: list[torch.nn.Module], weights: str) -> None:
+    """Refuse to build when the disk holding ``where`` (the cache) cannot take the packages."""
+    need = SPACE_MARGIN_BYTES + (EMBEDDED_COPIES * sum(map(weight_bytes, modules)) if weights == "embedded" else 0)
+    free = shutil.disk_usage(where).free
+    if free < need:
+        raise ConfigError(f"aoti needs about {need / 2**30:.2f} GiB free to write its packages (weights "
+                          f"{weights}), the disk holding {where} has {free / 2**30:.2f} GiB: free space there, "
+                          "set cache.dir to a larger disk, or use backend.aoti.weights=shared")
+
+
 def probe_load(path: Path) -> None:
     """Load ``path`` in a child process and raise AotiLoadError if that process dies.
 
@@ -305,6 +327,7 @@ class AotiBackend(Backend):
                "vae_input": list(z.shape) if z is not None else None}
 
         def build_packages(tmp: Path) -> None:
+            check_space(ctx.cache_dir, [transformer, pipe.vae] if options.vae else [transformer], weights)
             # Inductor's compiled kernels and tuning results go to fluxopt's cache (shared with compile,
             # managed by fluxopt-cache), not /tmp: a build that is interrupted leaves them for the next one
             from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir

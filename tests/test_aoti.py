@@ -388,3 +388,24 @@ def test_max_autotune_is_on_for_a_gpu_unless_the_user_says(asked, gpu, expected)
 
     configs = inductor_configs(AotiOptions(max_autotune=asked), "embedded", gpu)
     assert configs["max_autotune"] is expected
+
+
+def test_a_disk_too_small_for_the_packages_is_refused_before_the_export(fluxopt_cache, tmp_path, monkeypatch):
+    """A full disk fails deep in torch's archive writer and aborts the process from a destructor (seen
+    writing a full-size package): the space is checked first, with what is needed and what to do."""
+    import shutil as real_shutil
+
+    import fluxopt
+    from fluxopt_plugins import aoti
+
+    pipe = fluxopt.load_model("tiny", device="cpu")
+    need = aoti.SPACE_MARGIN_BYTES + aoti.EMBEDDED_COPIES * aoti.weight_bytes(pipe.transformer)
+    usage = real_shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(aoti.shutil, "disk_usage", lambda path: usage._replace(free=need - 1))
+    monkeypatch.setattr(aoti, "_export", lambda *a, **k: pytest.fail("exported although the disk is too small"))
+    with pytest.raises(fluxopt.ConfigError, match=rf"aoti needs about 2\.\d\d GiB free to write its packages \(weights "
+                                                  rf"embedded\), the disk holding {fluxopt_cache} has .*weights=shared"):
+        # the session's cache: its C++ compiler check is shared with the other aoti tests
+        fluxopt.apply_stack(pipe, {"aoti": {"max_autotune": False}}, height=64, width=64, steps=2)
+    assert aoti.weight_bytes(pipe.transformer) == sum(p.numel() * p.element_size() for p in pipe.transformer.parameters()) \
+        + sum(b.numel() * b.element_size() for b in pipe.transformer.buffers())
