@@ -73,3 +73,20 @@ def test_library_noise_stays_off_the_console_unless_verbose(tmp_path, terminal_h
         assert not any(n in shown for n in noise) and "compile: build" not in shown
         assert console.dropped_records() - before == 3  # counted for the "kept off the console" note
         handler.removeFilter(console._FILTER)
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_what_libraries_print_during_a_build_goes_to_the_log_not_the_console(tmp_path, plugin_env, verbose):
+    """Inductor's autotuning tables and Triton's benchmarking lines are printed straight to the
+    streams, past logging: while a stack runs they go to the run's log; verbose=true shows them."""
+    from conftest import run_cli
+
+    proc = run_cli("+backend=fault_noisy", "bench.iterations=1", "save_images=false", f"verbose={str(verbose).lower()}",
+                   f"hydra.run.dir={tmp_path}", env=plugin_env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    shown = proc.stdout + proc.stderr
+    logged = "".join(p.read_text() for p in tmp_path.glob("*.log"))
+    for line in ("AUTOTUNE mm(4096x3072, 3072x3072) fake table", "triton: benchmarking fake kernel"):
+        assert (line in shown) is verbose
+        assert (line in logged) is not verbose or line in shown
+    assert "fluxopt: stack 1/1 fault_noisy: build" in proc.stderr  # the progress display still reaches the console

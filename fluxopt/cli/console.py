@@ -90,12 +90,13 @@ def dropped_records() -> int:
 def progress(enabled: bool = True) -> Iterator[Callable[[str, str], None]]:
     """Yields ``on_phase(stack, phase)``: on a terminal, a live line "stack: phase (elapsed)";
     elsewhere one plain line per phase."""
-    console = Console(stderr=True)
+    stream = sys.stderr  # this stream, even while a stack's library output is sent to the log
+    console = Console(file=stream)
     if not enabled:
         yield lambda stack, phase: None
         return
     if not console.is_terminal:
-        yield lambda stack, phase: print(f"{PREFIX}: {stack}: {phase}", file=sys.stderr, flush=True)
+        yield lambda stack, phase: print(f"{PREFIX}: {stack}: {phase}", file=stream, flush=True)
         return
     state = {"text": "starting", "since": time.monotonic()}
     with console.status("fluxopt: starting") as status:

@@ -144,8 +144,26 @@ class SlowSteps(Backend):
         ctx.callback("fault_slow: delay hook", handle.remove)
 
 
+class NoisyBuild(Backend):
+    """Correct, but its build prints to stdout and stderr the way Inductor's autotuning and Triton's
+    benchmarking do (tables written straight to the streams, not through logging)."""
+
+    name = "fault_noisy"
+    options_class = FaultOptions
+    stage = Stage.WEIGHTS
+
+    def apply(self, pipe: Any, options: FaultOptions, ctx: Any) -> None:
+        pass  # nothing to change: only the build's output is under test
+
+    def build(self, pipe: Any, options: FaultOptions, ctx: Any) -> None:
+        import sys
+
+        print("AUTOTUNE mm(4096x3072, 3072x3072) fake table")
+        sys.stderr.write("triton: benchmarking fake kernel\n")
+
+
 @hookimpl
 def fluxopt_backends() -> list[Backend]:
     return [RaiseInApply(), RaiseInBuild(), NanOutput(), DegradedOutput(), OutOfMemory(), NeedsCuda(), KilledProcess(),
-            SlowSteps()]
+            SlowSteps(), NoisyBuild()]
 
