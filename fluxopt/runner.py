@@ -39,7 +39,7 @@ from fluxopt.energy import EnergyMeter, spent
 from fluxopt.environment import capture_environment
 from fluxopt.errors import DiskFullError, FluxoptError
 from fluxopt.fidelity import evaluate
-from fluxopt.files import save_image_atomic, write_text_atomic
+from fluxopt.files import file_sha256, save_image_atomic, write_atomic, write_text_atomic
 from fluxopt.measure import Generator, Measured, Measurement, Sample, measure
 from fluxopt.models import load_pipeline
 from fluxopt.plan import RunPlan, plan_run, selected_backends
@@ -47,6 +47,8 @@ from fluxopt.record import RESULT_FILE, Energy, Phase, RunRecord, StackRecord, S
 from fluxopt.stack import Stack
 
 log = logging.getLogger("fluxopt")
+REFERENCE_FILE = "baseline-reference.pt"  # the baseline's outputs, for a resumed run to judge against
+INTERRUPTED = "interrupted during "  # how an interrupted stack's reason starts (it is measured again on resume)
 LEAK_WARNING_BYTES = 256 * 2**20  # allocator rounding and cached workspaces stay below this
 
 
@@ -119,16 +121,19 @@ class Run:
     def __init__(self, cfg: DictConfig | Mapping[str, Any], output_dir: Path, stacks: list[Stack] | None = None,
                  provenance: Mapping[str, Any] | None = None,
                  on_phase: Callable[[str, str], None] | None = None,
-                 plan: RunPlan | None = None, pipeline: Any = None):
+                 plan: RunPlan | None = None, pipeline: Any = None, resume: RunRecord | None = None):
         """``stacks`` replaces the stacks the config selects (benchmark scripts compare a chosen
         list); ``provenance`` (command line, overrides) is recorded as given; ``on_phase(stack,
         phase)`` is told when each phase starts (progress displays). With ``pipeline`` (and its
         ``plan``), every stack is applied to that pipeline and undone after it, instead of to a
-        freshly loaded one: ``fluxopt.benchmark`` on a pipeline the user built."""
+        freshly loaded one: ``fluxopt.benchmark`` on a pipeline the user built. ``resume``: an
+        interrupted record of this measurement (:func:`can_resume`), whose baseline and finished
+        stacks are kept: only the stacks it lacks are measured."""
         self.cfg = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
         self.output_dir = Path(output_dir)
         self.plan: RunPlan = plan or plan_run(self.cfg, stacks)
         self.pipeline = pipeline
+        self.resume = resume
         self.provenance = dict(provenance or {})
         self.on_phase = on_phase or (lambda stack, phase: None)
         self.results: list[StackRecord] = []
@@ -216,6 +221,8 @@ class Run:
                                     f"model's weights ({self.cfg.model.get('path') or 'model=' + p.spec.name})")
         self._measured("baseline", self.baseline, pipe, Generator(pipe, p.shapes, p.device), {})
         self.baseline.images = self._save_images("baseline", m.samples)
+        if self.baseline.status == Status.OK.value:
+            self.baseline.stats["reference"] = save_reference(self.output_dir / REFERENCE_FILE, m.samples)
         del pipe
         self._release()
         return m.samples
@@ -381,10 +388,15 @@ class Run:
         hook.fluxopt_run_started(config=recorded_config(self.cfg, self.plan.config),
                                  output_dir=str(self.output_dir))
         try:
-            reference = [] if self.build_only else self.measure_baseline()
+            if self.resume is not None:
+                reference = self._resume_from(self.resume)
+            else:
+                reference = [] if self.build_only else self.measure_baseline()
             self.write(complete=False)
             if self.baseline is None or self.baseline.status == Status.OK.value:
                 for number, stack in enumerate(self.plan.stacks, 1):
+                    if number <= len(self.results):
+                        continue  # measured by the run this one resumes
                     self.position = f"stack {number}/{len(self.plan.stacks)}"
                     log.info("stack %s", stack.name)
                     result = self.measure_stack(stack, reference)
@@ -400,6 +412,56 @@ class Run:
         record = self.write(complete=True)
         hook.fluxopt_run_finished(result=record, output_dir=str(self.output_dir))
         return record
+
+
+    def _resume_from(self, previous: RunRecord) -> list[Sample]:
+        """Keep ``previous``'s baseline (its outputs read back from the verified reference file) and
+        the stacks it finished, in plan order; the provenance says what was kept."""
+        reference = load_reference(self.output_dir / REFERENCE_FILE, previous.baseline.stats["reference"])
+        self.baseline = previous.baseline
+        self.started = previous.started or self.started
+        self.run_info = dict(previous.profile or {})
+        for planned, done in zip(self.plan.stacks, previous.stacks):
+            if done.stack != planned.name or (done.reason or "").startswith(INTERRUPTED):
+                break
+            self.results.append(done)
+        self.provenance["resumed"] = {"baseline_from": previous.started,
+                                      "stacks_kept": [s.stack for s in self.results]}
+        log.info("resuming: the baseline measured at %s and %d finished stack(s) kept", previous.started,
+                 len(self.results))
+        return reference
+
+
+def save_reference(path: Path, samples: list[Sample]) -> dict[str, str]:
+    """The baseline's outputs, written atomically; returns what the record keeps to verify them."""
+    payload = {"prompts": [s.prompt for s in samples], "seeds": [s.seed for s in samples],
+               "images": [torch.from_numpy(np.ascontiguousarray(s.image)) for s in samples],
+               "latents": [s.latents for s in samples]}
+    write_atomic(path, lambda handle: torch.save(payload, handle))
+    return {"file": path.name, "sha256": file_sha256(path)}
+
+
+def load_reference(path: Path, recorded: Mapping[str, str]) -> list[Sample]:
+    """The baseline's outputs saved by :func:`save_reference`, after their sha256 was checked."""
+    if not reference_intact(path, recorded):
+        raise FluxoptError(f"{path}: the baseline's saved outputs are missing or do not match the record")
+    data = torch.load(path, weights_only=True)
+    return [Sample(prompt, seed, image.numpy(), latents)
+            for prompt, seed, image, latents in zip(data["prompts"], data["seeds"], data["images"], data["latents"])]
+
+
+def can_resume(previous: RunRecord, config: Mapping[str, Any], output_dir: Path) -> bool:
+    """Whether an unfinished ``previous`` record of the same measurement can be continued: its
+    baseline completed and its saved outputs are there, unchanged (sha256 against the record)."""
+    baseline = previous.baseline
+    return bool(config.get("resume", True) and not previous.complete and not previous.edited
+                and not previous.build_only and baseline is not None and baseline.status == Status.OK.value
+                and measurement_config(previous.config) == measurement_config(config)
+                and reference_intact(output_dir / REFERENCE_FILE, (baseline.stats or {}).get("reference")))
+
+
+def reference_intact(path: Path, recorded: Mapping[str, str] | None) -> bool:
+    return bool(recorded) and path.is_file() and file_sha256(path) == recorded.get("sha256")
 
 
 def baseline_problem(samples: list[Sample]) -> str | None:

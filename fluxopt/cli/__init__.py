@@ -44,7 +44,7 @@ from fluxopt.errors import ConfigError, ExitStatus, FluxoptError, UnavailableErr
 from fluxopt.files import move_aside, write_text_atomic
 from fluxopt.plan import RunPlan, check_runnable, check_writable_dir, plan_run
 from fluxopt.record import RESULT_FILE, RunRecord, Status, UnreadableRecord, read_record, write_record
-from fluxopt.runner import Run, can_reuse, job_record
+from fluxopt.runner import Run, can_resume, can_reuse, job_record
 from fluxopt.stack import build_stack, describe_options, lookup_backend
 
 log = logging.getLogger("fluxopt")
@@ -275,25 +275,32 @@ def provenance() -> dict[str, Any]:
     return info
 
 
-def _previous(output_dir: Path, config: dict[str, Any]) -> RunRecord | None:
-    """A finished, passing result for the same measurement config, to skip; anything else that is
-    there (failed, incomplete, edited, another config, unreadable) is moved aside, never overwritten."""
+def _previous(output_dir: Path, config: dict[str, Any]) -> tuple[RunRecord | None, RunRecord | None]:
+    """(a finished, passing result for the same measurement config, to skip; an interrupted one of
+    the same measurement, to continue). Anything else that is there (failed, edited, another config,
+    unreadable) is moved aside, never overwritten; a continued one is kept aside too."""
     path = output_dir / RESULT_FILE
     try:
         previous = read_record(path)
     except UnreadableRecord as exc:
         moved = move_aside(path, "unreadable")
         console.say(f"{exc}; moved it to {moved.name} and measuring again")
-        return None
+        return None, None
     if previous is None:
-        return None
+        return None, None
     if can_reuse(previous, config):
-        return previous
+        return previous, None
+    resumable = can_resume(previous, config, output_dir) and not in_torchrun()  # ranks stay in lock-step
     if writes_results():
         moved = move_aside(path, "previous")
-        console.say(f"{path} is from an earlier, {'interrupted' if not previous.complete else 'different or failed'} "
-                    f"run; kept as {moved.name}")
-    return None
+        if resumable:
+            console.say(f"{path} is from an interrupted run of this measurement; continuing it with its baseline "
+                        f"and its {len(previous.stacks)} recorded stack(s) (kept as {moved.name}; resume=false "
+                        "measures everything again)")
+        else:
+            console.say(f"{path} is from an earlier, {'interrupted' if not previous.complete else 'different or failed'} "
+                        f"run; kept as {moved.name}")
+    return None, previous if resumable else None
 
 
 def run_job(cfg: DictConfig) -> RunRecord | None:
@@ -303,7 +310,7 @@ def run_job(cfg: DictConfig) -> RunRecord | None:
     multirun = hc.mode == RunMode.MULTIRUN
     settings = run_config(cfg)
     config = recorded_config(cfg, settings)
-    previous = _previous(output_dir, config)
+    previous, resume = _previous(output_dir, config)
     if previous is not None:
         console.say(f"{output_dir / RESULT_FILE} is complete and passed for this config; skipping it "
                     "(resume=false measures again)")
@@ -317,7 +324,7 @@ def run_job(cfg: DictConfig) -> RunRecord | None:
             return None
     try:
         with console.progress(enabled=not multirun) as on_phase:
-            data = Run(cfg, output_dir, provenance=provenance(), on_phase=on_phase).execute()
+            data = Run(cfg, output_dir, provenance=provenance(), on_phase=on_phase, resume=resume).execute()
     except KeyboardInterrupt:
         OUTCOME.interrupted_dir = output_dir
         raise

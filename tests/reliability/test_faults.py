@@ -103,7 +103,7 @@ def test_what_cannot_be_parsed_is_moved_aside_never_overwritten(tmp_path):
 
     path = tmp_path / "result.json"
     path.write_text("{ not json")
-    assert _previous(tmp_path, {"resume": True}) is None
+    assert _previous(tmp_path, {"resume": True}) == (None, None)
     assert not path.exists() and [p.name.startswith("result.unreadable-") for p in tmp_path.iterdir()] == [True]
 
 
@@ -118,13 +118,13 @@ def test_resume_skips_only_complete_passing_runs_of_the_same_measurement(tmp_pat
     path = tmp_path / "result.json"
     write_json_atomic(path, passed)
     # output paths, resume and verbosity are not part of the measurement
-    assert _previous(tmp_path, {**config, "save_images": False, "verbose": True}).to_json()["config"] == config
+    assert _previous(tmp_path, {**config, "save_images": False, "verbose": True})[0].to_json()["config"] == config
     write_json_atomic(path, {**passed, "stacks": [{"stack": "compile", "status": "failed", "reason": "x"}]})
-    assert _previous(tmp_path, config) is None and not path.exists()  # a failed job is measured again
+    assert _previous(tmp_path, config) == (None, None) and not path.exists()  # a failed job is measured again
     write_json_atomic(path, {**passed, "complete": False})
-    assert _previous(tmp_path, config) is None  # so is an interrupted one
+    assert _previous(tmp_path, config) == (None, None)  # so is an interrupted one without a baseline to keep
     write_json_atomic(path, passed)
-    assert _previous(tmp_path, {**config, "bench": {"iterations": 3}}) is None  # and another measurement
+    assert _previous(tmp_path, {**config, "bench": {"iterations": 3}}) == (None, None)  # and another measurement
     assert len(list(tmp_path.glob("result.previous-*.json"))) == 3  # all kept
 
 

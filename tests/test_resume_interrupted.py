@@ -1,0 +1,73 @@
+"""An interrupted run continues: the same command in its directory keeps the baseline (its
+outputs read back from the verified reference file) and the stacks it finished, and measures only
+what is left; without a reference that matches its record, everything is measured again."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import read_result, run_cli
+
+pytestmark = pytest.mark.xdist_group("resume_interrupted")
+ARGS = ("stacks=[fuse_qkv,{fault_slow: {delay_s: 0.4}}]", "bench.iterations=1", "save_images=false")
+
+
+def _interrupted(run_dir: Path, plugin_env: dict[str, str]) -> dict:
+    """The run stopped (SIGINT) while its second stack runs; its record as it was left."""
+    proc = subprocess.Popen([sys.executable, "-m", "fluxopt", *ARGS, f"hydra.run.dir={run_dir}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **plugin_env})
+    deadline = time.monotonic() + 240
+    while True:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-2000:] if proc.stderr else ""
+        try:
+            if len(json.loads((run_dir / "result.json").read_text())["stacks"]) == 1:
+                break
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.2)
+    time.sleep(1.5)  # into the slow stack
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    return read_result(run_dir)
+
+
+@pytest.fixture(scope="module")
+def resumed(tmp_path_factory, plugin_env):
+    run_dir = tmp_path_factory.mktemp("resume") / "run"
+    first = _interrupted(run_dir, plugin_env)
+    proc = run_cli(*ARGS, f"hydra.run.dir={run_dir}", env=plugin_env)
+    return first, proc, run_dir
+
+
+def test_the_same_command_continues_with_the_baseline_and_the_finished_stacks(resumed):
+    first, proc, run_dir = resumed
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "continuing it with its baseline" in proc.stderr
+    second = read_result(run_dir)
+    assert second["complete"] is True and [s["stack"] for s in second["stacks"]] == ["fuse_qkv", "fault_slow"]
+    assert second["baseline"]["latency"]["samples"] == first["baseline"]["latency"]["samples"]  # not measured again
+    assert second["stacks"][0] == first["stacks"][0]  # the finished stack kept as it was
+    assert first["stacks"][-1]["reason"].startswith("interrupted during ")  # the interrupted one measured again
+    assert second["stacks"][1]["status"] == "ok" and second["stacks"][1]["fidelity"]["passed"]
+    assert second["provenance"]["resumed"] == {"baseline_from": first["started"], "stacks_kept": ["fuse_qkv"]}
+    assert list(run_dir.glob("result.previous-*.json"))  # the interrupted record is kept
+
+
+def test_without_a_trustworthy_reference_everything_is_measured_again(tmp_path, plugin_env):
+    run_dir = tmp_path / "run"
+    first = _interrupted(run_dir, plugin_env)
+    (run_dir / "baseline-reference.pt").write_bytes(b"not the baseline's outputs")
+    proc = run_cli(*ARGS, f"hydra.run.dir={run_dir}", env=plugin_env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    again = read_result(run_dir)
+    assert "resumed" not in again["provenance"] and again["started"] != first["started"]
+    assert len(again["stacks"]) == 2 and "from an earlier, interrupted run" in proc.stderr
