@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
-import io
 import logging
 import signal
 import threading
@@ -50,46 +49,6 @@ log = logging.getLogger("fluxopt")
 REFERENCE_FILE = "baseline-reference.pt"  # the baseline's outputs, for a resumed run to judge against
 INTERRUPTED = "interrupted during "  # how an interrupted stack's reason starts (it is measured again on resume)
 LEAK_WARNING_BYTES = 256 * 2**20  # allocator rounding and cached workspaces stay below this
-
-
-class _ToLog(io.TextIOBase):
-    """A text stream whose lines go to the run's log (logger ``fluxopt.output``, INFO: the log file,
-    never the console), for what libraries print straight to stdout/stderr while a stack is built
-    and measured (Inductor's autotuning tables, Triton's benchmarking lines)."""
-
-    def __init__(self, name: str):
-        self.log = logging.getLogger(f"fluxopt.output.{name}")
-        self.pending = ""
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, text: str) -> int:
-        *lines, self.pending = (self.pending + text).split("\n")
-        for line in lines:
-            if line.strip():
-                self.log.info(line)
-        return len(text)
-
-    def flush(self) -> None:
-        if self.pending.strip():
-            self.log.info(self.pending)
-        self.pending = ""
-
-
-@contextlib.contextmanager
-def _library_output_to_log(enabled: bool) -> Iterator[None]:
-    """While a stack runs (unless ``verbose``), Python-level stdout/stderr go to the run's log."""
-    if not enabled:
-        yield
-        return
-    out, err = _ToLog("stdout"), _ToLog("stderr")
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            yield
-    finally:
-        out.flush()
-        err.flush()
 
 
 class OverBudget(BaseException):
@@ -248,7 +207,7 @@ class Run:
         started = time.perf_counter()
         allocated_before = torch.cuda.memory_allocated() if self.plan.device.is_gpu else None
         try:
-            with _deadline(limit), _library_output_to_log(not self.cfg.get("verbose", False)):
+            with _deadline(limit):
                 self._apply_build_measure(stack, result, reference, label)
         except OverBudget:
             elapsed = time.perf_counter() - started

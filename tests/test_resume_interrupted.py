@@ -62,12 +62,32 @@ def test_the_same_command_continues_with_the_baseline_and_the_finished_stacks(re
     assert list(run_dir.glob("result.previous-*.json"))  # the interrupted record is kept
 
 
-def test_without_a_trustworthy_reference_everything_is_measured_again(tmp_path, plugin_env):
-    run_dir = tmp_path / "run"
-    first = _interrupted(run_dir, plugin_env)
-    (run_dir / "baseline-reference.pt").write_bytes(b"not the baseline's outputs")
-    proc = run_cli(*ARGS, f"hydra.run.dir={run_dir}", env=plugin_env)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    again = read_result(run_dir)
-    assert "resumed" not in again["provenance"] and again["started"] != first["started"]
-    assert len(again["stacks"]) == 2 and "from an earlier, interrupted run" in proc.stderr
+def test_only_a_reference_that_matches_its_record_is_resumed_from(tmp_path):
+    """The saved outputs are checked against the sha256 the record holds; anything else (damaged,
+    missing, another measurement, a finished or edited record, resume=false) is measured again."""
+    import dataclasses
+
+    import numpy as np
+    import torch
+
+    from _records import run, stack
+    from fluxopt.measure import Sample
+    from fluxopt.runner import REFERENCE_FILE, can_resume, load_reference, save_reference
+
+    samples = [Sample("a cat", 3, np.random.default_rng(0).random((8, 8, 3), dtype=np.float32), torch.randn(1, 16, 64))]
+    record = run([stack("fuse_qkv", 1.5)], complete=False)
+    record.config = {"model": {"name": "flux-mini"}, "bench": {"iterations": 5}, "resume": True}
+    record.baseline.stats["reference"] = save_reference(tmp_path / REFERENCE_FILE, samples)
+    config = dict(record.config)
+    assert can_resume(record, config, tmp_path)
+    (back,) = load_reference(tmp_path / REFERENCE_FILE, record.baseline.stats["reference"])
+    assert (back.prompt, back.seed) == ("a cat", 3) and np.array_equal(back.image, samples[0].image)
+    assert torch.equal(back.latents, samples[0].latents)
+    assert not can_resume(record, {**config, "resume": False}, tmp_path)
+    assert not can_resume(record, {**config, "bench": {"iterations": 3}}, tmp_path)
+    assert not can_resume(dataclasses.replace(record, complete=True), config, tmp_path)
+    assert not can_resume(dataclasses.replace(record, edited=["x"]), config, tmp_path)
+    (tmp_path / REFERENCE_FILE).write_bytes(b"not the baseline's outputs")
+    assert not can_resume(record, config, tmp_path)
+    (tmp_path / REFERENCE_FILE).unlink()
+    assert not can_resume(record, config, tmp_path)

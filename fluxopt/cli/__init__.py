@@ -323,7 +323,8 @@ def run_job(cfg: DictConfig) -> RunRecord | None:
             log.error("rank %s: %s", rank(), exc)
             return None
     try:
-        with console.progress(enabled=not multirun) as on_phase:
+        with console.progress(enabled=not multirun) as on_phase, \
+                console.library_output_to_log(not cfg.get("verbose", False)):
             data = Run(cfg, output_dir, provenance=provenance(), on_phase=on_phase, resume=resume).execute()
     except KeyboardInterrupt:
         OUTCOME.interrupted_dir = output_dir

@@ -5,6 +5,7 @@ unless ``verbose=true``."""
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import sys
 import time
@@ -105,6 +106,47 @@ def progress(enabled: bool = True) -> Iterator[Callable[[str, str], None]]:
             status.update(f"fluxopt: {stack}: {phase}")
 
         yield on_phase
+
+
+class _ToLog(io.TextIOBase):
+    """A text stream whose lines go to the run's log (logger ``fluxopt.output``, INFO: the log file,
+    never the console), for what libraries print straight to stdout/stderr while a stack is built
+    and measured (Inductor's autotuning tables, Triton's benchmarking lines)."""
+
+    def __init__(self, name: str):
+        self.log = logging.getLogger(f"fluxopt.output.{name}")
+        self.pending = ""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        *lines, self.pending = (self.pending + text).split("\n")
+        for line in lines:
+            if line.strip():
+                self.log.info(line)
+        return len(text)
+
+    def flush(self) -> None:
+        if self.pending.strip():
+            self.log.info(self.pending)
+        self.pending = ""
+
+
+@contextlib.contextmanager
+def library_output_to_log(enabled: bool) -> Iterator[None]:
+    """While a run measures (unless ``verbose``), Python-level stdout/stderr go to the run's log;
+    the progress display and the logging handlers hold their own streams and still reach the console."""
+    if not enabled:
+        yield
+        return
+    out, err = _ToLog("stdout"), _ToLog("stderr")
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            yield
+    finally:
+        out.flush()
+        err.flush()
 
 
 def print_run(data: Any, output_dir: Path, hook: Any) -> None:
