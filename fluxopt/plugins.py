@@ -23,9 +23,9 @@ from fluxopt.errors import ConfigError
 
 ENTRY_POINT_GROUP = "fluxopt"
 
-# fluxopt's own plugins, registered first: the built-in metrics, then the rings (each a subpackage
-# that the kernel names only here, by string: the kernel never imports a ring).
-CORE_PLUGINS = ("fluxopt.fidelity", "fluxopt.zoo", "fluxopt.report", "fluxopt.profile", "fluxopt.scale")
+# fluxopt's own rings, registered first (each a subpackage that the kernel names only here, by
+# string: the kernel never imports a ring).
+CORE_PLUGINS = ("fluxopt.zoo", "fluxopt.report", "fluxopt.profile", "fluxopt.scale")
 
 
 # Where the built-in plugins live (``fluxopt_plugins/`` in the source tree). Imported by name: the core

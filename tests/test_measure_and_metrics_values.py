@@ -13,7 +13,8 @@ from skimage.metrics import structural_similarity
 
 from fluxopt import Sample, plugins
 from fluxopt.environment import detect_device
-from fluxopt.fidelity import evaluate, latent_rel_l2, psnr, ssim
+from fluxopt.fidelity import evaluate
+from fluxopt_plugins.image_metrics import latent_rel_l2, psnr, ssim
 from fluxopt.measure import Generator, LatencyStats
 from fluxopt.shapes import Shapes
 
