@@ -12,17 +12,17 @@ from typing import TYPE_CHECKING, Any
 # instant: ``python -m fluxopt`` answers Ctrl-C and SIGTERM before torch and diffusers load, and a
 # plugin importing one name does not pay for the rest.
 _PUBLIC = {
-    "AppliedStack": "fluxopt.api",
-    "apply_stack": "fluxopt.api",
-    "available_backends": "fluxopt.api",
-    "load_model": "fluxopt.api",
+    "AppliedStack": "fluxopt.serving",
+    "apply_stack": "fluxopt.serving",
+    "available_backends": "fluxopt.serving",
+    "load_model": "fluxopt.serving",
     "INDUCTOR": "fluxopt.artifacts",
     "EXCLUSIVE_STAGES": "fluxopt.backend",
     "Backend": "fluxopt.backend",
     "Package": "fluxopt.backend",
     "Requirements": "fluxopt.backend",
     "Stage": "fluxopt.backend",
-    "benchmark": "fluxopt.benchmarking",
+    "benchmark": "fluxopt.bakeoff",
     "RECIPE_INDUCTOR_FLAGS": "fluxopt.compiler_state",
     "validate_inductor_flags": "fluxopt.compiler_state",
     "StackContext": "fluxopt.context",
@@ -55,10 +55,10 @@ _PUBLIC = {
 }
 
 if TYPE_CHECKING:
-    from fluxopt.api import AppliedStack, apply_stack, available_backends, load_model
+    from fluxopt.serving import AppliedStack, apply_stack, available_backends, load_model
     from fluxopt.artifacts import INDUCTOR
     from fluxopt.backend import EXCLUSIVE_STAGES, Backend, Package, Requirements, Stage
-    from fluxopt.benchmarking import benchmark
+    from fluxopt.bakeoff import benchmark
     from fluxopt.compiler_state import RECIPE_INDUCTOR_FLAGS, validate_inductor_flags
     from fluxopt.context import StackContext
     from fluxopt.kit.cuda_graphs import CudaGraphRunner, TransformerForward

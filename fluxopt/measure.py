@@ -110,7 +110,7 @@ class _RssSampler:
         self._thread.join()
 
 
-class Generator:
+class PipelineCaller:
     """Calls a FluxPipeline the same way for the baseline and for every stack."""
 
     def __init__(self, pipe: Any, shapes: Shapes, device: DeviceInfo):
@@ -154,7 +154,7 @@ class Generator:
         return Sample(prompt, seed, image, final["latents"].detach().float().cpu()), total, per_step
 
 
-def measure(gen: Generator, prompts: Sequence[str], seed: int, warmup: int, iterations: int,
+def measure(gen: PipelineCaller, prompts: Sequence[str], seed: int, warmup: int, iterations: int,
             on_phase: Callable[[str], None] | None = None, meter: EnergyMeter | None = None) -> Measurement:
     """First call, one output per prompt (same seed for every stack), extra warm-up, then
     ``iterations`` timed calls cycling over the prompts. ``on_phase`` is told when the

@@ -39,7 +39,7 @@ from fluxopt.environment import capture_environment
 from fluxopt.errors import DiskFullError, FluxoptError
 from fluxopt.fidelity import evaluate
 from fluxopt.files import file_sha256, save_image_atomic, write_atomic, write_text_atomic
-from fluxopt.measure import Generator, Measured, Measurement, Sample, measure
+from fluxopt.measure import PipelineCaller, Measured, Measurement, Sample, measure
 from fluxopt.models import load_pipeline
 from fluxopt.plan import RunPlan, plan_run, selected_backends
 from fluxopt.record import RESULT_FILE, Energy, Phase, RunRecord, StackRecord, Status, speedup_of, write_record
@@ -121,7 +121,7 @@ class Run:
 
     def _measure(self, pipe: Any, label: str) -> Measurement:
         p = self.plan
-        return measure(Generator(pipe, p.shapes, p.device), p.prompts, p.seed, warmup=p.warmup,
+        return measure(PipelineCaller(pipe, p.shapes, p.device), p.prompts, p.seed, warmup=p.warmup,
                        iterations=p.iterations, on_phase=lambda phase: self._enter(label, phase), meter=self.meter)
 
     def _file_label(self, name: str) -> str:
@@ -178,7 +178,7 @@ class Run:
             self.baseline.reason = (f"{problem}, so no stack can be judged against it; check "
                                     f"bench.guidance_scale={p.shapes.guidance_scale:g}, the prompts and the "
                                     f"model's weights ({self.cfg.model.get('path') or 'model=' + p.spec.name})")
-        self._measured("baseline", self.baseline, pipe, Generator(pipe, p.shapes, p.device), {})
+        self._measured("baseline", self.baseline, pipe, PipelineCaller(pipe, p.shapes, p.device), {})
         self.baseline.images = self._save_images("baseline", m.samples)
         if self.baseline.status == Status.OK.value:
             self.baseline.stats["reference"] = save_reference(self.output_dir / REFERENCE_FILE, m.samples)
@@ -268,7 +268,7 @@ class Run:
 
         enter(Phase.LOAD)
         pipe = self._load()
-        gen = Generator(pipe, p.shapes, p.device)
+        gen = PipelineCaller(pipe, p.shapes, p.device)
         ctx = StackContext(device=p.device, dtype=p.dtype, model=p.spec, shapes=p.shapes, cache_dir=p.cache_dir,
                            prompts=p.prompts, stack=stack, run_once=lambda: gen(p.prompts[0], p.seed))
         # A fresh pipeline per stack needs no copy of replaced weights; the user's own must get them back.
@@ -302,7 +302,7 @@ class Run:
             signal.setitimer(signal.ITIMER_REAL, 0) if threading.current_thread() is threading.main_thread() else None
             applied.close()  # process-wide state back to what it was before this stack (never cut short)
 
-    def _measured(self, label: str, record: StackRecord, pipe: Any, gen: Generator, stats: dict[str, Any]) -> None:
+    def _measured(self, label: str, record: StackRecord, pipe: Any, gen: PipelineCaller, stats: dict[str, Any]) -> None:
         """Let the plugins look at a measured stack while it is still built (the profile ring)."""
         p = self.plan
         self.hook.fluxopt_stack_measured(measured=Measured(

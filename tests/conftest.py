@@ -40,7 +40,7 @@ def fluxopt_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_pipe():
     """The embedded tiny model, loaded once (tests that mutate it must load their own)."""
-    from fluxopt.api import load_model
+    from fluxopt.serving import load_model
 
     return load_model("tiny", device="cpu")
 

@@ -32,7 +32,7 @@ def unmet(name: str, device: DeviceInfo, **options) -> str | None:
 
 
 def tiny_pipe():
-    from fluxopt.api import load_model
+    from fluxopt.serving import load_model
 
     pipe = load_model("tiny", device="cpu")
     pipe.set_progress_bar_config(disable=True)
@@ -46,7 +46,7 @@ def generate(pipe, seed: int = 0):
 
 
 def apply(pipe, selection):
-    from fluxopt.api import apply_stack
+    from fluxopt.serving import apply_stack
 
     return apply_stack(pipe, selection, height=64, width=64, steps=STEPS, build=False)
 
@@ -319,7 +319,7 @@ def test_bnb_nf4_quantizes_transformer_and_t5_and_composes_with_compile():
     assert abs(eager - reference).max() > 0 and abs(eager - reference).mean() < 0.1
     applied.close()
     pipe = tiny_pipe()
-    from fluxopt.api import apply_stack
+    from fluxopt.serving import apply_stack
 
     compiled = apply_stack(pipe, {"bnb_nf4": {}, "compile": {"regional": True, "cache": False}},
                            height=64, width=64, steps=STEPS)

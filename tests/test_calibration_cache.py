@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fluxopt import Shapes, StackContext
-from fluxopt.api import load_model
+from fluxopt.serving import load_model
 from fluxopt.environment import detect_device
 from fluxopt.snapshot import PipelineSnapshot
 from fluxopt.stack import build_stack

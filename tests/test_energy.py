@@ -9,7 +9,7 @@ import pytest
 
 from _records import run, stack
 from fluxopt.energy import EnergyMeter, spent
-from fluxopt.measure import Generator, measure
+from fluxopt.measure import PipelineCaller, measure
 from fluxopt.record import Energy, UnreadableRecord, read_record, write_record
 from fluxopt.report.tables import stack_row
 from fluxopt.shapes import Shapes
@@ -32,7 +32,7 @@ def test_no_gpu_means_no_energy_and_nothing_else_changes(tiny_pipe):
 
     meter = EnergyMeter(None)
     assert not meter.available and meter.read() is None and spent(None, 1.0) is None
-    gen = Generator(tiny_pipe, Shapes(height=64, width=64, steps=2, guidance_scale=3.5, max_sequence_length=32),
+    gen = PipelineCaller(tiny_pipe, Shapes(height=64, width=64, steps=2, guidance_scale=3.5, max_sequence_length=32),
                     detect_device("cpu"))
     m = measure(gen, ["a cat"], 0, warmup=0, iterations=2, meter=meter)
     assert m.energy_j is None and m.warmup_energy_j is None and m.latency.n == 2
@@ -41,7 +41,7 @@ def test_no_gpu_means_no_energy_and_nothing_else_changes(tiny_pipe):
 def test_each_timed_generation_has_its_own_energy_sample(tiny_pipe):
     from fluxopt.environment import detect_device
 
-    gen = Generator(tiny_pipe, Shapes(height=64, width=64, steps=2, guidance_scale=3.5, max_sequence_length=32),
+    gen = PipelineCaller(tiny_pipe, Shapes(height=64, width=64, steps=2, guidance_scale=3.5, max_sequence_length=32),
                     detect_device("cpu"))
     m = measure(gen, ["a cat"], 0, warmup=1, iterations=3, meter=FakeMeter())
     assert m.energy_j == [50.0, 50.0, 50.0]  # one reading before and one after each timed call

@@ -117,7 +117,7 @@ def test_one_step_generations_do_not_pile_up_histories():
 
 @pytest.fixture
 def fresh_tiny():
-    from fluxopt.api import load_model
+    from fluxopt.serving import load_model
 
     return load_model("tiny", device="cpu")
 

@@ -13,7 +13,7 @@ from fluxopt import Shapes
 from fluxopt.environment import detect_device
 from fluxopt.zoo.flux_mini import dataset
 from fluxopt_plugins.flux_mini import WEIGHTS_DIR
-from fluxopt.measure import Generator
+from fluxopt.measure import PipelineCaller
 
 REFERENCE = Path(__file__).parent / "data" / "flux-mini-reference.png"
 REFERENCE_PROMPT = "a large red circle in the center on a white background"
@@ -22,7 +22,7 @@ SHAPES = Shapes(height=128, width=128, steps=28, guidance_scale=3.5, max_sequenc
 
 @pytest.fixture(scope="module")
 def mini_pipe(monkeypatch_module):
-    from fluxopt.api import load_model
+    from fluxopt.serving import load_model
 
     monkeypatch_module.setenv("HF_HUB_OFFLINE", "1")  # the shipped weights need no network
     return load_model("flux-mini", device="cpu")  # float32 on CPU
@@ -61,7 +61,7 @@ def test_shipped_pipeline_is_flux(mini_pipe):
 
 
 def test_generation_matches_reference_and_caption(mini_pipe):
-    image = Generator(mini_pipe, SHAPES, detect_device("cpu"))(REFERENCE_PROMPT, seed=0)[0].image
+    image = PipelineCaller(mini_pipe, SHAPES, detect_device("cpu"))(REFERENCE_PROMPT, seed=0)[0].image
     reference = np.asarray(Image.open(REFERENCE), dtype=np.float32) / 255.0
     diff = np.abs(image - reference)
     # Tolerance: the reference is the float32 CPU output stored as 8-bit PNG (rounding <= 0.5/255
@@ -75,7 +75,7 @@ def test_generation_matches_reference_and_caption(mini_pipe):
 
 
 def test_captions_condition_the_output(mini_pipe):
-    gen = Generator(mini_pipe, Shapes(128, 128, 12, 3.5, 32), detect_device("cpu"))
+    gen = PipelineCaller(mini_pipe, Shapes(128, 128, 12, 3.5, 32), detect_device("cpu"))
     prompt = "black background, small blue triangle in the top left"
     image = gen(prompt, seed=1)[0].image
     assert dataset.detect(image)["colour"] == "blue"

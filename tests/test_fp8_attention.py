@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fluxopt.api import apply_stack, load_model
+from fluxopt.serving import apply_stack, load_model
 from fluxopt.environment import detect_device
 from fluxopt.errors import ConfigError
 from fluxopt.stack import build_stack

@@ -15,7 +15,7 @@ from fluxopt import Sample, plugins
 from fluxopt.environment import detect_device
 from fluxopt.fidelity import evaluate
 from fluxopt_plugins.image_metrics import latent_rel_l2, psnr, ssim
-from fluxopt.measure import Generator, LatencyStats
+from fluxopt.measure import PipelineCaller, LatencyStats
 from fluxopt.shapes import Shapes
 
 
@@ -33,7 +33,7 @@ def test_latency_statistics_are_exact():
 
 def test_a_generation_uses_the_requested_shapes_and_records_prompt_and_seed(tiny_pipe):
     shapes = Shapes(height=64, width=32, steps=3, guidance_scale=3.5, max_sequence_length=32)
-    sample, total, per_step = Generator(tiny_pipe, shapes, detect_device("cpu"))("a square", 7)
+    sample, total, per_step = PipelineCaller(tiny_pipe, shapes, detect_device("cpu"))("a square", 7)
     assert sample.image.shape == (64, 32, 3) and sample.image.dtype == np.float32
     assert sample.prompt == "a square" and sample.seed == 7
     assert sample.latents.shape[1] == (64 // 16) * (32 // 16)  # packed latent tokens at these shapes

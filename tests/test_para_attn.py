@@ -16,7 +16,7 @@ STEPS = 16
 
 @pytest.fixture
 def mini():
-    from fluxopt.api import load_model
+    from fluxopt.serving import load_model
 
     return load_model("flux-mini", device="cpu")
 

@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fluxopt.api import load_model
+from fluxopt.serving import load_model
 from fluxopt_plugins import fp8_attention
 from fluxopt_plugins._fp8_attention_kernels import FP8, quantize_per_tensor
 from fluxopt_plugins._rms_norm_rope_fp8 import rms_norm_rope_fp8

@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fluxopt.api import apply_stack, load_model
+from fluxopt.serving import apply_stack, load_model
 from fluxopt_plugins._sigmoid_gelu import SigmoidGelu, sigmoid_gelu, use_sigmoid_gelu
 
 

@@ -8,14 +8,14 @@ from diffusers import FluxPipeline
 
 from fluxopt import Shapes
 from fluxopt.environment import detect_device
-from fluxopt.measure import Generator
+from fluxopt.measure import PipelineCaller
 from fluxopt.zoo.tiny import build_tiny_pipeline
 
 SHAPES = Shapes(height=64, width=64, steps=3, guidance_scale=3.5, max_sequence_length=64)
 
 
 def _generate(pipe) -> np.ndarray:
-    sample, _, _ = Generator(pipe, SHAPES, detect_device("cpu"))("a red circle", seed=7)
+    sample, _, _ = PipelineCaller(pipe, SHAPES, detect_device("cpu"))("a red circle", seed=7)
     return sample.image
 
 
@@ -42,7 +42,7 @@ def test_tiny_weights_depend_only_on_seed():
 
 
 def test_same_seed_same_image_different_prompt_different_image(tiny_pipe):
-    gen = Generator(tiny_pipe, SHAPES, detect_device("cpu"))
+    gen = PipelineCaller(tiny_pipe, SHAPES, detect_device("cpu"))
     x1 = gen("a red circle", seed=3)[0].image
     x2 = gen("a red circle", seed=3)[0].image
     y = gen("a blue square", seed=3)[0].image

@@ -12,7 +12,7 @@ import torch
 
 from fluxopt import Sample, plugins
 from fluxopt.fidelity import evaluate
-from fluxopt.measure import Generator, LatencyStats, measure
+from fluxopt.measure import PipelineCaller, LatencyStats, measure
 
 LOSSLESS = {"psnr": 30.0, "ssim": 0.95, "latent_rel_l2": 0.05}
 LOSSY = {"psnr": 20.0, "ssim": 0.75, "latent_rel_l2": 0.25}
@@ -92,7 +92,7 @@ def test_timing_measures_an_injected_delay():
     device = detect_device("cpu")
 
     def run(warmup: int):
-        return measure(Generator(tiny_pipe, shapes, device), ["a circle"], 0, warmup=warmup, iterations=3)
+        return measure(PipelineCaller(tiny_pipe, shapes, device), ["a circle"], 0, warmup=warmup, iterations=3)
 
     before = run(warmup=1)
     transformer = tiny_pipe.transformer
@@ -160,7 +160,7 @@ def test_a_backend_that_changes_the_step_count_is_measured(tiny_pipe):
             return self.pipe(**{**kwargs, "num_inference_steps": 2})
 
     shapes = Shapes(height=64, width=64, steps=4, guidance_scale=3.5, max_sequence_length=64)
-    sample, total, per_step = Generator(FewerSteps(tiny_pipe), shapes, detect_device("cpu"))("a circle", 0)
+    sample, total, per_step = PipelineCaller(FewerSteps(tiny_pipe), shapes, detect_device("cpu"))("a circle", 0)
     assert sample.latents.shape[0] == 1 and total > 0 and per_step is not None
 
 

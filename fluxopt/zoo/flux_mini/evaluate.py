@@ -33,7 +33,7 @@ THRESHOLDS = (0.05, 0.08, 0.1, 0.12, 0.15, 0.2)
 
 def load(path: str | Path | None = None, device: str = "cpu", dtype: torch.dtype = torch.float32):
     """The shipped flux-mini (verified against its checksums), or the checkpoint at ``path``."""
-    from fluxopt.api import load_model
+    from fluxopt.serving import load_model
 
     pipe = load_model("flux-mini", device=device, dtype=str(dtype).removeprefix("torch."),
                       path=str(path) if path else None)

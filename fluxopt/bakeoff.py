@@ -18,7 +18,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from fluxopt.api import pipeline_device
+from fluxopt.serving import pipeline_device
 from fluxopt.apply import check_pipeline
 from fluxopt.config import run_config, run_id
 from fluxopt.errors import ConfigError
