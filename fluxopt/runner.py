@@ -299,7 +299,8 @@ class Run:
                 result.status, result.reason = Status.FAILED.value, f"fidelity: {result.fidelity['reason']}"
                 result.phase = Phase.FIDELITY.value
         finally:
-            signal.setitimer(signal.ITIMER_REAL, 0) if threading.current_thread() is threading.main_thread() else None
+            if threading.current_thread() is threading.main_thread():
+                signal.setitimer(signal.ITIMER_REAL, 0)  # the budget never cuts the undo short
             applied.close()  # process-wide state back to what it was before this stack (never cut short)
 
     def _measured(self, label: str, record: StackRecord, pipe: Any, gen: PipelineCaller, stats: dict[str, Any]) -> None:
