@@ -5,6 +5,9 @@
 #       python -m fluxopt ARGS with hydra.run.dir=/tmp/res/NAME, stopped after LIMIT_S (SIGTERM:
 #       result.json stays valid, marked interrupted); NAME's result.json, report.md, console output
 #       and log are copied to $OUT/NAME/. Publish it here with `fluxopt-report publish`.
+#   bash benchmarks/device.sh cache (export FILE | import FILE | ls ...)
+#       fluxopt-cache on the machine's cache (an export written under $OUT comes back; a carried
+#       export is imported on a fresh machine to show a warm build there).
 #   bash benchmarks/device.sh tests [pytest arguments...]
 #       the GPU-marked tests ($OUT/gpu-tests.log).
 #   bash benchmarks/device.sh background WAIT_S (run ... | tests ...)
@@ -46,6 +49,11 @@ case ${1:-} in
     collect
     echo "$name: exit $rc"
     exit "$rc" ;;
+  cache)
+    shift
+    setup > /dev/null || exit 1
+    python3 -m fluxopt.cli.cache "$@"
+    exit $? ;;
   tests)
     shift
     setup || exit 1
@@ -68,5 +76,5 @@ case ${1:-} in
     if kill -0 "$pid" 2>/dev/null; then echo "still running"; exit 3; fi
     echo "finished"; exit 0 ;;
   *)
-    sed -n 2,16p "$0"; exit 2 ;;
+    sed -n 2,19p "$0"; exit 2 ;;
 esac

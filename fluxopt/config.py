@@ -216,10 +216,20 @@ class RunConfig:
     # Plugins whose event hooks this run skips, by registered name (fluxopt.report: no report.md or
     # console table; fluxopt.profile: no profiling; a third-party event writer by its entry point)
     disabled_plugins: list[str] = field(default_factory=list)
+    # The results store every finished run is added to (fluxopt-report compare / history): a SQLite
+    # file path; None: $FLUXOPT_STORE, else fluxopt.sqlite in the working directory; off: none.
+    store: Optional[str] = None
+    label: Optional[str] = None  # a name for this run in the store (``fluxopt-report compare LABEL ...``)
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
             raise ConfigError(f"device={self.device!r} is not one of {', '.join(DEVICES)}")
+        for name in ("store", "label"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise ConfigError(f"{name}={value!r} is not a non-empty string ({'a file path or off' if name == 'store' else 'a name'})")
+        if self.store is not None and Path(self.store).expanduser().is_dir():
+            raise ConfigError(f"store={self.store} is a directory; give a file path for the SQLite store, or store=off")
         if self.stacks is not None:
             if self.backend:
                 raise ConfigError("stacks= and +backend= both choose what is measured; use one (a single stack is "

@@ -25,7 +25,7 @@ ENTRY_POINT_GROUP = "fluxopt"
 
 # fluxopt's own rings, registered first (each a subpackage that the kernel names only here, by
 # string: the kernel never imports a ring).
-CORE_PLUGINS = ("fluxopt.zoo", "fluxopt.report", "fluxopt.profile", "fluxopt.scale")
+CORE_PLUGINS = ("fluxopt.zoo", "fluxopt.report", "fluxopt.profile", "fluxopt.scale", "fluxopt.history")
 
 
 # Where the built-in plugins live (``fluxopt_plugins/`` in the source tree). Imported by name: the core

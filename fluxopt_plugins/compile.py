@@ -18,13 +18,25 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
-from fluxopt import (INDUCTOR, RECIPE_INDUCTOR_FLAGS, Backend, ConfigError, CudaGraphRunner, StackContext, Stage,
-                     TransformerForward, hookimpl, keep_eager_timestep_rounding, module_fingerprint, private_dir, validate_inductor_flags)
-
+from fluxopt import (
+    INDUCTOR,
+    RECIPE_INDUCTOR_FLAGS,
+    Backend,
+    ConfigError,
+    CudaGraphRunner,
+    StackContext,
+    Stage,
+    TransformerForward,
+    hookimpl,
+    keep_eager_timestep_rounding,
+    module_fingerprint,
+    private_dir,
+    validate_inductor_flags,
+)
 
 MEGA_CACHE = "mega_cache.bin"
 BREAKDOWN_ENTRIES = 10  # compile-time breakdown: this many slowest compiler phases go into stats
@@ -37,8 +49,8 @@ class CompileOptions:
     mode: str = "default"  # one of MODES
     # Fail on graph breaks instead of silently slicing the graph. None (auto): True, except with a
     # step cache inside the transformer, whose per-step skip decision is a data-dependent branch.
-    fullgraph: Optional[bool] = None
-    dynamic: Optional[bool] = None  # True avoids recompiles when the resolution changes
+    fullgraph: bool | None = None
+    dynamic: bool | None = None  # True avoids recompiles when the resolution changes
     backend: str = "inductor"
     compile_vae: bool = False  # also compile vae.decode
     tuning_flags: bool = False  # the recipe's Inductor flags (slower compile, a bit faster kernels)
@@ -128,13 +140,13 @@ class CompileBackend(Backend):
             ctx.set_attr("compile: the transformer replayed from CUDA graphs", transformer, "_compiled_call_impl",
                          TransformerForward(run, fallback=original, what="compile cuda_graphs"))
             ctx.callback("compile: free the CUDA graphs", run.release)
-            with ctx.timed("cuda_graph_capture"):
+            with compile_breakdown(ctx, "cuda_graph_capture"), ctx.timed("cuda_graph_capture"):
                 ctx.run_once()
             ctx.stats.setdefault("compile", {})["cuda_graphs"] = len(run.graphs)
 
     def _compile(self, pipe: Any, options: CompileOptions, ctx: StackContext) -> None:
         if not options.cache:
-            with compile_breakdown(ctx), ctx.timed("compile"):
+            with compile_breakdown(ctx, "compile"), ctx.timed("compile"):
                 ctx.run_once()
             return
         from torch._dynamo.utils import counters
@@ -149,7 +161,7 @@ class CompileBackend(Backend):
                 torch.compiler.load_cache_artifacts((entry / MEGA_CACHE).read_bytes())
             info["loaded"] = True
         before = {k: counters["inductor"][k] for k in ("fxgraph_cache_hit", "fxgraph_cache_miss")}
-        with compile_breakdown(ctx), ctx.timed("compile"):
+        with compile_breakdown(ctx, "compile"), ctx.timed("compile"):
             ctx.run_once()
         hits = counters["inductor"]["fxgraph_cache_hit"] - before["fxgraph_cache_hit"]
         misses = counters["inductor"]["fxgraph_cache_miss"] - before["fxgraph_cache_miss"]
@@ -178,18 +190,30 @@ def _compile_times() -> dict[str, float]:
 
 
 @contextlib.contextmanager
-def compile_breakdown(ctx: StackContext) -> Iterator[None]:
-    """Record where compilation spent its time (Dynamo's per-phase timers, e.g. Inductor lowering,
-    Triton compilation, autotuning) as ``stats["compile"]["breakdown_s"]``: the slowest phases,
-    which tell a slow build's cause without a profiler. The timers nest, so entries overlap."""
-    before = _compile_times()
+def compile_breakdown(ctx: StackContext, phase: str) -> Iterator[None]:
+    """Record what the compiler did during a build phase, in ``stats["compile"]``: where the time
+    went (Dynamo's per-phase timers, e.g. Inductor lowering, Triton compilation, autotuning; the
+    slowest entries, which nest and so overlap) as ``breakdown_s`` for the compile phase and
+    ``<phase>_breakdown_s`` for another, and in ``compiler_work[phase]`` how many frames Dynamo
+    compiled and how many coordinate-descent benchmarks Inductor ran. A phase other than
+    ``compile`` that compiles or tunes is a recompilation or a tuning that was not cached: the
+    usual cause of a slow CUDA graph capture or of a warm build that is not warm."""
+    from torch._dynamo.utils import counters
+
+    def work() -> dict[str, int]:
+        return {"frames_compiled": int(counters["frames"]["ok"]),
+                "coordesc_benchmarks": int(counters["inductor"]["coordesc_tuning_bench"])}
+
+    before, before_work = _compile_times(), work()
     try:
         yield
     finally:
-        after = _compile_times()
+        after, after_work = _compile_times(), work()
         spent = {name: after[name] - before.get(name, 0.0) for name in after}
         slowest = sorted(((t, n) for n, t in spent.items() if t > 0.01), reverse=True)[:BREAKDOWN_ENTRIES]
-        ctx.stats.setdefault("compile", {})["breakdown_s"] = {n: round(t, 2) for t, n in slowest}
+        stats = ctx.stats.setdefault("compile", {})
+        stats["breakdown_s" if phase == "compile" else f"{phase}_breakdown_s"] = {n: round(t, 2) for t, n in slowest}
+        stats.setdefault("compiler_work", {})[phase] = {k: after_work[k] - before_work[k] for k in after_work}
 
 
 @hookimpl

@@ -37,6 +37,15 @@ def fluxopt_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def fluxopt_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Runs of the suite (and of its CLI subprocesses) go to a results store of the session's own,
+    never to fluxopt.sqlite in the checkout. Tests of the store make their own."""
+    path = tmp_path_factory.getbasetemp() / "fluxopt.sqlite"
+    os.environ["FLUXOPT_STORE"] = str(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_pipe():
     """The embedded tiny model, loaded once (tests that mutate it must load their own)."""

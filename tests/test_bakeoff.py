@@ -72,7 +72,7 @@ def test_report_regenerates_summary_from_result_files_alone(fault_sweep, tmp_pat
     before = json.loads((sweep / "summary.json").read_text())
     for name in ("summary.md", "summary.csv", "summary.json", "grid.png", "speedup_vs_fidelity.png"):
         (sweep / name).unlink()
-    proc = subprocess.run([sys.executable, "-m", "fluxopt.report.cli", str(sweep)], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "fluxopt.cli.report", str(sweep)], capture_output=True, text=True)
     assert proc.returncode == 1, proc.stderr  # the sweep's injected faults: the same negative verdict as the sweep's
     after = json.loads((sweep / "summary.json").read_text())
     assert after["rows"] == before["rows"] and after["failures"] == before["failures"] and before["failures"]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import fluxopt
-from fluxopt.report import cli as report_cli
+from fluxopt.cli import report as report_cli
 from fluxopt.errors import ConfigError
 from fluxopt.record import read_record, write_record
 import _records as records

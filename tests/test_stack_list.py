@@ -50,7 +50,7 @@ def test_the_page_ends_with_the_command_that_produced_it(listed_run):
 def test_publish_copies_the_record_and_renders_its_page_once(listed_run, tmp_path):
     _, run_dir, _ = listed_run
     dest = tmp_path / "docs" / "2026-12-02-cpu-list"
-    report = [sys.executable, "-m", "fluxopt.report.cli", "publish", str(run_dir), str(dest)]
+    report = [sys.executable, "-m", "fluxopt.cli.report", "publish", str(run_dir), str(dest)]
     proc = subprocess.run(report, capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
     assert (dest / "result.json").read_bytes() == (run_dir / "result.json").read_bytes()
@@ -66,7 +66,7 @@ def test_an_edited_record_is_not_published(listed_run, tmp_path):
     data = json.loads((run_dir / "result.json").read_text())
     data["stacks"][0]["speedup"] = 9.9
     (edited / "result.json").write_text(json.dumps(data))
-    proc = subprocess.run([sys.executable, "-m", "fluxopt.report.cli", "publish", str(edited), str(tmp_path / "out")],
+    proc = subprocess.run([sys.executable, "-m", "fluxopt.cli.report", "publish", str(edited), str(tmp_path / "out")],
                           capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 2 and "was edited" in proc.stderr and not (tmp_path / "out").exists()
 

@@ -36,15 +36,21 @@ from omegaconf.errors import OmegaConfBaseException
 
 from fluxopt import plugins, sweep
 from fluxopt.cli import console
-from fluxopt.scale import detach, launchers, search, torchrun
-
 from fluxopt.config import RunConfig, recorded_config, register_configs, run_config
 from fluxopt.environment import INVOCATION_ENV, in_torchrun, rank, writes_results
 from fluxopt.errors import ConfigError, ExitStatus, FluxoptError, UnavailableError
 from fluxopt.files import move_aside, write_text_atomic
 from fluxopt.plan import RunPlan, check_runnable, check_writable_dir, plan_run
-from fluxopt.record import RESULT_FILE, RunRecord, Status, UnreadableRecord, read_record, write_record
+from fluxopt.record import (
+    RESULT_FILE,
+    RunRecord,
+    Status,
+    UnreadableRecord,
+    read_record,
+    write_record,
+)
 from fluxopt.runner import Run, can_resume, can_reuse, job_record
+from fluxopt.scale import detach, launchers, search, torchrun
 from fluxopt.stack import build_stack, describe_options, lookup_backend
 
 log = logging.getLogger("fluxopt")

@@ -5,6 +5,9 @@
     fluxopt-cache prune [--older-than DAYS] [--dry-run] [--keep-other-devices]
                                               remove corrupt/incomplete entries, entries for other
                                               package versions, runtimes or GPUs, and old entries
+    fluxopt-cache export FILE [--kind KIND]...  every verified entry usable here, as one archive
+    fluxopt-cache import FILE                 verify an export's entries and add them (warm builds
+                                              on a fresh machine of the same GPU and versions)
 
 The cache directory is ``--cache-dir``, else ``$FLUXOPT_CACHE_DIR``, else ``~/.cache/fluxopt``.
 Also ``python -m fluxopt.cli.cache``.
@@ -13,15 +16,28 @@ Also ``python -m fluxopt.cli.cache``.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
+import os
+import shutil
 import sys
+import tarfile
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from fluxopt.artifacts import ArtifactCache, EntryInfo, default_cache_dir
+from fluxopt.artifacts import (
+    ARTIFACTS,
+    INDUCTOR,
+    ArtifactCache,
+    EntryInfo,
+    default_cache_dir,
+    environment_key,
+)
 from fluxopt.errors import OneLineParser
+from fluxopt.files import private_dir, write_atomic
 
 
 def human_size(n: int) -> str:
@@ -133,6 +149,117 @@ def cmd_prune(cache: ArtifactCache, args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- export / import
+EXPORT_MANIFEST = "fluxopt-cache-export.json"
+EXPORT_FORMAT = 1
+
+
+def _exportable(cache: ArtifactCache, kinds: Sequence[str], device) -> tuple[list[EntryInfo], list[str]]:
+    """Valid entries usable on this machine (of ``kinds`` when given), and why others are left out."""
+    chosen, left = [], []
+    for e in cache.entries():
+        if e.kind == INDUCTOR or (kinds and e.kind not in kinds):
+            continue
+        if e.status != "valid":
+            left.append(f"{e.kind}/{e.id}: {e.status} ({e.reason})")
+            continue
+        stale = e.stale_for(device)
+        if stale:
+            left.append(f"{e.kind}/{e.id}: {stale}")
+            continue
+        chosen.append(e)
+    return chosen, left
+
+
+def cmd_export(cache: ArtifactCache, args: argparse.Namespace) -> int:
+    """One archive of every verified entry this machine can use (compiled graphs' portable caches,
+    calibrations, packages, engines), with the environment it was built in, written atomically."""
+    device = _detect_device()
+    if args.file.exists():
+        print(f"fluxopt-cache export: {args.file} exists; an export never overwrites a file, choose a new name",
+              file=sys.stderr)
+        return 2
+    entries, left = _exportable(cache, args.kind, device)
+    if not entries:
+        print(f"fluxopt-cache export: no valid entry to export in {cache.root}"
+              + (f" of kind {', '.join(args.kind)}" if args.kind else ""), file=sys.stderr)
+        return 1
+    manifest = {"format": EXPORT_FORMAT, "environment": environment_key(device),
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "entries": [{"kind": e.kind, "id": e.id, "summary": e.summary, "size_bytes": e.size_bytes}
+                            for e in entries]}
+
+    def write(handle) -> None:
+        with tarfile.open(fileobj=handle, mode="w:gz", compresslevel=1) as tar:
+            data = json.dumps(manifest, indent=2, default=str).encode()
+            info = tarfile.TarInfo(EXPORT_MANIFEST)
+            info.size, info.mtime = len(data), int(time.time())
+            tar.addfile(info, io.BytesIO(data))
+            for e in entries:
+                tar.add(e.path, arcname=f"{ARTIFACTS}/{e.kind}/{e.id}")
+
+    write_atomic(args.file, write)
+    for why in left:
+        print(f"not exported: {why}")
+    total = sum(e.size_bytes for e in entries)
+    print(f"exported {len(entries)} entries ({human_size(total)}) to {args.file} "
+          f"({human_size(args.file.stat().st_size)}); on another machine: fluxopt-cache import {args.file.name}")
+    return 0
+
+
+def cmd_import(cache: ArtifactCache, args: argparse.Namespace) -> int:
+    """Unpack an export into a private staging directory inside the cache, verify every entry
+    (manifest, key, checksums, and that it was built for this GPU and these package versions), and
+    move each valid one into place; nothing unverified ever lands where a build would load it."""
+    device = _detect_device()
+    if not args.file.is_file():
+        print(f"fluxopt-cache import: {args.file}: no such file", file=sys.stderr)
+        return 2
+    staging = Path(tempfile.mkdtemp(prefix=".import-", dir=private_dir(cache.root)))
+    try:
+        try:
+            with tarfile.open(args.file, mode="r:*") as tar:
+                names = tar.getnames()
+                if EXPORT_MANIFEST not in names:
+                    print(f"fluxopt-cache import: {args.file} is not a fluxopt-cache export (no {EXPORT_MANIFEST})",
+                          file=sys.stderr)
+                    return 2
+                tar.extractall(staging, filter="data")
+        except (tarfile.TarError, OSError, EOFError) as exc:
+            print(f"fluxopt-cache import: {args.file} cannot be read: {exc}", file=sys.stderr)
+            return 2
+        manifest = json.loads((staging / EXPORT_MANIFEST).read_text())
+        if manifest.get("format") != EXPORT_FORMAT:
+            print(f"fluxopt-cache import: {args.file} has export format {manifest.get('format')!r}; this "
+                  f"fluxopt reads {EXPORT_FORMAT}", file=sys.stderr)
+            return 2
+        staged = ArtifactCache(staging)
+        imported = present = rejected = 0
+        for e in staged.entries():
+            stale = e.stale_for(device) if e.status == "valid" else None
+            if e.status != "valid" or stale:
+                print(f"rejected {e.kind}/{e.id}: {stale or f'{e.status} ({e.reason})'}")
+                rejected += 1
+                continue
+            target = private_dir(private_dir(cache.artifacts_dir) / e.kind) / e.id
+            if cache.verify(target).valid:
+                present += 1
+                continue
+            if target.exists():
+                cache.remove(target)
+            os.replace(e.path, target)
+            if not cache.verify(target).valid:  # moved across a boundary it should not have: never keep it
+                cache.remove(target)
+                print(f"rejected {e.kind}/{e.id}: did not verify after the move")
+                rejected += 1
+                continue
+            imported += 1
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    print(f"imported {imported} entries into {cache.root} ({present} already there, {rejected} rejected)")
+    return 1 if rejected else 0
+
+
 def _days(text: str) -> float:
     """``--older-than``: a finite number of days >= 0 (a negative or infinite age would remove everything)."""
     try:
@@ -171,14 +298,24 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--keep-other-devices", action="store_true",
                        help="keep entries built for other GPUs/CPUs (a cache shared by several machines)")
     prune.add_argument("--dry-run", action="store_true", help="only say what would be removed")
+    export = sub.add_parser("export", help="write every verified entry usable here into one archive")
+    export.add_argument("file", type=Path, help="the archive to write (.tar.gz); must not exist")
+    export.add_argument("--kind", action="append", default=[], help="only entries of this kind (repeatable)")
+    imp = sub.add_parser("import", help="verify an export's entries and add them to the cache")
+    imp.add_argument("file", type=Path, help="an archive written by 'fluxopt-cache export'")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "import":  # an import may fill a cache directory that does not exist yet
+        root = args.cache_dir.expanduser() if args.cache_dir else default_cache_dir()
+        if root.exists() and not root.is_dir():
+            parser.exit(2, f"fluxopt-cache: error: the cache directory {root} is not a directory\n")
+        return cmd_import(ArtifactCache(private_dir(root)), args)
     cache = _cache(parser, args)
-    return {"ls": cmd_ls, "rm": cmd_rm, "prune": cmd_prune}[args.command](cache, args)
+    return {"ls": cmd_ls, "rm": cmd_rm, "prune": cmd_prune, "export": cmd_export}[args.command](cache, args)
 
 
 if __name__ == "__main__":

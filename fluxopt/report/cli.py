@@ -3,6 +3,9 @@ result files. ``--best`` picks the fastest stack that passed its fidelity gate a
 given (``--min-psnr``, ``--max-memory-gib``) and prints the command line and the Python call
 that reproduce it.
 
+``fluxopt-report html DIR``: the self-contained HTML page of a run (report.html) or a sweep
+(summary.html), rebuilt from the records.
+
 ``fluxopt-report publish RUN_DIR DEST``: a run's record and its page (report.md, ending with the
 command that produced it) copied into DEST (e.g. ``docs/results/<date>-<gpu>-<what>``), after the
 record was read through fluxopt's reader: an edited or unreadable record is never published."""
@@ -12,14 +15,14 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-
-from fluxopt.errors import ConfigError, ExitStatus, FluxoptError, OneLineParser
+from fluxopt.errors import ConfigError, ExitStatus, OneLineParser
 from fluxopt.files import write_bytes_atomic, write_text_atomic
 from fluxopt.record import RESULT_FILE, read_record
+from fluxopt.report.html import write_html
+from fluxopt.report.summary import write_summary
 from fluxopt.report.tables import render_run_markdown
 from fluxopt.selection import Limits, best
 from fluxopt.stack import option_defaults
-from fluxopt.report.summary import write_summary
 from fluxopt.sweep import collect
 
 
@@ -65,17 +68,20 @@ def publish(run_dir: Path, dest: Path) -> Path:
     return dest
 
 
-def main(argv: list[str] | None = None) -> None:
-    """``fluxopt-report``; fluxopt's own errors (a broken installed plugin...) are one line."""
-    try:
-        _main(argv)
-    except FluxoptError as exc:
-        print(f"fluxopt-report: error: {' '.join(str(exc).split())}", file=sys.stderr)
-        sys.exit(exc.exit_status)
-
-
-def _main(argv: list[str] | None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
+def run(argv: list[str]) -> None:
+    """The report ring's subcommands (the summary, ``publish``, ``html``); exits with the verdict."""
+    if argv[:1] == ["html"]:
+        parser = OneLineParser(prog="fluxopt-report html", description=write_html.__doc__)
+        parser.add_argument("directory", type=Path, help="a run's or a sweep's output directory")
+        args = parser.parse_args(argv[1:])
+        if not args.directory.is_dir():
+            parser.error(f"directory={args.directory} is not a directory")
+        found = collect(args.directory)
+        if not found.records:
+            parser.error(f"directory={args.directory} holds no readable result.json"
+                         + (f" ({found.unusable[0]})" if found.unusable else ""))
+        print(f"wrote {write_html(args.directory, found)}")
+        return
     if argv[:1] == ["publish"]:
         parser = OneLineParser(prog="fluxopt-report publish", description=publish.__doc__)
         parser.add_argument("run_dir", type=Path, help="a run's output directory (holding result.json)")
@@ -112,6 +118,3 @@ def _main(argv: list[str] | None) -> None:
             print(f"fluxopt-report: {why}", file=sys.stderr)
         sys.exit(ExitStatus.STACK_FAILED)
 
-
-if __name__ == "__main__":
-    main()

@@ -14,8 +14,17 @@ from typing import Any
 from fluxopt.files import save_figure_atomic, write_json_atomic, write_text_atomic
 from fluxopt.hookspecs import hookimpl
 from fluxopt.record import RunRecord, StackRecord, within_noise
-from fluxopt.report.tables import (environment_lines, fidelity_note, markdown_table, not_run, not_run_reason,
-                                   search_lines, speedup_text, stack_row)
+from fluxopt.report.html import write_html
+from fluxopt.report.tables import (
+    environment_lines,
+    fidelity_note,
+    markdown_table,
+    not_run,
+    not_run_reason,
+    search_lines,
+    speedup_text,
+    stack_row,
+)
 from fluxopt.sweep import Collected, Verdict, collect, read_search, run_name, verdict_of
 
 SUMMARY_COLUMNS = ("stack", "status", "latency (s)", "per step (ms)", "speedup", "build (s)", "warm start",
@@ -154,6 +163,7 @@ def write_summary(root: Path) -> dict[str, Any]:
     write_text_atomic(root / "summary.csv", buffer.getvalue())
     _plot(found.records, root / "speedup_vs_fidelity.png")
     _grid(found.records, root / "grid.png")
+    write_html(root, found)
     write_text_atomic(root / "summary.md", markdown)
     return summary
 
@@ -213,4 +223,5 @@ def _markdown(found: Collected, rows: list[dict[str, str]], spread: dict[str, di
 @hookimpl
 def fluxopt_sweep_finished(sweep_dir: str) -> None:
     summary = write_summary(Path(sweep_dir))
-    print(f"fluxopt: sweep summary of {summary['runs']} run(s): {Path(sweep_dir) / 'summary.md'}")
+    print(f"fluxopt: sweep summary of {summary['runs']} run(s): {Path(sweep_dir) / 'summary.md'} "
+          f"(and summary.html)")

@@ -139,7 +139,7 @@ def test_the_table_is_large_enough():
 def test_report_of_a_missing_directory_names_it(tmp_path):
     import subprocess
 
-    proc = subprocess.run([sys.executable, "-m", "fluxopt.report.cli", str(tmp_path / "nope")], capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "fluxopt.cli.report", str(tmp_path / "nope")], capture_output=True,
                           text=True, env={**os.environ})
     assert proc.returncode == 2 and f"directory={tmp_path / 'nope'} is not a directory" in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -57,3 +57,60 @@ def test_a_file_where_the_cache_needs_a_directory_is_named_with_the_setting(tmp_
         local_model_dir(plugins.model("tiny"), tmp_path)
     assert f"has a file where a directory is needed: {tmp_path / where};" in str(info.value)
     assert "cache.dir" in str(info.value) and info.value.exit_status == 1
+
+
+# --------------------------------------------------------------------------- export / import
+def _entry(root, kind: str, payload: bytes, device_key: dict | None = None):
+    from fluxopt.artifacts import entry_key
+    from fluxopt.environment import detect_device
+
+    key = {**entry_key({"what": kind}, detect_device("cpu")), **(device_key or {})}
+    return ArtifactCache(root).get(kind, key, lambda tmp: (tmp / "blob.bin").write_bytes(payload)).path
+
+
+def test_an_export_imported_elsewhere_is_verified_and_loads(tmp_path, capsys):
+    source, target = tmp_path / "a", tmp_path / "b"
+    entry = _entry(source, "compile", b"compiled" * 1000)
+    _entry(source, "calibration", b"scales")
+    archive = tmp_path / "cache.tar.gz"
+    assert main(["--cache-dir", str(source), "export", str(archive)]) == 0
+    assert "exported 2 entries" in capsys.readouterr().out
+    assert main(["--cache-dir", str(source), "export", str(archive)]) == 2  # never overwrites
+    assert main(["--cache-dir", str(target), "import", str(archive)]) == 0
+    assert "imported 2 entries" in capsys.readouterr().out
+    moved = target / "artifacts" / "compile" / entry.name
+    assert ArtifactCache(target).verify(moved).valid and (moved / "blob.bin").read_bytes() == b"compiled" * 1000
+    assert main(["--cache-dir", str(target), "import", str(archive)]) == 0
+    assert "imported 0 entries into" in (again := capsys.readouterr().out) and "(2 already there, 0 rejected)" in again
+    assert not list(target.glob(".import-*"))  # the staging directory is gone
+
+
+def test_import_rejects_damaged_and_foreign_entries_and_what_is_no_export(tmp_path, capsys):
+    import io
+    import tarfile
+
+    source = tmp_path / "a"
+    _entry(source, "compile", b"good")
+    _entry(source, "other_gpu", b"x", {"device": {"name": "NVIDIA H200", "type": "cuda"}})
+    archive = tmp_path / "cache.tar.gz"
+    assert main(["--cache-dir", str(source), "export", str(archive)]) == 0
+    assert "not exported: other_gpu/" in capsys.readouterr().out  # built for another device
+    # damage the payload inside the archive: the checksum no longer matches the manifest
+    damaged = tmp_path / "damaged.tar.gz"
+    with tarfile.open(archive) as src, tarfile.open(damaged, "w:gz") as dst:
+        for member in src.getmembers():
+            data = src.extractfile(member).read() if member.isfile() else None
+            if member.name.endswith("blob.bin"):
+                data = b"evil"
+                member.size = len(data)
+            dst.addfile(member, io.BytesIO(data) if data is not None else None)
+    target = tmp_path / "b"
+    assert main(["--cache-dir", str(target), "import", str(damaged)]) == 1
+    out = capsys.readouterr().out
+    assert "rejected compile/" in out and "checksum mismatch in blob.bin" in out
+    assert not (target / "artifacts" / "compile").exists() or not any((target / "artifacts" / "compile").iterdir())
+    plain = tmp_path / "plain.tar.gz"
+    with tarfile.open(plain, "w:gz") as tar:
+        tar.add(archive, arcname="something")
+    assert main(["--cache-dir", str(target), "import", str(plain)]) == 2
+    assert "is not a fluxopt-cache export" in capsys.readouterr().err

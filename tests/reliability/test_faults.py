@@ -131,7 +131,7 @@ def test_resume_skips_only_complete_passing_runs_of_the_same_measurement(tmp_pat
 def test_report_skips_a_result_of_the_wrong_shape(tmp_path):
     (tmp_path / "job").mkdir()
     (tmp_path / "job" / "result.json").write_text("[]")
-    proc = subprocess.run([sys.executable, "-m", "fluxopt.report.cli", str(tmp_path)], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "fluxopt.cli.report", str(tmp_path)], capture_output=True, text=True)
     assert proc.returncode == 1, proc.stderr  # a result that cannot be used makes the verdict incomplete
     assert "not used" in proc.stderr and "expected a JSON object" in proc.stderr
     path = str(tmp_path / "job" / "result.json")

@@ -45,7 +45,7 @@ MISSPELT = "from fluxopt import hookimpl\n\n@hookimpl\ndef fluxopt_backend():\n 
 @pytest.mark.parametrize(("source", "says", "command"), [
     (BROKEN, "the plugin 'broken_plugin' (broken_plugin) of fluxopt-broken 0.1 failed to import: ImportError: "
              "needs a package that is not installed", ["-m", "fluxopt", "bench.iterations=1"]),
-    (MISSPELT, "plugin fluxopt-broken 0.1: unknown hook 'fluxopt_backend'", ["-m", "fluxopt.report.cli", ".", "--best"]),
+    (MISSPELT, "plugin fluxopt-broken 0.1: unknown hook 'fluxopt_backend'", ["-m", "fluxopt.cli.report", ".", "--best"]),
 ], ids=["broken-cli", "misspelt-report"])
 def test_a_bad_installed_plugin_is_one_line_naming_it_and_exit_2(tmp_path, source, says, command):
     env = _installed_plugin(tmp_path, "fluxopt-broken", "broken_plugin", source)

@@ -62,7 +62,7 @@ def report(directory: Path, *args: str) -> subprocess.CompletedProcess:
     import contextlib
     import io
 
-    from fluxopt.report import cli as report_cli
+    from fluxopt.cli import report as report_cli
 
     out, err = io.StringIO(), io.StringIO()
     code = 0

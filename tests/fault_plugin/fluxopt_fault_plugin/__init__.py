@@ -144,6 +144,24 @@ class SlowSteps(Backend):
         ctx.callback("fault_slow: delay hook", handle.remove)
 
 
+STEP_SLEEP_ENV = "FLUXOPT_FAULT_STEP_SLEEP_S"
+
+
+class Sleepy(Backend):
+    """A stack whose speed is set by its environment, not its options: every transformer call sleeps
+    ``$FLUXOPT_FAULT_STEP_SLEEP_S`` seconds (default 0.03). Two runs with different values are the same
+    stack measured on a slower or faster "library", which is what ``fluxopt-report compare`` must tell."""
+
+    name = "fault_sleepy"
+    options_class = FaultOptions
+    stage = Stage.WEIGHTS
+
+    def apply(self, pipe: Any, options: FaultOptions, ctx: Any) -> None:
+        delay = float(os.environ.get(STEP_SLEEP_ENV, "0.03"))
+        handle = pipe.transformer.register_forward_pre_hook(lambda module, args: time.sleep(delay))
+        ctx.callback("fault_sleepy: delay hook", handle.remove)
+
+
 class NoisyBuild(Backend):
     """Correct, but its build prints to stdout and stderr the way Inductor's autotuning and Triton's
     benchmarking do (tables written straight to the streams, not through logging)."""
@@ -165,5 +183,5 @@ class NoisyBuild(Backend):
 @hookimpl
 def fluxopt_backends() -> list[Backend]:
     return [RaiseInApply(), RaiseInBuild(), NanOutput(), DegradedOutput(), OutOfMemory(), NeedsCuda(), KilledProcess(),
-            SlowSteps(), NoisyBuild()]
+            SlowSteps(), Sleepy(), NoisyBuild()]
 

@@ -1,0 +1,32 @@
+"""The history ring: runs over time. Every finished run's record is added to the results store
+(SQLite, the ``store`` setting), and ``fluxopt-report import | compare | history`` read it.
+
+A plugin on the documented hooks like any other: ``disabled_plugins=[fluxopt.history]`` (or
+``store=off``) adds nothing to the store.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from fluxopt.errors import FluxoptError
+from fluxopt.history.store import ResultsStore, store_path
+from fluxopt.hookspecs import hookimpl
+from fluxopt.record import RESULT_FILE, RunRecord
+
+
+@hookimpl
+def fluxopt_run_finished(result: RunRecord, output_dir: str) -> None:
+    """Add the run's record, as written, to the store. The record on disk is the run's output: a
+    store that cannot take it (locked past the timeout, a full disk) is one line, not a failed run."""
+    path = store_path(result.config.get("store"))
+    if path is None:
+        return
+    record_file = Path(output_dir) / RESULT_FILE
+    try:
+        with ResultsStore(path) as store:
+            store.add(result, record_file.read_text(), source=str(Path(output_dir).resolve()),
+                      label=result.config.get("label"))
+    except (FluxoptError, OSError, Exception) as exc:  # noqa: BLE001 - the run's verdict stands without the store
+        print(f"fluxopt: not added to the results store {path}: {type(exc).__name__}: {exc}", file=sys.stderr)

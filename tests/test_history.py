@@ -1,0 +1,305 @@
+"""The history ring: the results store (SQLite), ``fluxopt-report import | compare | history``.
+
+The statistics are checked on constructed samples (exact ratios of medians, interval bounds, the
+direction of A and B); the CLI end to end with the fault plugin's ``fault_sleepy`` backend, whose
+speed is set by an environment variable, as a slower library would change it."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import multiprocessing
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from _records import run, stack
+
+from fluxopt.errors import ConfigError
+from fluxopt.history import store as store_module
+from fluxopt.history.compare import (
+    Speed,
+    compare,
+    ratio_of_medians,
+    render_markdown,
+    speed_verdict,
+)
+from fluxopt.history.store import ResultsStore, find_records, run_identity
+from fluxopt.record import LatencyStats, read_record
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _timed(record, name: str, samples: list[float]):
+    """``record`` with stack ``name``'s latency samples replaced (speedup re-derived as the runner does)."""
+    from fluxopt.record import speedup_of
+
+    target = record.baseline if name == "baseline" else next(s for s in record.stacks if s.stack == name)
+    target.latency = LatencyStats.from_samples(samples)
+    for s in record.stacks:
+        if s.latency and record.baseline.latency:
+            d = speedup_of(record.baseline.latency, s.latency)
+            s.speedup, s.speedup_uncertainty, s.within_noise = d.value, d.uncertainty, d.within_noise
+    return record
+
+
+def _runs(stack_samples: list[float], *, psnr: float = 40.0, started: str = "2026-12-01T00:00:00", **fields):
+    record = run([stack("fp8_max", 2.0, psnr=psnr)], started=started, **fields)
+    record.provenance["invocation"] = started
+    return _timed(record, "fp8_max", stack_samples)
+
+
+# --------------------------------------------------------------------------- statistics
+def test_ratio_of_medians_is_b_over_a_and_uses_medians_not_means():
+    est = ratio_of_medians([1.0, 1.0, 1.0, 10.0], [2.0, 2.0, 2.0, 2.0])
+    assert est.ratio == 2.0  # the mean of A (3.25) would give 0.615
+    assert ratio_of_medians([2.0] * 4, [1.0, 1.0, 1.0, 10.0]).ratio == 0.5
+
+
+def test_the_interval_contains_the_ratio_and_narrows_with_confidence_and_samples():
+    a = [1.00, 1.02, 0.98, 1.01, 0.99, 1.03, 0.97]
+    b = [1.10, 1.12, 1.08, 1.11, 1.09, 1.13, 1.07]
+    est = ratio_of_medians(a, b)
+    assert est.low <= est.ratio <= est.high and est.low < est.high
+    assert 1.0 < est.low and est.high < 1.25
+    narrow = ratio_of_medians(a, b, confidence=0.5)
+    assert est.low < narrow.low <= narrow.high < est.high
+    same = ratio_of_medians(a, list(reversed(a)))
+    assert same.low < 1.0 < same.high
+    assert ratio_of_medians(a * 4, b * 4).high - ratio_of_medians(a * 4, b * 4).low < est.high - est.low
+
+
+def test_speed_verdict_needs_the_whole_interval_beyond_the_threshold():
+    a = [1.00, 1.01, 0.99, 1.00, 1.01]
+    slower_3 = [x * 1.03 for x in a]
+    slower_20 = [x * 1.20 for x in a]
+    assert speed_verdict(ratio_of_medians(a, slower_3), 0.05) == (Speed.SLOWER, False)
+    assert speed_verdict(ratio_of_medians(a, slower_20), 0.05) == (Speed.SLOWER, True)
+    assert speed_verdict(ratio_of_medians(slower_20, a), 0.05) == (Speed.FASTER, False)
+    assert speed_verdict(ratio_of_medians(a, a), 0.05) == (Speed.SAME, False)
+    # one sample on a side: no interval, the ratio against the threshold
+    assert speed_verdict(ratio_of_medians([1.0], [1.04]), 0.05) == (Speed.SAME, False)
+    assert speed_verdict(ratio_of_medians([1.0], [1.06]), 0.05) == (Speed.SLOWER, True)
+    assert speed_verdict(ratio_of_medians([1.06], [1.0]), 0.05) == (Speed.FASTER, False)
+
+
+def test_compare_names_a_slower_stack_and_not_the_faster_direction():
+    ref = _runs([0.50, 0.51, 0.49, 0.50, 0.52], started="2026-12-01T00:00:00")
+    slow = _runs([0.60, 0.61, 0.59, 0.60, 0.62], started="2026-12-02T00:00:00")
+    result = compare([ref], [slow], "ref", "new")
+    assert [r.split(":")[0] for r in result.regressions] == ["fp8_max"]
+    row = next(c for c in result.stacks if c.name == "fp8_max")
+    assert row.speed is Speed.SLOWER and row.estimate.ratio == pytest.approx(1.2)
+    assert "REGRESSION" in render_markdown(result)
+    back = compare([slow], [ref], "new", "ref")
+    assert back.regressions == [] and next(c for c in back.stacks if c.name == "fp8_max").speed is Speed.FASTER
+    assert json.loads(json.dumps(result.to_json()))["regressions"] == result.regressions
+
+
+def test_a_lost_fidelity_gate_or_a_broken_stack_is_a_regression_and_unmatched_stacks_are_listed():
+    ref = _runs([0.5] * 3)
+    worse = _runs([0.5] * 3, psnr=10.0, started="2026-12-02T00:00:00")
+    assert any("fidelity gate passed in A, fails in B" in r for r in compare([ref], [worse]).regressions)
+    assert compare([worse], [ref]).regressions == []
+    assert any("gate failed in A, passes in B" in n for c in compare([worse], [ref]).stacks for n in c.notes)
+
+    broken = _runs([0.5] * 3, started="2026-12-03T00:00:00")
+    broken.stacks[0] = dataclasses.replace(broken.stacks[0], status="failed", latency=None, fidelity=None,
+                                           speedup=None, speedup_uncertainty=None, within_noise=None,
+                                           reason="build: out of memory", phase="build")
+    assert any("ran in A, failed in B before it was timed (build: out of memory)" in r
+               for r in compare([ref], [broken]).regressions)
+
+    other = _runs([0.5] * 3, started="2026-12-04T00:00:00")
+    other.stacks[0].options = {"fp8_max": {"kernel": "flash"}}
+    result = compare([ref], [other])
+    assert [c.name for c in result.stacks] == ["baseline"]
+    assert result.only_a == result.only_b == ["fp8_max (flux-mini on ?, 256x256, 8 steps)"]
+    assert compare([ref], [other], stacks=["fp8_max"]).stacks == []
+
+
+# --------------------------------------------------------------------------- the store
+def _text(record) -> str:
+    return json.dumps(record.to_json())
+
+
+def test_store_adds_once_updates_a_resumed_run_and_selects_by_label_and_revision(tmp_path):
+    path = tmp_path / "s.sqlite"
+    first = _runs([0.5] * 3, environment={"git": {"revision": "abc123def"}, "packages": {"torch": "2.11.0"}})
+    with ResultsStore(path) as store:
+        assert store.add(first, _text(first), label="ref") == "added"
+        assert store.add(first, _text(first)) == "unchanged"
+        finished = dataclasses.replace(first, finished="2026-12-01T01:00:00")
+        assert run_identity(finished) == run_identity(first)
+        assert store.add(finished, _text(finished)) == "updated"
+        assert store.count() == 1
+        assert [r.label for r in store.select(label="ref").runs] == ["ref"]  # the label survives the update
+        assert store.select(label="nope").runs == []
+        assert len(store.select(revision="abc1").runs) == 1 and store.select(revision="abd").runs == []
+        assert store.select(revision="a%").runs == []  # LIKE's wildcards are plain characters
+        assert store.schema_version == store_module.SCHEMA_VERSION
+        assert store.integrity() == "ok"
+    assert sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_store_refuses_edited_records_and_rederives_what_it_reads(tmp_path):
+    record = _runs([0.5] * 3)
+    edited = record.to_json()
+    edited["stacks"][0]["speedup"] = 9.0
+    path = tmp_path / "result.json"
+    path.write_text(json.dumps(edited))
+    with ResultsStore(tmp_path / "s.sqlite") as store:
+        with pytest.raises(Exception, match="edited"):
+            store.add(read_record(path), path.read_text())
+        store.add(record, _text(record))
+        # a row edited inside the database is named, never used
+        store._db.execute("UPDATE runs SET record = replace(record, '\"speedup\": 2.0', '\"speedup\": 3.0')")
+        selection = store.select()
+        assert selection.runs == [] and "edited" in selection.unusable[0]
+
+
+def test_store_migrates_an_older_schema_and_refuses_a_newer_one(tmp_path, monkeypatch):
+    path = tmp_path / "s.sqlite"
+    record = _runs([0.5] * 3)
+    with ResultsStore(path) as store:
+        store.add(record, _text(record))
+    monkeypatch.setattr(store_module, "MIGRATIONS", (*store_module.MIGRATIONS, "ALTER TABLE runs ADD COLUMN note TEXT;"))
+    monkeypatch.setattr(store_module, "SCHEMA_VERSION", len(store_module.MIGRATIONS))
+    with ResultsStore(path) as store:
+        assert store.schema_version == len(store_module.MIGRATIONS) and store.count() == 1
+        assert "note" in [row[1] for row in store._db.execute("PRAGMA table_info(runs)")]
+    monkeypatch.undo()
+    with pytest.raises(ConfigError, match="schema version 2; this fluxopt reads up to 1"):
+        ResultsStore(path)
+    (tmp_path / "junk.sqlite").write_text("not a database")
+    with pytest.raises(ConfigError, match="is not a fluxopt results store"):
+        ResultsStore(tmp_path / "junk.sqlite")
+
+
+def _add_many(path: str, worker: int, count: int) -> None:
+    sys.path.insert(0, str(Path(__file__).parent))
+    with ResultsStore(Path(path)) as store:
+        for i in range(count):
+            record = _runs([0.5, 0.51, 0.49], started=f"2026-12-01T{worker:02d}:{i:02d}:00")
+            store.add(record, _text(record), label=f"w{worker}")
+
+
+def test_parallel_writers_lose_nothing(tmp_path):
+    path = tmp_path / "s.sqlite"
+    ctx = multiprocessing.get_context("spawn")
+    workers = [ctx.Process(target=_add_many, args=(str(path), w, 15)) for w in range(4)]
+    for p in workers:
+        p.start()
+    for p in workers:
+        p.join(120)
+    assert [p.exitcode for p in workers] == [0] * 4
+    with ResultsStore(path) as store:
+        assert store.count() == 60 and store.integrity() == "ok"
+        assert store.labels() == ["w0", "w1", "w2", "w3"]
+        assert sum(1 for _ in store._db.execute("SELECT 1 FROM stacks")) == 120
+
+
+def test_find_records_reads_published_bundles_and_names_what_it_cannot_use(tmp_path):
+    record = _runs([0.5] * 3)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "result.json").write_text(_text(record))
+    old = record.to_json() | {"schema_version": 1}
+    (tmp_path / "published.json").write_text(json.dumps({"runs": [{"command": "x", "result": record.to_json()},
+                                                                   {"command": "y", "result": old}]}))
+    (tmp_path / "other.json").write_text(json.dumps({"kernels": []}))
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "result.json").write_text("{")
+    found = find_records([tmp_path])
+    assert len(found.records) == 2 and found.not_records == 1
+    assert len(found.unusable) == 2
+    assert any("published.json#runs[1]: has schema_version 1" in u for u in found.unusable)
+    assert any("broken/result.json" in u for u in found.unusable)
+
+
+# --------------------------------------------------------------------------- end to end
+def _report(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "fluxopt.cli.report", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=300, cwd=REPO)
+
+
+SWEEP_JOBS = 7  # 21 pairs of separate runs, 42 comparisons in both orders
+
+
+@pytest.mark.xdist_group("history_e2e")
+def test_compare_tells_a_slower_library_from_noise_end_to_end(tmp_path, plugin_env):
+    """Seven runs of one stack at one speed never raise a false alarm against each other at the
+    default threshold (42 comparisons of the stack); a run where the stack's "library" sleeps twice as long is
+    exit 1 with the stack named, through directories and through store labels."""
+    store = tmp_path / "store.sqlite"
+    env = {**plugin_env, "FLUXOPT_STORE": str(store), "FLUXOPT_FAULT_STEP_SLEEP_S": "0.1"}
+    common = ["+backend=fault_sleepy", "bench.iterations=5", "bench.steps=2", "save_images=false"]
+    from conftest import run_cli
+
+    sweep = run_cli("-m", *common, f"bench.seed=range(0,{SWEEP_JOBS})", "label=ref",
+                    f"hydra.sweep.dir={tmp_path / 'sweep'}", env=env)
+    assert sweep.returncode == 0, sweep.stderr[-2000:]
+    slow = run_cli(*common, "label=candidate", f"hydra.run.dir={tmp_path / 'slow'}",
+                   env={**env, "FLUXOPT_FAULT_STEP_SLEEP_S": "0.2"})
+    assert slow.returncode == 0, slow.stderr[-2000:]
+
+    jobs = sorted(p.parent for p in (tmp_path / "sweep").rglob("result.json"))
+    assert len(jobs) == SWEEP_JOBS
+    records = [read_record(j / "result.json") for j in jobs]
+    slow_record = read_record(tmp_path / "slow" / "result.json")
+    # the stack under test only: the tiny model's baseline is pure CPU work, whose median moves by
+    # several percent between processes on a shared CI machine (the sleep dominates the stack's time)
+    guarded = ["fault_sleepy"]
+    for a, b in itertools.permutations(records, 2):
+        assert compare([a], [b], stacks=guarded).regressions == [], render_markdown(compare([a], [b], stacks=guarded))
+    for a in records:
+        assert [r.split(":")[0] for r in compare([a], [slow_record], stacks=guarded).regressions] == ["fault_sleepy"]
+
+    same = _report("compare", str(jobs[0]), str(jobs[1]), "--stack", "fault_sleepy")
+    assert same.returncode == 0, same.stdout + same.stderr
+    assert "same within noise" in same.stdout and "No regression" in same.stdout
+    worse = _report("compare", str(jobs[0]), str(tmp_path / "slow"), "--stack", "fault_sleepy")
+    assert worse.returncode == 1, worse.stdout + worse.stderr
+    assert "regression: fault_sleepy:" in worse.stderr
+
+    # the runs added themselves to the store; labels pool the sweep's seven runs
+    by_label = _report("compare", "ref", "candidate", "--store", str(store), "--stack", "fault_sleepy", "--json")
+    assert by_label.returncode == 1, by_label.stderr
+    data = json.loads(by_label.stdout)
+    assert data["stacks"][0]["runs"] == {"a": SWEEP_JOBS, "b": 1}
+    assert data["stacks"][0]["ratio"]["low"] > 1.5 and data["only_in_a"] == [] == data["only_in_b"]
+
+    history = _report("history", "--store", str(store), "--stack", "fault_sleepy", "--plot", str(tmp_path / "h.png"))
+    assert history.returncode == 0, history.stderr
+    assert history.stdout.count("| ref |") == SWEEP_JOBS and "| candidate |" in history.stdout
+    assert (tmp_path / "h.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["compare", "nowhere", "nothing"], "A=nowhere is not a directory, and there is no results store"),
+    (["compare", ".", ".", "--max-regression", "-1"], "--max-regression=-1.0 is not a fraction"),
+    (["compare", "fluxopt/zoo", "fluxopt/zoo"], "A=fluxopt/zoo holds no readable fluxopt record"),
+    (["import", "nowhere"], "no such file or directory: nowhere"),
+    (["history", "--store", "missing.sqlite"], "no such results store"),
+    (["history", "--plot", "x.jpg"], "--plot=x.jpg is not a .png file"),
+])
+def test_bad_report_input_is_one_line_exit_2(args, message, tmp_path):
+    proc = _report(*args, env={"FLUXOPT_STORE": str(tmp_path / "none.sqlite")})
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_import_backfills_the_published_records_once(tmp_path):
+    store = tmp_path / "s.sqlite"
+    first = _report("import", "docs/results", "--store", str(store), "--label", "published")
+    assert first.returncode == 1  # the oldest H100 records (schema 1) are named, not used
+    assert "has schema_version 1" in first.stderr
+    added = int(first.stdout.split(" run(s) added")[0])
+    assert added >= 30
+    again = _report("import", "docs/results", "--store", str(store))
+    assert f"0 run(s) added, 0 updated, {added} already there" in again.stdout
+    with ResultsStore(store) as s:
+        assert len(s.select(label="published").runs) == added
