@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -49,8 +49,8 @@ class CompileOptions:
     mode: str = "default"  # one of MODES
     # Fail on graph breaks instead of silently slicing the graph. None (auto): True, except with a
     # step cache inside the transformer, whose per-step skip decision is a data-dependent branch.
-    fullgraph: bool | None = None
-    dynamic: bool | None = None  # True avoids recompiles when the resolution changes
+    fullgraph: Optional[bool] = None
+    dynamic: Optional[bool] = None  # True avoids recompiles when the resolution changes
     backend: str = "inductor"
     compile_vae: bool = False  # also compile vae.decode
     tuning_flags: bool = False  # the recipe's Inductor flags (slower compile, a bit faster kernels)
@@ -152,7 +152,8 @@ class CompileBackend(Backend):
         from torch._dynamo.utils import counters
 
         key = {**self.cache_key(options), "transformer": module_fingerprint(pipe.transformer, values=False),
-               "vae": module_fingerprint(pipe.vae, values=False) if options.compile_vae else None}
+               "vae": module_fingerprint(pipe.vae, values=False) if options.compile_vae else None,
+               "inductor_flags": inductor_flags_digest()}
         info: dict[str, Any] = {"loaded": False, "saved": False,
                                 "inductor_cache_dir": str(ctx.cache_dir / INDUCTOR)}
         entry = ctx.artifact(self.name, key, None)  # look up only: the bundle exists after compiling
@@ -180,6 +181,19 @@ class CompileBackend(Backend):
                             bytes=len(data))
                 artifact["cache_hit"] = False
         ctx.stats["compile_cache"] = info
+
+
+def inductor_flags_digest() -> str:
+    """A digest of Inductor's settings as the stack's backends left them (tuning flags set by a
+    quantization backend included): the portable cache saved after a build holds graphs compiled
+    under these settings, so an entry is only looked up under the same ones."""
+    import hashlib
+
+    import torch._inductor.config as inductor_config
+
+    plain = {k: v for k, v in sorted(inductor_config.get_config_copy().items())
+             if isinstance(v, (bool, int, float, str, type(None))) and not any(w in k for w in ("dir", "path"))}
+    return hashlib.sha256(repr(plain).encode()).hexdigest()[:16]
 
 
 def _compile_times() -> dict[str, float]:

@@ -45,12 +45,15 @@ FP8_GRAPHS = Preset(
 
 FP8_MAX = Preset(
     name="fp8_max",
-    description="static fp8 linears (calibrated) with torchao's Inductor tuning + fp8 attention (cuDNN, fused "
-                "q/k prologue) + regional torch.compile with sigmoid GELUs + CUDA graphs: fluxopt's fastest stack "
-                "that passes the lossy gate on the H100 (2.16x, docs/results/); needs sm 9.0+ and fluxopt[cudnn]",
-    backends={"torchao_fp8_static": {"inductor_tuning": True}, "fp8_attention": {},
+    description="static fp8 linears (calibrated) + fp8 attention (cuDNN, fused q/k prologue) + regional "
+                "torch.compile with sigmoid GELUs + CUDA graphs: fluxopt's fastest stack that passes the lossy "
+                "gate (2.10x on the H200, docs/results/); needs sm 9.0+ and fluxopt[cudnn]. Inductor's "
+                "coordinate-descent tuning is off: on the H200 it gained 1.1 % per step for 20-90 s of every "
+                "build (its results are re-tuned in each process); torchao_fp8_static.inductor_tuning=true adds it",
+    backends={"torchao_fp8_static": {"inductor_tuning": False}, "fp8_attention": {},
               "compile": {"regional": True, "cuda_graphs": True, "sigmoid_gelu": True}},
-    source="fluxopt's H100 bake-offs (docs/results/2026-11-26-h100-issue15q.md)",
+    source="fluxopt's H100 and H200 bake-offs (docs/results/2026-11-26-h100-issue15q.md, "
+           "docs/results/2026-12-03-h200-cd-tuning/)",
 )
 
 

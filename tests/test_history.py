@@ -226,17 +226,17 @@ def _report(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
                           env={**os.environ, **(env or {})}, timeout=300, cwd=REPO)
 
 
-SWEEP_JOBS = 7  # 21 pairs of separate runs, 42 comparisons in both orders
+SWEEP_JOBS = 5  # 10 pairs of separate runs, 20 comparisons in both orders
 
 
 @pytest.mark.xdist_group("history_e2e")
 def test_compare_tells_a_slower_library_from_noise_end_to_end(tmp_path, plugin_env):
-    """Seven runs of one stack at one speed never raise a false alarm against each other at the
-    default threshold (42 comparisons of the stack); a run where the stack's "library" sleeps twice as long is
+    """Five runs of one stack at one speed never raise a false alarm against each other at the
+    default threshold (20 comparisons of the stack); a run where the stack's "library" sleeps twice as long is
     exit 1 with the stack named, through directories and through store labels."""
     store = tmp_path / "store.sqlite"
     env = {**plugin_env, "FLUXOPT_STORE": str(store), "FLUXOPT_FAULT_STEP_SLEEP_S": "0.1"}
-    common = ["+backend=fault_sleepy", "bench.iterations=5", "bench.steps=2", "save_images=false"]
+    common = ["+backend=fault_sleepy", "bench.iterations=4", "bench.steps=2", "save_images=false"]
     from conftest import run_cli
 
     sweep = run_cli("-m", *common, f"bench.seed=range(0,{SWEEP_JOBS})", "label=ref",
@@ -265,7 +265,7 @@ def test_compare_tells_a_slower_library_from_noise_end_to_end(tmp_path, plugin_e
     assert worse.returncode == 1, worse.stdout + worse.stderr
     assert "regression: fault_sleepy:" in worse.stderr
 
-    # the runs added themselves to the store; labels pool the sweep's seven runs
+    # the runs added themselves to the store; labels pool the sweep's runs
     by_label = _report("compare", "ref", "candidate", "--store", str(store), "--stack", "fault_sleepy", "--json")
     assert by_label.returncode == 1, by_label.stderr
     data = json.loads(by_label.stdout)

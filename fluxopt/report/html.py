@@ -80,7 +80,8 @@ class Row:
 
 
 def _rows(records: list[RunRecord], root: Path) -> list[Row]:
-    many = len(records) > 1
+    """Every stack of every record; in a sweep each named after its job's directory."""
+    many = len(records) > 1 or not (root / "result.json").is_file()
     rows = []
     for record in records:
         prefix = f"{run_name(record, root)}: " if many else ""
