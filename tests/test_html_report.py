@@ -53,6 +53,19 @@ def test_the_page_is_self_contained_and_shows_every_stack(run_dir):
     assert "<svg" in page and 'id="profiles"' in page and "fp8_max" in page.split('id="profiles"')[1]
 
 
+def test_the_run_hook_writes_the_page_with_its_images(run_dir):
+    """The report ring's hook gets the runner's record (no path): the page is built from the
+    written record, so the run's images are found."""
+    from fluxopt.record import read_record
+    from fluxopt.report import fluxopt_run_finished
+
+    record = read_record(run_dir / "result.json")
+    record.path = None
+    fluxopt_run_finished(result=record, output_dir=str(run_dir))
+    page = (run_dir / "report.html").read_text()
+    assert page.count("data:image/png") == 8 + 6 and "missing" not in page
+
+
 def test_a_sweep_page_names_the_results_it_could_not_use(run_dir, tmp_path):
     sweep = tmp_path / "sweep"
     shutil.copytree(run_dir, sweep / "job0")

@@ -14,13 +14,12 @@ from fluxopt.record import RunRecord
 from fluxopt.report.html import write_html
 from fluxopt.report.summary import fluxopt_sweep_finished  # noqa: F401 - a hook implementation
 from fluxopt.report.tables import print_table, verdict_sentence, write_run_report
-from fluxopt.sweep import Collected
 
 
 @hookimpl
 def fluxopt_run_finished(result: RunRecord, output_dir: str) -> None:
     write_run_report(result, Path(output_dir))
-    write_html(Path(output_dir), Collected(records=[result]))
+    write_html(Path(output_dir))  # from the written record: its path locates the run's images
 
 
 @hookimpl
