@@ -122,6 +122,97 @@ def test_a_lost_fidelity_gate_or_a_broken_stack_is_a_regression_and_unmatched_st
     assert compare([ref], [other], stacks=["fp8_max"]).stacks == []
 
 
+def test_the_interval_resamples_both_sides_and_is_reproducible():
+    spread = [1.0, 1.1, 0.9, 1.05, 0.95]
+    a_only = ratio_of_medians(spread, [1.0] * 5)
+    b_only = ratio_of_medians([1.0] * 5, spread)
+    assert a_only.low < a_only.ratio < a_only.high and b_only.low < b_only.ratio < b_only.high
+    assert ratio_of_medians(spread, spread) == ratio_of_medians(spread, spread)  # seeded
+    with pytest.raises(ValueError):
+        ratio_of_medians([1.0], [])
+    with pytest.raises(ValueError):
+        ratio_of_medians([], [1.0])
+
+
+def test_the_interval_is_the_central_percentile_range_of_the_bootstrap():
+    """A = [1, 1], B = [1, 2]: a resampled median of B is 1, 1.5 or 2 with probability 1/4, 1/2,
+    1/4. The central 40 % of the ratios is then all 1.5; the central 60 % reaches 1 and 2."""
+    narrow = ratio_of_medians([1.0, 1.0], [1.0, 2.0], confidence=0.4)
+    assert (narrow.low, narrow.ratio, narrow.high) == (1.5, 1.5, 1.5)
+    wide = ratio_of_medians([1.0, 1.0], [1.0, 2.0], confidence=0.6)
+    assert (wide.low, wide.high) == (1.0, 2.0)
+
+
+def test_speed_verdict_at_its_boundaries():
+    from fluxopt.history.compare import RatioEstimate
+
+    assert speed_verdict(RatioEstimate(1.05, 1.0, 1.1, 5, 5), 0.05) == (Speed.SAME, False)  # low == 1: not above
+    assert speed_verdict(RatioEstimate(0.95, 0.9, 1.0, 5, 5), 0.05) == (Speed.SAME, False)  # high == 1: not below
+    # the lower end decides a regression, not the ratio
+    assert speed_verdict(RatioEstimate(1.2, 1.04, 1.3, 5, 5), 0.05) == (Speed.SLOWER, False)
+    assert speed_verdict(RatioEstimate(1.2, 1.25, 1.3, 5, 5), 0.25) == (Speed.SLOWER, False)  # == 1 + threshold
+    assert speed_verdict(RatioEstimate(1.2, 1.26, 1.3, 5, 5), 0.25) == (Speed.SLOWER, True)
+    # one sample on a side: the ratio against the threshold, whatever an interval says
+    assert speed_verdict(RatioEstimate(1.25, 1.0, 1.5, 1, 5), 0.25) == (Speed.SAME, False)
+    assert speed_verdict(RatioEstimate(0.75, 0.5, 1.0, 5, 1), 0.25) == (Speed.SAME, False)
+    assert speed_verdict(RatioEstimate(1.3, 1.0, 1.5, 1, 5), 0.25) == (Speed.SLOWER, True)
+
+
+def test_compare_bookkeeping_names_sides_pools_runs_and_reports_fidelity():
+    from fluxopt.record import judge_metric
+
+    ref = _runs([0.50, 0.51, 0.49], started="2026-12-01T00:00:00")
+    ref2 = _runs([0.50, 0.52, 0.48], started="2026-12-01T01:00:00")
+    new = _runs([0.60, 0.61, 0.59], started="2026-12-02T00:00:00")
+    for record, err in ((ref, 0.01), (ref2, 0.03), (new, 0.02)):
+        record.stacks[0].fidelity["metrics"]["latent_rel_l2"] = judge_metric([err, err / 2], False, None)
+    result = compare([ref, ref2], [new], "ref", "new")
+    row = next(c for c in result.stacks if c.name == "fp8_max")
+    assert row.a.runs == [ref, ref2] and len(row.a.samples) == 6
+    assert row.a.worst("psnr") == 40.0 and row.a.worst("latent_rel_l2") == 0.03  # lower is better: the largest
+    assert row.a.metrics() == ["latent_rel_l2", "psnr"]
+    assert row.to_json()["fidelity"]["latent_rel_l2"] == {"a": 0.03, "b": 0.02}
+    assert row.regressions == ["20.0 % slower (median latency 0.5 s -> 0.6 s; more than 5 % with 95% confidence)"]
+    assert row.notes == [] and result.to_json()["a"] == "ref" and result.to_json()["b"] == "new"
+    assert render_markdown(result).startswith("# fluxopt compare: ref → new")
+    assert compare([ref], [new], max_regression=0.0).regressions  # a threshold of 0 is allowed
+    with pytest.raises(ValueError):
+        compare([ref], [new], max_regression=-0.01)
+    only_baseline = compare([ref], [new], stacks=["baseline"])
+    assert [c.name for c in only_baseline.stacks] == ["baseline"] and only_baseline.only_a == only_baseline.only_b == []
+
+
+def test_compare_reads_the_reason_of_a_lost_gate_and_tells_broken_sides_apart():
+    ref = _runs([0.5] * 3)
+    worse = _runs([0.5] * 3, psnr=10.0, started="2026-12-02T00:00:00")
+    [lost] = compare([ref], [worse]).regressions
+    assert lost == f"fp8_max: fidelity gate passed in A, fails in B ({worse.stacks[0].fidelity['reason']})"
+    assert "psnr 10" in lost
+
+    def broken(started: str):
+        record = _runs([0.5] * 3, started=started)
+        record.stacks[0] = dataclasses.replace(record.stacks[0], status="failed", latency=None, fidelity=None,
+                                               speedup=None, speedup_uncertainty=None, within_noise=None,
+                                               reason="apply: no GPU", phase="apply")
+        return record
+
+    both = compare([broken("2026-12-03T00:00:00")], [broken("2026-12-04T00:00:00")])
+    row = next(c for c in both.stacks if c.name == "fp8_max")
+    assert row.regressions == [] and row.notes == ["not timed in either (A: apply: no GPU; B: apply: no GPU)"]
+    fixed = compare([broken("2026-12-03T00:00:00")], [ref])
+    assert next(c for c in fixed.stacks if c.name == "fp8_max").notes == [
+        "failed in A before it was timed (apply: no GPU), runs in B"]
+
+
+def test_compare_skips_unrunnable_stacks_and_runs_without_a_baseline():
+    ref = run([stack("fbcache", 1.5, status="skipped"), stack("fp8_max", 2.0)], started="2026-12-01T00:00:00")
+    new = run([stack("fp8_max", 2.0)], started="2026-12-02T00:00:00")
+    new.baseline = None
+    result = compare([ref], [new])
+    assert [c.name for c in result.stacks] == ["fp8_max"]  # the skipped stack neither matched nor listed
+    assert result.only_a == ["baseline (flux-mini on ?, 256x256, 8 steps)"] and result.only_b == []
+
+
 # --------------------------------------------------------------------------- the store
 def _text(record) -> str:
     return json.dumps(record.to_json())
@@ -286,20 +377,32 @@ def test_compare_tells_a_slower_library_from_noise_end_to_end(tmp_path, plugin_e
     (["history", "--store", "missing.sqlite"], "no such results store"),
     (["history", "--plot", "x.jpg"], "--plot=x.jpg is not a .png file"),
 ])
-def test_bad_report_input_is_one_line_exit_2(args, message, tmp_path):
-    proc = _report(*args, env={"FLUXOPT_STORE": str(tmp_path / "none.sqlite")})
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+def test_bad_report_input_is_one_line_exit_2(args, message, tmp_path, monkeypatch, capsys):
+    from fluxopt.cli.report import main
+
+    monkeypatch.setenv("FLUXOPT_STORE", str(tmp_path / "none.sqlite"))
+    monkeypatch.chdir(REPO)
+    with pytest.raises(SystemExit) as stop:
+        main(args)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2, err
+    assert message in err and len(err.strip().splitlines()) == 1, err
 
 
-def test_import_backfills_the_published_records_once(tmp_path):
+def test_import_backfills_the_published_records_once(tmp_path, monkeypatch, capsys):
+    from fluxopt.cli.report import main
+
+    monkeypatch.chdir(REPO)
     store = tmp_path / "s.sqlite"
-    first = _report("import", "docs/results", "--store", str(store), "--label", "published")
-    assert first.returncode == 1  # the oldest H100 records (schema 1) are named, not used
-    assert "has schema_version 1" in first.stderr
-    added = int(first.stdout.split(" run(s) added")[0])
+    with pytest.raises(SystemExit) as stop:
+        main(["import", "docs/results", "--store", str(store), "--label", "published"])
+    first = capsys.readouterr()
+    assert stop.value.code == 1  # the oldest H100 records (schema 1) are named, not used
+    assert "has schema_version 1" in first.err
+    added = int(first.out.split(" run(s) added")[0])
     assert added >= 30
-    again = _report("import", "docs/results", "--store", str(store))
-    assert f"0 run(s) added, 0 updated, {added} already there" in again.stdout
+    with pytest.raises(SystemExit) as stop:
+        main(["import", "docs/results", "--store", str(store)])
+    assert stop.value.code == 1 and f"0 run(s) added, 0 updated, {added} already there" in capsys.readouterr().out
     with ResultsStore(store) as s:
         assert len(s.select(label="published").runs) == added
