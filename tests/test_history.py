@@ -127,7 +127,8 @@ def test_the_interval_resamples_both_sides_and_is_reproducible():
     a_only = ratio_of_medians(spread, [1.0] * 5)
     b_only = ratio_of_medians([1.0] * 5, spread)
     assert a_only.low < a_only.ratio < a_only.high and b_only.low < b_only.ratio < b_only.high
-    assert ratio_of_medians(spread, spread) == ratio_of_medians(spread, spread)  # seeded
+    many = [1.0 + 0.013 * ((7 * i) % 23) for i in range(40)]
+    assert ratio_of_medians(many, many[::-1]) == ratio_of_medians(many, many[::-1])  # seeded
     with pytest.raises(ValueError):
         ratio_of_medians([1.0], [])
     with pytest.raises(ValueError):
@@ -188,6 +189,8 @@ def test_compare_reads_the_reason_of_a_lost_gate_and_tells_broken_sides_apart():
     [lost] = compare([ref], [worse]).regressions
     assert lost == f"fp8_max: fidelity gate passed in A, fails in B ({worse.stacks[0].fidelity['reason']})"
     assert "psnr 10" in lost
+    passing_then_failing = compare([ref], [_runs([0.5] * 3, started="2026-12-05T00:00:00"), worse])
+    assert passing_then_failing.regressions == [lost]  # the failing run's reason, not the passing one's
 
     def broken(started: str):
         record = _runs([0.5] * 3, started=started)
@@ -406,3 +409,36 @@ def test_import_backfills_the_published_records_once(tmp_path, monkeypatch, caps
     assert stop.value.code == 1 and f"0 run(s) added, 0 updated, {added} already there" in capsys.readouterr().out
     with ResultsStore(store) as s:
         assert len(s.select(label="published").runs) == added
+
+
+def test_the_eta_comes_from_the_last_run_of_each_stack_here(tmp_path, monkeypatch):
+    from fluxopt.history import eta as eta_module
+
+    store = tmp_path / "s.sqlite"
+    old = _runs([0.5] * 3, started="2026-12-01T00:00:00", environment={"device": {"name": "GPU X"}})
+    old.stacks[0].elapsed_s = 300.0
+    new = _runs([0.5] * 3, started="2026-12-02T00:00:00", environment={"device": {"name": "GPU X"}})
+    new.stacks[0].elapsed_s = 120.0
+    other = _runs([0.5] * 3, started="2026-12-03T00:00:00", environment={"device": {"name": "GPU Y"}})
+    other.stacks[0].elapsed_s = 9.0
+    with ResultsStore(store) as s:
+        for record in (new, old, other):
+            s.add(record, _text(record))
+    shapes = {"height": 256, "width": 256, "steps": 8}
+    expected = eta_module.past_durations(store, "flux-mini", "GPU X", shapes, warmup=1, iterations=3, prompts=2)
+    assert expected == {"baseline": pytest.approx(1.0 * 6), "fp8_max": 120.0}  # the newest run, this device
+    assert eta_module.past_durations(store, "flux-mini", "GPU X", {**shapes, "steps": 28}, 1, 3, 2) == {}
+    assert eta_module.past_durations(tmp_path / "none.sqlite", "flux-mini", "GPU X", shapes, 1, 3, 2) == {}
+
+    clock = [1000.0]
+    monkeypatch.setattr(eta_module.time, "monotonic", lambda: clock[0])
+    tracker = eta_module.Eta(["fp8_max", "compile"], expected)
+    assert tracker.text() == "ETA over 2 min, 1 stack(s) never ran here"  # 6 s + 120 s, compile unknown
+    tracker.update(1)
+    clock[0] += 100.0
+    assert tracker.text() == "ETA over 20 s, 1 stack(s) never ran here"
+    clock[0] += 100.0
+    assert tracker.text() == "ETA over 0 s, 1 stack(s) never ran here"  # over its estimate: never negative
+    done = eta_module.Eta(["fp8_max"], expected)
+    done.update(1)
+    assert done.text() == "ETA 2 min" and eta_module.Eta(["compile"], {}).text() is None

@@ -50,6 +50,8 @@ from fluxopt.record import (
     write_record,
 )
 from fluxopt.runner import Run, can_resume, can_reuse, job_record
+from fluxopt.history import eta
+from fluxopt.history.store import store_path
 from fluxopt.scale import detach, launchers, search, torchrun
 from fluxopt.stack import build_stack, describe_options, lookup_backend
 
@@ -309,6 +311,20 @@ def _previous(output_dir: Path, config: dict[str, Any]) -> tuple[RunRecord | Non
     return None, previous if resumable else None
 
 
+def _eta(cfg: DictConfig) -> eta.Eta | None:
+    """The run's time estimate from the results store (None when the store has no run like it, or
+    cannot be read: an estimate is never worth a failed run)."""
+    try:
+        plan = plan_run(cfg, check_memory=False, check_requirements=False)
+        shapes = {"height": plan.shapes.height, "width": plan.shapes.width, "steps": plan.shapes.steps}
+        expected = eta.past_durations(store_path(plan.config.store), plan.spec.name, plan.device.name, shapes,
+                                      plan.warmup, plan.iterations, len(plan.prompts))
+    except Exception as exc:  # noqa: BLE001 - see the docstring
+        log.info("no time estimate: %s: %s", type(exc).__name__, exc)
+        return None
+    return eta.Eta([s.name for s in plan.stacks], expected) if expected else None
+
+
 def run_job(cfg: DictConfig) -> RunRecord | None:
     """The Hydra task: one run in the job's output directory. Records the verdict in ``OUTCOME``."""
     hc = HydraConfig.get()
@@ -329,7 +345,7 @@ def run_job(cfg: DictConfig) -> RunRecord | None:
             log.error("rank %s: %s", rank(), exc)
             return None
     try:
-        with console.progress(enabled=not multirun) as on_phase, \
+        with console.progress(enabled=not multirun, eta=_eta(cfg)) as on_phase, \
                 console.library_output_to_log(not cfg.get("verbose", False)):
             data = Run(cfg, output_dir, provenance=provenance(), on_phase=on_phase, resume=resume).execute()
     except KeyboardInterrupt:

@@ -7,14 +7,16 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import re
 import sys
-import time
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+
+from fluxopt.history.eta import Eta
 
 PREFIX = "fluxopt"
 # Loggers whose records stay on the console whatever the verbosity (besides fluxopt's warnings).
@@ -87,25 +89,33 @@ def dropped_records() -> int:
     return _FILTER.dropped
 
 
+_POSITION = re.compile(r"^stack (\d+)/\d+ ")
+
+
 @contextlib.contextmanager
-def progress(enabled: bool = True) -> Iterator[Callable[[str, str], None]]:
+def progress(enabled: bool = True, eta: Eta | None = None) -> Iterator[Callable[[str, str], None]]:
     """Yields ``on_phase(stack, phase)``: on a terminal, a live line "stack: phase (elapsed)";
-    elsewhere one plain line per phase."""
+    elsewhere one plain line per phase. With ``eta``, each line also gives the time the run has
+    left, from how long its stacks took when they last ran here (``stack 2/5`` tells it which)."""
     stream = sys.stderr  # this stream, even while a stack's library output is sent to the log
     console = Console(file=stream)
     if not enabled:
         yield lambda stack, phase: None
         return
-    if not console.is_terminal:
-        yield lambda stack, phase: print(f"{PREFIX}: {stack}: {phase}", file=stream, flush=True)
-        return
-    state = {"text": "starting", "since": time.monotonic()}
-    with console.status("fluxopt: starting") as status:
-        def on_phase(stack: str, phase: str) -> None:
-            state.update(text=f"{stack}: {phase}", since=time.monotonic())
-            status.update(f"fluxopt: {stack}: {phase}")
 
-        yield on_phase
+    def line(stack: str, phase: str) -> str:
+        if eta is None:
+            return f"{stack}: {phase}"
+        found = _POSITION.match(stack)
+        eta.update(int(found.group(1)) if found else 0)
+        left = eta.text()
+        return f"{stack}: {phase}" + (f" [{left}]" if left else "")
+
+    if not console.is_terminal:
+        yield lambda stack, phase: print(f"{PREFIX}: {line(stack, phase)}", file=stream, flush=True)
+        return
+    with console.status("fluxopt: starting") as status:
+        yield lambda stack, phase: status.update(f"fluxopt: {line(stack, phase)}")
 
 
 class _ToLog(io.TextIOBase):

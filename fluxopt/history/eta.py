@@ -1,0 +1,68 @@
+"""How long a run will take, from how long its stacks took the last time they ran here.
+
+The estimate for each planned stack is its wall time (``elapsed_s``: load, apply, build, warm-up,
+timing, fidelity) in the most recent stored run of the same stack, model, device and shapes, so
+it reflects the cache state of that run: a stack whose last run built from warm caches is expected
+to build warm again. The baseline's is its generations (warm-up, timed, one per prompt for the
+reference images) at its measured latency. A stack never measured here has no estimate; the
+progress line then says how many are unknown instead of guessing.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from fluxopt.history.store import ResultsStore
+from fluxopt.record import RunRecord, StackRecord
+
+
+def _same_setting(record: RunRecord, model: str, device: str, shapes: dict[str, int]) -> bool:
+    return (record.model.get("name") == model and record.device == device
+            and all(record.shapes.get(k) == v for k, v in shapes.items()))
+
+
+def past_durations(store_path: Path | None, model: str, device: str, shapes: dict[str, int],
+                   warmup: int, iterations: int, prompts: int) -> dict[str, float]:
+    """Seconds per stack name (``baseline`` included) from the newest matching stored run of each."""
+    if store_path is None or not store_path.is_file():
+        return {}
+    with ResultsStore(store_path) as store:
+        runs = store.select().runs  # oldest first: later runs overwrite
+    found: dict[str, float] = {}
+    for run in runs:
+        record = run.record
+        if not _same_setting(record, model, device, shapes):
+            continue
+        if record.baseline is not None and record.baseline.latency is not None:
+            found["baseline"] = record.baseline.latency.median * (warmup + iterations + prompts)
+        for stack in record.stacks:
+            if stack.elapsed_s and stack.status != "skipped":
+                found[stack.stack] = stack.elapsed_s
+    return found
+
+
+class Eta:
+    """The remaining time of a run, updated as its phases start: the estimates of the stacks not
+    begun, plus what is left of the current one's (never below zero)."""
+
+    def __init__(self, order: Sequence[str], expected: dict[str, float]):
+        self.order = ["baseline", *order]
+        self.expected = expected
+        self.current, self.since = 0, time.monotonic()
+
+    def update(self, index: int) -> None:
+        if index != self.current:
+            self.current, self.since = index, time.monotonic()
+
+    def text(self) -> str | None:
+        left = self.order[self.current:]
+        unknown = [name for name in left if name not in self.expected]
+        if len(unknown) == len(left):
+            return None
+        spent = time.monotonic() - self.since
+        seconds = sum(max(self.expected[name] - (spent if i == 0 else 0.0), 0.0)
+                      for i, name in enumerate(left) if name in self.expected)
+        minutes = f"{seconds / 60:.0f} min" if seconds >= 60 else f"{seconds:.0f} s"
+        return f"ETA {minutes}" if not unknown else f"ETA over {minutes}, {len(unknown)} stack(s) never ran here"
