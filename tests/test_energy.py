@@ -74,3 +74,18 @@ def test_energy_of_the_wrong_shape_makes_the_record_unreadable(tmp_path, energy,
     path.write_text(json.dumps(data))
     with pytest.raises(UnreadableRecord, match=why):
         read_record(path)
+
+
+def test_the_summary_plot_has_an_energy_panel_where_energy_was_read(tmp_path):
+    from PIL import Image
+
+    from fluxopt.record import Energy
+    from fluxopt.report.summary import _plot
+
+    record = run([stack("fp8_max", 2.0), stack("compile", 1.3)])
+    _plot([record], tmp_path / "plain.png")
+    record.baseline.energy = Energy(per_image_j=[3400.0, 3410.0, 3390.0])
+    record.stacks[0].energy = Energy(per_image_j=[1600.0, 1610.0, 1590.0])
+    _plot([record], tmp_path / "energy.png")
+    plain, energy = Image.open(tmp_path / "plain.png"), Image.open(tmp_path / "energy.png")
+    assert energy.width > 1.5 * plain.width  # a second panel: joules per image

@@ -5,15 +5,14 @@ of one stack on one side pool their per-iteration samples. Per matched stack:
 
 - **speed**: the ratio of medians, median(B) / median(A) of the end-to-end latency per generation
   (above 1: B is slower), with a percentile-bootstrap confidence interval from resampling both
-  sides' samples. The verdict: *slower* when the whole interval lies above 1, *faster* when it
-  lies below, otherwise *same within noise*. One sample on a side measures no spread; the verdict
-  then compares the ratio with the threshold alone.
-- **regression**: slower by more than ``max_regression`` (a fraction) with the confidence above, that
-  is the interval's lower end beyond 1 + ``max_regression`` (the ratio alone with one sample); a
-  fidelity gate that passed in A and fails in B; or a stack that ran in A and failed before it was
-  timed in B. Runs of one stack differ by a few percent between processes even on a quiet machine
-  (the interval measures the spread within a run), so the threshold, not the interval, is what
-  keeps a gate from false alarms: set it above the spread between your runs.
+  sides' samples. Runs of one stack differ by a few percent between processes even on a quiet
+  machine, while the interval measures only the spread within a run; so the threshold
+  ``max_regression`` stands for the noise between runs, and the verdict needs both: *slower* when
+  the whole interval lies above 1 + ``max_regression``, *faster* when it lies below
+  1 - ``max_regression``, otherwise *same within noise*. One sample on a side measures no spread:
+  the ratio alone is compared with the same bounds.
+- **regression**: slower as above; a fidelity gate that passed in A and fails in B; or a stack that
+  ran in A and failed before it was timed in B.
 
 Every stack of one side without a match on the other is listed, never dropped. The figures come
 from records read through the one reader, so they are re-derived from the samples.
@@ -78,14 +77,12 @@ class Speed(str, enum.Enum):
 
 
 def speed_verdict(estimate: RatioEstimate, max_regression: float) -> tuple[Speed, bool]:
-    """Faster, slower or the same, and whether it is a regression (slower beyond the threshold)."""
-    if estimate.spread_measured:
-        speed = Speed.SLOWER if estimate.low > 1.0 else Speed.FASTER if estimate.high < 1.0 else Speed.SAME
-    else:
-        change = estimate.ratio - 1.0
-        speed = Speed.SLOWER if change > max_regression else Speed.FASTER if -change > max_regression else Speed.SAME
-    bound = estimate.low if estimate.spread_measured else estimate.ratio
-    return speed, speed is Speed.SLOWER and bound > 1.0 + max_regression
+    """Faster, slower or the same within noise, and whether it is a regression (see the module
+    docstring: the interval, or the ratio for one sample, beyond 1 -/+ the threshold)."""
+    low, high = (estimate.low, estimate.high) if estimate.spread_measured else (estimate.ratio, estimate.ratio)
+    speed = (Speed.SLOWER if low > 1.0 + max_regression else
+             Speed.FASTER if high < 1.0 - max_regression else Speed.SAME)
+    return speed, speed is Speed.SLOWER
 
 
 @dataclass

@@ -81,12 +81,17 @@ def summary_rows(records: list[RunRecord], root: Path) -> list[tuple[dict[str, s
 
 
 def _plot(records: list[RunRecord], path: Path) -> None:
+    """Speedup against the worst prompt's PSNR, and, where the GPU's energy was read, a second
+    panel of joules per image (median over the timed generations) with each stack's average watts."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    with_energy = [(run_name(r, path.parent) if len(records) > 1 else "", s) for r in records
+                   for s in ([r.baseline] if r.baseline else []) + r.stacks if s.energy is not None]
+    fig, axes = plt.subplots(1, 2 if with_energy else 1, figsize=(13 if with_energy else 7, 4.5), squeeze=False)
+    ax = axes[0][0]
     for stack in (s for r in records for s in r.stacks):
         psnr = stack.worst("psnr")
         if stack.speedup is None or psnr is None or stack.partial:
@@ -98,6 +103,21 @@ def _plot(records: list[RunRecord], path: Path) -> None:
     ax.set_xlabel("PSNR vs baseline, worst prompt (dB; 100 = identical)")
     ax.set_ylabel("speedup vs baseline (median ratio)")
     ax.set_title("speedup vs fidelity (green: passes its fidelity thresholds)")
+    if with_energy:
+        energy = axes[0][1]
+        labels = [f"{run}: {s.stack}" if run else s.stack for run, s in with_energy]
+        joules = [s.energy.median_j for _, s in with_energy]
+        bars = energy.barh(range(len(joules)), joules, color=["tab:gray" if s.is_baseline else "tab:blue"
+                                                             for _, s in with_energy])
+        for bar, (_, s) in zip(bars, with_energy):
+            watts = s.energy.average_w(s.latency)
+            if watts is not None:
+                energy.annotate(f"{watts:.0f} W", (bar.get_width(), bar.get_y() + bar.get_height() / 2),
+                                textcoords="offset points", xytext=(4, -3), fontsize=7)
+        energy.set_yticks(range(len(labels)), [label[:40] for label in labels], fontsize=7)
+        energy.invert_yaxis()
+        energy.set_xlabel("GPU energy per image (J, median; NVML board counter)")
+        energy.set_title("energy per image (average power beside each bar)")
     fig.tight_layout()
     save_figure_atomic(path, fig, dpi=120)
     plt.close(fig)
