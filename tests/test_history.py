@@ -336,14 +336,18 @@ def test_compare_tells_a_slower_library_from_noise_end_to_end(tmp_path, plugin_e
     env = {**plugin_env, "FLUXOPT_STORE": str(store), "FLUXOPT_FAULT_STEP_SLEEP_S": "0.06"}
     common = ["+backend=fault_sleepy", "bench.iterations=4", "bench.steps=2", "save_images=false",
               "disabled_plugins=[fluxopt.report]"]  # no pages or plots per job: this test reads records
-    from conftest import run_cli
+    # the two commands at once (mostly asleep, they leave each other the CPU), each inserting into
+    # the store: parallel writers again
+    def start(*args: str, **extra: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "fluxopt", *args, *common], cwd=REPO, text=True,
+                                env={**os.environ, "HYDRA_FULL_ERROR": "0", **env, **extra},
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
-    sweep = run_cli("-m", *common, f"bench.seed=range(0,{SWEEP_JOBS})", "label=ref",
-                    f"hydra.sweep.dir={tmp_path / 'sweep'}", env=env)
-    assert sweep.returncode == 0, sweep.stderr[-2000:]
-    slow = run_cli(*common, "label=candidate", f"hydra.run.dir={tmp_path / 'slow'}",
-                   env={**env, "FLUXOPT_FAULT_STEP_SLEEP_S": "0.12"})
-    assert slow.returncode == 0, slow.stderr[-2000:]
+    sweep = start("-m", f"bench.seed=range(0,{SWEEP_JOBS})", "label=ref", f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    slow = start("label=candidate", f"hydra.run.dir={tmp_path / 'slow'}", FLUXOPT_FAULT_STEP_SLEEP_S="0.12")
+    for proc in (sweep, slow):
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-2000:]
 
     jobs = sorted(p.parent for p in (tmp_path / "sweep").rglob("result.json"))
     assert len(jobs) == SWEEP_JOBS

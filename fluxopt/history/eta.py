@@ -15,7 +15,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from fluxopt.history.store import ResultsStore
-from fluxopt.record import RunRecord, StackRecord
+from fluxopt.record import RunRecord
+
+RECENT_RUNS = 50  # the estimate reads only this many of the newest runs of the model on the device
 
 
 def _same_setting(record: RunRecord, model: str, device: str, shapes: dict[str, int]) -> bool:
@@ -28,8 +30,8 @@ def past_durations(store_path: Path | None, model: str, device: str, shapes: dic
     """Seconds per stack name (``baseline`` included) from the newest matching stored run of each."""
     if store_path is None or not store_path.is_file():
         return {}
-    with ResultsStore(store_path) as store:
-        runs = store.select().runs  # oldest first: later runs overwrite
+    with ResultsStore(store_path) as store:  # oldest first: later runs overwrite
+        runs = store.select(model=model, device=device, newest=RECENT_RUNS).runs
     found: dict[str, float] = {}
     for run in runs:
         record = run.record

@@ -206,21 +206,25 @@ class ResultsStore:
             raise
         return "updated" if found is not None else "added"
 
-    def select(self, label: str | None = None, revision: str | None = None) -> Selection:
-        """Runs with ``label`` / whose revision starts with ``revision`` (all runs when neither),
-        oldest first, each read back through the reader."""
+    def select(self, label: str | None = None, revision: str | None = None, model: str | None = None,
+               device: str | None = None, newest: int | None = None) -> Selection:
+        """Runs with ``label`` / whose revision starts with ``revision`` / of ``model`` on ``device``
+        (all runs when none is given), oldest first, each read back through the reader; ``newest``:
+        only that many of the most recent."""
         query, args = "SELECT id, label, source, added, record FROM runs", []
         where = []
-        if label is not None:
-            where.append("label = ?")
-            args.append(label)
+        for column, value in (("label", label), ("model", model), ("device", device)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                args.append(value)
         if revision is not None:
             where.append("revision LIKE ? ESCAPE '\\'")
             args.append(revision.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%")
         if where:
             query += " WHERE " + " AND ".join(where)
+        query += " ORDER BY started DESC, id DESC" + (f" LIMIT {int(newest)}" if newest is not None else "")
         selection = Selection()
-        for run_id, run_label, source, added, text in self._db.execute(query + " ORDER BY started, id", args):
+        for run_id, run_label, source, added, text in reversed(self._db.execute(query, args).fetchall()):
             where_from = Path(f"{self.path}#run{run_id}")
             try:
                 record = record_from_json(json.loads(text), where_from)
