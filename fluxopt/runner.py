@@ -166,6 +166,7 @@ class Run:
     # ------------------------------------------------------------------ phases
     def measure_baseline(self) -> list[Sample]:
         p = self.plan
+        started = time.perf_counter()
         self._enter("baseline", Phase.LOAD.value)
         log.info("baseline: loading %s on %s (%s)", p.spec.name, p.device.name, p.dtype)
         pipe = self._load()
@@ -182,6 +183,7 @@ class Run:
         self.baseline.images = self._save_images("baseline", m.samples)
         if self.baseline.status == Status.OK.value:
             self.baseline.stats["reference"] = save_reference(self.output_dir / REFERENCE_FILE, m.samples)
+        self.baseline.elapsed_s = time.perf_counter() - started  # load included, as for a stack
         del pipe
         self._release()
         return m.samples

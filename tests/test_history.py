@@ -442,6 +442,10 @@ def test_the_eta_comes_from_the_last_run_of_each_stack_here(tmp_path, monkeypatc
     shapes = {"height": 256, "width": 256, "steps": 8}
     expected = eta_module.past_durations(store, "flux-mini", "GPU X", shapes, warmup=1, iterations=3, prompts=2)
     assert expected == {"baseline": pytest.approx(1.0 * 6), "fp8_max": 120.0}  # the newest run, this device
+    new.baseline.elapsed_s = 14.0  # a record that kept the baseline's wall time: that is the estimate
+    with ResultsStore(store) as s:
+        s.add(new, _text(new))
+    assert eta_module.past_durations(store, "flux-mini", "GPU X", shapes, 1, 3, 2)["baseline"] == 14.0
     assert eta_module.past_durations(store, "flux-mini", "GPU X", {**shapes, "steps": 28}, 1, 3, 2) == {}
     assert eta_module.past_durations(tmp_path / "none.sqlite", "flux-mini", "GPU X", shapes, 1, 3, 2) == {}
 

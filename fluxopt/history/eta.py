@@ -3,8 +3,8 @@
 The estimate for each planned stack is its wall time (``elapsed_s``: load, apply, build, warm-up,
 timing, fidelity) in the most recent stored run of the same stack, model, device and shapes, so
 it reflects the cache state of that run: a stack whose last run built from warm caches is expected
-to build warm again. The baseline's is its generations (warm-up, timed, one per prompt for the
-reference images) at its measured latency. A stack never measured here has no estimate; the
+to build warm again. The baseline's is its wall time too; in a record from before the baseline's
+was kept, its generations (warm-up, timed, one per prompt) at its measured latency. A stack never measured here has no estimate; the
 progress line then says how many are unknown instead of guessing.
 """
 
@@ -37,7 +37,9 @@ def past_durations(store_path: Path | None, model: str, device: str, shapes: dic
         record = run.record
         if not _same_setting(record, model, device, shapes):
             continue
-        if record.baseline is not None and record.baseline.latency is not None:
+        if record.baseline is not None and record.baseline.elapsed_s:
+            found["baseline"] = record.baseline.elapsed_s
+        elif record.baseline is not None and record.baseline.latency is not None:  # recorded before elapsed_s
             found["baseline"] = record.baseline.latency.median * (warmup + iterations + prompts)
         for stack in record.stacks:
             if stack.elapsed_s and stack.status != "skipped":
