@@ -1,8 +1,14 @@
 """Build hook: record the git revision the package is built from (fluxopt/_build_info.json), so
 an installed copy (wheel, non-editable install) can say where it came from. Everything else
-about the package is in pyproject.toml."""
+about the package is in pyproject.toml.
+
+A copy of the source shipped to another machine (a GPU host's working tree, whose git metadata
+is not the sender's) is told its revision by the sender: ``$FLUXOPT_SOURCE_REVISION``, a commit
+id with ``+dirty`` appended when the sender's tree had uncommitted changes; it wins over git."""
 
 import json
+import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -28,7 +34,14 @@ def _own_checkout():
 class BuildPyWithRevision(build_py):
     def run(self):
         super().run()
-        if _own_checkout():
+        given = os.environ.get("FLUXOPT_SOURCE_REVISION", "")
+        if given:
+            match = re.fullmatch(r"([0-9a-f]{40})(\+dirty)?", given)
+            if not match:
+                raise SystemExit(f"FLUXOPT_SOURCE_REVISION={given!r} is not allowed: a 40-digit commit id, "
+                                 "optionally followed by +dirty")
+            info = {"revision": match[1], "dirty": bool(match[2])}
+        elif _own_checkout():
             status = _git("status", "--porcelain", "--untracked-files=no")
             info = {"revision": _git("rev-parse", "HEAD"), "dirty": None if status is None else bool(status)}
         else:

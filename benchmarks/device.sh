@@ -16,9 +16,15 @@
 #
 # Every call first installs the carried wheels and fluxopt itself (non-editable) into /tmp/site, once
 # per machine, and works from /tmp/work (no fluxopt/ source tree), so the installed package runs.
+# The machine's copy of .git is not this checkout's, so the caller names the revision the tree was
+# sent from, and records carry it: FLUXOPT_SOURCE_REVISION=<git rev-parse HEAD>[+dirty] bash ...
 set -u
 here=$PWD
 setup() {
+  if [ -z "${FLUXOPT_SOURCE_REVISION:-}" ]; then
+    echo "FLUXOPT_SOURCE_REVISION is not set: the commit this tree was sent from (git rev-parse HEAD)" >&2
+    return 1
+  fi
   if [ ! -f /tmp/site/.fluxopt-installed ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-build-isolation --target /tmp/site \
       .whl/*.whl . || return 1

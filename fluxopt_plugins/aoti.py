@@ -84,10 +84,14 @@ PROBE_TIMEOUT_S = 600
 
 @dataclass
 class AotiOptions:
-    # Inductor max_autotune (GEMM/conv autotuning at compile time); None: on a GPU only (on the CPU
-    # its C++ GEMM templates added ~20 s to the tiny model's build for no gain beyond noise)
-    max_autotune: Optional[bool] = None
-    tuning_flags: bool = True  # the recipe's Inductor flags (conv_1x1_as_mm, coordinate descent, no epilogue fusion)
+    # Inductor's GEMM/conv autotuning at compile time. Off: a bake-off must build in minutes, and it
+    # buys nothing measurable at FLUX's shapes (on the H100 no Inductor candidate beat cuBLAS for any
+    # fp8 GEMM, at ~96 s of tuning per shape; on the H200 a bf16 build with it ran past 570 s)
+    max_autotune: bool = False
+    # the recipe's Inductor flags (conv_1x1_as_mm, coordinate descent, no epilogue fusion). Off, as
+    # for compile: coordinate descent re-tunes every kernel in each build (on the H200 it gained
+    # 1.1 % per step for 20-90 s of every build; docs/results/2026-12-03-h200-cd-tuning/)
+    tuning_flags: bool = False
     inductor_config: dict[str, Any] = field(default_factory=dict)  # extra Inductor options for AOTI
     # keep eager's rounding of the scaled timestep/guidance (fluxopt.kit.eager_rounding): without it
     # the fused embedding sees 699.2 where eager sees 700.0 (bf16) and the images drift
@@ -149,9 +153,9 @@ def vae_example(vae: torch.nn.Module, shapes: Shapes, device: torch.device) -> t
                        shapes.width // scale, generator=torch.Generator().manual_seed(0)).to(device, dtype)
 
 
-def inductor_configs(options: AotiOptions, weights: str, gpu: bool) -> dict[str, Any]:
+def inductor_configs(options: AotiOptions, weights: str) -> dict[str, Any]:
     """What the package is compiled with (the recipe flags are passed here, never set globally)."""
-    configs: dict[str, Any] = {"max_autotune": gpu if options.max_autotune is None else options.max_autotune}
+    configs: dict[str, Any] = {"max_autotune": options.max_autotune}
     if options.tuning_flags:
         configs.update(RECIPE_INDUCTOR_FLAGS)
     if weights == "shared":
@@ -317,7 +321,7 @@ class AotiBackend(Backend):
         rounded = undo is not None
         inputs = transformer_inputs(transformer, ctx.shapes, device, dtype)
         z = vae_example(pipe.vae, ctx.shapes, device) if options.vae else None
-        configs = inductor_configs(options, weights, ctx.device.is_gpu)
+        configs = inductor_configs(options, weights)
         low, high = token_range(options)
         key = {**self.cache_key(options), "weights_mode": weights, "inductor_configs": configs,
                "inputs": signature(inputs), "dynamic_tokens": [low, high] if options.dynamic else None,
@@ -423,7 +427,7 @@ class AotiBackend(Backend):
             "eager_rounding": rounded,
             "package_bytes": sum(p.stat().st_size for p in entry.glob("*.pt2")),
             "inductor_cache_dir": str(ctx.cache_dir / INDUCTOR),
-            "max_autotune": configs["max_autotune"],  # as resolved for this device (option None: on a GPU only)
+            "max_autotune": configs["max_autotune"],  # as compiled (inductor_config may override the option)
             "entry": entry.name,
         }
 

@@ -14,21 +14,24 @@ from fluxopt import Preset, hookimpl
 FLUX_FAST = Preset(
     name="flux_fast",
     description=("flux-fast's recipe: fused QKV, channels_last VAE, torchao fp8 dynamic quantization (per row), "
-                 "Inductor tuning flags, torch.export + AOTInductor (transformer and VAE decoder) + CUDA graphs"),
+                 "torch.export + AOTInductor (transformer and VAE decoder) + CUDA graphs"),
     backends={
         "fuse_qkv": {"transformer": True, "vae": True},
         "channels_last": {},
         "torchao_fp8": {"granularity": "row"},
-        "aoti": {"max_autotune": False, "tuning_flags": True, "cuda_graphs": True, "weights": "embedded",
+        "aoti": {"max_autotune": False, "tuning_flags": False, "cuda_graphs": True, "weights": "embedded",
                  "vae": True},
     },
     source="https://github.com/huggingface/flux-fast (utils/pipeline_utils.py: optimize)",
     deviations=(
         "attention: Flash Attention 3 with fp8 inputs has no installable wheel here; SDPA's default runs "
         "instead (cuDNN on the H100, the fastest bf16 kernel fluxopt measured at FLUX's shape)",
-        "GEMM autotuning is off (backend.aoti.max_autotune=false; set it true for the original): on the H100 "
+        "GEMM autotuning is off (backend.aoti.max_autotune=true for the original): on the H100 "
         "none of Inductor's candidates beat cuBLAS for any fp8 GEMM shape, at ~96 s of autotuning per shape "
         "(docs/results/2026-11-25-h100-issue15h.md)",
+        "Inductor's tuning flags are off (backend.aoti.tuning_flags=true for the original): with them the "
+        "package took 752 s to compile on the H100, and coordinate descent gained 1.1 % per step on the H200 "
+        "(docs/results/2026-12-03-h200-cd-tuning/)",
         "fp8 quantization of the transformer only; flux-fast also quantizes the VAE's Linear layers",
         "channels_last on the VAE only; flux-fast also sets it on the transformer, whose Linear layers have "
         "no channel dimension to reorder",

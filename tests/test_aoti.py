@@ -20,10 +20,9 @@ from fluxopt import Shapes, Stage, StackContext
 from fluxopt.errors import ConfigError
 from fluxopt.stack import build_stack
 
-# The recipe's flags and embedded weights as the default bake-off runs them; max_autotune off (the CPU default) to keep
-# the suite fast (with it, on a CPU, Inductor makes derived weight constants: embedded packages hold them).
+# The default options (no autotuning, no recipe flags, embedded weights), as the default bake-off runs them.
 # bf16, as on a GPU: the dtype whose roundings a whole-graph package must reproduce (eager_rounding).
-AOTI_ARGS = ("+backend=aoti", "backend.aoti.max_autotune=false", "bench.steps=2", "bench.height=64",
+AOTI_ARGS = ("+backend=aoti", "bench.steps=2", "bench.height=64",
              "bench.width=64", "bench.iterations=2", "model.dtype=bfloat16")
 SHAPES = Shapes(height=64, width=64, steps=2, guidance_scale=3.5, max_sequence_length=128)
 
@@ -93,7 +92,7 @@ def test_aoti_cold_build_in_the_background_builds_and_measures_nothing(two_runs)
     assert Path(stats["artifacts"]["aoti"]["path"], "transformer.pt2").is_file()
     # Inductor's compiled kernels are kept in fluxopt's cache (an interrupted build leaves them to the next)
     assert any(Path(stats["aoti"]["inductor_cache_dir"]).rglob("*.so"))
-    assert stats["aoti"]["max_autotune"] is False  # asked for false; the record says what ran
+    assert stats["aoti"]["max_autotune"] is False  # the default; the record says what ran
 
 
 @pytest.mark.xdist_group("aoti_two_runs")  # one worker builds the shared fixture once
@@ -381,13 +380,21 @@ def test_aoti_on_gpu_with_cuda_graphs(tmp_path):
     assert stack["stats"]["aoti"]["cuda_graphs"] is True
 
 
-@pytest.mark.parametrize("asked, gpu, expected", [(None, True, True), (None, False, False), (True, False, True),
-                                                  (False, True, False)])
-def test_max_autotune_is_on_for_a_gpu_unless_the_user_says(asked, gpu, expected):
+@pytest.mark.parametrize("options, expected", [
+    ({}, {"max_autotune": False}),
+    ({"max_autotune": True}, {"max_autotune": True}),
+    ({"tuning_flags": True}, {"max_autotune": False, "coordinate_descent_tuning": True, "epilogue_fusion": False}),
+    ({"max_autotune": True, "inductor_config": {"max_autotune": False}}, {"max_autotune": False}),
+])
+def test_autotuning_and_the_recipe_flags_are_off_unless_asked(options, expected):
+    """The default builds in minutes: no GEMM autotuning, no coordinate descent; each is one option
+    away, and inductor_config has the last word."""
     from fluxopt_plugins.aoti import AotiOptions, inductor_configs
 
-    configs = inductor_configs(AotiOptions(max_autotune=asked), "embedded", gpu)
-    assert configs["max_autotune"] is expected
+    configs = inductor_configs(AotiOptions(**options), "embedded")
+    assert {k: configs.get(k) for k in expected} == expected
+    if not options.get("tuning_flags"):
+        assert "coordinate_descent_tuning" not in configs
 
 
 def test_a_disk_too_small_for_the_packages_is_refused_before_the_export(fluxopt_cache, tmp_path, monkeypatch):

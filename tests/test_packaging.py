@@ -91,3 +91,11 @@ def test_a_copy_of_the_source_inside_another_repository_records_no_revision(tmp_
     with zipfile.ZipFile(path) as archive:
         info = json.loads(archive.read("fluxopt/_build_info.json"))
     assert info == {"revision": None, "dirty": None}
+    # the sender of a copy names its revision (the GPU machine's copy is built this way)
+    revision = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    env = {**os.environ, "FLUXOPT_SOURCE_REVISION": revision + "+dirty"}
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
+                    "-w", str(tmp_path / "told"), str(copy)], check=True, capture_output=True, text=True, env=env)
+    (path,) = (tmp_path / "told").glob("fluxopt-*.whl")
+    with zipfile.ZipFile(path) as archive:
+        assert json.loads(archive.read("fluxopt/_build_info.json")) == {"revision": revision, "dirty": True}

@@ -26,6 +26,9 @@ def test_flux_fast_states_where_it_differs_from_the_original():
     assert preset.source.startswith("https://github.com/huggingface/flux-fast")
     assert any("Flash Attention 3" in d for d in preset.deviations)
     assert preset.backends["aoti"]["cuda_graphs"] and preset.backends["torchao_fp8"]["granularity"] == "row"
+    for option in ("max_autotune", "tuning_flags"):  # on in the original, off here: each says how to restore it
+        assert preset.backends["aoti"][option] is False
+        assert any(f"backend.aoti.{option}=true" in d for d in preset.deviations), option
 
 
 def test_a_preset_composes_with_other_backends_and_refuses_options_of_its_own():
