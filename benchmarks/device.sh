@@ -26,8 +26,10 @@ setup() {
     return 1
   fi
   if [ ! -f /tmp/site/.fluxopt-installed ]; then
+    start=$SECONDS
     python3 -m pip install -q --no-index --no-deps --no-compile --no-build-isolation --target /tmp/site \
       .whl/*.whl . || return 1
+    echo "setup: installed in $((SECONDS - start)) s" >&2
     touch /tmp/site/.fluxopt-installed
   fi
   export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 FLUXOPT_CACHE_DIR=${FLUXOPT_CACHE_DIR:-/tmp/fluxopt-cache} \

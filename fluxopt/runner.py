@@ -275,8 +275,12 @@ class Run:
                            prompts=p.prompts, stack=stack, run_once=lambda: gen(p.prompts[0], p.seed))
         # A fresh pipeline per stack needs no copy of replaced weights; the user's own must get them back.
         build_start = self.meter.read()
-        applied = apply_to_pipeline(pipe, stack, ctx, restorable=self.pipeline is not None,
-                                    on_phase=lambda name: enter(Phase(name)))
+        try:
+            applied = apply_to_pipeline(pipe, stack, ctx, restorable=self.pipeline is not None,
+                                        on_phase=lambda name: enter(Phase(name)))
+        except BaseException:  # stopped or failed mid-build: the record keeps where the time went
+            result.build_phases_s = dict(ctx.stats.get("build_phases_s", {}))
+            raise
         try:
             result.partial = ctx.partial
             result.build_s = applied.build_s

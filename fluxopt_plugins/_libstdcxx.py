@@ -103,26 +103,47 @@ def compatible(compiler: str, have: tuple[int, ...]) -> tuple[bool, str]:
     return lib_version is not None or major is not None, desc
 
 
+def _runtime(loaded: Path | None) -> tuple[tuple[int, ...] | None, str]:
+    have = glibcxx_version(loaded) if loaded else None
+    return have, f"{loaded} ({_fmt(have)}, GCC {GCC_OF_GLIBCXX.get(have, '?')}'s runtime)" if have else ""
+
+
+def _ordered(configured: str, candidates: tuple[str, ...]) -> list[str]:
+    """The configured compiler, then each installed candidate; one name per binary."""
+    order: list[str] = []
+    for compiler in (configured, *candidates):
+        if (compiler == configured or shutil.which(compiler)) and _binary(compiler) not in map(_binary, order):
+            order.append(compiler)
+    return order
+
+
+def likely_compiler(configured: str, loaded: Path | None = None,
+                    candidates: tuple[str, ...] = FALLBACK_COMPILERS) -> str:
+    """The compiler :func:`choose_compiler` picks if every probe passes: the first that passes
+    the version checks (the configured one when no libstdc++ is loaded to compare with, or none
+    passes). A build may start with it while the probes run, and is redone only if they reject it."""
+    have, _ = _runtime(loaded or loaded_libstdcxx())
+    if have is None:
+        return configured
+    return next((c for c in _ordered(configured, candidates) if compatible(c, have)[0]), configured)
+
+
 def choose_compiler(configured: str, loaded: Path | None = None,
                     candidates: tuple[str, ...] = FALLBACK_COMPILERS,
                     verify: Callable[[list[str]], dict[str, tuple[bool, str]]] | None = None) -> tuple[str, str]:
     """(compiler to use, why): the configured one if compatible, else the first compatible
     candidate. Raises RuntimeError when none is.
 
-    The version checks are necessary, not sufficient: on the H100 machine ``/opt/gcc/bin/g++``
+    The version checks are necessary, not sufficient: ``/opt/gcc/bin/g++`` on one GPU machine
     (a GCC 13.3 wrapper whose own libstdc++ cannot be located) passes them, yet every package it
     built crashed on load, while the system ``/usr/bin/g++``, the same GCC 13.3, worked. So
     ``verify(compilers)`` (:func:`packages_load`, cached by the caller) has the last word; it is
     given every version-compatible compiler at once, so their probes can run side by side."""
     loaded = loaded or loaded_libstdcxx()
-    have = glibcxx_version(loaded) if loaded else None
+    have, runtime = _runtime(loaded)
     if have is None:
         return configured, "no libstdc++ loaded in this process to compare with; using the configured compiler"
-    runtime = f"{loaded} ({_fmt(have)}, GCC {GCC_OF_GLIBCXX.get(have, '?')}'s runtime)"
-    order: list[str] = []  # the configured compiler, then each installed candidate; one name per binary
-    for compiler in (configured, *candidates):
-        if (compiler == configured or shutil.which(compiler)) and _binary(compiler) not in map(_binary, order):
-            order.append(compiler)
+    order = _ordered(configured, candidates)
     checks = {c: compatible(c, have) for c in order}
     verdicts = verify([c for c in order if checks[c][0]]) if verify is not None else {}
     tried = []

@@ -8,16 +8,18 @@ tokens), compiled with ``aoti_compile_and_package`` and stored through ``ctx.art
 package is loaded with ``aoti_load_package`` and installed as the transformer's ``forward``,
 keeping the signature and return values FluxPipeline relies on.
 
-Weights: ``embedded`` (the default, as in the flux-fast recipe) bakes the weights into the
-package in the layout Inductor chose for them, derived constants included (transposed or
-padded copies, packed CPU GEMM weights); the live transformer's weights are then released
-(``release_weights``: the package holds the only copy; the stack's snapshot restores them on
-close). ``shared`` packages code only and hands the live module's tensors to the package at
+Weights: ``shared`` packages code only and hands the live module's tensors to the package at
 load time, which is right only when Inductor kept every weight as it was: with ``max_autotune``
 it makes derived constants the live module lacks. The package gets its own copy
-(``load_constants(user_managed=False)``) and the live weights are released as for ``embedded``:
-zero-copy binding (``user_managed=True``) leaks a reference to every bound tensor in the
-AOTInductor runtime of torch 2.11 to 2.13 (pytorch PR 194480), so a bake-off's dropped pipeline
+(``load_constants(user_managed=False)``) and the live weights are released (``release_weights``;
+the stack's snapshot restores them on close): zero-copy binding (``user_managed=True``) leaks a
+reference to every bound tensor in the AOTInductor runtime of torch 2.11 to 2.13 (pytorch PR
+194480). ``embedded`` (the flux-fast recipe's) bakes the weights into the package in the layout
+Inductor chose for them, derived constants included (transposed or padded copies, packed CPU
+GEMM weights), and is the only mode for quantized (tensor-subclass) weights; it writes the
+weights twice to disk and compiles them into the shared library, which made a bf16 FLUX.1-dev
+package take minutes longer to build and tens of GiB of disk. ``auto`` (the default) shares
+plain weights and embeds quantized ones. Without the fix above, a bake-off's dropped pipeline
 kept one transformer's weights (22 GiB on flux-dev-random) allocated for every later stack. Either way the
 package's output is compared with the eager transformer's on example inputs before it is
 installed (``self_check``): a package that computes something else fails the stack. The cache
@@ -52,6 +54,8 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,13 +66,13 @@ import torch
 from fluxopt import (INDUCTOR, RECIPE_INDUCTOR_FLAGS, Backend, ConfigError, FluxoptError, Shapes, StackContext, Stage,
                      CudaGraphRunner, TransformerForward, has_subclass_weights, hookimpl, keep_eager_timestep_rounding, module_fingerprint,
                      private_dir, transformer_inputs, validate_inductor_flags)
-from fluxopt_plugins._libstdcxx import (choose_compiler, compiler_libstdcxx, loaded_libstdcxx, package_loads,
-                                        packages_load)
+from fluxopt_plugins._libstdcxx import (choose_compiler, compiler_libstdcxx, likely_compiler, loaded_libstdcxx,
+                                        package_loads, packages_load)
 
 
 log = logging.getLogger("fluxopt.aoti")
 
-WEIGHT_MODES = ("embedded", "shared")
+WEIGHT_MODES = ("auto", "shared", "embedded")
 # Largest relative L2 error of the package against eager on example inputs, by dtype.
 SELF_CHECK_TOLERANCE = {torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16: 5e-2}
 # With quantized weights (dynamic fp8 activations), one rounding flipped by Inductor's fusion of the
@@ -100,7 +104,8 @@ class AotiOptions:
     dynamic: bool = False  # dynamic image-token dimension (one package for a range of resolutions)
     min_resolution: int = 256  # dynamic: smallest square side covered, in pixels (multiple of 16)
     max_resolution: int = 1024  # dynamic: largest square side covered, in pixels (multiple of 16)
-    weights: str = "embedded"  # embedded (weights in the package) | shared (bind the live weights at load)
+    # auto (shared, embedded for quantized weights) | shared (the live weights bound at load) | embedded (in the package)
+    weights: str = "auto"
     release_weights: bool = True  # free the live transformer's weights (the package has its own copy)
     self_check: bool = True  # compare the package's output with eager on example inputs before using it
     # largest relative L2 error of that comparison; None: by dtype (bf16 0.05), 0.25 with quantized weights
@@ -189,9 +194,18 @@ class AotiLoadError(FluxoptError):
     """The AOTInductor runtime of this torch build could not load a package."""
 
 
+def tensor_bytes(tensor: torch.Tensor) -> int:
+    """Bytes a tensor stores: a tensor subclass (a quantized weight) by the tensors it is made of
+    (fp8 data plus scales), not by its logical dtype, which would count a bf16 size."""
+    if hasattr(tensor, "__tensor_flatten__"):  # a traceable wrapper subclass (torchao's)
+        names, _ = tensor.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(tensor, name)) for name in names)
+    return tensor.numel() * tensor.element_size()
+
+
 def weight_bytes(module: torch.nn.Module) -> int:
-    """Bytes of a module's parameters and buffers (quantized ones as their elements count them)."""
-    return sum(t.numel() * t.element_size() for t in itertools.chain(module.parameters(), module.buffers()))
+    """Bytes of a module's parameters and buffers as stored."""
+    return sum(map(tensor_bytes, itertools.chain(module.parameters(), module.buffers())))
 
 
 # Writing a package with embedded weights holds them twice on disk (Inductor's serialized constants,
@@ -199,6 +213,12 @@ def weight_bytes(module: torch.nn.Module) -> int:
 # process from a destructor, so the space is checked before the export starts.
 EMBEDDED_COPIES = 2
 SPACE_MARGIN_BYTES = 2 * 2**30  # compiled kernels, sources, the runtime's shared libraries
+
+
+def resolve_weights(mode: str, quantized: bool) -> str:
+    """``auto``: quantized (tensor-subclass) weights can only be embedded; plain ones are shared,
+    which keeps them out of the compiled library and off the disk."""
+    return mode if mode != "auto" else "embedded" if quantized else "shared"
 
 
 def check_space(where: Path, modules: list[torch.nn.Module], weights: str) -> None:
@@ -302,19 +322,20 @@ class AotiBackend(Backend):
         transformer = pipe.transformer
         device = next(transformer.parameters()).device
         dtype = transformer.dtype
-        weights = options.weights
-        if weights == "shared" and any(has_subclass_weights(m) for m in (transformer, pipe.vae)):
+        quantized = any(has_subclass_weights(m) for m in (transformer, pipe.vae))
+        weights = resolve_weights(options.weights, quantized)
+        if weights == "shared" and quantized:
             raise ConfigError("backend.aoti.weights=shared cannot bind tensor-subclass weights (a quantized "
                               "transformer); use backend.aoti.weights=embedded")
         from torch._inductor.cpp_builder import get_cpp_compiler  # Inductor loads in ~1.5 s: not before a build
 
         configured = get_cpp_compiler()
+        # The compiler's probe (minutes once per machine, cached) runs beside the export and the
+        # compile, which start with the compiler the probe will most likely confirm; only if it
+        # rejects that one is the package compiled again with the one it accepts.
         probes: dict[str, dict[str, Any]] = {}
-        with ctx.timed("compiler_check"):  # cached per compiler: a few minutes once per machine
-            cxx, cxx_reason = choose_compiler(configured,
-                                              verify=lambda compilers: verified_compilers(compilers, ctx, probes))
-        if cxx != configured:
-            ctx.set_config("aoti: C++ compiler", torch._inductor.config, {"cpp.cxx": (None, cxx)})
+        guess = likely_compiler(configured)
+        compiler_check = CompilerCheck(configured, lambda compilers: verified_compilers(compilers, ctx, probes))
         undo = keep_eager_timestep_rounding(transformer) if options.eager_rounding else None
         if undo is not None:
             ctx.callback("aoti: eager timestep rounding", undo)
@@ -323,12 +344,12 @@ class AotiBackend(Backend):
         z = vae_example(pipe.vae, ctx.shapes, device) if options.vae else None
         configs = inductor_configs(options, weights)
         low, high = token_range(options)
-        key = {**self.cache_key(options), "weights_mode": weights, "inductor_configs": configs,
-               "inputs": signature(inputs), "dynamic_tokens": [low, high] if options.dynamic else None,
-               "cxx": [cxx, str(compiler_libstdcxx(cxx))],
-               "transformer": module_fingerprint(transformer, values=weights == "embedded"),
-               "vae_module": module_fingerprint(pipe.vae, values=weights == "embedded") if options.vae else None,
-               "vae_input": list(z.shape) if z is not None else None}
+        base_key = {**self.cache_key(options), "weights_mode": weights, "inductor_configs": configs,
+                    "inputs": signature(inputs), "dynamic_tokens": [low, high] if options.dynamic else None,
+                    "transformer": module_fingerprint(transformer, values=weights == "embedded"),
+                    "vae_module": module_fingerprint(pipe.vae, values=weights == "embedded") if options.vae else None,
+                    "vae_input": list(z.shape) if z is not None else None}
+        key = {**base_key, "cxx": [guess, str(compiler_libstdcxx(guess))]}
 
         def build_packages(tmp: Path) -> None:
             check_space(ctx.cache_dir, [transformer, pipe.vae] if options.vae else [transformer], weights)
@@ -349,7 +370,7 @@ class AotiBackend(Backend):
                 program = _export(_TransformerGraph(transformer), (), inputs, dynamic_shapes)
             with ctx.timed("aoti_compile"):
                 torch._inductor.aoti_compile_and_package(program, package_path=str(tmp / TRANSFORMER_PACKAGE),
-                                                         inductor_configs=configs)
+                                                         inductor_configs=compiling)
             if z is not None:
                 vae_dynamic = None
                 if options.dynamic:
@@ -363,12 +384,22 @@ class AotiBackend(Backend):
                     program = _export(_VaeDecodeGraph(pipe.vae), (), {"z": z}, vae_dynamic)
                 with ctx.timed("aoti_compile"):
                     torch._inductor.aoti_compile_and_package(program, package_path=str(tmp / VAE_PACKAGE),
-                                                             inductor_configs=configs)
+                                                             inductor_configs=compiling)
             (tmp / "info.json").write_text(json.dumps({"weights": weights, "inputs": signature(inputs),
-                                                       "dynamic_tokens": key["dynamic_tokens"], "cxx": cxx},
+                                                       "dynamic_tokens": key["dynamic_tokens"],
+                                                       "cxx": compiling["cpp.cxx"][1]},
                                                       indent=2))
 
+        compiling = {**configs, "cpp.cxx": (None, guess)}  # passed to the compile only, never set globally
         entry = ctx.artifact(self.name, key, build_packages)
+        with ctx.timed("compiler_check"):  # what is left of the probe once the compile is done
+            cxx, cxx_reason = compiler_check.result()
+        if cxx != guess:
+            log.warning("aoti: the probe rejected %s, the compiler the package was built with; building it again "
+                        "with %s", guess, cxx)
+            key = {**base_key, "cxx": [cxx, str(compiler_libstdcxx(cxx))]}
+            compiling = {**configs, "cpp.cxx": (None, cxx)}
+            entry = ctx.artifact(self.name, key, build_packages)
         cache_info = ctx.stats.get("artifacts", {}).get(self.name, {})
         use_graphs = options.cuda_graphs and ctx.device.is_gpu
         if options.probe_load:
@@ -423,6 +454,8 @@ class AotiBackend(Backend):
             "cxx": cxx,
             "cxx_reason": cxx_reason,
             "compiler_probes": probes,
+            "compiler_check_s": round(compiler_check.seconds, 1),  # beside the export and compile
+            "compiled_twice": cxx != guess,
             "self_check": check,
             "eager_rounding": rounded,
             "package_bytes": sum(p.stat().st_size for p in entry.glob("*.pt2")),
@@ -430,6 +463,34 @@ class AotiBackend(Backend):
             "max_autotune": configs["max_autotune"],  # as compiled (inductor_config may override the option)
             "entry": entry.name,
         }
+
+
+class CompilerCheck:
+    """:func:`choose_compiler` in a thread of its own (its probes are child processes), so that
+    the build goes on beside it; ``result()`` waits for the verdict and re-raises its error. A
+    daemon thread: a stack stopped mid-build does not wait for probes it no longer needs."""
+
+    def __init__(self, configured: str, verify: Callable[[list[str]], dict[str, tuple[bool, str]]]):
+        self.seconds = 0.0
+        self._outcome: tuple[str, str] | BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(configured, verify), daemon=True,
+                                        name="aoti-compiler-check")
+        self._thread.start()
+
+    def _run(self, configured: str, verify: Callable[[list[str]], dict[str, tuple[bool, str]]]) -> None:
+        start = time.perf_counter()
+        try:
+            self._outcome = choose_compiler(configured, verify=verify)
+        except BaseException as exc:  # handed to the build thread by result()
+            self._outcome = exc
+        self.seconds = time.perf_counter() - start
+
+    def result(self) -> tuple[str, str]:
+        self._thread.join()
+        if isinstance(self._outcome, BaseException):
+            raise self._outcome
+        assert self._outcome is not None
+        return self._outcome
 
 
 def verified_compilers(compilers: list[str], ctx: StackContext,

@@ -23,6 +23,15 @@ def test_a_stack_over_its_budget_is_stopped_with_the_phase_it_reached(tmp_path, 
     assert "fault_slow: over budget" in proc.stderr
 
 
+def test_a_stack_stopped_mid_build_keeps_the_build_phases_it_ran(tmp_path, plugin_env):
+    proc = run_cli("stacks=[{fault_slow: {build_s: 60}}]", "budget.stack_s=2", "bench.iterations=1",
+                   "save_images=false", f"hydra.run.dir={tmp_path}", env=plugin_env)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    (slow,) = read_result(tmp_path)["stacks"]
+    assert slow["phase"] == "build" and slow["reason"].startswith("over budget: stopped during build")
+    assert 1 < slow["build_phases_s"]["slow_build"] <= slow["elapsed_s"] < 10  # the phase it was stopped in
+
+
 def test_the_stacks_left_when_the_run_budget_is_spent_are_not_run(tmp_path, plugin_env):
     proc = run_cli(f"stacks=[{{{SLOW}}},fuse_qkv]", "budget.run_s=4", "bench.iterations=1", "save_images=false",
                    f"hydra.run.dir={tmp_path}", env=plugin_env)

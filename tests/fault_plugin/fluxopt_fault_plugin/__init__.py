@@ -129,6 +129,7 @@ class KilledProcess(Backend):
 @dataclass
 class SlowOptions:
     delay_s: float = 0.2  # added to every transformer call
+    build_s: float = 0.0  # a build phase ("slow_build") that takes this long
 
 
 class SlowSteps(Backend):
@@ -142,6 +143,11 @@ class SlowSteps(Backend):
     def apply(self, pipe: Any, options: SlowOptions, ctx: Any) -> None:
         handle = pipe.transformer.register_forward_pre_hook(lambda module, args: time.sleep(options.delay_s))
         ctx.callback("fault_slow: delay hook", handle.remove)
+
+    def build(self, pipe: Any, options: SlowOptions, ctx: Any) -> None:
+        if options.build_s:
+            with ctx.timed("slow_build"):
+                time.sleep(options.build_s)
 
 
 STEP_SLEEP_ENV = "FLUXOPT_FAULT_STEP_SLEEP_S"
