@@ -427,9 +427,15 @@ def test_quantized_weights_are_counted_as_stored_and_embedded_by_default():
 
     from fluxopt_plugins import aoti
 
+    from fluxopt import compiler_state
+
     module = torch.nn.Sequential(torch.nn.Linear(256, 256, bias=False)).to(torch.bfloat16)
     bf16 = aoti.weight_bytes(module)
-    quantize_(module, Int8WeightOnlyConfig())
+    restore = compiler_state.hold()  # torchao sets Inductor flags process-wide; later tests must not see them
+    try:
+        quantize_(module, Int8WeightOnlyConfig())
+    finally:
+        restore()
     assert 0.5 * bf16 < aoti.weight_bytes(module) < 0.6 * bf16  # one byte per element plus a scale per row
     assert aoti.resolve_weights("auto", quantized=True) == "embedded"
     assert aoti.resolve_weights("auto", quantized=False) == "shared"
