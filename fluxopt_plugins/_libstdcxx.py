@@ -117,15 +117,32 @@ def _ordered(configured: str, candidates: tuple[str, ...]) -> list[str]:
     return order
 
 
+def install_prefix(path: Path) -> Path:
+    """The toolchain installation a file belongs to: ``/usr`` for ``/usr/bin/g++`` and for
+    ``/usr/lib/x86_64-linux-gnu/libstdc++.so.6``; ``/opt/gcc`` for ``/opt/gcc/bin/g++``."""
+    path = path.resolve()
+    for parent in path.parents:
+        if parent.name == "bin" or parent.name.startswith("lib"):
+            return parent.parent
+    return path.parent
+
+
 def likely_compiler(configured: str, loaded: Path | None = None,
                     candidates: tuple[str, ...] = FALLBACK_COMPILERS) -> str:
-    """The compiler :func:`choose_compiler` picks if every probe passes: the first that passes
-    the version checks (the configured one when no libstdc++ is loaded to compare with, or none
-    passes). A build may start with it while the probes run, and is redone only if they reject it."""
-    have, _ = _runtime(loaded or loaded_libstdcxx())
-    if have is None:
+    """The compiler the probes will most likely confirm, for a build that starts while they run
+    (redone only if they reject it): among those that pass the version checks, the first from
+    the installation the loaded libstdc++ comes from (its own toolchain), else the first. A
+    compiler installed beside another runtime passed the version checks and was rejected by the
+    probe on two GPU machines (``/opt/gcc/bin/g++``, the configured one, against ``/usr``'s
+    runtime). The configured one when no libstdc++ is loaded to compare with."""
+    loaded = loaded or loaded_libstdcxx()
+    have, _ = _runtime(loaded)
+    if have is None or loaded is None:
         return configured
-    return next((c for c in _ordered(configured, candidates) if compatible(c, have)[0]), configured)
+    passing = [c for c in _ordered(configured, candidates) if compatible(c, have)[0]]
+    home = install_prefix(loaded)
+    native = [c for c in passing if shutil.which(c) and install_prefix(Path(shutil.which(c))) == home]
+    return (native or passing or [configured])[0]
 
 
 def choose_compiler(configured: str, loaded: Path | None = None,

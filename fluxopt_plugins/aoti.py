@@ -111,9 +111,11 @@ class AotiOptions:
     # largest relative L2 error of that comparison; None: by dtype (bf16 0.05), 0.25 with quantized weights
     self_check_tolerance: Optional[float] = None
     vae: bool = False  # also export + AOT-compile the VAE decoder
-    # load the package in a child process first, so that a torch build whose AOTInductor runtime
-    # crashes on load fails this stack instead of killing the whole bake-off (costs a few seconds)
-    probe_load: bool = True
+    # also load this package in a child process first. Off: the compiler probe (once per machine)
+    # already loaded a package built by the same compiler into the same runtime, and the loader's
+    # crash does not depend on the model; a fresh process loading any package took 45-58 s on the
+    # H200. On for a torch build under suspicion: a crash then fails this stack, not the bake-off.
+    probe_load: bool = False
 
 
 # ---------------------------------------------------------------------------------- inputs

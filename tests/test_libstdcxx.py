@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from fluxopt_plugins._libstdcxx import choose_compiler, glibcxx_version, loaded_libstdcxx
+from fluxopt_plugins._libstdcxx import choose_compiler, glibcxx_version, likely_compiler, loaded_libstdcxx
 
 
 def fake_libstdcxx(path: Path, newest: str) -> Path:
@@ -53,6 +53,21 @@ def test_newer_headers_are_refused_even_when_the_loaded_library_is_linked(machin
     assert choose_compiler("opt-g++", loaded=machine, candidates=("g++",))[0] == "g++"
     fake_compiler(tmp_path / "bin", "same-g++", machine, "14.2.0")
     assert choose_compiler("same-g++", loaded=machine, candidates=("g++",))[0] == "same-g++"
+
+
+def test_the_likely_compiler_is_the_one_installed_with_the_loaded_runtime(tmp_path, monkeypatch):
+    """The build starts with the compiler the probe will most likely confirm: of those that pass
+    the version checks, the one installed beside the loaded libstdc++ (the GPU machines' case:
+    /opt/gcc/bin/g++ configured, the runtime from /usr, only /usr/bin/g++'s packages loaded)."""
+    loaded = fake_libstdcxx((tmp_path / "usr" / "lib").mkdir(parents=True) or tmp_path / "usr/lib/libstdc++.so.6",
+                            "3.4.33")
+    for prefix, name in (("opt/gcc", "opt-g++"), ("usr", "sys-g++")):
+        (tmp_path / prefix / "bin").mkdir(parents=True)
+        fake_compiler(tmp_path / prefix / "bin", name, loaded, "14")
+        monkeypatch.setenv("PATH", f"{tmp_path / prefix / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    assert likely_compiler("opt-g++", loaded=loaded, candidates=("sys-g++",)) == "sys-g++"
+    assert choose_compiler("opt-g++", loaded=loaded, candidates=("sys-g++",))[0] == "opt-g++"  # unless probed
+    assert likely_compiler("opt-g++", loaded=loaded, candidates=()) == "opt-g++"  # no native one: the first
 
 
 def test_a_compatible_configured_compiler_is_kept(machine):
