@@ -56,6 +56,7 @@ import sys
 import tempfile
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -174,6 +175,16 @@ def inductor_configs(options: AotiOptions, weights: str) -> dict[str, Any]:
 def _export(module: torch.nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any) -> Any:
     with torch.no_grad():
         return torch.export.export(module, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+
+
+def forget_traced_graphs() -> None:
+    """Drop torch's reference to the last graph it traced for export: a module-level map (read
+    only by its fake-tensor leak detector) keeps the traced graph, and through it the exported
+    module and its weights, until the next export. Called when a build ends, however it ends: a
+    stack stopped mid-build kept its transformer's 22 GiB allocated for every later stack."""
+    from torch.fx.experimental import proxy_tensor
+
+    getattr(proxy_tensor, "_FAKE_TENSOR_ID_TO_PROXY_MAP_FOR_EXPORT", {}).clear()
 
 
 # ---------------------------------------------------------------------------------- running
@@ -337,7 +348,8 @@ class AotiBackend(Backend):
         # rejects that one is the package compiled again with the one it accepts.
         probes: dict[str, dict[str, Any]] = {}
         guess = likely_compiler(configured)
-        compiler_check = CompilerCheck(configured, lambda compilers: verified_compilers(compilers, ctx, probes))
+        context = weakref.ref(ctx)
+        compiler_check = CompilerCheck(configured, lambda compilers: verified_compilers(compilers, context, probes))
         undo = keep_eager_timestep_rounding(transformer) if options.eager_rounding else None
         if undo is not None:
             ctx.callback("aoti: eager timestep rounding", undo)
@@ -359,8 +371,11 @@ class AotiBackend(Backend):
             # managed by fluxopt-cache), not /tmp: a build that is interrupted leaves them for the next one
             from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir
 
-            with temporary_cache_dir(str(private_dir(ctx.cache_dir / INDUCTOR))):
-                _build_packages(tmp)
+            try:
+                with temporary_cache_dir(str(private_dir(ctx.cache_dir / INDUCTOR))):
+                    _build_packages(tmp)
+            finally:
+                forget_traced_graphs()
 
         def _build_packages(tmp: Path) -> None:
             dynamic_shapes = None
@@ -495,11 +510,17 @@ class CompilerCheck:
         return self._outcome
 
 
-def verified_compilers(compilers: list[str], ctx: StackContext,
+def verified_compilers(compilers: list[str], context: Callable[[], StackContext | None],
                        probes: dict[str, dict[str, Any]]) -> dict[str, tuple[bool, str]]:
     """``package_loads`` for each compiler, the uncached ones probed side by side, each verdict
     cached in the artifact cache per compiler binary and loaded libstdc++ (minutes once per
-    machine). ``probes`` receives, per compiler, whether it was cached and the probe's seconds."""
+    machine). ``probes`` receives, per compiler, whether it was cached and the probe's seconds.
+
+    ``context`` is a weak reference to the stack's context: the probes run in a thread beside the
+    build, and a build that ends first (failed, stopped) must not have its pipeline held here."""
+    ctx = context()
+    if ctx is None:
+        raise RuntimeError("aoti: the build ended before its compiler check")
     keys = {}
     for compiler in compilers:
         exe = shutil.which(compiler) or compiler
@@ -507,8 +528,12 @@ def verified_compilers(compilers: list[str], ctx: StackContext,
                           "compiler_mtime": os.path.getmtime(exe) if os.path.exists(exe) else None,
                           "libstdcxx": str(loaded_libstdcxx())}
     missing = [c for c in compilers if ctx.artifact("aoti_compiler_check", keys[c], None) is None]
+    del ctx  # not held while the probes run
     with tempfile.TemporaryDirectory() as work:
         fresh = packages_load(missing, Path(work))
+    ctx = context()
+    if ctx is None:
+        raise RuntimeError("aoti: the build ended before its compiler check")
     verdicts = {}
     for compiler in compilers:
         def write(tmp: Path, compiler: str = compiler) -> None:  # an entry found above may vanish since

@@ -472,3 +472,31 @@ def test_the_package_compiles_beside_the_compiler_probe_and_again_when_the_probe
         fluxopt.apply_stack(pipe, {"aoti": {"probe_load": True}}, height=64, width=64, steps=2)
     assert compilers == ["rejected-c++", "accepted-g++"]
     assert "the probe rejected rejected-c++" in caplog.text
+
+
+def test_a_build_stopped_mid_compile_keeps_no_reference_to_the_weights(monkeypatch):
+    """torch keeps the last graph it traced for export, and through it the exported module, in a
+    module-level map, and the compiler probe's thread outlives a failed build: on the H200 a stack
+    stopped mid-build left its transformer's 22 GiB allocated for every later stack. Neither holds
+    the pipeline once the build has ended, however it ended."""
+    import gc
+    import weakref
+
+    import fluxopt
+
+    from torch._inductor.codecache import AotCodeCompiler
+
+    def stopped(*args, **kwargs):
+        raise RuntimeError("stopped during the compile")
+
+    # traced and lowered as for real, stopped where the C++ compile would start
+    monkeypatch.setattr(AotCodeCompiler, "compile", stopped)
+    pipe = fluxopt.load_model("tiny", device="cpu")
+    weight = weakref.ref(pipe.transformer.transformer_blocks[0].attn.to_q.weight)
+    try:
+        fluxopt.apply_stack(pipe, {"aoti": {}}, height=64, width=64, steps=2)
+    except RuntimeError as exc:  # not kept: its traceback would hold the pipeline
+        assert "stopped during the compile" in str(exc)
+    del pipe
+    gc.collect()
+    assert weight() is None
