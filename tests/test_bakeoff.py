@@ -23,8 +23,9 @@ FAULTS = "fault_apply,fault_build,fault_nan,fault_oom,fault_needs_cuda"
 def fault_sweep(tmp_path_factory, plugin_env):
     """One sweep in which every stack but one fails or is skipped, in a different phase each."""
     sweep = tmp_path_factory.mktemp("sweep")
-    # As typed in a shell: -m +backend=...,'[compile,fault_nan]',compile (the shell drops the quotes).
-    args = ("-m", f"+backend={FAULTS},[compile,fault_nan],compile", "bench.iterations=2", f"hydra.sweep.dir={sweep}")
+    # As typed in a shell: -m +backend=...,'[fuse_qkv,fault_nan]',fuse_qkv (the shell drops the quotes).
+    # fuse_qkv: a lossless stack that builds in no time (what is under test is the sweep, not a backend)
+    args = ("-m", f"+backend={FAULTS},[fuse_qkv,fault_nan],fuse_qkv", "bench.iterations=2", f"hydra.sweep.dir={sweep}")
     proc = run_cli(*args, env=plugin_env)
     assert proc.returncode == 1, proc.stderr[-4000:]  # failed stacks make the sweep's verdict negative
     assert "requested stack(s) failed" in proc.stderr
@@ -39,7 +40,7 @@ def _rows(sweep: Path) -> dict[str, dict]:
 def test_sweep_records_each_failure_with_phase_and_goes_on(fault_sweep):
     sweep, _, _ = fault_sweep
     rows = _rows(sweep)
-    assert rows["compile"]["status"] == "ok" and rows["compile"]["fidelity"]["passed"]
+    assert rows["fuse_qkv"]["status"] == "ok" and rows["fuse_qkv"]["fidelity"]["passed"]
     assert (rows["fault_apply"]["status"], rows["fault_apply"]["phase"]) == ("failed", "apply")
     assert "injected failure while applying" in rows["fault_apply"]["reason"]
     assert (rows["fault_build"]["status"], rows["fault_build"]["phase"]) == ("failed", "build")
@@ -47,7 +48,7 @@ def test_sweep_records_each_failure_with_phase_and_goes_on(fault_sweep):
     assert rows["fault_oom"]["reason"].startswith("out of memory")
     assert (rows["fault_nan"]["status"], rows["fault_nan"]["phase"]) == ("failed", "fidelity")
     assert "non-finite" in rows["fault_nan"]["reason"]
-    assert rows["fault_nan+compile"]["status"] == "failed"  # composed in stage order
+    assert rows["fuse_qkv+fault_nan"]["status"] == "failed"  # composed in stage order
     assert rows["fault_needs_cuda"]["status"] == "skipped"
     assert "needs an NVIDIA GPU" in rows["fault_needs_cuda"]["reason"]
 
@@ -58,10 +59,10 @@ def test_sweep_summary_files(fault_sweep):
     for name in ("summary.md", "summary.csv", "summary.json", "speedup_vs_fidelity.png", "grid.png"):
         assert (sweep / name).stat().st_size > 0, name
     md = (sweep / "summary.md").read_text()
-    assert "| compile | ok |" in md and "## Noise" in md and "random weights" in md
+    assert "| fuse_qkv | ok |" in md and "## Noise" in md and "random weights" in md
     with open(sweep / "summary.csv") as handle:
         stacks = {row["stack"] for row in csv.DictReader(handle)}
-    assert {"compile", "fault_apply", "fault_nan+compile", "fault_needs_cuda"} <= stacks
+    assert {"fuse_qkv", "fault_apply", "fuse_qkv+fault_nan", "fault_needs_cuda"} <= stacks
     assert Image.open(sweep / "grid.png").size[0] > 200
     assert "sweep summary of 7 run(s)" in proc.stdout
 
@@ -82,14 +83,14 @@ def test_report_regenerates_summary_from_result_files_alone(fault_sweep, tmp_pat
 @pytest.mark.xdist_group("fault_sweep")  # one worker builds the shared fixture once
 def test_restarted_sweep_skips_complete_jobs_and_force_keeps_old_results(fault_sweep, plugin_env):
     sweep, args, _ = fault_sweep
-    job = sweep / "+backend=compile,bench.iterations=2"
+    job = sweep / "+backend=fuse_qkv,bench.iterations=2"
     result = job / "result.json"
     before = result.read_text()
-    proc = run_cli("-m", "+backend=compile", "bench.iterations=2", f"hydra.sweep.dir={sweep}", env=plugin_env)
+    proc = run_cli("-m", "+backend=fuse_qkv", "bench.iterations=2", f"hydra.sweep.dir={sweep}", env=plugin_env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "is complete and passed for this config; skipping" in proc.stderr
     assert result.read_text() == before
-    proc = run_cli("-m", "+backend=compile", "bench.iterations=2", "resume=false", f"hydra.sweep.dir={sweep}",
+    proc = run_cli("-m", "+backend=fuse_qkv", "bench.iterations=2", "resume=false", f"hydra.sweep.dir={sweep}",
                    env=plugin_env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     kept = list(job.glob("result.*.json"))
