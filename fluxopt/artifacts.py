@@ -83,6 +83,14 @@ def key_digest(full_key: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(full_key, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
+def key_difference(a: Any, b: Any, prefix: str = "") -> list[str]:
+    """Dotted names of the fields where two normalised keys differ (nested mappings descended)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [name for k in sorted(set(a) | set(b))
+                for name in key_difference(a.get(k), b.get(k), f"{prefix}{k}.")]
+    return [] if a == b else [prefix.rstrip(".")]
+
+
 def key_summary(full_key: Mapping[str, Any]) -> str:
     """One line naming what an entry is for (for ``fluxopt-cache ls`` and logs)."""
     device = full_key.get("device") or {}
@@ -131,6 +139,7 @@ class CacheResult:
     cache_hit: bool  # a valid entry was there (possibly built meanwhile by another process)
     built: bool  # this process built it
     rebuilt: str | None = None  # why an existing entry was discarded and rebuilt
+    nearest: str | None = None  # on a miss: how the closest entry of the same kind was keyed differently
     waited_for_other_builder: bool = False
     verify_s: float = 0.0
     build_s: float = 0.0
@@ -143,6 +152,8 @@ class CacheResult:
             stats["build_s"] = round(self.build_s, 4)
         if self.rebuilt:
             stats["rebuilt"] = self.rebuilt
+        if self.nearest:
+            stats["nearest"] = self.nearest
         if self.waited_for_other_builder:
             stats["waited_for_other_builder"] = True
         return stats
@@ -262,15 +273,37 @@ class ArtifactCache:
             if verdict.valid:  # another process built it while we waited for the lock
                 return CacheResult(target, cache_hit=True, built=False, waited_for_other_builder=True,
                                    verify_s=verify_s, size_bytes=dir_size(target))
-            rebuilt = None
+            rebuilt = nearest = None
             if verdict.reason != "absent":
                 rebuilt = verdict.reason
                 self._discard(target, rebuilt)
+            else:
+                nearest = self.nearest_entry(kind, full_key)
+                if nearest:
+                    log.info("artifact cache: no %s entry for this key; %s", kind, nearest)
             build_start = time.perf_counter()
             self._build(target, full_key, build)
-            return CacheResult(target, cache_hit=False, built=True, rebuilt=rebuilt,
+            return CacheResult(target, cache_hit=False, built=True, rebuilt=rebuilt, nearest=nearest,
                                waited_for_other_builder=waited, verify_s=verify_s,
                                build_s=time.perf_counter() - build_start, size_bytes=dir_size(target))
+
+    def nearest_entry(self, kind: str, full_key: Mapping[str, Any]) -> str | None:
+        """On a miss, the entry of ``kind`` whose key differs from ``full_key`` in the fewest fields,
+        and those fields: what tells a user (and a record) why a build they expected to be warm was
+        cold. Reads manifests only; None when the kind has no entry."""
+        best: tuple[int, str, list[str]] | None = None
+        kind_dir = self.artifacts_dir / kind
+        for manifest_path in sorted(kind_dir.glob(f"*/{MANIFEST}")) if kind_dir.is_dir() else ():
+            try:
+                key = json.loads(manifest_path.read_text())["key"]
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            fields = key_difference(_normalise(key), _normalise(full_key))
+            if best is None or len(fields) < best[0]:
+                best = (len(fields), manifest_path.parent.name, fields)
+        if best is None:
+            return None
+        return f"the nearest, {best[1]}, was built for a key differing in {', '.join(best[2][:8]) or 'nothing'}"
 
     def _discard(self, target: Path, reason: str) -> None:
         log.warning("artifact cache: discarding %s: %s; it will be rebuilt", target, reason)

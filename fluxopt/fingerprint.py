@@ -23,7 +23,11 @@ def module_fingerprint(module: torch.nn.Module, values: bool) -> str:
     h = hashlib.sha256(type(module).__qualname__.encode())
     config = getattr(module, "config", None)
     if config is not None:
-        h.update(json.dumps(dict(config), sort_keys=True, default=str).encode())
+        # diffusers' private entries (``_use_default_values``: a list made from a set, ordered by the
+        # process's string-hash seed; ``_name_or_path``...) say where a config came from, not what
+        # the module computes: hashed, they made every key differ between processes
+        public = {k: v for k, v in dict(config).items() if not k.startswith("_")}
+        h.update(json.dumps(public, sort_keys=True, default=str).encode())
     samples = []
     for name, t in itertools.chain(module.named_parameters(), module.named_buffers()):
         h.update(f"{name}|{type(t).__name__}|{type(t.data).__name__}|{tuple(t.shape)}|{t.dtype}\n".encode())

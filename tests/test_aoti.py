@@ -343,6 +343,22 @@ def test_fingerprint_sees_weight_rewrites_and_values_only_when_asked():
     assert module_fingerprint(transformer, False) != structure
 
 
+def test_fingerprint_is_the_same_in_every_process():
+    """diffusers orders the VAE config's ``_use_default_values`` by the string-hash seed: a
+    fingerprint over it keyed the same VAE differently in each process (flux_fast rebuilt its
+    package in a second process on the H200)."""
+    from fluxopt.zoo.tiny import build_tiny_pipeline
+
+    vae = build_tiny_pipeline().vae
+    assert len(vae.config["_use_default_values"]) > 1
+    before = module_fingerprint(vae, True)
+    vae._internal_dict = type(vae._internal_dict)(
+        {**vae._internal_dict, "_use_default_values": vae.config["_use_default_values"][::-1]})
+    assert module_fingerprint(vae, True) == before
+    vae._internal_dict = type(vae._internal_dict)({**vae._internal_dict, "scaling_factor": 1.0})
+    assert module_fingerprint(vae, True) != before  # a public config entry still counts
+
+
 # ---------------------------------------------------------------------------------- GPU
 @pytest.mark.gpu
 @gpu

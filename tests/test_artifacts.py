@@ -104,6 +104,17 @@ def test_build_once_then_hit_with_manifest_and_private_permissions(cache, device
     assert not [p for p in first.path.parent.iterdir() if p.name.startswith(".")]  # no temp dirs left
 
 
+def test_a_miss_names_the_fields_the_nearest_entry_was_keyed_by_differently(cache, device, caplog):
+    """A build the user expected to be warm says why it was cold, in the log and the stats."""
+    assert cache.get("demo", entry_key(KEY, device), Builder()).nearest is None  # nothing to compare with
+    cache.get("demo", entry_key({**KEY, "model": "other", "options": {"mode": "x"}}, device), Builder())
+    caplog.set_level(logging.INFO, logger="fluxopt.artifacts")
+    miss = cache.get("demo", entry_key({**KEY, "options": {**KEY["options"], "mode": "max"}}, device), Builder())
+    assert miss.built and miss.nearest is not None
+    assert miss.nearest.endswith("differing in options.mode") and miss.to_stats()["nearest"] == miss.nearest
+    assert key_digest(entry_key(KEY, device)) in miss.nearest and "options.mode" in caplog.text
+
+
 def test_failed_build_leaves_nothing_that_could_be_loaded(cache, device):
     def broken(tmp: Path) -> None:
         (tmp / "model.pt2").write_bytes(b"half")
