@@ -106,6 +106,7 @@ def test_incomplete_result_is_not_skipped(tmp_path):
     assert read_result(run_dir)["complete"] is True
 
 
+@pytest.mark.slow
 def test_no_backend_compares_everything_available_and_lists_skipped(tmp_path, plugin_env):
     proc = run_cli("bench.iterations=1", f"hydra.run.dir={tmp_path}", env=plugin_env)
     assert proc.returncode == 1, proc.stderr[-3000:]  # the fault plugin's stacks fail

@@ -175,6 +175,7 @@ def test_ctrl_c_prints_one_line_keeps_partial_results_and_exits_130(tmp_path, pl
     assert stack["reason"].startswith(f"interrupted during {stack['phase']} after ") and stack["elapsed_s"] > 0
 
 
+@pytest.mark.slow
 def test_kill_9_mid_run_leaves_a_parseable_result(tmp_path, plugin_env):
     run_dir = tmp_path / "run"
     proc = _start_long_run(run_dir, plugin_env)
