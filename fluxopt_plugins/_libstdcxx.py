@@ -21,8 +21,10 @@ import os
 import re
 import resource
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -198,44 +200,85 @@ LOAD_CHILD = "import sys, torch; m = torch._inductor.aoti_load_package(sys.argv[
 PROBE_TIMEOUT_S = 900
 
 
-def package_loads(compiler: str, workdir: Path) -> tuple[bool, str, dict[str, float]]:
+def package_loads(compiler: str, workdir: Path, children: Children | None = None) -> tuple[bool, str, dict[str, float]]:
     """Build a one-Linear AOTInductor package for the CPU with ``compiler`` in a child process and
     load it in another: the loader's crash does not depend on the model or the device, so this is
     the ground truth the version checks above only approximate. Both run in children (nothing in
     this process is patched), so probes of several compilers can run side by side; the seconds
     each took come back as the third element. Core dumps are off: a crash is the expected answer."""
+    children = children or Children()
     path = Path(workdir) / f"probe-{abs(hash(_binary(compiler)))}.pt2"
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    build = _child([BUILD_CHILD, compiler, str(path)])
+    build = children.run([BUILD_CHILD, compiler, str(path)])
     timings["build_s"] = round(time.perf_counter() - start, 1)
     if build.returncode != 0 or not path.exists():
         return False, f"{compiler} could not build a package ({_ended(build)})", timings
     start = time.perf_counter()
-    load = _child([LOAD_CHILD, str(path)])
+    load = children.run([LOAD_CHILD, str(path)])
     timings["load_s"] = round(time.perf_counter() - start, 1)
     if load.returncode == 0 and load.stdout.strip() == "18.0":  # 2 x 4 outputs of 4 * 0.5 + 0.25
         return True, f"a package built by {compiler} loads and computes correctly", timings
     return False, f"a package built by {compiler} failed to load ({_ended(load)})", timings
 
 
-def packages_load(compilers: list[str], workdir: Path) -> dict[str, tuple[bool, str, dict[str, float]]]:
+def packages_load(compilers: list[str], workdir: Path,
+                  children: Children | None = None) -> dict[str, tuple[bool, str, dict[str, float]]]:
     """:func:`package_loads` for every compiler at once (threads waiting on child processes)."""
     if not compilers:
         return {}
+    children = children or Children()
     with ThreadPoolExecutor(max_workers=len(compilers)) as pool:
-        return dict(zip(compilers, pool.map(lambda c: package_loads(c, workdir), compilers), strict=True))
+        return dict(zip(compilers, pool.map(lambda c: package_loads(c, workdir, children), compilers), strict=True))
 
 
-def _child(args: list[str]) -> subprocess.CompletedProcess:
-    def no_core_dump() -> None:
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+class Children:
+    """The probe processes started for one build. ``stop()`` kills those running (each in a
+    process group of its own, the C++ compiler it started included) and refuses new ones: a build
+    that ends first (failed, stopped over its budget) must leave no compiler running beside the
+    stacks measured after it. A stopped probe is no verdict: :attr:`stopped` says so to callers,
+    who must not cache what it returned."""
 
+    def __init__(self) -> None:
+        self._running: set[subprocess.Popen] = set()
+        self._lock = threading.Lock()
+        self.stopped = False
+
+    def run(self, args: list[str]) -> subprocess.CompletedProcess:
+        """``python -c ARGS`` without a core dump, its output captured, killed after PROBE_TIMEOUT_S."""
+        def no_core_dump() -> None:
+            resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+        with self._lock:
+            if self.stopped:
+                return subprocess.CompletedProcess(args, -signal.SIGKILL, "", "the build ended first")
+            proc = subprocess.Popen([sys.executable, "-c", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True, preexec_fn=no_core_dump, start_new_session=True)
+            self._running.add(proc)
+        try:
+            out, err = proc.communicate(timeout=PROBE_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            _kill_group(proc)
+            proc.communicate()
+            return subprocess.CompletedProcess(args, 124, "", f"timed out after {PROBE_TIMEOUT_S} s")
+        finally:
+            with self._lock:
+                self._running.discard(proc)
+        return subprocess.CompletedProcess(args, proc.returncode, out, err)
+
+    def stop(self) -> None:
+        with self._lock:
+            self.stopped = True
+            running = list(self._running)
+        for proc in running:
+            _kill_group(proc)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
     try:
-        return subprocess.run([sys.executable, "-c", *args], capture_output=True, text=True, timeout=PROBE_TIMEOUT_S,
-                              preexec_fn=no_core_dump)
-    except subprocess.TimeoutExpired:
-        return subprocess.CompletedProcess(args, 124, "", f"timed out after {PROBE_TIMEOUT_S} s")
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def _ended(proc: subprocess.CompletedProcess) -> str:

@@ -67,8 +67,8 @@ import torch
 from fluxopt import (INDUCTOR, RECIPE_INDUCTOR_FLAGS, Backend, ConfigError, FluxoptError, Shapes, StackContext, Stage,
                      CudaGraphRunner, TransformerForward, has_subclass_weights, hookimpl, keep_eager_timestep_rounding, module_fingerprint,
                      private_dir, transformer_inputs, validate_inductor_flags)
-from fluxopt_plugins._libstdcxx import (choose_compiler, compiler_libstdcxx, likely_compiler, loaded_libstdcxx,
-                                        package_loads, packages_load)
+from fluxopt_plugins._libstdcxx import (Children, choose_compiler, compiler_libstdcxx, likely_compiler,
+                                        loaded_libstdcxx, package_loads, packages_load)
 
 
 log = logging.getLogger("fluxopt.aoti")
@@ -349,7 +349,12 @@ class AotiBackend(Backend):
         probes: dict[str, dict[str, Any]] = {}
         guess = likely_compiler(configured)
         context = weakref.ref(ctx)
-        compiler_check = CompilerCheck(configured, lambda compilers: verified_compilers(compilers, context, probes))
+        children = Children()
+        compiler_check = CompilerCheck(
+            configured, lambda compilers: verified_compilers(compilers, context, probes, children))
+        # a build that fails or is stopped rolls back through the context: its probes stop with it
+        # (done by then on success)
+        ctx.callback("aoti: stop the compiler probes", children.stop)
         undo = keep_eager_timestep_rounding(transformer) if options.eager_rounding else None
         if undo is not None:
             ctx.callback("aoti: eager timestep rounding", undo)
@@ -511,7 +516,7 @@ class CompilerCheck:
 
 
 def verified_compilers(compilers: list[str], context: Callable[[], StackContext | None],
-                       probes: dict[str, dict[str, Any]]) -> dict[str, tuple[bool, str]]:
+                       probes: dict[str, dict[str, Any]], children: Children) -> dict[str, tuple[bool, str]]:
     """``package_loads`` for each compiler, the uncached ones probed side by side, each verdict
     cached in the artifact cache per compiler binary and loaded libstdc++ (minutes once per
     machine). ``probes`` receives, per compiler, whether it was cached and the probe's seconds.
@@ -530,14 +535,16 @@ def verified_compilers(compilers: list[str], context: Callable[[], StackContext 
     missing = [c for c in compilers if ctx.artifact("aoti_compiler_check", keys[c], None) is None]
     del ctx  # not held while the probes run
     with tempfile.TemporaryDirectory() as work:
-        fresh = packages_load(missing, Path(work))
+        fresh = packages_load(missing, Path(work), children)
     ctx = context()
-    if ctx is None:
+    if ctx is None or children.stopped:  # what a stopped probe returned is no verdict: nothing cached
         raise RuntimeError("aoti: the build ended before its compiler check")
     verdicts = {}
     for compiler in compilers:
         def write(tmp: Path, compiler: str = compiler) -> None:  # an entry found above may vanish since
-            ok, why, seconds = fresh[compiler] if compiler in fresh else package_loads(compiler, tmp)
+            ok, why, seconds = fresh[compiler] if compiler in fresh else package_loads(compiler, tmp, children)
+            if children.stopped:
+                raise RuntimeError("aoti: the build ended before its compiler check")
             (tmp / "verdict.json").write_text(json.dumps({"loads": ok, "why": why, "seconds": seconds}))
 
         entry = ctx.artifact("aoti_compiler_check", keys[compiler], write)

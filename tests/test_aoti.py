@@ -490,15 +490,23 @@ def test_the_package_compiles_beside_the_compiler_probe_and_again_when_the_probe
     assert "the probe rejected rejected-c++" in caplog.text
 
 
-def test_a_build_stopped_mid_compile_keeps_no_reference_to_the_weights(monkeypatch):
+def test_a_build_stopped_mid_compile_keeps_no_reference_to_the_weights_and_stops_its_probes(monkeypatch, tmp_path):
     """torch keeps the last graph it traced for export, and through it the exported module, in a
     module-level map, and the compiler probe's thread outlives a failed build: on the H200 a stack
     stopped mid-build left its transformer's 22 GiB allocated for every later stack. Neither holds
-    the pipeline once the build has ended, however it ended."""
+    the pipeline once the build has ended, however it ended; and the probe's processes (minutes of
+    C++ compiling) are stopped with it, not left running beside the next stacks, their verdict
+    not cached."""
     import gc
     import weakref
 
+    import psutil
+
     import fluxopt
+    import fluxopt_plugins._libstdcxx as libstdcxx
+
+    monkeypatch.setenv("FLUXOPT_CACHE_DIR", str(tmp_path))  # no cached verdict: the probe runs
+    monkeypatch.setattr(libstdcxx, "BUILD_CHILD", "import time; time.sleep(300)  # fluxopt-probe-under-test")
 
     from torch._inductor.codecache import AotCodeCompiler
 
@@ -516,3 +524,19 @@ def test_a_build_stopped_mid_compile_keeps_no_reference_to_the_weights(monkeypat
     del pipe
     gc.collect()
     assert weight() is None
+
+    def probes() -> list[psutil.Process]:
+        found = []
+        for child in psutil.Process().children(recursive=True):
+            try:
+                if "fluxopt-probe-under-test" in " ".join(child.cmdline()):
+                    found.append(child)
+            except psutil.Error:
+                pass
+        return found
+
+    deadline = time.monotonic() + 10
+    while probes() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not probes()
+    assert not list(tmp_path.glob("artifacts/aoti_compiler_check/*/manifest.json"))

@@ -125,5 +125,5 @@ def test_a_crashing_load_is_a_verdict_not_a_crash(tmp_path, monkeypatch):
     monkeypatch.setattr(libstdcxx, "LOAD_CHILD", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)")
     ok, why, _ = libstdcxx.package_loads("g++", tmp_path)
     assert not ok and "signal 11" in why
-    limit = libstdcxx._child(["import resource; print(resource.getrlimit(resource.RLIMIT_CORE))"])
+    limit = libstdcxx.Children().run(["import resource; print(resource.getrlimit(resource.RLIMIT_CORE))"])
     assert limit.stdout.strip() == "(0, 0)"
