@@ -154,12 +154,24 @@ class PipelineCaller:
         return Sample(prompt, seed, image, final["latents"].detach().float().cpu()), total, per_step
 
 
+def memory_outside_torch() -> int:
+    """GPU memory in use that PyTorch's caching allocator does not hold: the CUDA context, and what
+    libraries allocate themselves (AOTInductor's copy of the weights, TensorRT engines), which
+    ``torch.cuda.max_memory_allocated`` never sees. Read from the driver, so other processes on the
+    GPU count too: a difference of two readings in one process is what is meaningful."""
+    free, total = torch.cuda.mem_get_info()
+    return total - free - torch.cuda.memory_reserved()
+
+
 def measure(gen: PipelineCaller, prompts: Sequence[str], seed: int, warmup: int, iterations: int,
-            on_phase: Callable[[str], None] | None = None, meter: EnergyMeter | None = None) -> Measurement:
+            on_phase: Callable[[str], None] | None = None, meter: EnergyMeter | None = None,
+            outside_before: int | None = None) -> Measurement:
     """First call, one output per prompt (same seed for every stack), extra warm-up, then
     ``iterations`` timed calls cycling over the prompts. ``on_phase`` is told when the
     warm-up and timing phases start, so a failure can be attributed to one; ``meter`` reads the
-    GPU's energy around the warm-up and each timed call (after a sync, so each call's work is done)."""
+    GPU's energy around the warm-up and each timed call (after a sync, so each call's work is done).
+    On a GPU, ``outside_before`` (:func:`memory_outside_torch` read before the pipeline was loaded
+    or the stack applied) adds what was allocated outside PyTorch's allocator since to the peak."""
     on_phase = on_phase or (lambda name: None)
     meter = meter or EnergyMeter(None)
     if iterations < 1:
@@ -188,7 +200,10 @@ def measure(gen: PipelineCaller, prompts: Sequence[str], seed: int, warmup: int,
             totals.append(total)
             if per_step is not None:
                 steps.append(per_step)
-    if gen.device.is_gpu:
+    if gen.device.is_gpu and outside_before is not None:
+        peak = torch.cuda.max_memory_allocated() + max(0, memory_outside_torch() - outside_before)
+        kind = "cuda_max_allocated_and_outside"
+    elif gen.device.is_gpu:
         peak, kind = torch.cuda.max_memory_allocated(), "cuda_max_allocated"
     else:
         peak, kind = sampler.peak, "process_peak_rss"

@@ -39,7 +39,7 @@ from fluxopt.environment import capture_environment
 from fluxopt.errors import DiskFullError, FluxoptError
 from fluxopt.fidelity import evaluate
 from fluxopt.files import file_sha256, save_image_atomic, write_atomic, write_text_atomic
-from fluxopt.measure import PipelineCaller, Measured, Measurement, Sample, measure
+from fluxopt.measure import PipelineCaller, Measured, Measurement, Sample, measure, memory_outside_torch
 from fluxopt.models import load_pipeline
 from fluxopt.plan import RunPlan, plan_run, selected_backends
 from fluxopt.record import RESULT_FILE, Energy, Phase, RunRecord, StackRecord, Status, speedup_of, write_record
@@ -119,10 +119,14 @@ class Run:
         return load_pipeline(p.spec, p.device.torch_device, p.dtype, p.cache_dir,
                              path=self.cfg.model.get("path"), revision=self.cfg.model.get("revision"))
 
-    def _measure(self, pipe: Any, label: str) -> Measurement:
+    def _measure(self, pipe: Any, label: str, outside_before: int | None) -> Measurement:
         p = self.plan
         return measure(PipelineCaller(pipe, p.shapes, p.device), p.prompts, p.seed, warmup=p.warmup,
-                       iterations=p.iterations, on_phase=lambda phase: self._enter(label, phase), meter=self.meter)
+                       iterations=p.iterations, on_phase=lambda phase: self._enter(label, phase), meter=self.meter,
+                       outside_before=outside_before)
+
+    def _outside_torch(self) -> int | None:
+        return memory_outside_torch() if self.plan.device.is_gpu else None
 
     def _file_label(self, name: str) -> str:
         """The stack's name for its files, made unique within the run (a plan may measure one stack
@@ -169,8 +173,9 @@ class Run:
         started = time.perf_counter()
         self._enter("baseline", Phase.LOAD.value)
         log.info("baseline: loading %s on %s (%s)", p.spec.name, p.device.name, p.dtype)
+        outside_before = self._outside_torch()
         pipe = self._load()
-        m = self._measure(pipe, "baseline")
+        m = self._measure(pipe, "baseline", outside_before)
         self.baseline = StackRecord(stack="baseline", backends=[], status=Status.OK.value, lossless=True)
         self._fill(self.baseline, m)
         problem = baseline_problem(m.samples)
@@ -269,6 +274,7 @@ class Run:
             self._enter(stack.name, name.value)
 
         enter(Phase.LOAD)
+        outside_before = self._outside_torch()
         pipe = self._load()
         gen = PipelineCaller(pipe, p.shapes, p.device)
         ctx = StackContext(device=p.device, dtype=p.dtype, model=p.spec, shapes=p.shapes, cache_dir=p.cache_dir,
@@ -291,7 +297,7 @@ class Run:
                 result.stats = ctx.stats
                 return
             m = measure(gen, p.prompts, p.seed, warmup=p.warmup, iterations=p.iterations,
-                        on_phase=lambda name: enter(Phase(name)), meter=self.meter)
+                        on_phase=lambda name: enter(Phase(name)), meter=self.meter, outside_before=outside_before)
             self._fill(result, m, build_j)
             self._measured(label, result, pipe, gen, ctx.stats)
             result.stats = ctx.stats

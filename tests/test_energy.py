@@ -89,3 +89,39 @@ def test_the_summary_plot_has_an_energy_panel_where_energy_was_read(tmp_path):
     _plot([record], tmp_path / "energy.png")
     plain, energy = Image.open(tmp_path / "plain.png"), Image.open(tmp_path / "energy.png")
     assert energy.width > 1.5 * plain.width  # a second panel: joules per image
+
+
+def test_gpu_peak_memory_counts_what_libraries_allocate_outside_torch(monkeypatch):
+    """AOTInductor's copy of the weights (and TensorRT's engines) is allocated outside PyTorch's
+    caching allocator: ``max_memory_allocated`` alone read 3 GiB for aoti on the H200, where the
+    transformer's weights are 22 GiB. The driver's reading, less what PyTorch reserves, compared
+    with the one before the stack was applied, adds it."""
+    import types
+
+    import numpy as np
+    import torch
+
+    from fluxopt.measure import Sample, memory_outside_torch
+
+    gib, total = 2**30, 140 * 2**30
+    gpu = {"reserved": 12 * gib, "outside": gib // 2}  # the CUDA context
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (total - gpu["reserved"] - gpu["outside"], total))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda: gpu["reserved"])
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: 10 * gib)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: None)
+
+    class GpuCaller:
+        device = types.SimpleNamespace(is_gpu=True)
+
+        def __call__(self, prompt, seed):
+            return Sample(prompt, seed, np.zeros((2, 2, 3), np.float32), torch.zeros(1)), 0.1, 0.01
+
+    before = memory_outside_torch()
+    assert before == gib // 2
+    gpu["outside"] += 3 * gib  # the stack's package, allocated by its own runtime
+    m = measure(GpuCaller(), ["a cat"], 0, warmup=0, iterations=1, outside_before=before)
+    assert (m.peak_memory_bytes, m.memory_kind) == (13 * gib, "cuda_max_allocated_and_outside")
+    gpu["outside"] = gib // 4  # less than before (freed): never subtracted from torch's peak
+    assert measure(GpuCaller(), ["a cat"], 0, warmup=0, iterations=1, outside_before=before).peak_memory_bytes == 10 * gib
+    m = measure(GpuCaller(), ["a cat"], 0, warmup=0, iterations=1)
+    assert (m.peak_memory_bytes, m.memory_kind) == (10 * gib, "cuda_max_allocated")

@@ -152,6 +152,13 @@ def search_lines(record: dict[str, Any]) -> list[str]:
     return lines + [markdown_table(rows, ("trial", "stack", "state", "speedup", "why not", "job")), ""]
 
 
+MEMORY_KINDS = {
+    "cuda_max_allocated": "torch.cuda.max_memory_allocated",
+    "cuda_max_allocated_and_outside": ("torch.cuda.max_memory_allocated, plus the GPU memory the stack's libraries "
+                                       "allocated outside PyTorch's allocator (AOTInductor, TensorRT)"),
+}
+
+
 def render_run_markdown(data: RunRecord) -> str:
     shapes = data.shapes
     memory_kind = data.baseline.memory_kind if data.baseline else None
@@ -162,7 +169,7 @@ def render_run_markdown(data: RunRecord) -> str:
         f"{len(data.prompts)} prompt(s), seed {data.seed}, dtype {data.model.get('dtype')}. "
         f"Latency: median ± std over {(data.config.get('bench') or {}).get('iterations')} timed calls after warm-up; "
         "speedup = baseline median / stack median (± 1 sigma); '(noise)' marks speedups within 2 sigma of 1. "
-        f"Peak memory: {'torch.cuda.max_memory_allocated' if memory_kind == 'cuda_max_allocated' else 'process peak RSS while generating'}.",
+        f"Peak memory: {MEMORY_KINDS.get(memory_kind, 'process peak RSS while generating')}.",
         "",
         markdown_table(run_rows(data)),
         "",
