@@ -19,7 +19,8 @@ this module imports them for type checking only, so that it stays the bottom of 
 fluxopt's own accessories are plugins on these hooks too, registered before the built-in
 backends: the report ring (``fluxopt.report``: report.md, the console table, the sweep summary),
 the profile ring (``fluxopt.profile``: one profiled step per stack), the scale ring
-(``fluxopt.scale``: launchers' configs) and the model zoo (``fluxopt.zoo``: the built-in models).
+(``fluxopt.scale``: launchers' configs), the history ring (``fluxopt.history``: the results store
+and the time estimate) and the model zoo (``fluxopt.zoo``: the built-in models).
 A run's event hooks skip the plugins named in ``disabled_plugins`` (``disabled_plugins=[fluxopt.report]``
 writes no report.md and prints no table), the way pytest's ``-p no:terminal`` does.
 """
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
     from fluxopt.fidelity import Metric
     from fluxopt.measure import Measured
     from fluxopt.models import ModelSpec
+    from fluxopt.plan import RunPlan
     from fluxopt.preset import Preset
     from fluxopt.record import RunRecord, StackRecord
 
@@ -160,4 +162,16 @@ def fluxopt_sweep_finished(sweep_dir: str) -> None:
     in place (the report ring writes ``summary.{md,csv,json}``, the plot and the image grid).
 
     :param sweep_dir: the sweep's directory (``hydra.sweep.dir``).
+    """
+
+
+@hookspec(firstresult=True)
+def fluxopt_expected_durations(plan: RunPlan) -> dict[str, float] | None:
+    """Called by the command line before a single run starts, for the progress line's ETA (the
+    history ring answers from the results store). The first answer that is not None is used.
+
+    :param plan: the :class:`fluxopt.plan.RunPlan` about to run (``spec``, ``device``, ``shapes``,
+        ``stacks``, ``warmup``, ``iterations``, ``prompts``, ``config``).
+    :return: wall seconds expected per stack name (``baseline`` included) on this machine, for
+        the stacks it has seen run; None or an empty mapping when it has no estimate.
     """

@@ -23,16 +23,6 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The long tests first (marked ``slow``, or sharing an expensive fixture through an
-    ``xdist_group``): xdist hands tests out in collection order, and a minute-long test started
-    last keeps one worker busy while the others have nothing left to do."""
-    def long(item: pytest.Item) -> bool:
-        return item.get_closest_marker("slow") is not None or item.get_closest_marker("xdist_group") is not None
-
-    items.sort(key=lambda item: not long(item))  # stable: the order within each part is kept
-
-
 @pytest.fixture(scope="session", autouse=True)
 def fluxopt_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Every test (and every CLI subprocess) of a session uses one fresh cache directory, shared by

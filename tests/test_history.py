@@ -454,18 +454,30 @@ def test_the_eta_comes_from_the_last_run_of_each_stack_here(tmp_path, monkeypatc
     assert eta_module.past_durations(store, "flux-mini", "GPU X", {**shapes, "steps": 28}, 1, 3, 2) == {}
     assert eta_module.past_durations(tmp_path / "none.sqlite", "flux-mini", "GPU X", shapes, 1, 3, 2) == {}
 
+    # asked through the hook, as the command line asks: the history ring answers, unless disabled
+    from types import SimpleNamespace
+
+    from fluxopt import plugins
+    from fluxopt.cli import console
+
+    plan = SimpleNamespace(config=SimpleNamespace(store=str(store)), spec=SimpleNamespace(name="flux-mini"),
+                           device=SimpleNamespace(name="GPU X"), shapes=SimpleNamespace(**shapes),
+                           warmup=1, iterations=3, prompts=["a", "b"])
+    assert plugins.hook().fluxopt_expected_durations(plan=plan) == {"baseline": 14.0, "fp8_max": 120.0}
+    assert plugins.hook(["fluxopt.history"]).fluxopt_expected_durations(plan=plan) is None
+
     clock = [1000.0]
-    monkeypatch.setattr(eta_module.time, "monotonic", lambda: clock[0])
-    tracker = eta_module.Eta(["fp8_max", "compile"], expected)
+    monkeypatch.setattr(console.time, "monotonic", lambda: clock[0])
+    tracker = console.Eta(["fp8_max", "compile"], expected)
     assert tracker.text() == "ETA over 2 min, 1 stack(s) never ran here"  # 6 s + 120 s, compile unknown
     tracker.update(1)
     clock[0] += 100.0
     assert tracker.text() == "ETA over 20 s, 1 stack(s) never ran here"
     clock[0] += 100.0
     assert tracker.text() == "ETA over 0 s, 1 stack(s) never ran here"  # over its estimate: never negative
-    done = eta_module.Eta(["fp8_max"], expected)
+    done = console.Eta(["fp8_max"], expected)
     done.update(1)
-    assert done.text() == "ETA 2 min" and eta_module.Eta(["compile"], {}).text() is None
+    assert done.text() == "ETA 2 min" and console.Eta(["compile"], {}).text() is None
 
 
 def test_a_side_is_a_directory_a_label_or_a_revision(tmp_path, monkeypatch):

@@ -50,8 +50,6 @@ from fluxopt.record import (
     write_record,
 )
 from fluxopt.runner import Run, can_resume, can_reuse, job_record
-from fluxopt.history import eta
-from fluxopt.history.store import store_path
 from fluxopt.scale import detach, launchers, search, torchrun
 from fluxopt.stack import build_stack, describe_options, lookup_backend
 
@@ -311,18 +309,16 @@ def _previous(output_dir: Path, config: dict[str, Any]) -> tuple[RunRecord | Non
     return None, previous if resumable else None
 
 
-def _eta(cfg: DictConfig) -> eta.Eta | None:
-    """The run's time estimate from the results store (None when the store has no run like it, or
-    cannot be read: an estimate is never worth a failed run)."""
+def _eta(cfg: DictConfig) -> console.Eta | None:
+    """The run's time estimate from the plugins (the history ring reads the results store); None
+    when none has one, or it cannot be had: an estimate is never worth a failed run."""
     try:
         plan = plan_run(cfg, check_memory=False, check_requirements=False)
-        shapes = {"height": plan.shapes.height, "width": plan.shapes.width, "steps": plan.shapes.steps}
-        expected = eta.past_durations(store_path(plan.config.store), plan.spec.name, plan.device.name, shapes,
-                                      plan.warmup, plan.iterations, len(plan.prompts))
+        expected = plugins.hook(plan.config.disabled_plugins).fluxopt_expected_durations(plan=plan)
     except Exception as exc:  # noqa: BLE001 - see the docstring
         log.info("no time estimate: %s: %s", type(exc).__name__, exc)
         return None
-    return eta.Eta([s.name for s in plan.stacks], expected) if expected else None
+    return console.Eta([s.name for s in plan.stacks], expected) if expected else None
 
 
 def run_job(cfg: DictConfig) -> RunRecord | None:

@@ -9,14 +9,14 @@ import io
 import logging
 import re
 import sys
+import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 
-from fluxopt.history.eta import Eta
 
 PREFIX = "fluxopt"
 # Loggers whose records stay on the console whatever the verbosity (besides fluxopt's warnings).
@@ -90,6 +90,32 @@ def dropped_records() -> int:
 
 
 _POSITION = re.compile(r"^stack (\d+)/\d+ ")
+
+
+class Eta:
+    """The remaining time of a run, updated as its phases start: the estimates of the stacks not
+    begun, plus what is left of the current one's (never below zero). The estimates come from
+    the ``fluxopt_expected_durations`` hook (the history ring)."""
+
+    def __init__(self, order: Sequence[str], expected: dict[str, float]):
+        self.order = ["baseline", *order]
+        self.expected = expected
+        self.current, self.since = 0, time.monotonic()
+
+    def update(self, index: int) -> None:
+        if index != self.current:
+            self.current, self.since = index, time.monotonic()
+
+    def text(self) -> str | None:
+        left = self.order[self.current:]
+        unknown = [name for name in left if name not in self.expected]
+        if len(unknown) == len(left):
+            return None
+        spent = time.monotonic() - self.since
+        seconds = sum(max(self.expected[name] - (spent if i == 0 else 0.0), 0.0)
+                      for i, name in enumerate(left) if name in self.expected)
+        minutes = f"{seconds / 60:.0f} min" if seconds >= 60 else f"{seconds:.0f} s"
+        return f"ETA {minutes}" if not unknown else f"ETA over {minutes}, {len(unknown)} stack(s) never ran here"
 
 
 @contextlib.contextmanager

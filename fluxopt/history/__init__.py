@@ -2,7 +2,7 @@
 (SQLite, the ``store`` setting), and ``fluxopt-report import | compare | history`` read it.
 
 A plugin on the documented hooks like any other: ``disabled_plugins=[fluxopt.history]`` (or
-``store=off``) adds nothing to the store.
+``store=off``) adds nothing to the store and gives the progress line no ETA.
 """
 
 from __future__ import annotations
@@ -11,8 +11,10 @@ import sys
 from pathlib import Path
 
 from fluxopt.errors import FluxoptError
+from fluxopt.history.eta import past_durations
 from fluxopt.history.store import ResultsStore, store_path
 from fluxopt.hookspecs import hookimpl
+from fluxopt.plan import RunPlan
 from fluxopt.record import RESULT_FILE, RunRecord
 
 
@@ -30,3 +32,11 @@ def fluxopt_run_finished(result: RunRecord, output_dir: str) -> None:
                       label=result.config.get("label"))
     except (FluxoptError, OSError, Exception) as exc:  # noqa: BLE001 - the run's verdict stands without the store
         print(f"fluxopt: not added to the results store {path}: {type(exc).__name__}: {exc}", file=sys.stderr)
+
+
+@hookimpl
+def fluxopt_expected_durations(plan: RunPlan) -> dict[str, float]:
+    """Each planned stack's wall time the last time it ran here with these shapes (``eta.py``)."""
+    shapes = {"height": plan.shapes.height, "width": plan.shapes.width, "steps": plan.shapes.steps}
+    return past_durations(store_path(plan.config.store), plan.spec.name, plan.device.name, shapes,
+                          plan.warmup, plan.iterations, len(plan.prompts))

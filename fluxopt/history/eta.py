@@ -1,4 +1,4 @@
-"""How long a run will take, from how long its stacks took the last time they ran here.
+"""How long a run's stacks took the last time they ran here (the progress line's ETA).
 
 The estimate for each planned stack is its wall time (``elapsed_s``: load, apply, build, warm-up,
 timing, fidelity) in the most recent stored run of the same stack, model, device and shapes, so
@@ -10,8 +10,6 @@ progress line then says how many are unknown instead of guessing.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Sequence
 from pathlib import Path
 
 from fluxopt.history.store import ResultsStore
@@ -45,28 +43,3 @@ def past_durations(store_path: Path | None, model: str, device: str, shapes: dic
             if stack.elapsed_s and stack.status != "skipped":
                 found[stack.stack] = stack.elapsed_s
     return found
-
-
-class Eta:
-    """The remaining time of a run, updated as its phases start: the estimates of the stacks not
-    begun, plus what is left of the current one's (never below zero)."""
-
-    def __init__(self, order: Sequence[str], expected: dict[str, float]):
-        self.order = ["baseline", *order]
-        self.expected = expected
-        self.current, self.since = 0, time.monotonic()
-
-    def update(self, index: int) -> None:
-        if index != self.current:
-            self.current, self.since = index, time.monotonic()
-
-    def text(self) -> str | None:
-        left = self.order[self.current:]
-        unknown = [name for name in left if name not in self.expected]
-        if len(unknown) == len(left):
-            return None
-        spent = time.monotonic() - self.since
-        seconds = sum(max(self.expected[name] - (spent if i == 0 else 0.0), 0.0)
-                      for i, name in enumerate(left) if name in self.expected)
-        minutes = f"{seconds / 60:.0f} min" if seconds >= 60 else f"{seconds:.0f} s"
-        return f"ETA {minutes}" if not unknown else f"ETA over {minutes}, {len(unknown)} stack(s) never ran here"
