@@ -27,7 +27,9 @@ import numpy as np
 from fluxopt.files import write_json_atomic
 
 SCHEMA_VERSION = 4
-READABLE_SCHEMAS = (2, 3, 4)  # 2: before partial builds were labelled, 3: before energy; read the same way
+# 2: before partial builds were labelled, 3: before energy; read the same way. 1: before the typed
+# record, the same fields, but the std of a single timed sample written as 0.0 (see _from_schema_1)
+READABLE_SCHEMAS = (1, 2, 3, 4)
 RESULT_FILE = "result.json"
 NOISE_SIGMAS = 2.0  # a speedup within this many standard deviations of 1 is noise
 _REL_TOL = 1e-6  # stored and re-derived figures agree within this (JSON keeps 17 digits)
@@ -405,12 +407,40 @@ def _stack(value: Any, path: Path, where: str, baseline: StackRecord | None, edi
     return record
 
 
+def _from_schema_1(data: Mapping[str, Any]) -> dict[str, Any]:
+    """A schema-1 record as a later schema writes it: from a single timed sample, schema 1 stored
+    a std of 0.0, and so a speedup uncertainty of 0.0 and within_noise False, where no spread can
+    be estimated and later schemas store None; left as they were, they would read as edited."""
+    def single(value: Any) -> bool:
+        return isinstance(value, Mapping) and value.get("n") == 1
+
+    def stack(value: Any, baseline: Any) -> Any:
+        if not isinstance(value, Mapping):
+            return value
+        value = {**value, **{k: {**value[k], "std": None} for k in ("latency", "step_latency")
+                             if single(value.get(k)) and value[k].get("std") == 0.0}}
+        if (single(value.get("latency")) or single((baseline or {}).get("latency"))) \
+                and value.get("speedup_uncertainty") == 0.0:
+            value.update(speedup_uncertainty=None, within_noise=None)
+        return value
+
+    upgraded = dict(data)
+    baseline = data.get("baseline") if isinstance(data.get("baseline"), Mapping) else None
+    if "baseline" in data:
+        upgraded["baseline"] = stack(data["baseline"], None)
+    if isinstance(data.get("stacks"), list):
+        upgraded["stacks"] = [stack(s, baseline) for s in data["stacks"]]
+    return upgraded
+
+
 def record_from_json(data: Any, path: Path = Path(RESULT_FILE)) -> RunRecord:
     """Validate a parsed result.json and re-derive its figures (see the module docstring)."""
     _require(isinstance(data, Mapping), path, "is not a fluxopt result (expected a JSON object)")
     _require(data.get("schema_version") in READABLE_SCHEMAS, path,
              f"has schema_version {data.get('schema_version')!r}, this fluxopt reads "
              f"{', '.join(map(str, READABLE_SCHEMAS))}")
+    if data.get("schema_version") == 1:
+        data = _from_schema_1(data)
     _require(isinstance(data.get("stacks"), list), path, "has no 'stacks' list")
     model = data.get("model")
     _require(isinstance(model, Mapping) and isinstance(model.get("name"), str), path, "has no model name")

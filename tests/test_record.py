@@ -269,3 +269,23 @@ def test_a_baseline_of_the_wrong_shape_is_named(tmp_path):
     path.write_text(json.dumps(data))
     with pytest.raises(UnreadableRecord, match=rf"^{path}: baseline.step_latency has no usable raw samples"):
         read_record(path)
+
+
+def test_the_oldest_published_records_schema_1_read_without_edits():
+    """The H100 records written before the typed record (schema 1) stored the std of a single
+    timed sample as 0.0 (and from it a speedup uncertainty of 0.0): the same figures as a later
+    schema's None, not edits. Any other disagreement with the samples is still an edit."""
+    from pathlib import Path
+
+    from fluxopt.record import record_from_json
+
+    path = Path(__file__).resolve().parent.parent / "docs/results/2026-11-24-h100-compile-warm-start.json"
+    data = json.loads(path.read_text())["runs"][0]["result"]
+    assert data["schema_version"] == 1 and data["stacks"][0]["latency"]["n"] == 1
+    record = record_from_json(data, path)
+    assert not record.edited and record.stacks[0].latency.std is None
+    assert record.stacks[0].speedup_uncertainty is None and record.stacks[0].within_noise is None
+    assert record.stacks[0].speedup == pytest.approx(record.baseline.latency.median / record.stacks[0].latency.median)
+    tampered = json.loads(json.dumps(data))
+    tampered["stacks"][0]["latency"]["median"] *= 2
+    assert any("latency.median" in e for e in record_from_json(tampered, path).edited)
