@@ -37,11 +37,13 @@ setup() {
   mkdir -p /tmp/work /tmp/res && cp -r tests benchmarks examples pyproject.toml /tmp/work/ && cd /tmp/work
   nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,power.limit --format=csv,noheader
 }
-collect() {  # what a run has written so far (result.json is rewritten after every stack)
-  for run in /tmp/res/*/; do
-    name=$(basename "$run") && mkdir -p "$OUT/$name"
-    cp "$run"/result.json "$run"/report.md "$run"/fluxopt.out "$run"/*.log "$OUT/$name/" 2>/dev/null
-  done
+collect() {  # what run $1 has written so far (result.json is rewritten after every stack); only that
+  # run's files, since at most 8 files come back from a call (earlier runs' came back with their calls)
+  run=/tmp/res/$1
+  if [ -n "$1" ] && [ -d "$run" ]; then
+    mkdir -p "$OUT/$1"
+    cp "$run"/result.json "$run"/report.md "$run"/fluxopt.out "$run"/*.log "$OUT/$1/" 2>/dev/null
+  fi
   cp /tmp/background.log "$OUT/" 2>/dev/null
   true
 }
@@ -54,7 +56,7 @@ case ${1:-} in
       | tee "/tmp/res/$name.out"
     rc=${PIPESTATUS[0]}
     mkdir -p "/tmp/res/$name" && mv "/tmp/res/$name.out" "/tmp/res/$name/fluxopt.out"
-    collect
+    collect "$name"
     echo "$name: exit $rc"
     exit "$rc" ;;
   cache)
@@ -74,12 +76,13 @@ case ${1:-} in
     mkdir -p /tmp/out
     OUT=/tmp/out setsid nohup bash "$here/benchmarks/device.sh" "$@" > /tmp/background.log 2>&1 < /dev/null &
     echo $! > /tmp/background.pid
+    if [ "${1:-}" = run ]; then echo "${2:-}" > /tmp/background.name; else : > /tmp/background.name; fi
     exec bash "$here/benchmarks/device.sh" poll "$wait" ;;
   poll)
     pid=$(cat /tmp/background.pid)
     for _ in $(seq "$2"); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
     cp -r /tmp/out/. "$OUT/" 2>/dev/null
-    collect
+    collect "$(cat /tmp/background.name 2>/dev/null)"
     tail -5 /tmp/background.log
     if kill -0 "$pid" 2>/dev/null; then echo "still running"; exit 3; fi
     echo "finished"; exit 0 ;;
