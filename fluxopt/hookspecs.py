@@ -36,9 +36,9 @@ if TYPE_CHECKING:
     from fluxopt.fidelity import Metric
     from fluxopt.measure import Measured
     from fluxopt.models import ModelSpec
-    from fluxopt.plan import RunPlan
     from fluxopt.preset import Preset
     from fluxopt.record import RunRecord, StackRecord
+    from fluxopt.shapes import Shapes
 
 PROJECT = "fluxopt"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -166,12 +166,18 @@ def fluxopt_sweep_finished(sweep_dir: str) -> None:
 
 
 @hookspec(firstresult=True)
-def fluxopt_expected_durations(plan: RunPlan) -> dict[str, float] | None:
+def fluxopt_expected_durations(model: str, device: str, shapes: Shapes, stacks: list[str], generations: int,
+                               config: dict[str, Any]) -> dict[str, float] | None:
     """Called by the command line before a single run starts, for the progress line's ETA (the
     history ring answers from the results store). The first answer that is not None is used.
 
-    :param plan: the :class:`fluxopt.plan.RunPlan` about to run (``spec``, ``device``, ``shapes``,
-        ``stacks``, ``warmup``, ``iterations``, ``prompts``, ``config``).
+    :param model: the model's name (``model=<name>``).
+    :param device: the device's name as records hold it (``NVIDIA H200``; a CPU's model name).
+    :param shapes: the run's resolved :class:`fluxopt.Shapes` (``height``, ``width``, ``steps``...).
+    :param stacks: the names of the planned stacks, in order (the baseline runs before them).
+    :param generations: the generations the baseline makes (warm-up, timed, one per prompt).
+    :param config: the run's settings as a plain dict, as ``fluxopt_run_started`` gets them
+        (``store``, ``bench``...).
     :return: wall seconds expected per stack name (``baseline`` included) on this machine, for
         the stacks it has seen run; None or an empty mapping when it has no estimate.
     """

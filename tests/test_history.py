@@ -444,26 +444,23 @@ def test_the_eta_comes_from_the_last_run_of_each_stack_here(tmp_path, monkeypatc
         for record in (new, old, other):
             s.add(record, _text(record))
     shapes = {"height": 256, "width": 256, "steps": 8}
-    expected = eta_module.past_durations(store, "flux-mini", "GPU X", shapes, warmup=1, iterations=3, prompts=2)
+    expected = eta_module.past_durations(store, "flux-mini", "GPU X", shapes, generations=6)
     assert expected == {"baseline": pytest.approx(1.0 * 6), "fp8_max": 120.0}  # the newest run, this device
     new.baseline.elapsed_s = 14.0  # a record that kept the baseline's wall time: that is the estimate
     with ResultsStore(store) as s:
         s.add(new, _text(new))
-    assert eta_module.past_durations(store, "flux-mini", "GPU X", shapes, 1, 3, 2)["baseline"] == 14.0
-    assert eta_module.past_durations(store, "flux-mini", "GPU X", {**shapes, "steps": 28}, 1, 3, 2) == {}
-    assert eta_module.past_durations(tmp_path / "none.sqlite", "flux-mini", "GPU X", shapes, 1, 3, 2) == {}
+    assert eta_module.past_durations(store, "flux-mini", "GPU X", shapes, 6)["baseline"] == 14.0
+    assert eta_module.past_durations(store, "flux-mini", "GPU X", {**shapes, "steps": 28}, 6) == {}
+    assert eta_module.past_durations(tmp_path / "none.sqlite", "flux-mini", "GPU X", shapes, 6) == {}
 
     # asked through the hook, as the command line asks: the history ring answers, unless disabled
-    from types import SimpleNamespace
-
-    from fluxopt import plugins
+    from fluxopt import Shapes, plugins
     from fluxopt.cli import console
 
-    plan = SimpleNamespace(config=SimpleNamespace(store=str(store)), spec=SimpleNamespace(name="flux-mini"),
-                           device=SimpleNamespace(name="GPU X"), shapes=SimpleNamespace(**shapes),
-                           warmup=1, iterations=3, prompts=["a", "b"])
-    assert plugins.hook().fluxopt_expected_durations(plan=plan) == {"baseline": 14.0, "fp8_max": 120.0}
-    assert plugins.hook(["fluxopt.history"]).fluxopt_expected_durations(plan=plan) is None
+    asked = dict(model="flux-mini", device="GPU X", shapes=Shapes(height=256, width=256, steps=8, guidance_scale=3.5, max_sequence_length=128),
+                 stacks=["fp8_max"], generations=6, config={"store": str(store)})
+    assert plugins.hook().fluxopt_expected_durations(**asked) == {"baseline": 14.0, "fp8_max": 120.0}
+    assert plugins.hook(["fluxopt.history"]).fluxopt_expected_durations(**asked) is None
 
     clock = [1000.0]
     monkeypatch.setattr(console.time, "monotonic", lambda: clock[0])

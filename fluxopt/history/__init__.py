@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 from fluxopt.errors import FluxoptError
 from fluxopt.history.eta import past_durations
 from fluxopt.history.store import ResultsStore, store_path
 from fluxopt.hookspecs import hookimpl
-from fluxopt.plan import RunPlan
 from fluxopt.record import RESULT_FILE, RunRecord
+from fluxopt.shapes import Shapes
 
 
 @hookimpl
@@ -35,8 +36,8 @@ def fluxopt_run_finished(result: RunRecord, output_dir: str) -> None:
 
 
 @hookimpl
-def fluxopt_expected_durations(plan: RunPlan) -> dict[str, float]:
-    """Each planned stack's wall time the last time it ran here with these shapes (``eta.py``)."""
-    shapes = {"height": plan.shapes.height, "width": plan.shapes.width, "steps": plan.shapes.steps}
-    return past_durations(store_path(plan.config.store), plan.spec.name, plan.device.name, shapes,
-                          plan.warmup, plan.iterations, len(plan.prompts))
+def fluxopt_expected_durations(model: str, device: str, shapes: Shapes, generations: int,
+                               config: dict[str, Any]) -> dict[str, float]:
+    """Each stack's wall time the last time it ran here with these shapes (``eta.py``)."""
+    return past_durations(store_path(config.get("store")), model, device,
+                          {"height": shapes.height, "width": shapes.width, "steps": shapes.steps}, generations)

@@ -24,8 +24,10 @@ def _same_setting(record: RunRecord, model: str, device: str, shapes: dict[str, 
 
 
 def past_durations(store_path: Path | None, model: str, device: str, shapes: dict[str, int],
-                   warmup: int, iterations: int, prompts: int) -> dict[str, float]:
-    """Seconds per stack name (``baseline`` included) from the newest matching stored run of each."""
+                   generations: int) -> dict[str, float]:
+    """Seconds per stack name (``baseline`` included) from the newest matching stored run of each;
+    ``generations``: the baseline's generations (warm-up, timed, one per prompt), for a record
+    that kept only its latency."""
     if store_path is None or not store_path.is_file():
         return {}
     with ResultsStore(store_path) as store:  # oldest first: later runs overwrite
@@ -38,7 +40,7 @@ def past_durations(store_path: Path | None, model: str, device: str, shapes: dic
         if record.baseline is not None and record.baseline.elapsed_s:
             found["baseline"] = record.baseline.elapsed_s
         elif record.baseline is not None and record.baseline.latency is not None:  # recorded before elapsed_s
-            found["baseline"] = record.baseline.latency.median * (warmup + iterations + prompts)
+            found["baseline"] = record.baseline.latency.median * generations
         for stack in record.stacks:
             if stack.elapsed_s and stack.status != "skipped":
                 found[stack.stack] = stack.elapsed_s
