@@ -9,6 +9,7 @@ import platform
 import socket
 import subprocess
 import sys
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
@@ -188,3 +189,8 @@ def rank(env: Mapping[str, str] | None = None) -> int:
 def writes_results(env: Mapping[str, str] | None = None) -> bool:
     """Whether this process writes result files: always outside torchrun, rank 0 inside."""
     return rank(env) == 0
+
+
+def scratch_dir(output_dir: Path) -> Path:
+    """Where a rank that writes no results runs its job (what it writes there is discarded)."""
+    return Path(tempfile.mkdtemp(prefix=f"fluxopt-rank{rank()}-{Path(output_dir).name[:40]}-"))

@@ -19,7 +19,7 @@ this module imports them for type checking only, so that it stays the bottom of 
 fluxopt's own accessories are plugins on these hooks too, registered before the built-in
 backends: the report ring (``fluxopt.report``: report.md, the console table, the sweep summary),
 the profile ring (``fluxopt.profile``: one profiled step per stack), the scale ring
-(``fluxopt.scale``: launchers' configs), the history ring (``fluxopt.history``: the results store
+(``fluxopt.scale``: the Hydra launchers and the search sweeper, torchrun, detached runs), the history ring (``fluxopt.history``: the results store
 and the time estimate) and the model zoo (``fluxopt.zoo``: the built-in models).
 A run's event hooks skip the plugins named in ``disabled_plugins`` (``disabled_plugins=[fluxopt.report]``
 writes no report.md and prints no table), the way pytest's ``-p no:terminal`` does.
@@ -32,6 +32,8 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
+    from omegaconf import DictConfig
+
     from fluxopt.backend import Backend
     from fluxopt.fidelity import Metric
     from fluxopt.measure import Measured
@@ -180,4 +182,45 @@ def fluxopt_expected_durations(model: str, device: str, shapes: Shapes, stacks: 
         (``store``, ``bench``...).
     :return: wall seconds expected per stack name (``baseline`` included) on this machine, for
         the stacks it has seen run; None or an empty mapping when it has no estimate.
+    """
+
+
+@hookspec
+def fluxopt_engine_selected(group: str, name: str) -> None:
+    """Called by the command line for a Hydra launcher or sweeper the command names
+    (``hydra/launcher=NAME``, ``hydra/sweeper=NAME``), before any job is composed: raise
+    :class:`fluxopt.ConfigError` when it cannot be used here (its Hydra plugin is not installed: say
+    how to get it), and register the Hydra plugin class it needs (the scale ring does both).
+
+    :param group: ``hydra/launcher`` or ``hydra/sweeper``.
+    :param name: the config's name in that group (``fluxopt_ray``, ``fluxopt_search``...).
+    """
+
+
+@hookspec
+def fluxopt_check_job(config: DictConfig, multirun: bool) -> None:
+    """Called by the command line for every job of the command, composed as Hydra will compose it
+    and planned, before anything loads: raise :class:`fluxopt.ConfigError` with one line naming
+    the setting, the value and what is allowed (the scale ring checks the GPUs a launcher asks for
+    against this machine, and the search's limits and backends).
+
+    :param config: the job's composed config, its ``hydra`` node included (``config.hydra.launcher``).
+    :param multirun: whether the command is a sweep (``-m``).
+    """
+
+
+@hookspec(firstresult=True)
+def fluxopt_launch(argv: list[str], processes: int, detach: bool, multirun: bool) -> int | None:
+    """Called by the command line once the whole command passed its checks, before Hydra runs: run
+    it somewhere other than this process and return the exit status the command ends with (the scale
+    ring starts it in the background for ``detach=true``, and relaunches it under torchrun when a
+    stack needs several processes), or prepare this process and return None to run it here (a
+    torchrun rank joins its process group). The first answer that is not None is used; a command
+    with ``detach=true`` that no plugin starts is refused.
+
+    :param argv: the command's arguments after ``python -m fluxopt`` (a sweep's ``hydra.sweep.dir``
+        already pinned, so the launched command writes where this one reports).
+    :param processes: the processes the requested stacks need (one GPU each; 1 for most stacks).
+    :param detach: whether the command asked to run in the background (``detach=true``).
+    :param multirun: whether the command is a sweep (``-m``).
     """

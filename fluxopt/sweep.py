@@ -11,12 +11,13 @@ summary table, plot and image grid) is the report ring's, through ``fluxopt_swee
 from __future__ import annotations
 
 import contextlib
+import datetime as _dt
 import fcntl
 import json
 import os
+import secrets
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,22 @@ SEARCH_FILE = "search.json"  # the search sweeper's trial log, in the sweep dire
 EXPECTED_FILE = "sweep.json"  # the jobs a sweep expects, written before any starts
 LOCK_FILE = ".sweep.lock"  # held (flock) by the process running a sweep into the directory
 OWNER_FILE = "sweep.lock.json"  # who holds it: pid, command, start time
+
+
+def pin_output_dir(argv: Sequence[str], multirun: bool, now: _dt.datetime | None = None) -> tuple[Path, list[str]]:
+    """The directory a command writes to, and ``argv`` with it set: the one given by
+    ``hydra.run.dir`` / ``hydra.sweep.dir``, else a new one in the default layout
+    (``outputs/DATE/TIME-ID`` or ``multirun/DATE/TIME-ID``). A command that reports, locks or
+    launches elsewhere must name the directory the run writes into, not resolve Hydra's default
+    (``${now:...}``) a moment apart from it."""
+    key = "hydra.sweep.dir=" if multirun else "hydra.run.dir="
+    given = [a.removeprefix(key) for a in argv if a.startswith(key)]
+    if given:
+        return Path(given[-1]), list(argv)
+    now = now or _dt.datetime.now()
+    path = Path("multirun" if multirun else "outputs") / now.strftime("%Y-%m-%d") / \
+        f"{now.strftime('%H-%M-%S')}-{os.getpid()}-{secrets.token_hex(3)}"
+    return path, [*argv, key + str(path)]
 
 
 @dataclass
@@ -73,7 +90,7 @@ def write_expected(sweep_dir: Path, jobs: Sequence[Sequence[str]], command: str,
     if path.exists():
         move_aside(path, "previous")
     write_json_atomic(path, {"invocation": os.environ.get(INVOCATION_ENV), "command": command,
-                             "started": datetime.now(timezone.utc).isoformat(), "search": search,
+                             "started": _dt.datetime.now(_dt.timezone.utc).isoformat(), "search": search,
                              "jobs": [list(j) for j in jobs]})
 
 
@@ -127,7 +144,7 @@ def sweep_lock(sweep_dir: Path, command: str) -> Iterator[None]:
             raise ConfigError(f"hydra.sweep.dir={sweep_dir} is in use by a running sweep ({who}); wait for it "
                               "to finish or choose another directory") from None
         write_json_atomic(sweep_dir / OWNER_FILE, {"pid": os.getpid(), "command": command,
-                                                   "started": datetime.now(timezone.utc).isoformat()})
+                                                   "started": _dt.datetime.now(_dt.timezone.utc).isoformat()})
         try:
             yield
         finally:

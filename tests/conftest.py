@@ -3,10 +3,13 @@ in-process registration of test-only plugins."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -104,3 +107,55 @@ def plugin_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
                     "--target", str(target), *map(str, copies)], check=True, capture_output=True, text=True)
     return {"PYTHONPATH": os.pathsep.join(filter(None, [str(target), os.environ.get("PYTHONPATH")]))}
+
+
+# aoti as the default bake-off runs it (default options), in bf16 as on a GPU: the dtype whose
+# roundings a whole-graph package must reproduce (eager_rounding); small shapes.
+SMALL_BF16_ARGS = ("bench.steps=2", "bench.height=64", "bench.width=64", "model.dtype=bfloat16")
+
+
+def _wait_complete(run_dir: Path, timeout_s: float) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            data = json.loads((run_dir / "result.json").read_text())
+            if data.get("complete"):
+                return data
+        except (FileNotFoundError, json.JSONDecodeError):
+            pass
+        time.sleep(1)
+    raise AssertionError(f"the background build did not finish in {timeout_s} s: "
+                         + (run_dir / "fluxopt.out").read_text()[-3000:])
+
+
+@dataclasses.dataclass
+class AotiThenBakeoff:
+    cold: dict[str, Any]  # the background aoti build's record
+    bakeoff: dict[str, Any]  # the default bake-off's record
+    bakeoff_proc: subprocess.CompletedProcess[str]
+    console: str  # what the detaching command and the background build printed, and the bake-off's stderr
+
+
+@pytest.fixture(scope="session")
+def aoti_then_default_bakeoff(tmp_path_factory: pytest.TempPathFactory,
+                              plugin_env: dict[str, str]) -> AotiThenBakeoff:
+    """Two processes on one fresh artifact cache, as a user pays a long build once: ``+backend=aoti
+    build_only=true detach=true`` builds cold in the background and measures nothing; then the
+    default bake-off (``python -m fluxopt`` with no stack: every backend this machine can run, the
+    fault plugin's included), whose aoti stack starts warm from that cache. The tests that use it
+    share the xdist group ``aoti_two_runs``, so one worker runs it once."""
+    cache = tmp_path_factory.mktemp("aoti-cache")  # its own: what the cold build writes is told apart
+    cold_dir, warm_dir = tmp_path_factory.mktemp("aoti-cold"), tmp_path_factory.mktemp("bakeoff")
+    env = {"FLUXOPT_CACHE_DIR": str(cache)}
+    proc = run_cli("+backend=aoti", *SMALL_BF16_ARGS, "build_only=true", "detach=true", f"hydra.run.dir={cold_dir}",
+                   env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    pid = int(re.search(r"running in the background \(pid (\d+)\)", proc.stderr).group(1))
+    try:  # a session of its own: closing the terminal (SIGHUP to the session) does not stop it
+        assert os.getsid(pid) == pid != os.getsid(0)
+    except ProcessLookupError:
+        pass  # already finished: nothing left to check
+    cold = _wait_complete(cold_dir, 500)
+    bakeoff = run_cli(*SMALL_BF16_ARGS, "bench.iterations=1", f"hydra.run.dir={warm_dir}", env={**plugin_env, **env})
+    return AotiThenBakeoff(cold, read_result(warm_dir), bakeoff,
+                           proc.stderr + (cold_dir / "fluxopt.out").read_text() + bakeoff.stderr)

@@ -5,25 +5,19 @@ isolation, and the CUDA-graph path on a GPU."""
 
 from __future__ import annotations
 
-import json
-import os
-import re
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import read_result, run_cli
+from conftest import SMALL_BF16_ARGS, read_result, run_cli
 
 from fluxopt.fingerprint import module_fingerprint
 from fluxopt import Shapes, Stage, StackContext
 from fluxopt.errors import ConfigError
 from fluxopt.stack import build_stack
 
-# The default options (no autotuning, no recipe flags, live weights shared), as the default bake-off runs them.
-# bf16, as on a GPU: the dtype whose roundings a whole-graph package must reproduce (eager_rounding).
-AOTI_ARGS = ("+backend=aoti", "bench.steps=2", "bench.height=64",
-             "bench.width=64", "bench.iterations=2", "model.dtype=bfloat16")
+AOTI_ARGS = ("+backend=aoti", *SMALL_BF16_ARGS, "bench.iterations=2")
 SHAPES = Shapes(height=64, width=64, steps=2, guidance_scale=3.5, max_sequence_length=128)
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -36,43 +30,9 @@ def aoti():
 
 
 # ---------------------------------------------------------------------------------- end to end
-def _wait_complete(run_dir: Path, timeout_s: float) -> dict:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            data = json.loads((run_dir / "result.json").read_text())
-            if data.get("complete"):
-                return data
-        except (FileNotFoundError, json.JSONDecodeError):
-            pass
-        time.sleep(1)
-    raise AssertionError(f"the background build did not finish in {timeout_s} s: "
-                         + (run_dir / "fluxopt.out").read_text()[-3000:])
-
-
-@pytest.fixture(scope="module")
-def two_runs(tmp_path_factory) -> tuple[dict, dict, str]:
-    """The same stack in two processes: a cold build in the background that measures nothing, then
-    a measuring run that starts warm from the cache. Also returns what the detaching command said."""
-    cache = tmp_path_factory.mktemp("aoti-cache")  # its own: what the cold build writes is told apart
-    cold_dir, warm_dir = tmp_path_factory.mktemp("aoti-cold"), tmp_path_factory.mktemp("aoti-warm")
-    env = {"FLUXOPT_CACHE_DIR": str(cache)}
-    proc = run_cli(*AOTI_ARGS, "build_only=true", "detach=true", f"hydra.run.dir={cold_dir}", env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    pid = int(re.search(r"running in the background \(pid (\d+)\)", proc.stderr).group(1))
-    try:  # a session of its own: closing the terminal (SIGHUP to the session) does not stop it
-        assert os.getsid(pid) == pid != os.getsid(0)
-    except ProcessLookupError:
-        pass  # already finished: nothing left to check
-    cold = _wait_complete(cold_dir, 500)
-    proc = run_cli(*AOTI_ARGS, f"hydra.run.dir={warm_dir}", env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return cold, read_result(warm_dir), proc.stderr + (cold_dir / "fluxopt.out").read_text()
-
-
 @pytest.mark.xdist_group("aoti_two_runs")  # one worker builds the shared fixture once
-def test_aoti_cold_build_in_the_background_builds_and_measures_nothing(two_runs):
-    cold, _, _ = two_runs
+def test_aoti_cold_build_in_the_background_builds_and_measures_nothing(aoti_then_default_bakeoff):
+    cold = aoti_then_default_bakeoff.cold
     assert cold["build_only"] is True and cold["baseline"] is None and cold["complete"] is True
     (stack,) = cold["stacks"]
     assert stack["stack"] == "aoti" and stack["status"] == "ok", stack
@@ -97,10 +57,11 @@ def test_aoti_cold_build_in_the_background_builds_and_measures_nothing(two_runs)
 
 
 @pytest.mark.xdist_group("aoti_two_runs")  # one worker builds the shared fixture once
-def test_aoti_second_process_loads_the_package_from_the_cache_and_is_lossless(two_runs):
-    cold, warm, console = two_runs
-    (c,), (w,) = cold["stacks"], warm["stacks"]
-    assert "Built 1 of 1 stack(s), measured nothing (build_only)" in console
+def test_aoti_second_process_loads_the_package_from_the_cache_and_is_lossless(aoti_then_default_bakeoff):
+    runs = aoti_then_default_bakeoff
+    (c,) = runs.cold["stacks"]
+    (w,) = [s for s in runs.bakeoff["stacks"] if s["stack"] == "aoti"]
+    assert "Built 1 of 1 stack(s), measured nothing (build_only)" in runs.console
     assert w["status"] == "ok" and w["lossless"] is True and w["fidelity"]["passed"] is True, w
     assert w["fidelity"]["metrics"]["latent_rel_l2"]["worst"] < 0.01  # bf16: 0.004; 0.019 without eager rounding
     assert w["stats"]["aoti"]["cache_hit"] is True and w["stats"]["aoti"]["warm_start"] is True

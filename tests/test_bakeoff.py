@@ -107,13 +107,13 @@ def test_incomplete_result_is_not_skipped(tmp_path):
 
 
 @pytest.mark.slow
-def test_no_backend_compares_everything_available_and_lists_skipped(tmp_path, plugin_env):
-    proc = run_cli("bench.iterations=1", f"hydra.run.dir={tmp_path}", env=plugin_env)
+@pytest.mark.xdist_group("aoti_two_runs")  # one worker builds the shared fixture once
+def test_no_backend_compares_everything_available_and_lists_skipped(aoti_then_default_bakeoff):
+    proc, data = aoti_then_default_bakeoff.bakeoff_proc, aoti_then_default_bakeoff.bakeoff
     assert proc.returncode == 1, proc.stderr[-3000:]  # the fault plugin's stacks fail
-    data = read_result(tmp_path)
     assert data["mode"] == "bakeoff"
     stacks = {s["stack"]: s for s in data["stacks"]}
-    assert stacks["compile"]["status"] == "ok"
+    assert stacks["compile"]["status"] == "ok" and stacks["aoti"]["status"] == "ok"
     assert stacks["fault_needs_cuda"]["status"] == "skipped"
     assert stacks["fault_apply"]["status"] == "failed"  # recorded, the others still ran
     assert all(len(s["backends"]) == 1 for s in data["stacks"])

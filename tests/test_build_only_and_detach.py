@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 from conftest import read_result, run_cli
 
-from fluxopt.scale.detach import is_detach_override, output_dir
+from fluxopt.scale.detach import background_command, is_detach_override
 from fluxopt.record import record_from_json
+from fluxopt.sweep import pin_output_dir
 from fluxopt.runner import can_reuse
 
 
@@ -27,16 +28,43 @@ def test_every_spelling_of_the_detach_override_is_recognised(arg, expected):
 def test_the_background_command_has_no_detach_and_a_fixed_output_directory():
     argv = ["+backend=aoti", "detach=true", "build_only=true"]
     now = dt.datetime(2026, 11, 26, 7, 30, 5)
-    path, args = output_dir(argv, multirun=False, now=now)
+    path, args = pin_output_dir(argv, multirun=False, now=now)
     assert path.parts[:2] == ("outputs", "2026-11-26") and path.name.startswith("07-30-05-")
+    assert args == [*argv, f"hydra.run.dir={path}"]
+    assert pin_output_dir(argv, multirun=False, now=now)[0] != path  # two commands in the same second: two directories
+    path, args = background_command(argv, multirun=False)
     assert args == ["+backend=aoti", "build_only=true", f"hydra.run.dir={path}"]
-    sweep, args = output_dir(["-m", "+backend=compile,fbcache", "+detach=true"], multirun=True, now=now)
+    sweep, args = background_command(["-m", "+backend=compile,fbcache", "+detach=true"], multirun=True)
     assert sweep.parts[0] == "multirun" and args == ["-m", "+backend=compile,fbcache", f"hydra.sweep.dir={sweep}"]
-    assert output_dir(argv, multirun=False, now=now)[0] != path  # two commands in the same second: two directories
+
+
+def test_a_detached_sweep_starts_in_the_background(tmp_path, monkeypatch, capsys):
+    """The sweep's directory is pinned before the command is checked; ``detach`` must survive it."""
+    from fluxopt import cli
+    from fluxopt.scale import detach
+
+    started = []
+    monkeypatch.setattr(detach, "start", lambda argv, multirun: started.append((argv, multirun)) or (1, tmp_path))
+    with pytest.raises(SystemExit) as exit_:
+        cli._main(["-m", "+backend=fuse_qkv,channels_last", "detach=true", f"hydra.sweep.dir={tmp_path}"])
+    assert exit_.value.code == 0 and len(started) == 1
+    argv, multirun = started[0]
+    assert multirun and "detach=true" in argv and f"hydra.sweep.dir={tmp_path}" in argv
+    assert "running in the background" in capsys.readouterr().err
+    assert not (tmp_path / "sweep.json").exists()  # nothing ran here
+
+
+def test_detach_is_refused_without_the_ring_that_runs_it(tmp_path, capsys):
+    from fluxopt import cli
+
+    with pytest.raises(SystemExit) as exit_:
+        cli._main(["+backend=fuse_qkv", "detach=true", "disabled_plugins=[fluxopt.scale]", f"hydra.run.dir={tmp_path}"])
+    assert exit_.value.code == 2
+    assert "detach=true: no plugin runs commands in the background" in capsys.readouterr().err
 
 
 def test_a_given_output_directory_is_kept():
-    path, args = output_dir(["detach=true", "hydra.run.dir=/data/run1", "+backend=compile"], multirun=False)
+    path, args = background_command(["detach=true", "hydra.run.dir=/data/run1", "+backend=compile"], multirun=False)
     assert path == Path("/data/run1") and args == ["hydra.run.dir=/data/run1", "+backend=compile"]
 
 

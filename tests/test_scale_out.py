@@ -157,7 +157,7 @@ def test_only_rank_zero_writes_results(monkeypatch, tmp_path):
     monkeypatch.setenv("RANK", "1")
     SweepFinishedCallback().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}}))
     assert not (tmp_path / "summary.json").exists()
-    scratch = launch.scratch_dir(tmp_path / "job")
+    scratch = environment.scratch_dir(tmp_path / "job")
     assert not scratch.is_relative_to(tmp_path) and "rank1" in scratch.name
 
 

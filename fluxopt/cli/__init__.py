@@ -37,7 +37,7 @@ from omegaconf.errors import OmegaConfBaseException
 from fluxopt import plugins, sweep
 from fluxopt.cli import console
 from fluxopt.config import RunConfig, recorded_config, register_configs, run_config
-from fluxopt.environment import INVOCATION_ENV, in_torchrun, rank, writes_results
+from fluxopt.environment import INVOCATION_ENV, in_torchrun, rank, scratch_dir, writes_results
 from fluxopt.errors import ConfigError, ExitStatus, FluxoptError, UnavailableError
 from fluxopt.files import move_aside, write_text_atomic
 from fluxopt.plan import RunPlan, check_runnable, check_writable_dir, plan_run
@@ -50,7 +50,6 @@ from fluxopt.record import (
     write_record,
 )
 from fluxopt.runner import Run, can_resume, can_reuse, job_record
-from fluxopt.scale import detach, launchers, search, torchrun
 from fluxopt.stack import build_stack, describe_options, lookup_backend
 
 log = logging.getLogger("fluxopt")
@@ -114,7 +113,7 @@ def parse_overrides(overrides: list[str]) -> list[Override]:
     return parsed
 
 
-def _check_override(ov: Override) -> None:
+def _check_override(ov: Override, disabled: list[str]) -> None:
     """Names first (clear messages with close matches); values are checked by composing."""
     key = ov.key_or_group
     root = key.split(".")[0].split("/")[0]
@@ -124,8 +123,7 @@ def _check_override(ov: Override) -> None:
         raise ConfigError(f"unknown setting '{key}'.{hint} Settings: {', '.join(sorted(TOP_LEVEL - {'backend'}))}; "
                           "groups: model=, bench=, fidelity=, +backend=")
     if key in ("hydra/launcher", "hydra/sweeper"):
-        launchers.check_installed(key, _text(ov.value()))
-        launchers.register_engine(_text(ov.value()))
+        plugins.hook(disabled).fluxopt_engine_selected(group=key, name=_text(ov.value()))
     elif key == "backend" and not ov.is_delete():
         for names in _stack_choices(ov.value()):
             build_stack(names)  # unknown names, empty stacks and incompatible pairs raise here
@@ -196,8 +194,9 @@ def preflight(argv: list[str]) -> list[RunPlan]:
     selected = {backend for ov in overrides if ov.key_or_group == "backend" and not ov.is_delete()
                 for names in _stack_choices(ov.value()) for name in names
                 for backend in (presets[name].backends if name in presets else (name,))}
+    disabled = _disabled_plugins(overrides)
     for ov in overrides:
-        _check_override(ov)
+        _check_override(ov, disabled)
         parts = ov.key_or_group.split(".")
         if searching and parts[0] == "backend" and len(parts) == 1:
             raise ConfigError(f"'{ov.input_line}': the search chooses the stacks; name the backends it may combine "
@@ -221,11 +220,7 @@ def preflight(argv: list[str]) -> list[RunPlan]:
                     raise _compose_error(exc, job if multirun else []) from None
                 check_writable_dir("hydra.sweep.dir" if multirun else "hydra.run.dir", Path(run_dir))
                 plan = plan_run(cfg, check_requirements=False)
-                if multirun:
-                    launchers.check_resources(cfg.hydra.launcher)
-                if searching:
-                    search.limits_from(cfg)
-                    search.search_space(search.backends_from(cfg))
+                plugins.hook(plan.config.disabled_plugins).fluxopt_check_job(config=cfg, multirun=multirun)
                 # In a sweep a stack this machine cannot run is recorded as refused and the other
                 # jobs still run; a single run ends at once.
                 if not multirun and (in_torchrun() or required_processes([plan]) == 1):
@@ -254,6 +249,26 @@ def _check_shared_config(config_name: str, overrides: list[Override]) -> None:
                                   "the swept values, so the option has nothing to attach to. Run such stacks as "
                                   f"their own command: python -m fluxopt +backend=[...] {ov.input_line}") from None
         raise _compose_error(exc, []) from None
+
+
+def _disabled_plugins(overrides: list[Override]) -> list[str]:
+    """``disabled_plugins`` as the command sets it, for the hooks fired before any job is composed."""
+    for ov in reversed(overrides):
+        if ov.key_or_group == "disabled_plugins" and not ov.is_delete() and isinstance(ov.value(), list):
+            return [_text(v) for v in ov.value()]
+    return []
+
+
+def _launch(argv: list[str], plans: list[RunPlan], multirun: bool) -> int | None:
+    """The exit status of the command run elsewhere by a plugin (in the background, under
+    torchrun), or None to run it in this process."""
+    detach = any(p.detach for p in plans)
+    status = plugins.hook(plans[0].config.disabled_plugins if plans else []).fluxopt_launch(
+        argv=argv, processes=required_processes(plans), detach=detach, multirun=multirun)
+    if detach and status is None:
+        raise ConfigError("detach=true: no plugin runs commands in the background (the scale ring, fluxopt.scale, "
+                          "does; disabled_plugins turns it off)")
+    return status
 
 
 def required_processes(plans: list[RunPlan]) -> int:
@@ -338,7 +353,7 @@ def run_job(cfg: DictConfig) -> RunRecord | None:
     console.quiet_libraries(output_dir, verbose=bool(cfg.get("verbose", False)))
     if not writes_results():  # torchrun rank > 0: computes in lock-step, writes nothing here
         try:
-            return Run(cfg, torchrun.scratch_dir(output_dir)).execute()
+            return Run(cfg, scratch_dir(output_dir)).execute()
         except FluxoptError as exc:
             log.error("rank %s: %s", rank(), exc)
             return None
@@ -395,7 +410,7 @@ def _fix_sweep_dir(argv: list[str]) -> tuple[list[str], Path | None]:
     texts, multirun = _split_argv(argv)
     if not multirun:
         return argv, None
-    directory, args = detach.output_dir(argv, multirun=True)
+    directory, args = sweep.pin_output_dir(argv, multirun=True)
     return args, directory
 
 
@@ -434,21 +449,13 @@ def _main(argv: list[str]) -> None:
     try:
         register_configs()
         argv, sweep_dir = _fix_sweep_dir(argv)
-        plans = preflight(argv)
-        if any(p.detach for p in plans):  # checked first, so bad input is answered here, not in a log
-            pid, directory = detach.start(argv, sweep_dir is not None)
-            key = "hydra.sweep.dir" if sweep_dir is not None else "hydra.run.dir"
-            console.say(f"running in the background (pid {pid}); console output in {directory / detach.OUTPUT_FILE}, "
-                        f"results in {directory}. Once it has stopped (fluxopt.out ends with its verdict), the "
-                        f"same command with {key}={directory} finishes what it left")
-            sys.exit(ExitStatus.OK)
-        status = torchrun.maybe_relaunch(argv, required_processes(plans))
+        plans = preflight(argv)  # first, so bad input is answered here, not in a background log
+        status = _launch(argv, plans, multirun=sweep_dir is not None)
     except FluxoptError as exc:
         console.error(str(exc))
         sys.exit(exc.exit_status)
     if status is not None:
         sys.exit(status)
-    torchrun.init_rank()
     sys.argv = [sys.argv[0], *argv]  # Hydra reads the command line from sys.argv
     try:
         if sweep_dir is not None and writes_results():

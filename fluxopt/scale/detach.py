@@ -11,13 +11,13 @@ build reuses what the artifact cache kept (compiled kernels, tuning results, fin
 
 from __future__ import annotations
 
-import datetime as _dt
 import os
-import secrets
 import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+
+from fluxopt.sweep import pin_output_dir
 
 OUTPUT_FILE = "fluxopt.out"
 
@@ -27,26 +27,17 @@ def is_detach_override(arg: str) -> bool:
     return arg.lstrip("+~").split("=", 1)[0] == "detach"
 
 
-def output_dir(argv: Sequence[str], multirun: bool, now: _dt.datetime | None = None) -> tuple[Path, list[str]]:
-    """The directory the detached command will write to, and ``argv`` without ``detach`` and with
-    that directory set: the one given by ``hydra.run.dir`` / ``hydra.sweep.dir``, else a new one
-    in the default layout (``outputs/DATE/TIME-ID`` or ``multirun/DATE/TIME-ID``)."""
-    key = "hydra.sweep.dir=" if multirun else "hydra.run.dir="
-    args = [a for a in argv if not is_detach_override(a)]
-    given = [a.removeprefix(key) for a in args if a.startswith(key)]
-    if given:
-        return Path(given[-1]), args
-    now = now or _dt.datetime.now()
-    path = Path("multirun" if multirun else "outputs") / now.strftime("%Y-%m-%d") / \
-        f"{now.strftime('%H-%M-%S')}-{os.getpid()}-{secrets.token_hex(3)}"
-    return path, [*args, key + str(path)]
+def background_command(argv: Sequence[str], multirun: bool) -> tuple[Path, list[str]]:
+    """The directory the detached command will write to, and its ``argv``: without ``detach`` (the
+    background process runs it) and with that directory pinned, so this process can announce it."""
+    return pin_output_dir([a for a in argv if not is_detach_override(a)], multirun)
 
 
 def start(argv: Sequence[str], multirun: bool, env: dict[str, str] | None = None) -> tuple[int, Path]:
     """Start ``python -m fluxopt`` with ``argv`` (minus ``detach``) in a new session, its stdin
     closed and its stdout and stderr appended to ``<output dir>/fluxopt.out``; return its pid
     and the output directory."""
-    directory, args = output_dir(argv, multirun)
+    directory, args = background_command(argv, multirun)
     directory.mkdir(parents=True, exist_ok=True)
     with open(directory / OUTPUT_FILE, "ab") as out:
         process = subprocess.Popen([sys.executable, "-m", "fluxopt", *args], stdin=subprocess.DEVNULL, stdout=out,

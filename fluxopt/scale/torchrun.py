@@ -16,17 +16,10 @@ import datetime as _dt
 import os
 import subprocess
 import sys
-import tempfile
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
-from fluxopt.environment import LAUNCHED_ENV, MULTICAST_OFF, in_torchrun, rank
+from fluxopt.environment import LAUNCHED_ENV, MULTICAST_OFF, in_torchrun
 from fluxopt.errors import ConfigError
-
-
-def scratch_dir(output_dir: Path) -> Path:
-    """Where a non-writing rank runs the job (results there are discarded)."""
-    return Path(tempfile.mkdtemp(prefix=f"fluxopt-rank{rank()}-{Path(output_dir).name[:40]}-"))
 
 
 def _has_override(argv: Sequence[str], key: str) -> bool:

@@ -154,9 +154,14 @@ STEP_SLEEP_ENV = "FLUXOPT_FAULT_STEP_SLEEP_S"
 
 
 class Sleepy(Backend):
-    """A stack whose speed is set by its environment, not its options: every transformer call sleeps
-    ``$FLUXOPT_FAULT_STEP_SLEEP_S`` seconds (default 0.03). Two runs with different values are the same
-    stack measured on a slower or faster "library", which is what ``fluxopt-report compare`` must tell."""
+    """A stack whose speed is set by its environment, not its options: a generation takes
+    ``$FLUXOPT_FAULT_STEP_SLEEP_S`` seconds (default 0.03) per transformer call, or its own compute
+    time where that is longer. Two runs with different values are the same stack measured on a slower
+    or faster "library", which is what ``fluxopt-report compare`` must tell.
+
+    The generation is padded to that floor rather than slowed by it: the tiny model's own compute
+    varies twofold between processes on a loaded machine, and a sleep added to it would carry that
+    noise into a comparison meant to test the gate, not the machine."""
 
     name = "fault_sleepy"
     options_class = FaultOptions
@@ -164,8 +169,26 @@ class Sleepy(Backend):
 
     def apply(self, pipe: Any, options: FaultOptions, ctx: Any) -> None:
         delay = float(os.environ.get(STEP_SLEEP_ENV, "0.03"))
-        handle = pipe.transformer.register_forward_pre_hook(lambda module, args: time.sleep(delay))
-        ctx.callback("fault_sleepy: delay hook", handle.remove)
+        state: dict[str, Any] = {"start": None, "steps": 0}
+
+        def starts(module: Any, args: Any) -> None:  # the first module a generation calls
+            if state["start"] is None:
+                state["start"] = time.perf_counter()
+
+        def step(module: Any, args: Any) -> None:
+            starts(module, args)
+            state["steps"] += 1
+
+        def decoded(module: Any, args: Any, output: Any) -> None:  # the last module a generation calls
+            if state["start"] is not None:
+                time.sleep(max(0.0, state["start"] + state["steps"] * delay - time.perf_counter()))
+            state.update(start=None, steps=0)
+
+        handles = [pipe.text_encoder.register_forward_pre_hook(starts),
+                   pipe.transformer.register_forward_pre_hook(step),
+                   pipe.vae.decoder.register_forward_hook(decoded)]
+        for handle in handles:
+            ctx.callback("fault_sleepy: delay hook", handle.remove)
 
 
 class NoisyBuild(Backend):
