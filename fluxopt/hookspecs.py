@@ -185,15 +185,18 @@ def fluxopt_expected_durations(model: str, device: str, shapes: Shapes, stacks: 
     """
 
 
-@hookspec
-def fluxopt_engine_selected(group: str, name: str) -> None:
+@hookspec(firstresult=True)
+def fluxopt_engine_selected(group: str, name: str) -> bool | None:
     """Called by the command line for a Hydra launcher or sweeper the command names
     (``hydra/launcher=NAME``, ``hydra/sweeper=NAME``), before any job is composed: raise
     :class:`fluxopt.ConfigError` when it cannot be used here (its Hydra plugin is not installed: say
-    how to get it), and register the Hydra plugin class it needs (the scale ring does both).
+    how to get it), and register the Hydra plugin class it needs (the scale ring does both for
+    fluxopt's own engines, ``fluxopt_*``, and checks Hydra's). The first answer that is not None is used.
 
     :param group: ``hydra/launcher`` or ``hydra/sweeper``.
-    :param name: the config's name in that group (``fluxopt_ray``, ``fluxopt_search``...).
+    :param name: the config's name in that group (``fluxopt_ray``, ``fluxopt_search``, ``joblib``...).
+    :return: True when this plugin provides the engine; an engine named ``fluxopt_*`` that no plugin
+        provides is refused (its ring is switched off).
     """
 
 

@@ -7,8 +7,12 @@ import dataclasses
 import json
 import os
 import re
+import select
+import signal
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -59,10 +63,71 @@ def tiny_pipe():
 
 def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None,
             timeout: int = 600) -> subprocess.CompletedProcess[str]:
-    """``python -m fluxopt ARGS`` in a subprocess, as a user would run it."""
+    """``python -m fluxopt ARGS`` in a process of its own, as a user would run it: a child of this
+    worker's fork server (tests/_fork_server.py), which has the heavy libraries imported already,
+    or, for an environment the server cannot give, a new interpreter."""
     full_env = {**os.environ, "HYDRA_FULL_ERROR": "0", **(env or {})}
+    server = _fork_server()
+    if server is not None and server.takes(full_env):
+        return server.run(list(args), full_env, cwd or REPO, timeout)
     return subprocess.run([sys.executable, "-m", "fluxopt", *args], cwd=cwd or REPO, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+class _ForkServer:
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("_fork_server.py"))],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0, cwd=REPO)
+        self.pending = b""
+        self.env = self._reply(300)["env"]
+        self.lock = threading.Lock()
+
+    def _reply(self, timeout: float) -> dict[str, Any] | None:
+        """The server's next reply line, or None when none came within ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self.pending:
+            ready, _, _ = select.select([self.proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                return None
+            chunk = os.read(self.proc.stdout.fileno(), 65536)
+            if not chunk:
+                raise RuntimeError("the fork server exited")
+            self.pending += chunk
+        line, self.pending = self.pending.split(b"\n", 1)
+        return json.loads(line)
+
+    def takes(self, env: dict[str, str]) -> bool:
+        from _fork_server import runs_here
+
+        return self.proc.poll() is None and runs_here(env, self.env)
+
+    def run(self, argv: list[str], env: dict[str, str], cwd: Path, timeout: float) -> subprocess.CompletedProcess[str]:
+        with self.lock, tempfile.TemporaryDirectory() as tmp:
+            out, err = Path(tmp, "stdout"), Path(tmp, "stderr")
+            request = {"argv": argv, "env": env, "cwd": str(cwd), "stdout": str(out), "stderr": str(err)}
+            self.proc.stdin.write(json.dumps(request).encode() + b"\n")
+            pid = self._reply(60)["pid"]
+            done = self._reply(timeout)
+            command = ["python", "-m", "fluxopt", *argv]
+            if done is None:
+                os.killpg(pid, signal.SIGKILL)
+                self._reply(60)
+                raise subprocess.TimeoutExpired(command, timeout, out.read_text(errors="replace"),
+                                                err.read_text(errors="replace"))
+            return subprocess.CompletedProcess(command, done["returncode"], out.read_text(errors="replace"),
+                                               err.read_text(errors="replace"))
+
+
+_SERVER: list[_ForkServer | None] = []
+
+
+def _fork_server() -> _ForkServer | None:
+    """This worker's fork server, started on first use (None with FLUXOPT_TEST_FORK_SERVER=0)."""
+    if os.environ.get("FLUXOPT_TEST_FORK_SERVER", "1") == "0":
+        return None
+    if not _SERVER:
+        _SERVER.append(_ForkServer())
+    return _SERVER[0]
 
 
 def read_result(run_dir: Path) -> dict[str, Any]:

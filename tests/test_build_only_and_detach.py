@@ -98,3 +98,13 @@ def test_a_build_only_sweep_builds_every_stack_measures_nothing_and_says_so(tmp_
         assert stack["latency"] is None and stack["speedup"] is None and stack["fidelity"] is None
     assert "**Verdict: every requested stack built (build_only: nothing was measured).**" in \
         (tmp_path / "summary.md").read_text()
+
+
+def test_a_launcher_of_a_disabled_ring_is_refused_by_name(tmp_path, capsys):
+    from fluxopt import cli
+
+    with pytest.raises(SystemExit) as exit_:
+        cli._main(["-m", "+backend=fuse_qkv,channels_last", "hydra/launcher=fluxopt_joblib",
+                   "disabled_plugins=[fluxopt.scale]", f"hydra.sweep.dir={tmp_path}"])
+    assert exit_.value.code == 2
+    assert "hydra/launcher=fluxopt_joblib: no plugin provides it" in capsys.readouterr().err

@@ -123,7 +123,11 @@ def _check_override(ov: Override, disabled: list[str]) -> None:
         raise ConfigError(f"unknown setting '{key}'.{hint} Settings: {', '.join(sorted(TOP_LEVEL - {'backend'}))}; "
                           "groups: model=, bench=, fidelity=, +backend=")
     if key in ("hydra/launcher", "hydra/sweeper"):
-        plugins.hook(disabled).fluxopt_engine_selected(group=key, name=_text(ov.value()))
+        name = _text(ov.value())
+        provided = plugins.hook(disabled).fluxopt_engine_selected(group=key, name=name)
+        if name.startswith("fluxopt_") and not provided:
+            raise ConfigError(f"{key}={name}: no plugin provides it (fluxopt's launchers and sweeper are the scale "
+                              "ring's, fluxopt.scale; disabled_plugins turns it off)")
     elif key == "backend" and not ov.is_delete():
         for names in _stack_choices(ov.value()):
             build_stack(names)  # unknown names, empty stacks and incompatible pairs raise here

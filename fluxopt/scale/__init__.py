@@ -31,9 +31,10 @@ def fluxopt_register_configs() -> None:
 
 
 @hookimpl
-def fluxopt_engine_selected(group: str, name: str) -> None:
+def fluxopt_engine_selected(group: str, name: str) -> bool | None:
     launchers.check_installed(group, name)
     launchers.register_engine(name)
+    return (group, name) in launchers.ENGINE_PLUGINS or None
 
 
 @hookimpl
