@@ -75,12 +75,13 @@ def test_search_finds_a_stack_under_limits_and_keeps_every_trial(tmp_path, plugi
                    "bench.iterations=1", "save_images=false", f"hydra.sweep.dir={sweep_dir}", env=plugin_env)
     log = json.loads((sweep_dir / "search.json").read_text())
     trials = log["trials"]
-    assert len(trials) == 6 and [t["number"] for t in trials] == list(range(6))
+    assert len(trials) == 6  # six runnable trials: refused proposals are not counted
+    assert sorted(t["number"] for t in trials + log["refused"]) == list(range(len(trials) + len(log["refused"])))
+    for t in log["refused"]:  # nothing launched; never two step caches (one choice of the space)
+        assert t["stack"] == "(empty)" and t["job"] is None and t["reason"]
     for t in trials:
-        if t["state"] == "refused":  # nothing launched: fbcache and taylorseer are both step caches, or none chosen
-            assert t["job"] is None and t["reason"]
-            assert ("fbcache" in t["stack"] and "taylorseer" in t["stack"]) or t["stack"] == "(empty)"
-        elif "fault_degrade" in t["stack"]:  # finite but wrong output: below min_psnr and its gate
+        assert not ("fbcache" in t["stack"] and "taylorseer" in t["stack"])
+        if "fault_degrade" in t["stack"]:  # finite but wrong output: below min_psnr and its gate
             assert t["state"] in ("infeasible", "repeat") and t["value"] is None and t["reason"]
         else:
             assert t["state"] in ("complete", "infeasible", "repeat") and t["job"] is not None
@@ -122,9 +123,9 @@ def _log(tmp_path, **limits):
     return search.SearchLog(tmp_path, Limits(**limits), ["fuse_qkv", "fbcache", "taylorseer"])
 
 
-def test_search_launcher_refuses_incompatible_and_empty_stacks_without_launching(tmp_path):
+def test_search_launcher_refuses_incompatible_and_empty_stacks_without_launching_or_counting_them(tmp_path):
     inner = _RecordingLauncher(tmp_path)
-    launcher = search.SearchLauncher(inner, _log(tmp_path))
+    launcher = search.SearchLauncher(inner, _log(tmp_path), trials=1)
     batch = [("stack.fbcache=True", "stack.taylorseer=True", "model=tiny"),
              ("stack.fbcache=False", "stack.taylorseer=False", "model=tiny"),
              ("stack.fuse_qkv=True", "stack.fbcache=True", "backend.fbcache.residual_diff_threshold=0.2",
@@ -137,14 +138,39 @@ def test_search_launcher_refuses_incompatible_and_empty_stacks_without_launching
     with pytest.raises(search.InfeasibleTrial, match="no backend chosen"):
         returns[1].return_value
     assert returns[2].return_value == 1.5
-    states = [t.state for t in launcher.log.trials]
-    assert states == ["refused", "refused", "complete"]
+    assert [t.state for t in launcher.log.trials] == ["complete"]
+    assert [t.state for t in launcher.log.refused] == ["refused", "refused"]
     assert json.loads((tmp_path / "search.json").read_text())["best"]["stack"] == "fuse_qkv+fbcache"
+    with pytest.raises(search.SearchComplete):  # the one trial asked for is judged
+        launcher.launch([("stack.fuse_qkv=True", "model=tiny")], initial_job_idx=1)
+
+
+def test_a_batch_runs_no_more_trials_than_are_left(tmp_path):
+    inner = _RecordingLauncher(tmp_path)
+    launcher = search.SearchLauncher(inner, _log(tmp_path), trials=1)
+    returns = launcher.launch([("stack.fuse_qkv=True",), ("stack.fbcache=True",)], initial_job_idx=0)
+    assert [len(b) for b in inner.batches] == [1] and len(launcher.log.trials) == 1
+    assert returns[0].return_value == 1.5
+    with pytest.raises(search.InfeasibleTrial, match="had its 1 trial"):
+        returns[1].return_value
+
+
+def test_the_space_is_one_choice_per_set_of_backends_that_cannot_share_a_stack(tmp_path):
+    space = search.search_space(["fuse_qkv", "fbcache", "taylorseer", "torchao_int8", "torchao_int8_dynamic",
+                                 "compile", "aoti"])
+    assert space["stack.fuse_qkv"] == "choice(false,true)"
+    assert space["stack.step-cache"] == "choice(none,fbcache,taylorseer)"
+    assert space["stack.quantization"] == "choice(none,torchao_int8,torchao_int8_dynamic)"
+    assert space["stack.aoti_or_compile"] == "choice(none,compile,aoti)"  # a graph mode: one at a time
+    assert len(space) == 4
+    proposal = search.propose(0, ["stack.fuse_qkv=true", "stack.step-cache=fbcache", "stack.quantization=none",
+                                  "stack.aoti_or_compile=compile"])
+    assert proposal.refused is None and sorted(proposal.stack) == ["compile", "fbcache", "fuse_qkv"]
 
 
 def test_search_launcher_measures_a_repeated_stack_once(tmp_path):
     inner = _RecordingLauncher(tmp_path)
-    launcher = search.SearchLauncher(inner, _log(tmp_path))
+    launcher = search.SearchLauncher(inner, _log(tmp_path), trials=3)
     same = ("stack.fuse_qkv=True", "stack.fbcache=False", "backend.fbcache.residual_diff_threshold=0.3")  # option of an unused backend
     launcher.launch([same, ("stack.fuse_qkv=True", "stack.fbcache=False")], initial_job_idx=0)
     launcher.launch([same], initial_job_idx=2)
@@ -157,7 +183,7 @@ def test_search_launcher_measures_a_repeated_stack_once(tmp_path):
                                              ({"max_memory_gib": 1.5}, "peak memory 2.00 GiB > max_memory_gib 1.5"),
                                              ({"min_psnr": 40.0, "max_memory_gib": 2.0}, None)])
 def test_search_limits_make_a_trial_infeasible_at_the_boundary(tmp_path, limits, why):
-    launcher = search.SearchLauncher(_RecordingLauncher(tmp_path), _log(tmp_path, **limits))
+    launcher = search.SearchLauncher(_RecordingLauncher(tmp_path), _log(tmp_path, **limits), trials=1)
     ret = launcher.launch([("stack.fuse_qkv=True",)], initial_job_idx=0)[0]
     if why is None:
         assert ret.return_value == 1.5

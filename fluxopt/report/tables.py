@@ -134,11 +134,13 @@ def environment_lines(env: dict[str, Any]) -> list[str]:
 
 
 def search_lines(record: dict[str, Any]) -> list[str]:
-    """The search section of a sweep summary: the winner and its command, then every trial."""
+    """The search section of a sweep summary: the winner and its command, every trial, then the
+    proposals refused before anything ran (not counted as trials)."""
     limits = ", ".join(f"{k} {v}" for k, v in (record.get("limits") or {}).items() if v is not None) or "none"
     best = record.get("best")
     lines = ["## Search", "", f"Objective: {record.get('objective')}; limits: {limits}; "
-             f"{len(record.get('trials') or [])} trial(s) over {', '.join(record.get('backends') or [])}.", ""]
+             f"{len(record.get('trials') or [])} trial(s) over {', '.join(record.get('backends') or [])}; "
+             f"{len(record.get('refused') or [])} proposal(s) refused before anything ran.", ""]
     if best:
         lines += [f"**Best: {best['stack']}, {best['speedup']:.2f}x.** Measure it again:", "",
                   f"    {best['command']}", "", "Use it in serving code:", "",
@@ -148,7 +150,7 @@ def search_lines(record: dict[str, Any]) -> list[str]:
     rows = [{"trial": str(t["number"]), "stack": t["stack"], "state": t["state"],
              "speedup": _fmt(t.get("value"), ".2f") if t.get("value") is not None else "—",
              "why not": t.get("reason") or "", "job": "—" if t.get("job") is None else str(t["job"])}
-            for t in record.get("trials") or []]
+            for t in [*(record.get("trials") or []), *(record.get("refused") or [])]]
     return lines + [markdown_table(rows, ("trial", "stack", "state", "speedup", "why not", "job")), ""]
 
 

@@ -1,8 +1,15 @@
-"""Search instead of enumeration (``hydra/sweeper=fluxopt_search``): Optuna proposes stacks, one
-yes/no choice per backend (``stack.<backend>``) plus any backend options given as distributions
-on the command line; fluxopt turns each proposal into a run, refuses incompatible ones before
-any model loads, and scores a run by its speedup when it passes its fidelity gate and the
-limits (``search.min_psnr``, ``search.max_memory_gib``).
+"""Search instead of enumeration (``hydra/sweeper=fluxopt_search``): Optuna proposes stacks plus
+any backend options given as distributions on the command line; fluxopt turns each proposal into
+a run and scores it by its speedup when it passes its fidelity gate and the limits
+(``search.min_psnr``, ``search.max_memory_gib``).
+
+The space is built from what the backends declare, so that every proposal can run: backends
+that cannot share a stack (an exclusive group such as the quantizations or the step caches, an
+exclusive stage, a declared conflict) are one choice among them or none (``stack.quantization=
+torchao_int8``); any other backend is a yes/no (``stack.fuse_qkv=true``). A proposal that is
+still refused (no backend at all, an incompatibility of the options drawn) is told to Optuna as
+failed but does not count as one of the trials asked for: ``hydra.sweeper.n_trials`` runnable
+trials are judged, up to :data:`PROPOSALS_PER_TRIAL` proposals each.
 
 The Optuna side lives in ``hydra_plugins/fluxopt_launchers/_search_sweeper.py``; this module is
 the part that knows fluxopt, testable without Optuna. Every trial, run or refused, is written to
@@ -12,6 +19,7 @@ the part that knows fluxopt, testable without Optuna. Every trial, run or refuse
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import os
 from collections.abc import Sequence
@@ -33,7 +41,9 @@ from fluxopt.record import RESULT_FILE, RunRecord, UnreadableRecord, read_record
 from fluxopt.selection import Limits, Pick, ineligible
 from fluxopt.stack import build_stack, option_defaults, unknown_backend_message
 
-CHOICE_PREFIX = "stack."  # a search dimension "stack.<backend>=true" puts <backend> in the stack
+CHOICE_PREFIX = "stack."  # a search dimension: "stack.<backend>=true" or "stack.<group>=<backend>"
+NONE = "none"  # the value of a choice among backends that picks none of them
+PROPOSALS_PER_TRIAL = 20  # a space where almost every proposal is refused still ends
 
 
 def default_backends(device: str = "auto") -> list[str]:
@@ -50,15 +60,53 @@ def default_backends(device: str = "auto") -> list[str]:
     return names
 
 
+def exclusive_sets(backends: Sequence[str]) -> list[list[str]]:
+    """``backends`` joined where two of them cannot share a stack with their default options (as
+    :func:`fluxopt.stack.build_stack` judges it: exclusive groups and stages, declared conflicts),
+    transitively: each set is one choice of the search. Two members of a set that could run
+    together are not proposed together (the price of a space without refused pairs)."""
+    parent = {name: name for name in backends}
+
+    def root(name: str) -> str:
+        while parent[name] != name:
+            name = parent[name]
+        return name
+
+    for a, b in itertools.combinations(backends, 2):
+        try:
+            build_stack([a, b])
+        except ConfigError:
+            parent[root(b)] = root(a)
+    sets: dict[str, list[str]] = {}
+    for name in backends:
+        sets.setdefault(root(name), []).append(name)
+    return list(sets.values())
+
+
+def _choice_name(members: Sequence[str]) -> str:
+    known = plugins.backends()
+    groups = {known[m].exclusive_group for m in members}
+    if len(groups) == 1 and None not in groups:
+        return str(groups.pop())
+    return "_or_".join(sorted(members))
+
+
 def search_space(backends: Sequence[str]) -> dict[str, str]:
-    """Optuna sweep parameters: a yes/no choice per backend."""
+    """Optuna sweep parameters: one choice per set of backends that cannot share a stack (or none of
+    them), a yes/no for each other backend."""
     known = sorted(plugins.backends())
     for name in backends:
         if name not in known:
             raise ConfigError(f"search.backends: {unknown_backend_message(name, known)}")
     if not backends:
         raise ConfigError("search.backends is empty: the search needs at least one backend to combine")
-    return {f"{CHOICE_PREFIX}{name}": "choice(false,true)" for name in backends}
+    space = {}
+    for members in exclusive_sets(list(dict.fromkeys(backends))):
+        if len(members) == 1:
+            space[f"{CHOICE_PREFIX}{members[0]}"] = "choice(false,true)"
+        else:
+            space[f"{CHOICE_PREFIX}{_choice_name(members)}"] = f"choice({NONE},{','.join(members)})"
+    return space
 
 
 def _value(override: str) -> tuple[str, Any]:
@@ -99,6 +147,8 @@ def propose(number: int, trial_overrides: Sequence[str]) -> Proposal:
             params[key] = value
             if value is True or str(value).lower() == "true":
                 chosen.append(key[len(CHOICE_PREFIX):])
+            elif value is not False and str(value).lower() not in ("false", NONE):
+                chosen.append(str(value))
         elif key.startswith("backend."):
             params[key] = value
             _, name, option = key.split(".", 2)
@@ -167,7 +217,8 @@ class SearchLog:
     sweep_dir: Path
     limits: Limits
     backends: list[str]
-    trials: list[TrialRecord] = field(default_factory=list)
+    trials: list[TrialRecord] = field(default_factory=list)  # the trials asked for: each one runnable
+    refused: list[TrialRecord] = field(default_factory=list)  # proposals that could not run (not trials)
     runs: dict[tuple[str, ...], Measured] = field(default_factory=dict)  # by Proposal.key()
 
     def best(self) -> TrialRecord | None:
@@ -187,6 +238,7 @@ class SearchLog:
                 "invocation": os.environ.get(INVOCATION_ENV),
                 "limits": self.limits.as_dict(), "backends": self.backends,
                 "trials": [dataclasses.asdict(t) for t in self.trials],
+                "refused": [dataclasses.asdict(t) for t in self.refused],
                 "best": None if pick is None else {"stack": pick.name, "speedup": pick.stack.speedup,
                                                    "command": pick.command(), "python": pick.python()}}
 
@@ -243,21 +295,32 @@ def _returned(value: float | None, reason: str | None, overrides: Sequence[str])
     return ret
 
 
+class SearchComplete(Exception):
+    """The search has judged the trials it was asked for; the sweeper ends it."""
+
+
 class SearchLauncher:
     """Stands between Optuna's sweeper and the real launcher (basic, joblib, Ray, submitit):
-    turns each batch of trials into fluxopt jobs, launches only the new, compatible ones, and
-    hands back each trial's speedup (or a failure naming why) in the order Optuna asked."""
+    turns each batch of proposals into fluxopt jobs, launches only the new, compatible ones, and
+    hands back each proposal's speedup (or a failure naming why) in the order Optuna asked.
+    Refused proposals are answered without counting as trials; once ``trials`` runnable trials
+    are judged, the next batch raises :class:`SearchComplete`."""
 
-    def __init__(self, launcher: Any, log: SearchLog) -> None:
+    def __init__(self, launcher: Any, log: SearchLog, trials: int) -> None:
         self.launcher = launcher
         self.log = log
+        self.wanted = trials
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list[JobReturn]:
-        start = len(self.log.trials)
-        proposals = [propose(start + i, overrides) for i, overrides in enumerate(job_overrides)]
+        left = self.wanted - len(self.log.trials)
+        if left <= 0:
+            raise SearchComplete
+        number = len(self.log.trials) + len(self.log.refused)
+        proposals = [propose(number + i, overrides) for i, overrides in enumerate(job_overrides)]
+        counted = [p for p in proposals if p.refused is None][:left]
         new: dict[tuple[str, ...], Proposal] = {}
-        for p in proposals:
-            if p.refused is None and p.key() not in self.log.runs:
+        for p in counted:
+            if p.key() not in self.log.runs:
                 new.setdefault(p.key(), p)
         batch = list(new.values())
         returns = self.launcher.launch([p.overrides for p in batch], initial_job_idx) if batch else []
@@ -273,13 +336,17 @@ class SearchLauncher:
         for p in proposals:
             record = TrialRecord(number=p.number, stack=p.label, params=p.params, overrides=p.overrides,
                                  state="refused", reason=p.refused)
-            if p.refused is None:
+            if p.refused is not None:
+                self.log.refused.append(record)
+            elif p in counted:
                 measured = self.log.runs[p.key()]
                 first = p.key() in launched_now and all(t.overrides != p.overrides for t in self.log.trials)
                 record.state = ("complete" if measured.value is not None else "infeasible") if first else "repeat"
                 record.value, record.reason = measured.value, measured.reason
                 record.job, record.run_dir = measured.job, measured.run_dir
-            self.log.trials.append(record)
+                self.log.trials.append(record)
+            else:
+                record.reason = f"not run: the search had its {self.wanted} trial(s)"
             answers.append(_returned(record.value, record.reason, p.overrides))
         self.log.write()
         return answers

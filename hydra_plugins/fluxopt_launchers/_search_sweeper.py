@@ -11,12 +11,15 @@ from hydra.types import HydraContext, TaskFunction
 from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper
 from omegaconf import DictConfig, OmegaConf
 
-from fluxopt.scale.search import SearchLauncher, SearchLog, backends_from, limits_from, search_space
+from fluxopt.scale.search import (PROPOSALS_PER_TRIAL, SearchComplete, SearchLauncher, SearchLog, backends_from,
+                                  limits_from, search_space)
 
 
 class FluxoptSearchSweeper(OptunaSweeper):
-    """Optuna's sweeper with fluxopt's search space (a yes/no per backend in ``search.backends``),
-    objective (speedup under ``search.min_psnr`` / ``search.max_memory_gib``) and trial log."""
+    """Optuna's sweeper with fluxopt's search space (a choice per set of backends of
+    ``search.backends`` that cannot share a stack, a yes/no for each other), objective (speedup
+    under ``search.min_psnr`` / ``search.max_memory_gib``), trial count (``n_trials`` runnable
+    trials; refused proposals are not counted) and trial log."""
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         super().setup(hydra_context=hydra_context, task_function=task_function, config=config)
@@ -24,12 +27,15 @@ class FluxoptSearchSweeper(OptunaSweeper):
         self.log = SearchLog(Path(str(config.hydra.sweep.dir)), limits_from(config), backends)
         params = OmegaConf.to_container(self.sweeper.params or OmegaConf.create({}))
         self.sweeper.params = OmegaConf.create({**search_space(backends), **params})
-        self.sweeper.launcher = SearchLauncher(self.sweeper.launcher, self.log)
+        self.sweeper.launcher = SearchLauncher(self.sweeper.launcher, self.log, trials=self.sweeper.n_trials)
+        self.sweeper.n_trials *= PROPOSALS_PER_TRIAL  # Optuna's count: proposals, refused ones included
 
     def sweep(self, arguments: list[str]) -> Any:
         self.log.sweep_dir.mkdir(parents=True, exist_ok=True)
         try:
             return super().sweep(arguments)
+        except SearchComplete:
+            return None
         except ValueError:
             if self.log.best() is not None:
                 raise
