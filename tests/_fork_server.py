@@ -23,8 +23,8 @@ import traceback
 
 # What a test may set for a command that still runs here: read by fluxopt and its plugins at run
 # time, never by the libraries imported below (Inductor reads its cache directory when it compiles;
-# a worker that imported it has set it).
-FORWARDED = ("FLUXOPT_", "PYTHONPATH", "HYDRA_FULL_ERROR", "TORCHINDUCTOR_CACHE_DIR")
+# a worker that imported it has set it; pytest names the test running).
+FORWARDED = ("FLUXOPT_", "PYTHONPATH", "HYDRA_FULL_ERROR", "TORCHINDUCTOR_CACHE_DIR", "PYTEST_CURRENT_TEST")
 
 # The libraries a fluxopt run imports, heaviest first (none of them fluxopt's).
 PRELOAD = ("torch", "torch._dynamo", "torch._inductor.compile_fx", "torch.export", "diffusers",

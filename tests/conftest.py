@@ -62,12 +62,13 @@ def tiny_pipe():
 
 
 def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None,
-            timeout: int = 600) -> subprocess.CompletedProcess[str]:
+            timeout: int = 600, fresh: bool = False) -> subprocess.CompletedProcess[str]:
     """``python -m fluxopt ARGS`` in a process of its own, as a user would run it: a child of this
     worker's fork server (tests/_fork_server.py), which has the heavy libraries imported already,
-    or, for an environment the server cannot give, a new interpreter."""
+    or a new interpreter (``fresh``, or an environment the server cannot give: what importing the
+    libraries prints is seen only there)."""
     full_env = {**os.environ, "HYDRA_FULL_ERROR": "0", **(env or {})}
-    server = _fork_server()
+    server = None if fresh else _fork_server()
     if server is not None and server.takes(full_env):
         return server.run(list(args), full_env, cwd or REPO, timeout)
     return subprocess.run([sys.executable, "-m", "fluxopt", *args], cwd=cwd or REPO, env=full_env,
@@ -99,7 +100,11 @@ class _ForkServer:
     def takes(self, env: dict[str, str]) -> bool:
         from _fork_server import runs_here
 
-        return self.proc.poll() is None and runs_here(env, self.env)
+        ok = self.proc.poll() is None and runs_here(env, self.env)
+        if not ok and os.environ.get("FS_DEBUG"):
+            with open(os.environ["FS_DEBUG"], "a") as f:
+                f.write(repr(sorted(k for k in set(env) | set(self.env) if env.get(k) != self.env.get(k))) + "\n")
+        return ok
 
     def run(self, argv: list[str], env: dict[str, str], cwd: Path, timeout: float) -> subprocess.CompletedProcess[str]:
         with self.lock, tempfile.TemporaryDirectory() as tmp:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from _records import run, stack
+from conftest import run_cli
 
 from fluxopt.errors import ConfigError
 from fluxopt.history import store as store_module
@@ -343,9 +344,7 @@ def test_compare_tells_a_slower_library_from_noise_end_to_end(tmp_path, plugin_e
     # one after the other: a second process competing for the CPU makes the tiny model's own compute,
     # the part of each generation that is not asleep, vary by more than the threshold
     def run(*args: str, **extra: str) -> None:
-        proc = subprocess.run([sys.executable, "-m", "fluxopt", *args, *common], cwd=REPO, text=True,
-                              env={**os.environ, "HYDRA_FULL_ERROR": "0", **env, **extra},
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=600)
+        proc = run_cli(*args, *common, env={**env, **extra})
         assert proc.returncode == 0, proc.stderr[-2000:]
 
     run("-m", f"bench.seed=range(0,{SWEEP_JOBS})", "label=ref", f"hydra.sweep.dir={tmp_path / 'sweep'}")
