@@ -22,9 +22,11 @@ import sys
 import traceback
 
 # What a test may set for a command that still runs here: read by fluxopt and its plugins at run
-# time, never by the libraries imported below (Inductor reads its cache directory when it compiles;
-# a worker that imported it has set it; pytest names the test running).
-FORWARDED = ("FLUXOPT_", "PYTHONPATH", "HYDRA_FULL_ERROR", "TORCHINDUCTOR_CACHE_DIR", "PYTEST_CURRENT_TEST")
+# time, never by the libraries imported below. Inductor reads its cache directory when it compiles
+# and sets _TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR before it loads each compiled library (a worker
+# that compiled has both set); pytest names the test running; the terminal size is read when rich prints.
+FORWARDED = ("FLUXOPT_", "PYTHONPATH", "HYDRA_FULL_ERROR", "TORCHINDUCTOR_CACHE_DIR", "_TORCHINDUCTOR_PYOBJECT_",
+             "PYTEST_CURRENT_TEST", "COLUMNS", "LINES")
 
 # The libraries a fluxopt run imports, heaviest first (none of them fluxopt's).
 PRELOAD = ("torch", "torch._dynamo", "torch._inductor.compile_fx", "torch.export", "diffusers",
@@ -34,10 +36,12 @@ PRELOAD = ("torch", "torch._dynamo", "torch._inductor.compile_fx", "torch.export
            "pluggy", "safetensors.torch", "scipy.ndimage", "skimage.metrics", "matplotlib", "onnxruntime", "sympy")
 
 
-def runs_here(env: dict[str, str], server_env: dict[str, str]) -> bool:
-    """Whether a command with ``env`` can run in a child of a server started with ``server_env``."""
+def runs_here(env: dict[str, str], server_env: dict[str, str], set_by_imports: dict[str, str]) -> bool:
+    """Whether a command with ``env`` can run in a child of a server started with ``server_env``
+    whose imports then set ``set_by_imports`` (the child keeps those: they describe its process)."""
     keys = set(env) | set(server_env)
-    return all(env.get(k) == server_env.get(k) for k in keys if not k.startswith(FORWARDED))
+    return all(env.get(k) == server_env.get(k) for k in keys
+               if not k.startswith(FORWARDED) and k not in set_by_imports)
 
 
 def _child(request: dict) -> None:
@@ -52,6 +56,9 @@ def _child(request: dict) -> None:
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
+    # what the libraries set when this process imported them (a function's address for Inductor's
+    # C++ wrappers...) holds for this process, not for the one that sent the request
+    os.environ.update({k: v for k, v in SET_BY_IMPORTS.items() if not (k.startswith(FORWARDED) and k in request["env"])})
     # python -m puts the working directory first, then $PYTHONPATH, then the installation's paths
     extra = [p for p in request["env"].get("PYTHONPATH", "").split(os.pathsep) if p]
     sys.path[:] = [os.getcwd(), *extra, *[p for p in INSTALLATION_PATH if p not in extra]]
@@ -75,6 +82,8 @@ def _child(request: dict) -> None:
     os._exit(code)
 
 
+SET_BY_IMPORTS: dict[str, str] = {}  # environment variables the preloaded libraries set
+
 # sys.path without the script's directory and the server's own $PYTHONPATH
 INSTALLATION_PATH = [p for p in sys.path[1:] if p not in os.environ.get("PYTHONPATH", "").split(os.pathsep)]
 
@@ -86,9 +95,10 @@ def serve() -> None:
             __import__(name)
         except Exception:  # noqa: BLE001, S112 - a library not installed is imported by nobody
             continue
+    SET_BY_IMPORTS.update({k: v for k, v in os.environ.items() if started_with.get(k) != v})
     reply = sys.stdout
     os.dup2(os.open(os.devnull, os.O_WRONLY), 2)  # libraries' import-time warnings: a child's own go to its file
-    print(json.dumps({"ready": True, "env": started_with}), file=reply, flush=True)
+    print(json.dumps({"env": started_with, "set_by_imports": SET_BY_IMPORTS}), file=reply, flush=True)
     for line in sys.stdin:
         request = json.loads(line)
         pid = os.fork()

@@ -80,7 +80,8 @@ class _ForkServer:
         self.proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("_fork_server.py"))],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0, cwd=REPO)
         self.pending = b""
-        self.env = self._reply(300)["env"]
+        hello = self._reply(300)
+        self.env, self.set_by_imports = hello["env"], hello["set_by_imports"]
         self.lock = threading.Lock()
 
     def _reply(self, timeout: float) -> dict[str, Any] | None:
@@ -100,7 +101,7 @@ class _ForkServer:
     def takes(self, env: dict[str, str]) -> bool:
         from _fork_server import runs_here
 
-        ok = self.proc.poll() is None and runs_here(env, self.env)
+        ok = self.proc.poll() is None and runs_here(env, self.env, self.set_by_imports)
         if not ok and os.environ.get("FS_DEBUG"):
             with open(os.environ["FS_DEBUG"], "a") as f:
                 f.write(repr(sorted(k for k in set(env) | set(self.env) if env.get(k) != self.env.get(k))) + "\n")
