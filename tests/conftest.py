@@ -101,11 +101,7 @@ class _ForkServer:
     def takes(self, env: dict[str, str]) -> bool:
         from _fork_server import runs_here
 
-        ok = self.proc.poll() is None and runs_here(env, self.env, self.set_by_imports)
-        if not ok and os.environ.get("FS_DEBUG"):
-            with open(os.environ["FS_DEBUG"], "a") as f:
-                f.write(repr(sorted(k for k in set(env) | set(self.env) if env.get(k) != self.env.get(k))) + "\n")
-        return ok
+        return self.proc.poll() is None and runs_here(env, self.env, self.set_by_imports)
 
     def run(self, argv: list[str], env: dict[str, str], cwd: Path, timeout: float) -> subprocess.CompletedProcess[str]:
         with self.lock, tempfile.TemporaryDirectory() as tmp:

@@ -5,6 +5,7 @@ sweeper finds a stack under limits. Plus the preflight checks on the engines' se
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import _records as records
@@ -20,29 +21,28 @@ from fluxopt.record import write_record
 from fluxopt.selection import Limits
 
 ALLOW_CRASH = {"FLUXOPT_TEST_ALLOW_CRASH": "1"}  # the fault plugin's fault_crash backend runs only with it
-CRASH_SWEEP = ("-m", "+backend=fuse_qkv,fault_crash,channels_last", "bench.iterations=1", "save_images=false")
+CRASH_SWEEP = ("-m", "+backend=fuse_qkv,fault_crash", "bench.iterations=1", "save_images=false")
 
 
 def _check_crash_sweep(proc, sweep_dir: Path, engine: str) -> list[dict]:
     assert proc.returncode == 1, proc.stderr[-3000:]  # one job died: the verdict is negative
     assert "fault_crash" in proc.stderr and "the job's process died" in proc.stderr
     summary = json.loads((sweep_dir / "summary.json").read_text())
-    assert summary["runs"] == 3 and not summary["passed"]
+    assert summary["runs"] == 2 and not summary["passed"]
     assert [f for f in summary["failures"] if "fault_crash" in f] == summary["failures"]
     by_stack = {}
     for run in sweep_dir.glob("*/result.json"):
         data = read_result(run.parent)
         by_stack[data["requested"][0]] = data
-    assert set(by_stack) == {"fuse_qkv", "fault_crash", "channels_last"}
+    assert set(by_stack) == {"fuse_qkv", "fault_crash"}
     crashed = by_stack.pop("fault_crash")
     assert crashed["complete"] is False and crashed["job_crash"]
     records = []
-    for name, data in by_stack.items():  # the other two finished and passed, in their own processes
+    for name, data in by_stack.items():  # the other finished and passed, in a process the engine started
         assert data["complete"] and data["stacks"][0]["status"] == "ok", name
         scheduler = data["environment"]["scheduler"]
-        assert scheduler["engine"] == engine, scheduler
+        assert scheduler["engine"] == engine and scheduler["pid"] != os.getpid(), scheduler
         records.append(scheduler)
-    assert len({r["pid"] for r in records}) == 2  # each job had its own process
     assert "job process died" in (sweep_dir / "summary.md").read_text()
     return records
 

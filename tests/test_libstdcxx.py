@@ -122,6 +122,8 @@ def test_a_crashing_load_is_a_verdict_not_a_crash(tmp_path, monkeypatch):
     the probe); the calling process goes on."""
     import fluxopt_plugins._libstdcxx as libstdcxx
 
+    # the build is the real probe's (tested above); here only its file is needed
+    monkeypatch.setattr(libstdcxx, "BUILD_CHILD", "import pathlib, sys; pathlib.Path(sys.argv[2]).write_bytes(b'')")
     monkeypatch.setattr(libstdcxx, "LOAD_CHILD", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)")
     ok, why, _ = libstdcxx.package_loads("g++", tmp_path)
     assert not ok and "signal 11" in why

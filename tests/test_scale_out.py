@@ -72,7 +72,9 @@ def test_joblib_sweep_writes_summary_once_and_agrees_with_sequential(sweeps):
 
 def test_gpu_pool_claims_distinct_slots_per_process(tmp_path, monkeypatch):
     monkeypatch.setattr(gpu_pool, "_claimed", {})
-    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    for name in ("CUDA_VISIBLE_DEVICES", environment.GPU_ASSIGNMENT_ENV):  # assign() sets both in this process
+        monkeypatch.setenv(name, "")  # recorded, so that what assign() sets is undone after the test
+        monkeypatch.delenv(name)
     first = gpu_pool.assign(["0", "1"], 2, tmp_path)  # job 2 -> slot 0
     assert (first["slot"], first["cuda_visible_devices"]) == (0, "0")
     assert gpu_pool.assign(["0", "1"], 3, tmp_path)["slot"] == 0  # same process keeps its GPU
