@@ -20,8 +20,10 @@ def _image(pipe) -> np.ndarray:
 def test_apply_stack_to_own_pipeline_keeps_outputs():
     pipe = fluxopt.load_model("tiny", device="cpu")
     reference = _image(pipe)
-    applied = fluxopt.apply_stack(pipe, {"compile": {"regional": True}}, height=64, width=64, steps=2,
-                                  max_sequence_length=64)
+    # Dynamo's eager backend: the API's build-now and undo are under test; Inductor's numerics are
+    # the CLI compile test's (tests/test_cli.py), at 20 s of C++ on a CPU
+    applied = fluxopt.apply_stack(pipe, {"compile": {"regional": True, "backend": "eager"}}, height=64, width=64,
+                                  steps=2, max_sequence_length=64)
     assert applied.stack.names == ["compile"]
     assert applied.stats["build_phases_s"]["compile"] > 0  # built eagerly: first request is warm
     breakdown = applied.stats["compile"]["breakdown_s"]  # where the compile time went

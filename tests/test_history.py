@@ -324,7 +324,7 @@ def _report(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
                           env={**os.environ, **(env or {})}, timeout=300, cwd=REPO)
 
 
-SWEEP_JOBS = 4  # 6 pairs of separate runs, 12 comparisons in both orders
+SWEEP_JOBS = 3  # 3 pairs of separate runs, 6 comparisons in both orders
 # Runs at one speed are judged at this threshold; the slower "library" (2x) is caught at the default.
 # fault_sleepy pads each generation to its floor, so what is left between runs at one speed is the
 # sleep's own overshoot and the work after the VAE (a few ms), far below it.
@@ -333,8 +333,8 @@ CPU_NOISE = 0.25
 
 @pytest.mark.xdist_group("history_e2e")
 def test_compare_tells_a_slower_library_from_noise_end_to_end(tmp_path, plugin_env, capsys):
-    """Four runs of one stack at one speed never raise a false alarm against each other at a
-    threshold above this machine's noise (12 comparisons of the stack); a run where the stack's
+    """Three runs of one stack at one speed never raise a false alarm against each other at a
+    threshold above this machine's noise (6 comparisons of the stack); a run where the stack's
     "library" sleeps twice as long is exit 1 with the stack named at the default threshold, through
     directories and through store labels (the gate as CI runs it: a child process)."""
     store = tmp_path / "store.sqlite"
