@@ -44,7 +44,7 @@ def pin_output_dir(argv: Sequence[str], multirun: bool, now: _dt.datetime | None
     launches elsewhere must name the directory the run writes into, not resolve Hydra's default
     (``${now:...}``) a moment apart from it."""
     key = "hydra.sweep.dir=" if multirun else "hydra.run.dir="
-    given = [a.removeprefix(key) for a in argv if a.startswith(key)]
+    given = [a.lstrip("+").removeprefix(key) for a in argv if a.lstrip("+").startswith(key)]  # any spelling
     if given:
         return Path(given[-1]), list(argv)
     now = now or _dt.datetime.now()

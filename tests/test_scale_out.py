@@ -138,14 +138,17 @@ def test_torchrun_command_construction():
     argv = ["+backend=context_parallel", "backend.context_parallel.world_size=4"]
     cmd, env = launch.torchrun_command(argv, 4, env={"PATH": "/bin", "NCCL_NVLS_ENABLE": "1"}, now=now,
                                             python="/py")
-    assert cmd == ["/py", "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4", "-m", "fluxopt",
-                   *argv, f"hydra.run.dir=outputs/2025-01-02/03-04-05-{os.getpid()}-torchrun"]
+    assert cmd[:-1] == ["/py", "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4", "-m", "fluxopt",
+                        *argv]
+    assert cmd[-1].startswith(f"hydra.run.dir=outputs/2025-01-02/03-04-05-{os.getpid()}-")
     assert env["NCCL_NVLS_ENABLE"] == "0" and env["TORCH_SYMM_MEM_DISABLE_MULTICAST"] == "1"
     assert env["NVSHMEM_DISABLE_NVLS"] == "1" and env["PATH"] == "/bin" and env[launch.LAUNCHED_ENV] == "1"
     cmd, _ = launch.torchrun_command(["-m", *argv], 2, env={}, now=now, python="/py")
-    assert cmd[-1] == f"hydra.sweep.dir=multirun/2025-01-02/03-04-05-{os.getpid()}-torchrun"
+    assert cmd[-1].startswith(f"hydra.sweep.dir=multirun/2025-01-02/03-04-05-{os.getpid()}-")
     cmd, _ = launch.torchrun_command([*argv, "hydra.run.dir=/x"], 2, env={}, now=now, python="/py")
     assert cmd[-1] == "hydra.run.dir=/x"
+    cmd, _ = launch.torchrun_command([*argv, "++hydra.run.dir=/y"], 2, env={}, now=now, python="/py")
+    assert cmd[-1] == "++hydra.run.dir=/y"  # any spelling of a given directory is kept
     assert environment.in_torchrun(env) and not environment.in_torchrun({})
 
 

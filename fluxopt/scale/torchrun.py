@@ -20,10 +20,7 @@ from collections.abc import Mapping, Sequence
 
 from fluxopt.environment import LAUNCHED_ENV, MULTICAST_OFF, in_torchrun
 from fluxopt.errors import ConfigError
-
-
-def _has_override(argv: Sequence[str], key: str) -> bool:
-    return any(a.lstrip("+~").split("=", 1)[0] == key for a in argv)
+from fluxopt.sweep import pin_output_dir
 
 
 def torchrun_command(argv: Sequence[str], nproc: int, env: Mapping[str, str] | None = None,
@@ -34,13 +31,7 @@ def torchrun_command(argv: Sequence[str], nproc: int, env: Mapping[str, str] | N
     Hydra's output directory defaults use ``${now:...}``, which the ranks would resolve a moment
     apart; the directory is pinned here (unless given) so every rank uses the same one.
     """
-    now = now or _dt.datetime.now()
-    args = list(argv)
-    multirun = any(a in ("-m", "--multirun") for a in args)
-    if multirun and not _has_override(args, "hydra.sweep.dir"):
-        args.append(f"hydra.sweep.dir=multirun/{now:%Y-%m-%d}/{now:%H-%M-%S}-{os.getpid()}-torchrun")
-    if not multirun and not _has_override(args, "hydra.run.dir"):
-        args.append(f"hydra.run.dir=outputs/{now:%Y-%m-%d}/{now:%H-%M-%S}-{os.getpid()}-torchrun")
+    _, args = pin_output_dir(argv, multirun=any(a in ("-m", "--multirun") for a in argv), now=now)
     cmd = [python or sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc-per-node={nproc}", "-m", "fluxopt", *args]
     new_env = {**(os.environ if env is None else env), **MULTICAST_OFF, LAUNCHED_ENV: "1"}
