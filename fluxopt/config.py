@@ -121,6 +121,11 @@ class BenchConfig:
     max_sequence_length: Optional[int] = None
     warmup: int = 1
     iterations: int = 3
+    # Seconds the warm-up, and then the timed calls, may each spend: once spent, no further call
+    # starts (pytest-benchmark's max_time). A stack many times slower than the baseline is then
+    # timed on fewer calls, never fewer than one warm-up and two timed (a spread needs two), so a
+    # bake-off's length is set by its fast stacks. None: every call runs.
+    max_time_s: Optional[float] = None
     # torch.profiler trace of one denoising step per stack (profiles/<stack>.json) and a breakdown
     # (GEMM, attention, quantize, norm/elementwise, other, GPU idle, % of the analytic floor)
     profile: bool = False
@@ -132,6 +137,11 @@ class BenchConfig:
         check_int("bench.seed", self.seed, 0, f"an integer between 0 and {MAX_SEED}", MAX_SEED)
         check_int("bench.warmup", self.warmup, 0, "an integer >= 0 (untimed calls before timing)")
         check_int("bench.iterations", self.iterations, 1, "an integer >= 1 (timed calls)")
+        if self.max_time_s is not None and (isinstance(self.max_time_s, bool)
+                                            or not isinstance(self.max_time_s, (int, float))
+                                            or not math.isfinite(self.max_time_s) or self.max_time_s <= 0):
+            raise ConfigError(f"bench.max_time_s={self.max_time_s!r} is not allowed: seconds, a finite number > 0 "
+                              "(or null: every warm-up and timed call runs)")
         if self.steps is not None:
             check_int("bench.steps", self.steps, 1, "an integer >= 1")
         for name in ("height", "width"):
@@ -337,9 +347,10 @@ def run_id() -> str:
 # The bench presets (``bench=<name>``); a setting not given here is the model's own default.
 BENCHES = {
     "quick": BenchConfig(name="quick"),  # the model's steps and resolution: a smoke test
-    # published numbers: FLUX.1-dev's 1024x1024 and 28 steps, more timed calls
+    # published numbers: FLUX.1-dev's 1024x1024 and 28 steps, more timed calls; a stack slower than
+    # 6 s an image (a datacenter GPU's bf16 baseline takes about 5) is timed on fewer of them
     "full": BenchConfig(name="full", height=DEV_DEFAULTS.height, width=DEV_DEFAULTS.width, steps=DEV_DEFAULTS.steps,
-                        warmup=2, iterations=5),
+                        warmup=2, iterations=5, max_time_s=30.0),
 }
 
 

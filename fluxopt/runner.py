@@ -122,8 +122,8 @@ class Run:
     def _measure(self, pipe: Any, label: str, outside_before: int | None) -> Measurement:
         p = self.plan
         return measure(PipelineCaller(pipe, p.shapes, p.device), p.prompts, p.seed, warmup=p.warmup,
-                       iterations=p.iterations, on_phase=lambda phase: self._enter(label, phase), meter=self.meter,
-                       outside_before=outside_before)
+                       iterations=p.iterations, max_time_s=p.max_time_s, meter=self.meter,
+                       on_phase=lambda phase: self._enter(label, phase), outside_before=outside_before)
 
     def _outside_torch(self) -> int | None:
         return memory_outside_torch() if self.plan.device.is_gpu else None
@@ -296,7 +296,7 @@ class Run:
             if self.build_only:
                 result.stats = ctx.stats
                 return
-            m = measure(gen, p.prompts, p.seed, warmup=p.warmup, iterations=p.iterations,
+            m = measure(gen, p.prompts, p.seed, warmup=p.warmup, iterations=p.iterations, max_time_s=p.max_time_s,
                         on_phase=lambda name: enter(Phase(name)), meter=self.meter, outside_before=outside_before)
             self._fill(result, m, build_j)
             self._measured(label, result, pipe, gen, ctx.stats)

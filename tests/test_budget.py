@@ -50,3 +50,88 @@ def test_a_budget_must_be_positive_seconds(value):
 def test_a_bad_budget_is_one_line_from_the_command_line(tmp_path):
     proc = run_cli("budget.stack_s=-1", f"hydra.run.dir={tmp_path}")
     assert proc.returncode == 2 and "budget.stack_s" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+class _Clock:
+    """A stand-in for ``time.perf_counter`` that moves only when a fake generation runs."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+def _caller(clock: _Clock, seconds: float, calls: list[str]):
+    import types
+
+    import numpy as np
+    import torch
+
+    from fluxopt.measure import Sample
+
+    class Caller:
+        device = types.SimpleNamespace(is_gpu=False)
+
+        def __call__(self, prompt, seed):
+            calls.append(prompt)
+            clock.now += seconds
+            return Sample(prompt, seed, np.zeros((2, 2, 3), np.float32), torch.zeros(1)), seconds, seconds / 4
+
+    return Caller()
+
+
+@pytest.mark.parametrize(("seconds", "calls_made", "timed"), [
+    (1.0, 2 + 2 + 5, 5),  # fast: every warm-up and timed call
+    (4.0, 2 + 2 + 4, 4),  # the fifth timed call would start 16 s in, past 15
+    (20.0, 2 + 1 + 2, 2),  # slow: one warm-up call and the two timed calls a spread needs
+])
+def test_max_time_bounds_the_warmup_and_the_timing_of_a_slow_stack(monkeypatch, seconds, calls_made, timed):
+    """pytest-benchmark's max_time: once the warm-up, then the timing, has spent
+    ``bench.max_time_s``, no further call starts; the first call per prompt (the fidelity
+    outputs) always runs."""
+    import fluxopt.measure as measure_module
+
+    clock, calls = _Clock(), []
+    monkeypatch.setattr(measure_module, "time", clock)
+    m = measure_module.measure(_caller(clock, seconds, calls), ["a", "b"], 0, warmup=2, iterations=5, max_time_s=15)
+    assert len(calls) == calls_made and m.latency.n == timed and len(m.samples) == 2
+    clock.now, calls[:] = 0.0, []
+    unbounded = measure_module.measure(_caller(clock, seconds, calls), ["a", "b"], 0, warmup=2, iterations=5)
+    assert len(calls) == 9 and unbounded.latency.n == 5
+
+
+def test_max_time_never_adds_calls_beyond_those_asked_for(monkeypatch):
+    import fluxopt.measure as measure_module
+
+    clock, calls = _Clock(), []
+    monkeypatch.setattr(measure_module, "time", clock)
+    m = measure_module.measure(_caller(clock, 10.0, calls), ["a"], 0, warmup=0, iterations=1, max_time_s=1)
+    assert len(calls) == 2 and m.latency.n == 1  # the first call, then the one timed call asked for
+
+
+@pytest.mark.parametrize("value", ["-1", "0", "inf", "nan", "abc", "true"])
+def test_max_time_must_be_positive_seconds(value):
+    with pytest.raises(ConfigError, match=rf"^bench\.max_time_s(=|: ).*{value}"):
+        run_config({"bench": {"max_time_s": value}})
+
+
+def test_the_full_bench_bounds_each_stacks_timing_and_the_report_says_when_a_stack_got_fewer_calls():
+    from fluxopt.config import BENCHES
+    from fluxopt.record import LatencyStats
+    from fluxopt.report.tables import latency_text
+
+    assert BENCHES["full"].max_time_s is not None and BENCHES["quick"].max_time_s is None
+    assert latency_text(LatencyStats.from_samples([2.0, 2.5]), planned=5) == "2.250 ± 0.354 (n=2)"
+    assert latency_text(LatencyStats.from_samples([2.0] * 5), planned=5) == "2.000 ± 0.000"
+    assert latency_text(LatencyStats.from_samples([2.0]), planned=5) == "2.000 (n=1)"
+
+
+def test_a_slow_stack_is_timed_on_fewer_calls_end_to_end(tmp_path, plugin_env):
+    proc = run_cli("stacks=[{fault_slow: {delay_s: 0.3}}]", "bench.warmup=2", "bench.iterations=4",
+                   "bench.max_time_s=0.5", "save_images=false", f"hydra.run.dir={tmp_path}", env=plugin_env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = read_result(tmp_path)
+    assert data["baseline"]["latency"]["n"] == 4 and data["stacks"][0]["latency"]["n"] == 2
+    report = (tmp_path / "report.md").read_text()
+    assert "bench.max_time_s" in report and "(n=2)" in report

@@ -21,6 +21,7 @@ from fluxopt.report.tables import (
     markdown_table,
     not_run,
     not_run_reason,
+    planned_iterations,
     search_lines,
     speedup_text,
     stack_row,
@@ -61,7 +62,7 @@ def summary_rows(records: list[RunRecord], root: Path) -> list[tuple[dict[str, s
         run = run_name(record, root)
         env = record.environment
         for stack in record.stacks:
-            row = stack_row(stack)
+            row = stack_row(stack, planned_iterations(record))
             within = None if stack.speedup is None else within_noise(stack.speedup, stack.speedup_uncertainty, noise)
             row.update({"speedup": speedup_text(stack, within), "warm start": _warm_start(stack),
                         "device": record.device, "run": run})

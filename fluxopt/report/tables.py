@@ -14,7 +14,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from fluxopt.files import write_text_atomic
-from fluxopt.record import RunRecord, StackRecord
+from fluxopt.record import LatencyStats, RunRecord, StackRecord
 
 COLUMNS = ("stack", "status", "latency (s)", "per step (ms)", "speedup", "build (s)", "first call (s)",
            "peak mem (GiB)", "J/image", "avg W", "steps skipped", "PSNR", "SSIM", "latent err", "fidelity")
@@ -35,8 +35,22 @@ def speedup_text(r: StackRecord, within: bool | None = None) -> str:
             + (" (noise)" if noise else "") + (" (partial build)" if r.partial else ""))
 
 
-def stack_row(r: StackRecord) -> dict[str, str]:
-    """One table row from a stack's record (baseline or stack)."""
+def planned_iterations(record: RunRecord) -> int | None:
+    """The timed calls the run's bench asked for (a stack over ``bench.max_time_s`` got fewer)."""
+    return (record.config.get("bench") or {}).get("iterations")
+
+
+def latency_text(lat: LatencyStats | None, planned: int | None = None) -> str:
+    """Median ± std, with the number of timed calls where it is fewer than ``planned`` (or one)."""
+    if not lat:
+        return "—"
+    text = f"{lat.median:.3f} (n=1)" if lat.std is None else f"{lat.median:.3f} ± {lat.std:.3f}"
+    return text + (f" (n={lat.n})" if lat.std is not None and planned and lat.n < planned else "")
+
+
+def stack_row(r: StackRecord, planned: int | None = None) -> dict[str, str]:
+    """One table row from a stack's record (baseline or stack); ``planned``: the timed calls the
+    bench asked for, so a latency over fewer says how many."""
     lat, step, fid = r.latency, r.step_latency, r.fidelity or {}
 
     def metric(name: str, spec: str) -> str:
@@ -62,8 +76,7 @@ def stack_row(r: StackRecord) -> dict[str, str]:
         "stack": r.stack,
         "steps skipped": skipped,
         "status": status,
-        "latency (s)": "—" if not lat else (f"{lat.median:.3f} (n=1)" if lat.std is None
-                                            else f"{lat.median:.3f} ± {lat.std:.3f}"),
+        "latency (s)": latency_text(lat, planned),
         "per step (ms)": "—" if not step else f"{step.median * 1e3:.1f}",
         "speedup": speedup_text(r),
         "build (s)": _fmt(r.build_s, ".1f"),
@@ -94,8 +107,9 @@ def not_run(record: RunRecord) -> list[str]:
 
 
 def run_rows(record: RunRecord) -> list[dict[str, str]]:
-    rows = [stack_row(record.baseline)] if record.baseline else []
-    rows += [stack_row(r) for r in record.stacks]
+    planned = planned_iterations(record)
+    rows = [stack_row(record.baseline, planned)] if record.baseline else []
+    rows += [stack_row(r, planned) for r in record.stacks]
     for name in not_run(record):
         rows.append({**{c: "—" for c in COLUMNS}, "stack": name, "status": not_run_reason(record)})
     return rows
@@ -161,6 +175,14 @@ MEMORY_KINDS = {
 }
 
 
+def timed_calls(bench: dict[str, Any]) -> str:
+    """How many timed calls each stack got, as the bench settings say."""
+    if bench.get("max_time_s") is None:
+        return f"{bench.get('iterations')} timed calls"
+    return (f"{bench.get('iterations')} timed calls (at least 2 once they took {bench['max_time_s']:g} s: "
+            "bench.max_time_s; n in the table where fewer)")
+
+
 def render_run_markdown(data: RunRecord) -> str:
     shapes = data.shapes
     memory_kind = data.baseline.memory_kind if data.baseline else None
@@ -169,7 +191,7 @@ def render_run_markdown(data: RunRecord) -> str:
         "",
         f"{shapes['height']}x{shapes['width']}, {shapes['steps']} steps, guidance {shapes['guidance_scale']}, "
         f"{len(data.prompts)} prompt(s), seed {data.seed}, dtype {data.model.get('dtype')}. "
-        f"Latency: median ± std over {(data.config.get('bench') or {}).get('iterations')} timed calls after warm-up; "
+        f"Latency: median ± std over {timed_calls(data.config.get('bench') or {})} after warm-up; "
         "speedup = baseline median / stack median (± 1 sigma); '(noise)' marks speedups within 2 sigma of 1. "
         f"Peak memory: {MEMORY_KINDS.get(memory_kind, 'process peak RSS while generating')}.",
         "",
