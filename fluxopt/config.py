@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from fluxopt import plugins
-from fluxopt.errors import ConfigError
+from fluxopt.errors import ConfigError, did_you_mean
 from fluxopt.models import DEV_DEFAULTS
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -168,8 +168,8 @@ class FidelityConfig:
                 raise ConfigError(f"fidelity.{kind}={thresholds!r} is not allowed: a mapping of metric -> threshold")
             for name, value in thresholds.items():
                 if name not in known:
-                    raise ConfigError(f"fidelity.{kind}.{name}: unknown metric{did_you_mean(name, known)}; "
-                                      f"known metrics: {', '.join(sorted(known))}")
+                    raise ConfigError(f"fidelity.{kind}.{name}: unknown metric.{did_you_mean(name, known)} "
+                                      f"Known metrics: {', '.join(sorted(known))}")
                 if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                     raise ConfigError(f"fidelity.{kind}.{name}={value!r} is not allowed: a finite number")
                 why = known[name].impossible_threshold(value)
@@ -293,14 +293,6 @@ def read_stack_list(value: Any) -> list[dict[str, dict[str, Any]]]:
             raise ConfigError(f"{setting} has {item!r}: each entry is {STACK_ENTRY_RULE}")
         entries.append({k: dict(v or {}) for k, v in item.items()})
     return entries
-
-
-def did_you_mean(name: str, known: Any) -> str:
-    """" Did you mean 'x'?" for the closest known name, or nothing."""
-    import difflib
-
-    close = difflib.get_close_matches(str(name), sorted(known), n=1)
-    return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 def run_config(source: DictConfig | Mapping[str, Any]) -> RunConfig:

@@ -6,7 +6,16 @@ failure, which the runner records with its phase instead of crashing).
 """
 
 import argparse
+import difflib
 import enum
+from collections.abc import Iterable
+
+
+def did_you_mean(name: object, known: Iterable[str]) -> str:
+    """``" Did you mean 'x'?"`` for the known name closest to ``name``, or nothing when none is
+    close: every "unknown name" message ends its first sentence with it, then lists what is known."""
+    close = difflib.get_close_matches(str(name), sorted(known), n=1)
+    return f" Did you mean '{close[0]}'?" if close else ""
 
 
 class ExitStatus(enum.IntEnum):

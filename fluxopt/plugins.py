@@ -8,7 +8,6 @@ a built-in.
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import importlib.metadata
 import pkgutil
@@ -19,7 +18,7 @@ from typing import Any
 import pluggy
 
 from fluxopt import hookspecs
-from fluxopt.errors import ConfigError
+from fluxopt.errors import ConfigError, did_you_mean
 
 ENTRY_POINT_GROUP = "fluxopt"
 
@@ -126,9 +125,8 @@ def model(name: str) -> Any:
     """The registered model spec ``name``; ConfigError listing the known ones otherwise."""
     registry = models()
     if name not in registry:
-        close = difflib.get_close_matches(name, list(registry), n=1)
-        hint = f" Did you mean '{close[0]}'?" if close else ""
-        raise ConfigError(f"model={name!r} is not a known model.{hint} Known models: {', '.join(sorted(registry))}")
+        raise ConfigError(f"model={name!r} is not a known model.{did_you_mean(name, registry)} "
+                          f"Known models: {', '.join(sorted(registry))}")
     return registry[name]
 
 
@@ -159,10 +157,8 @@ def check_disabled(names: Iterable[str]) -> list[str]:
     known = plugin_names()
     for name in names:
         if name not in known:
-            close = difflib.get_close_matches(str(name), known, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ConfigError(f"disabled_plugins has {name!r}, which is not a registered plugin{hint}; "
-                              f"plugins: {', '.join(known)}")
+            raise ConfigError(f"disabled_plugins has {name!r}, which is not a registered plugin."
+                              f"{did_you_mean(name, known)} Plugins: {', '.join(known)}")
     return list(names)
 
 

@@ -7,7 +7,6 @@ pairs are refused with a message naming the culprits.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import itertools
 import math
 import types
@@ -22,7 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 from fluxopt import plugins
 from fluxopt.backend import EXCLUSIVE_STAGES, Backend
 from fluxopt.environment import DeviceInfo
-from fluxopt.errors import ConfigError
+from fluxopt.errors import ConfigError, did_you_mean
 
 
 @dataclass(frozen=True)
@@ -69,11 +68,7 @@ class Stack:
 
 
 def unknown_backend_message(name: str, known: Sequence[str]) -> str:
-    msg = f"unknown backend '{name}'."
-    close = difflib.get_close_matches(name, known, n=1)
-    if close:
-        msg += f" Did you mean '{close[0]}'?"
-    return msg + f" Known backends: {', '.join(sorted(known))}."
+    return f"unknown backend '{name}'.{did_you_mean(name, known)} Known backends: {', '.join(sorted(known))}."
 
 
 def lookup_backend(name: str) -> Backend:
@@ -162,15 +157,18 @@ def _accepts(annotation: Any, value: Any) -> bool:
     return True
 
 
+def check_option_name(backend: Backend, key: str) -> None:
+    """ConfigError unless ``key`` is one of ``backend``'s options (the message lists them)."""
+    fields = [f.name for f in dataclasses.fields(backend.options_class)]
+    if key not in fields:
+        raise ConfigError(f"backend '{backend.name}' has no option '{key}'.{did_you_mean(key, fields)} "
+                          f"Valid options: {describe_options(backend.options_class)}")
+
+
 def _check_types(backend: Backend, values: Mapping[str, Any]) -> None:
     hints = typing.get_type_hints(backend.options_class)
-    fields = {f.name for f in dataclasses.fields(backend.options_class)}
     for key, value in values.items():
-        if key not in fields:
-            close = difflib.get_close_matches(str(key), fields, n=1)
-            hint = f" Did you mean '{close[0]}'?" if close else ""
-            raise ConfigError(f"backend '{backend.name}' has no option '{key}'.{hint} "
-                              f"Valid options: {describe_options(backend.options_class)}")
+        check_option_name(backend, key)
         annotation = hints.get(key, Any)
         if not _accepts(annotation, value):
             raise ConfigError(f"backend.{backend.name}.{key}={value!r} is not a valid {type_name_of(annotation)}")

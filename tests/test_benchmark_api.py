@@ -48,7 +48,7 @@ def test_benchmark_measures_stacks_on_the_users_pipeline_and_leaves_it_as_it_was
     ({"stacks": ["fuse_qkv"], "fidelity": {"losless": {"psnr": 30}}}, "Key 'losless' not in 'FidelityConfig'"),
     # the same rules as the command line's, before anything runs (these once failed mid-run or not at all)
     ({"stacks": ["fuse_qkv"], "prompts": "cat"}, "bench.prompts='cat' is not allowed: a non-empty list"),
-    ({"stacks": ["fuse_qkv"], "fidelity": {"lossless": {"psrn": 30}}}, "unknown metric \\(did you mean 'psnr'"),
+    ({"stacks": ["fuse_qkv"], "fidelity": {"lossless": {"psrn": 30}}}, "unknown metric. Did you mean 'psnr'"),
     ({"stacks": ["fuse_qkv"], "fidelity": {"lossless": {"ssim": 5}}}, "can never pass"),
     ({"stacks": ["fuse_qkv"], "fidelity": 3}, "fidelity=3 is not allowed"),
     ({"stacks": ["fuse_qkv"], "max_sequence_length": 100000}, "bench.max_sequence_length=100000 is not allowed"),

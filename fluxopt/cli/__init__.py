@@ -12,7 +12,6 @@ or was refused on this machine; 2 for a usage or configuration error; 130 when i
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import logging
 import os
 import secrets
@@ -38,7 +37,7 @@ from fluxopt import plugins, sweep
 from fluxopt.cli import console
 from fluxopt.config import RunConfig, recorded_config, register_configs, run_config
 from fluxopt.environment import INVOCATION_ENV, in_torchrun, rank, scratch_dir, writes_results
-from fluxopt.errors import ConfigError, ExitStatus, FluxoptError, UnavailableError
+from fluxopt.errors import ConfigError, ExitStatus, FluxoptError, UnavailableError, did_you_mean
 from fluxopt.files import move_aside, write_text_atomic
 from fluxopt.plan import RunPlan, check_runnable, check_writable_dir, plan_run
 from fluxopt.record import (
@@ -50,7 +49,7 @@ from fluxopt.record import (
     write_record,
 )
 from fluxopt.runner import Run, can_resume, can_reuse, job_record
-from fluxopt.stack import build_stack, describe_options, lookup_backend
+from fluxopt.stack import build_stack, check_option_name, lookup_backend
 
 log = logging.getLogger("fluxopt")
 
@@ -118,9 +117,7 @@ def _check_override(ov: Override, disabled: list[str]) -> None:
     key = ov.key_or_group
     root = key.split(".")[0].split("/")[0]
     if root not in TOP_LEVEL | GROUPS:
-        close = difflib.get_close_matches(root, sorted(TOP_LEVEL | GROUPS), n=1)
-        hint = f" Did you mean '{close[0]}'?" if close else ""
-        raise ConfigError(f"unknown setting '{key}'.{hint} Settings: {', '.join(sorted(TOP_LEVEL - {'backend'}))}; "
+        raise ConfigError(f"unknown setting '{key}'.{did_you_mean(root, TOP_LEVEL | GROUPS)} Settings: {', '.join(sorted(TOP_LEVEL - {'backend'}))}; "
                           "groups: model=, bench=, fidelity=, +backend=")
     if key in ("hydra/launcher", "hydra/sweeper"):
         name = _text(ov.value())
@@ -134,12 +131,8 @@ def _check_override(ov: Override, disabled: list[str]) -> None:
     elif key.startswith("backend."):
         parts = key.split(".")
         backend = lookup_backend(parts[1])
-        fields = [f.name for f in dataclasses.fields(backend.options_class)]
-        if len(parts) > 2 and parts[2] not in fields:
-            close = difflib.get_close_matches(parts[2], fields, n=1)
-            hint = f" Did you mean '{close[0]}'?" if close else ""
-            raise ConfigError(f"backend '{parts[1]}' has no option '{parts[2]}'.{hint} "
-                              f"Valid options: {describe_options(backend.options_class)}")
+        if len(parts) > 2:
+            check_option_name(backend, parts[2])
     elif key == "model" and not ov.is_delete():
         for names in _stack_choices(ov.value()):
             for name in names:

@@ -87,7 +87,7 @@ CASES = [
     ("fidelity.lossy.latent_rel_l2=-0.1", 2, "latent_rel_l2 is at least 0"),
     ("fidelity.lossless.psnr=inf", 2, "fidelity.lossless.psnr=inf is not allowed: a finite number"),
     ("+fidelity.lossless.lpips=0.1", 2, "lpips cannot be computed here"),
-    ("+fidelity.lossless.psrn=30", 2, "unknown metric (did you mean 'psnr'?)"),
+    ("+fidelity.lossless.psrn=30", 2, "unknown metric. Did you mean 'psnr'?"),
     ("model.path=/nonexistent/flux", 2, "model.path=/nonexistent/flux does not exist"),
     ("model.path=afile", 2, "model.path=afile is a file"),
     ("model.path=.", 2, "model.path=. is not a diffusers checkpoint"),
