@@ -57,6 +57,7 @@ class Requirements:
     nvidia: bool = False  # CUDA proper, not ROCm
     rocm: bool = False
     min_compute_capability: tuple[int, int] | None = None
+    max_compute_capability: tuple[int, int] | None = None  # kernels built for one architecture family
     packages: tuple[Package, ...] = ()
 
     def unmet(self, device: DeviceInfo) -> str | None:
@@ -77,6 +78,11 @@ class Requirements:
             want = ".".join(map(str, self.min_compute_capability))
             have = ".".join(map(str, device.capability))
             return f"needs compute capability >= {want}; {device.name} has {have}"
+        if self.max_compute_capability and device.capability and not device.rocm \
+                and device.capability > self.max_compute_capability:
+            want = ".".join(map(str, self.max_compute_capability))
+            have = ".".join(map(str, device.capability))
+            return f"needs compute capability <= {want} (its kernels are built for no newer one); {device.name} has {have}"
         return None
 
 

@@ -9,6 +9,11 @@ Python graph API, wrapped as the custom op ``fluxopt::cudnn_fp8_attention`` so t
 sees one opaque node (no graph break) and CUDA graphs can capture it: the cuDNN graph and plan
 are built once per shape, outside any capture, and every call runs on torch's current stream.
 
+``fa3`` is FlashAttention-3's fp8 forward (Hopper only), from the ``fa3-fwd`` wheel: a build of
+FlashAttention-3's forward kernels against torch's stable C ABI, so one wheel loads on any torch
+of that ABI. It takes one descale per (batch, head) and writes the output in bf16, already
+dequantized; its probabilities are offset into e4m3's range the way ``P_SCALE`` does here.
+
 ``reference`` does the same roundings in plain torch, on any device: it is how the cuDNN kernel's
 numerics are checked, and how a CPU run judges what fp8 attention does to an image. It rounds the
 probabilities against each row's maximum; cuDNN rounds them against a running maximum over tiles
@@ -30,8 +35,9 @@ from fluxopt_plugins._rms_norm_rope_fp8 import FP8, FP8_MAX, fp8_scale
 # use e4m3's whole range, so small probabilities keep their mantissa instead of flushing to zero.
 P_SCALE = FP8_MAX
 
-# (query, key, value, q_descale, k_descale, v_descale, softmax_scale) -> float8 output, scaled like v:
-# all (batch, tokens, heads, head_dim)
+# (query, key, value, q_descale, k_descale, v_descale, softmax_scale) -> the output, either in float8
+# scaled like v (its descale is v_descale) or already dequantized in 16 bits: all (batch, tokens,
+# heads, head_dim)
 Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float],
                   torch.Tensor]
 
@@ -194,7 +200,28 @@ def _(query, key, value, q_descale, k_descale, v_descale, softmax_scale):
     return torch.empty(query.shape, dtype=FP8, device=query.device)
 
 
-KERNELS: dict[str, Kernel] = {"cudnn": cudnn_fp8_attention, "reference": reference_attention}
+# ------------------------------------------------------------------------------ FlashAttention-3
+FA3_MODULE = "fa3_fwd_interface"  # what the fa3-fwd wheel installs
+
+
+def fa3_fp8_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, q_descale: torch.Tensor,
+                      k_descale: torch.Tensor, v_descale: torch.Tensor, softmax_scale: float) -> torch.Tensor:
+    """FlashAttention-3's fp8 forward on ``(batch, tokens, heads, head_dim)`` e4m3 tensors; the
+    output in bf16, dequantized. Its op (``fa3_fwd::_flash_attn_forward``) is a torch custom op
+    with a fake implementation, so torch.compile keeps it as one node and CUDA graphs capture it."""
+    from fa3_fwd_interface import _flash_attn_forward
+
+    batch, heads = query.shape[0], key.shape[2]
+
+    def per_head(d: torch.Tensor) -> torch.Tensor:  # FA3 takes a (batch, kv heads) fp32 descale
+        return d.float().reshape(1, 1).expand(batch, heads).contiguous()
+
+    return _flash_attn_forward(query, key, value, q_descale=per_head(q_descale), k_descale=per_head(k_descale),
+                               v_descale=per_head(v_descale), softmax_scale=softmax_scale)[0]
+
+
+KERNELS: dict[str, Kernel] = {"cudnn": cudnn_fp8_attention, "fa3": fa3_fp8_attention,
+                              "reference": reference_attention}
 
 
 def attention_fp8(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kernel: str,
@@ -214,5 +241,5 @@ def attention_fp8_qk(q8: torch.Tensor, q_descale: torch.Tensor, k8: torch.Tensor
     """:func:`attention_fp8` on q and k already in float8 (with their descales): v quantized with
     ``v_amax`` (None: its own), the result dequantized to ``dtype``."""
     v8, v_descale = quantize_per_tensor(value, v_amax)
-    out8 = KERNELS[kernel](q8, k8, v8, q_descale, k_descale, v_descale, 1.0 / math.sqrt(q8.shape[-1]))
-    return (out8.float() * v_descale).to(dtype)
+    out = KERNELS[kernel](q8, k8, v8, q_descale, k_descale, v_descale, 1.0 / math.sqrt(q8.shape[-1]))
+    return (out.float() * v_descale).to(dtype) if out.dtype == FP8 else out.to(dtype)

@@ -33,8 +33,12 @@ from fluxopt_plugins._calibration import (CALIBRATION_PROMPTS, cached_calibratio
                                           validate_prompts)
 
 CUDNN_FRONTEND = Package("cudnn", "pip install 'fluxopt[cudnn]' (nvidia-cudnn-frontend)")
+FA3_FWD = Package("fa3_fwd_interface", "pip install fa3-fwd (FlashAttention-3's forward kernels)")
 KERNEL_REQUIREMENTS = {
     "cudnn": Requirements(nvidia=True, min_compute_capability=(9, 0), packages=(CUDNN_FRONTEND,)),
+    # FlashAttention-3's kernels are built for Hopper (sm90a) alone
+    "fa3": Requirements(nvidia=True, min_compute_capability=(9, 0), max_compute_capability=(9, 0),
+                        packages=(FA3_FWD,)),
     "reference": Requirements(),
 }
 
@@ -44,7 +48,9 @@ SCALES = ("static", "dynamic")
 
 @dataclass
 class Fp8AttentionOptions:
-    kernel: str = "cudnn"  # cudnn (fused, Hopper and newer) | reference (same roundings in plain torch, any device)
+    # cudnn (fused, Hopper and newer) | fa3 (FlashAttention-3, Hopper) | reference (same roundings in
+    # plain torch, any device)
+    kernel: str = "cudnn"
     scales: str = "static"  # static (q, k bounded by their norms, v calibrated) | dynamic (each call's amax)
     calibration_prompts: list[str] = field(default_factory=lambda: list(CALIBRATION_PROMPTS))  # scales=static
     # scales=static: v's scale covers this many times the largest |v| calibration saw, so prompts
@@ -194,7 +200,7 @@ class Fp8AttentionBackend(Backend):
     conflicts = {
         "attention": "both choose the kernel of FLUX's attention",
         "context_parallel": "the fp8 processors do not split attention across GPUs",
-        "aoti": "an AOTInductor package cannot call the cuDNN kernel (a Python custom op)",
+        "aoti": "an AOTInductor package cannot call the fp8 kernels (Python custom ops)",
         "trt_fp8": "a TensorRT engine replaces the transformer, and its attention with it",
     }
 

@@ -271,8 +271,8 @@ def test_the_cudnn_kernels_graphs_are_released_when_its_stack_closes(fresh_tiny,
 
 
 def test_bad_settings_and_conflicts_are_refused_before_loading():
-    with pytest.raises(ConfigError, match=r"backend.fp8_attention.kernel='fa3' is not one of cudnn, reference"):
-        build_stack({"fp8_attention": {"kernel": "fa3"}})
+    with pytest.raises(ConfigError, match=r"backend.fp8_attention.kernel='fa4' is not one of cudnn, fa3, reference"):
+        build_stack({"fp8_attention": {"kernel": "fa4"}})
     with pytest.raises(ConfigError, match=r"backend.fp8_attention.scales='amax' is not one of static, dynamic"):
         build_stack({"fp8_attention": {"scales": "amax"}})
     with pytest.raises(ConfigError, match=r"backend.fp8_attention.v_margin=0.5 must be at least 1"):
@@ -293,6 +293,79 @@ def test_the_cudnn_kernel_says_what_it_needs_on_a_cpu():
     assert ("needs the Python package 'cudnn'" in unmet[0] and "nvidia-cudnn-frontend" in unmet[0]) \
         or "needs an NVIDIA GPU with CUDA; this run is on the CPU" in unmet[0]
     assert build_stack({"fp8_attention": {"kernel": "reference"}}).unmet_requirements(cpu) == []
+
+
+def test_the_fa3_kernel_says_what_it_needs_and_is_for_hopper_alone():
+    import dataclasses
+
+    cpu = detect_device("cpu")
+    unmet = build_stack({"fp8_attention": {"kernel": "fa3"}}).unmet_requirements(cpu)
+    assert len(unmet) == 1 and ("needs the Python package 'fa3_fwd_interface' (pip install fa3-fwd" in unmet[0]
+                                or "needs an NVIDIA GPU with CUDA; this run is on the CPU" in unmet[0])
+    requirement = dataclasses.replace(fp8_attention.KERNEL_REQUIREMENTS["fa3"], packages=())
+    hopper = dataclasses.replace(cpu, type="cuda", name="H200", capability=(9, 0))
+    blackwell = dataclasses.replace(hopper, name="B200", capability=(10, 0))
+    assert requirement.unmet(hopper) is None
+    assert requirement.unmet(blackwell) == ("needs compute capability <= 9.0 (its kernels are built for no newer "
+                                            "one); B200 has 10.0")
+
+
+def test_fa3s_output_is_taken_as_dequantized_and_its_descales_are_per_batch_and_head(monkeypatch):
+    """FlashAttention-3 takes a (batch, heads) fp32 descale and writes bf16 already dequantized,
+    where cuDNN's float8 output is scaled like v: both reach the caller as the same attention.
+    (Its GPU numerics: test_fa3_agrees_with_the_reference..., on the GPU.)"""
+    import sys
+    import types
+
+    from fluxopt_plugins._fp8_attention_kernels import reference_attention
+
+    seen = {}
+
+    def fake_forward(q, k, v, *, q_descale, k_descale, v_descale, softmax_scale):
+        seen.update(shapes={d.shape for d in (q_descale, k_descale, v_descale)},
+                    dtypes={d.dtype for d in (q_descale, k_descale, v_descale)},
+                    contiguous=all(d.is_contiguous() for d in (q_descale, k_descale, v_descale)))
+        one = lambda d: d[:1, :1].reshape(1, 1, 1, 1)  # noqa: E731
+        out8 = reference_attention(q, k, v, one(q_descale), one(k_descale), one(v_descale), softmax_scale)
+        return (out8.float() * one(v_descale)).to(torch.bfloat16), None, None, None
+
+    monkeypatch.setitem(sys.modules, "fa3_fwd_interface", types.SimpleNamespace(_flash_attn_forward=fake_forward))
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 24, 3, 16, generator=gen, dtype=torch.bfloat16) * 3 for _ in range(3))
+    out = attention_fp8(q, k, v, "fa3")
+    assert seen == {"shapes": {torch.Size([2, 3])}, "dtypes": {torch.float32}, "contiguous": True}
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, attention_fp8(q, k, v, "reference"), rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+def test_fa3_agrees_with_the_reference_and_runs_compiled_and_in_a_cuda_graph():
+    pytest.importorskip("fa3_fwd_interface")
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("needs an NVIDIA GPU of compute capability 9.0 (FlashAttention-3's kernels)")
+    gen = torch.Generator("cuda").manual_seed(0)
+    shape = (1, 4608, 24, 128)
+    q, k, v = (torch.randn(*shape, generator=gen, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    reference = attention_fp8(q, k, v, "reference").float()
+    exact = _sdpa(q.float(), k.float(), v.float())
+    out = attention_fp8(q, k, v, "fa3")
+    assert out.dtype == torch.bfloat16 and out.shape == shape
+    rel = lambda a, b: float((a.float() - b).norm() / b.norm())  # noqa: E731
+    assert rel(out, reference) < 0.06 and rel(out, exact) < 1.1 * rel(reference, exact)
+    compiled = torch.compile(lambda q, k, v: attention_fp8(q, k, v, "fa3"), fullgraph=True)
+    assert rel(compiled(q, k, v), reference) < 0.06
+    graph, static, side = torch.cuda.CUDAGraph(), [x.clone() for x in (q, k, v)], torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        attention_fp8(*static, "fa3")
+    torch.cuda.current_stream().wait_stream(side)
+    with torch.cuda.graph(graph):
+        captured = attention_fp8(*static, "fa3")
+    for x, new in zip(static, (v, q, k)):
+        x.copy_(new)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert rel(captured, attention_fp8(v, q, k, "reference").float()) < 0.06
 
 
 @pytest.mark.gpu

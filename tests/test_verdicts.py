@@ -185,3 +185,17 @@ def test_a_single_colour_baseline_cannot_be_a_reference():
     varied = Sample("q", 0, np.random.default_rng(0).random((8, 8, 3), dtype=np.float32), torch.zeros(1, 4, 4))
     assert baseline_problem([varied]) is None
     assert "single colour for prompt(s) ['p']" in baseline_problem([varied, flat])
+
+
+def test_stacks_measured_twice_with_other_options_read_apart_in_the_table():
+    from fluxopt.record import StackRecord
+    from fluxopt.report.tables import distinct_names
+
+    def stack(name, kernel, **extra):
+        return StackRecord(stack=name, backends=name.split("+"), status="ok",
+                           options={"fp8_attention": {"kernel": kernel, "scales": "static"}, **extra})
+
+    stacks = [stack("fp8_attention", "cudnn"), stack("fp8_attention", "fa3"),
+              stack("fp8_attention+fixed_cache", "fa3", fixed_cache={})]
+    assert distinct_names(stacks) == ["fp8_attention (fp8_attention.kernel=cudnn)",
+                                      "fp8_attention (fp8_attention.kernel=fa3)", "fp8_attention+fixed_cache"]

@@ -16,6 +16,7 @@ from fluxopt.hookspecs import hookimpl
 from fluxopt.record import RunRecord, StackRecord, within_noise
 from fluxopt.report.html import write_html
 from fluxopt.report.tables import (
+    distinct_names,
     environment_lines,
     fidelity_note,
     markdown_table,
@@ -61,8 +62,8 @@ def summary_rows(records: list[RunRecord], root: Path) -> list[tuple[dict[str, s
         noise = spread.get(record.device, {}).get("relative_spread", 0.0)
         run = run_name(record, root)
         env = record.environment
-        for stack in record.stacks:
-            row = stack_row(stack, planned_iterations(record))
+        for stack, name in zip(record.stacks, distinct_names(record.stacks)):
+            row = {**stack_row(stack, planned_iterations(record)), "stack": name}
             within = None if stack.speedup is None else within_noise(stack.speedup, stack.speedup_uncertainty, noise)
             row.update({"speedup": speedup_text(stack, within), "warm start": _warm_start(stack),
                         "device": record.device, "run": run})

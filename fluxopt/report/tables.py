@@ -106,10 +106,24 @@ def not_run(record: RunRecord) -> list[str]:
     return [name for name in record.requested if name not in measured]
 
 
+def distinct_names(stacks: list[StackRecord]) -> list[str]:
+    """Each stack's name, followed where several share it by the options they differ in
+    (``fp8_attention.kernel=fa3``), so a plan that measures one stack with other options reads apart."""
+    names = []
+    for r in stacks:
+        twins = [s for s in stacks if s.stack == r.stack]
+        differ = sorted(f"{backend}.{key}={value}" for backend, options in r.options.items()
+                        for key, value in options.items()
+                        if any((t.options.get(backend) or {}).get(key) != value for t in twins))
+        names.append(f"{r.stack} ({', '.join(differ)})" if len(twins) > 1 and differ else r.stack)
+    return names
+
+
 def run_rows(record: RunRecord) -> list[dict[str, str]]:
     planned = planned_iterations(record)
     rows = [stack_row(record.baseline, planned)] if record.baseline else []
-    rows += [stack_row(r, planned) for r in record.stacks]
+    for r, name in zip(record.stacks, distinct_names(record.stacks)):
+        rows.append({**stack_row(r, planned), "stack": name})
     for name in not_run(record):
         rows.append({**{c: "—" for c in COLUMNS}, "stack": name, "status": not_run_reason(record)})
     return rows
