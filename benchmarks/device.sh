@@ -10,6 +10,9 @@
 #       export is imported on a fresh machine to show a warm build there).
 #   bash benchmarks/device.sh tests [pytest arguments...]
 #       the GPU-marked tests ($OUT/gpu-tests.log).
+#   bash benchmarks/device.sh stash DIR
+#       keep DIR's wheels in /tmp/carried for the calls after this one: wheels that do not fit one
+#       call's carry beside .whl travel in a call of their own (carry DIR), then install with the rest.
 #   bash benchmarks/device.sh background WAIT_S (run ... | tests ...)
 #       the same in the background (it outlives this call while the machine stays warm), waiting
 #       up to WAIT_S; `bash benchmarks/device.sh poll WAIT_S` in later calls waits more and collects.
@@ -28,13 +31,13 @@ setup() {
   if [ ! -f /tmp/site/.fluxopt-installed ]; then
     start=$SECONDS
     python3 -m pip install -q --no-index --no-deps --no-compile --no-build-isolation --target /tmp/site \
-      .whl/*.whl . || return 1
+      .whl/*.whl $(ls /tmp/carried/*.whl 2>/dev/null) . || return 1
     echo "setup: installed in $((SECONDS - start)) s" >&2
     touch /tmp/site/.fluxopt-installed
   fi
   export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 FLUXOPT_CACHE_DIR=${FLUXOPT_CACHE_DIR:-/tmp/fluxopt-cache} \
     HF_HUB_OFFLINE=1
-  mkdir -p /tmp/work /tmp/res && cp -r tests benchmarks examples pyproject.toml /tmp/work/ && cd /tmp/work
+  mkdir -p /tmp/work /tmp/res && cp -r tests benchmarks examples docs README.md pyproject.toml /tmp/work/ && cd /tmp/work
   nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,power.limit --format=csv,noheader
 }
 collect() {  # what run $1 has written so far (result.json is rewritten after every stack); only that
@@ -81,11 +84,14 @@ case ${1:-} in
   poll)
     pid=$(cat /tmp/background.pid)
     for _ in $(seq "$2"); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
-    cp -r /tmp/out/. "$OUT/" 2>/dev/null
+    cp /tmp/out/*.log "$OUT/" 2>/dev/null  # a background test run's log; a run's files come from collect
     collect "$(cat /tmp/background.name 2>/dev/null)"
     tail -5 /tmp/background.log
     if kill -0 "$pid" 2>/dev/null; then echo "still running"; exit 3; fi
     echo "finished"; exit 0 ;;
+  stash)
+    mkdir -p /tmp/carried && cp "$2"/*.whl /tmp/carried/ && ls /tmp/carried
+    exit $? ;;
   *)
-    sed -n 2,19p "$0"; exit 2 ;;
+    sed -n 2,22p "$0"; exit 2 ;;
 esac

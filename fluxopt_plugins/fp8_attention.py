@@ -33,7 +33,7 @@ from fluxopt_plugins._calibration import (CALIBRATION_PROMPTS, cached_calibratio
                                           validate_prompts)
 
 CUDNN_FRONTEND = Package("cudnn", "pip install 'fluxopt[cudnn]' (nvidia-cudnn-frontend)")
-FA3_FWD = Package("fa3_fwd_interface", "pip install fa3-fwd (FlashAttention-3's forward kernels)")
+FA3_FWD = Package("fa3_fwd_interface", "pip install 'fluxopt[fa3]' (fa3-fwd, FlashAttention-3's forward kernels)")
 KERNEL_REQUIREMENTS = {
     "cudnn": Requirements(nvidia=True, min_compute_capability=(9, 0), packages=(CUDNN_FRONTEND,)),
     # FlashAttention-3's kernels are built for Hopper (sm90a) alone

@@ -300,7 +300,7 @@ def test_the_fa3_kernel_says_what_it_needs_and_is_for_hopper_alone():
 
     cpu = detect_device("cpu")
     unmet = build_stack({"fp8_attention": {"kernel": "fa3"}}).unmet_requirements(cpu)
-    assert len(unmet) == 1 and ("needs the Python package 'fa3_fwd_interface' (pip install fa3-fwd" in unmet[0]
+    assert len(unmet) == 1 and ("needs the Python package 'fa3_fwd_interface' (pip install 'fluxopt[fa3]'" in unmet[0]
                                 or "needs an NVIDIA GPU with CUDA; this run is on the CPU" in unmet[0])
     requirement = dataclasses.replace(fp8_attention.KERNEL_REQUIREMENTS["fa3"], packages=())
     hopper = dataclasses.replace(cpu, type="cuda", name="H200", capability=(9, 0))
