@@ -199,3 +199,12 @@ def test_stacks_measured_twice_with_other_options_read_apart_in_the_table():
               stack("fp8_attention+fixed_cache", "fa3", fixed_cache={})]
     assert distinct_names(stacks) == ["fp8_attention (fp8_attention.kernel=cudnn)",
                                       "fp8_attention (fp8_attention.kernel=fa3)", "fp8_attention+fixed_cache"]
+
+
+def test_a_stack_requested_twice_and_measured_once_is_listed_as_not_run():
+    from fluxopt.record import RunRecord, StackRecord
+    from fluxopt.report.tables import not_run
+
+    twice = RunRecord(model={"name": "tiny"}, requested=["fp8_attention", "fp8_attention", "compile"],
+                      stacks=[StackRecord(stack="fp8_attention", backends=["fp8_attention"], status="ok")])
+    assert not_run(twice) == ["fp8_attention", "compile"]

@@ -117,7 +117,8 @@ def _check_override(ov: Override, disabled: list[str]) -> None:
     key = ov.key_or_group
     root = key.split(".")[0].split("/")[0]
     if root not in TOP_LEVEL | GROUPS:
-        raise ConfigError(f"unknown setting '{key}'.{did_you_mean(root, TOP_LEVEL | GROUPS)} Settings: {', '.join(sorted(TOP_LEVEL - {'backend'}))}; "
+        raise ConfigError(f"unknown setting '{key}'.{did_you_mean(root, TOP_LEVEL | GROUPS)} "
+                          f"Settings: {', '.join(sorted(TOP_LEVEL - {'backend'}))}; "
                           "groups: model=, bench=, fidelity=, +backend=")
     if key in ("hydra/launcher", "hydra/sweeper"):
         name = _text(ov.value())

@@ -6,6 +6,7 @@ from the files a run left behind.
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -101,9 +102,16 @@ def not_run_reason(record: RunRecord) -> str:
 
 
 def not_run(record: RunRecord) -> list[str]:
-    """Requested stacks the record has no measurement of (interrupted, crashed, baseline failed)."""
-    measured = {s.stack for s in record.stacks}
-    return [name for name in record.requested if name not in measured]
+    """Requested stacks the record has no measurement of (interrupted, crashed, baseline failed),
+    counted by name: a plan may request one stack twice, with other options."""
+    measured = Counter(s.stack for s in record.stacks)
+    left = []
+    for name in record.requested:
+        if measured[name]:
+            measured[name] -= 1
+        else:
+            left.append(name)
+    return left
 
 
 def distinct_names(stacks: list[StackRecord]) -> list[str]:
