@@ -128,10 +128,12 @@ def test_the_full_bench_bounds_each_stacks_timing_and_the_report_says_when_a_sta
 
 
 def test_a_slow_stack_is_timed_on_fewer_calls_end_to_end(tmp_path, plugin_env):
-    proc = run_cli("stacks=[{fault_slow: {delay_s: 0.3}}]", "bench.warmup=2", "bench.iterations=4",
-                   "bench.max_time_s=0.5", "save_images=false", f"hydra.run.dir={tmp_path}", env=plugin_env)
+    """The tiny model's 4 steps take a fraction of a second; fault_slow's take 1.2 s a generation,
+    past the 1 s limit after its first warm-up call and its second timed one."""
+    proc = run_cli("stacks=[{fault_slow: {delay_s: 0.3}}]", "bench.warmup=2", "bench.iterations=3",
+                   "bench.max_time_s=1", "save_images=false", f"hydra.run.dir={tmp_path}", env=plugin_env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     data = read_result(tmp_path)
-    assert data["baseline"]["latency"]["n"] == 4 and data["stacks"][0]["latency"]["n"] == 2
+    assert data["baseline"]["latency"]["n"] == 3 and data["stacks"][0]["latency"]["n"] == 2
     report = (tmp_path / "report.md").read_text()
     assert "bench.max_time_s" in report and "(n=2)" in report
