@@ -313,7 +313,7 @@ def test_the_fa3_kernel_says_what_it_needs_and_is_for_hopper_alone():
 def test_fa3s_output_is_taken_as_dequantized_and_its_descales_are_per_batch_and_head(monkeypatch):
     """FlashAttention-3 takes a (batch, heads) fp32 descale and writes bf16 already dequantized,
     where cuDNN's float8 output is scaled like v: both reach the caller as the same attention.
-    (Its GPU numerics: test_fa3_agrees_with_the_reference..., on the GPU.)"""
+    (Its GPU numerics: test_the_fp8_kernel_agrees_with_the_reference..., on the GPU.)"""
     import sys
     import types
 
@@ -339,74 +339,48 @@ def test_fa3s_output_is_taken_as_dequantized_and_its_descales_are_per_batch_and_
 
 
 @pytest.mark.gpu
-def test_fa3_agrees_with_the_reference_and_runs_compiled_and_in_a_cuda_graph():
-    pytest.importorskip("fa3_fwd_interface")
-    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
-        pytest.skip("needs an NVIDIA GPU of compute capability 9.0 (FlashAttention-3's kernels)")
-    gen = torch.Generator("cuda").manual_seed(0)
-    shape = (1, 4608, 24, 128)
-    q, k, v = (torch.randn(*shape, generator=gen, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    reference = attention_fp8(q, k, v, "reference").float()
-    exact = _sdpa(q.float(), k.float(), v.float())
-    out = attention_fp8(q, k, v, "fa3")
-    assert out.dtype == torch.bfloat16 and out.shape == shape
-    rel = lambda a, b: float((a.float() - b).norm() / b.norm())  # noqa: E731
-    assert rel(out, reference) < 0.06 and rel(out, exact) < 1.1 * rel(reference, exact)
-    compiled = torch.compile(lambda q, k, v: attention_fp8(q, k, v, "fa3"), fullgraph=True)
-    assert rel(compiled(q, k, v), reference) < 0.06
-    graph, static, side = torch.cuda.CUDAGraph(), [x.clone() for x in (q, k, v)], torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        attention_fp8(*static, "fa3")
-    torch.cuda.current_stream().wait_stream(side)
-    with torch.cuda.graph(graph):
-        captured = attention_fp8(*static, "fa3")
-    for x, new in zip(static, (v, q, k)):
-        x.copy_(new)
-    graph.replay()
-    torch.cuda.synchronize()
-    assert rel(captured, attention_fp8(v, q, k, "reference").float()) < 0.06
-
-
-@pytest.mark.gpu
-def test_cudnn_agrees_with_the_reference_and_runs_compiled_and_in_a_cuda_graph():
-    pytest.importorskip("cudnn")
-    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0):
-        pytest.skip("needs an NVIDIA GPU of compute capability >= 9.0")
+@pytest.mark.parametrize(("kernel", "module", "capability"), [("cudnn", "cudnn", None), ("fa3", "fa3_fwd_interface", (9, 0))])
+def test_the_fp8_kernel_agrees_with_the_reference_and_runs_compiled_and_in_a_cuda_graph(kernel, module, capability):
+    pytest.importorskip(module)
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0) \
+            or (capability and torch.cuda.get_device_capability() != capability):
+        pytest.skip(f"needs an NVIDIA GPU of compute capability {'9.0' if capability else '>= 9.0'}")
     gen = torch.Generator("cuda").manual_seed(0)
     shape = (1, 4608, 24, 128)  # FLUX.1-dev at 1024x1024: 4096 image + 512 text tokens
     q, k, v = (torch.randn(*shape, generator=gen, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     reference = attention_fp8(q, k, v, "reference").float()
     exact = _sdpa(q.float(), k.float(), v.float())
-    out = attention_fp8(q, k, v, "cudnn")
+    out = attention_fp8(q, k, v, kernel)
     assert out.dtype == torch.bfloat16 and out.shape == shape
     rel = lambda a, b: float((a.float() - b).norm() / b.norm())  # noqa: E731
-    # the same roundings up to cuDNN's tiling of the softmax, which rounds each probability against a
-    # running maximum: the two differ by float8 noise (0.038 on an H100) and are equally far from exact
+    # the same roundings up to the kernel's tiling of the softmax, which rounds each probability
+    # against a running maximum: the two differ by float8 noise (cuDNN: 0.038 on an H100) and are
+    # equally far from exact
     assert rel(out, reference) < 0.06
     assert rel(out, exact) < 1.1 * rel(reference, exact)
-    compiled = torch.compile(lambda q, k, v: attention_fp8(q, k, v, "cudnn"), fullgraph=True)
+    compiled = torch.compile(lambda q, k, v: attention_fp8(q, k, v, kernel), fullgraph=True)
     assert rel(compiled(q, k, v), reference) < 0.06
     graph = torch.cuda.CUDAGraph()
     static = [x.clone() for x in (q, k, v)]
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        attention_fp8(*static, "cudnn")
+        attention_fp8(*static, kernel)
     torch.cuda.current_stream().wait_stream(side)
     with torch.cuda.graph(graph):
-        captured = attention_fp8(*static, "cudnn")
+        captured = attention_fp8(*static, kernel)
     for x, new in zip(static, (v, q, k)):  # new inputs, same buffers
         x.copy_(new)
     graph.replay()
     torch.cuda.synchronize()
     assert rel(captured, attention_fp8(v, q, k, "reference").float()) < 0.06
-    from fluxopt_plugins._fp8_attention_kernels import _GRAPHS, release_cudnn_graphs
+    if kernel == "cudnn":
+        from fluxopt_plugins._fp8_attention_kernels import _GRAPHS, release_cudnn_graphs
 
-    assert _GRAPHS.graphs and _GRAPHS.handles
-    del graph, captured
-    release_cudnn_graphs()  # what a closing stack runs: nothing cuDNN built stays on the GPU
-    assert not _GRAPHS.graphs and not _GRAPHS.handles
+        assert _GRAPHS.graphs and _GRAPHS.handles
+        del graph, captured
+        release_cudnn_graphs()  # what a closing stack runs: nothing cuDNN built stays on the GPU
+        assert not _GRAPHS.graphs and not _GRAPHS.handles
 
 
 def test_fused_qk_is_off_on_request_and_where_a_norm_does_not_fit(fresh_tiny):
