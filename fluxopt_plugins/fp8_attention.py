@@ -3,8 +3,9 @@
 On an H100 attention is about a quarter of an fp8-quantized step (bf16 cuDNN attention ran at
 566 TFLOP/s, the fp8 matmuls at ~1300). This backend swaps every FLUX attention processor for
 one that quantizes q, k and v per tensor (after their norms and rotary embedding) and calls an
-fp8 kernel (:mod:`fluxopt_plugins._fp8_attention_kernels`): cuDNN's, or a plain-torch reference
-with the same roundings that runs anywhere (slowly) so a CPU run can judge the image. Lossy.
+fp8 kernel (:mod:`fluxopt_plugins._fp8_attention_kernels`): cuDNN's, FlashAttention-3's (Hopper),
+or a plain-torch reference with the same roundings that runs anywhere (slowly) so a CPU run can
+judge the image. Lossy.
 
 Scales: measuring each call's amax costs a pass over q, k and v before the cast (about 2 ms of
 an H100 step once Inductor has fused the rest). ``scales=static`` needs none: q and k come out of
