@@ -28,8 +28,7 @@ from fluxopt import plugins
 from fluxopt.environment import INVOCATION_ENV, writes_results
 from fluxopt.errors import ConfigError
 from fluxopt.files import move_aside, write_json_atomic
-from fluxopt.record import RESULT_FILE, RunRecord, UnreadableRecord, read_record, write_record
-from fluxopt.runner import job_record
+from fluxopt.record import RESULT_FILE, RunRecord, UnreadableRecord, read_record
 
 SEARCH_FILE = "search.json"  # the search sweeper's trial log, in the sweep directory
 EXPECTED_FILE = "sweep.json"  # the jobs a sweep expects, written before any starts
@@ -150,32 +149,6 @@ def sweep_lock(sweep_dir: Path, command: str) -> Iterator[None]:
         finally:
             (sweep_dir / OWNER_FILE).unlink(missing_ok=True)
             fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-# --------------------------------------------------------------------------- crashed jobs
-def job_dir(job_config: DictConfig) -> Path:
-    """Where a sweep job writes its result (``hydra.sweep.dir``/``hydra.sweep.subdir``)."""
-    return Path(str(job_config.hydra.sweep.dir)) / str(job_config.hydra.sweep.subdir)
-
-
-def record_crashed_job(job_config: DictConfig, reason: str) -> Path:
-    """Record, from the launching process, that a job's process died (killed, out of memory,
-    lost node): its record is marked incomplete with the reason, or written if the job died
-    before writing one, so the summary lists it and the sweep's verdict is negative.
-    Called by fluxopt's Ray and submitit launchers; returns the job's directory."""
-    directory = job_dir(job_config)
-    path = directory / RESULT_FILE
-    try:
-        record = read_record(path)
-    except UnreadableRecord:
-        move_aside(path, "unreadable")
-        record = None
-    if record is None:
-        record = job_record(job_config, {"invocation": os.environ.get(INVOCATION_ENV),
-                                         "overrides": list(job_config.hydra.overrides.task)})
-    record.complete, record.job_crash = False, reason
-    write_record(path, record)
-    return directory
 
 
 # --------------------------------------------------------------------------- the summary

@@ -7,12 +7,15 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
+from pathlib import Path
 
 from hydra.core.utils import JobReturn, JobStatus
 from omegaconf import DictConfig, open_dict
 
 from fluxopt.environment import INVOCATION_ENV
-from fluxopt.sweep import record_crashed_job
+from fluxopt.files import move_aside
+from fluxopt.record import RESULT_FILE, UnreadableRecord, read_record, write_record
+from fluxopt.runner import job_record
 
 log = logging.getLogger("fluxopt")
 
@@ -24,6 +27,31 @@ def carry_invocation(config: DictConfig) -> None:
     if invocation:
         with open_dict(config):
             config.hydra.job.env_set[INVOCATION_ENV] = invocation
+
+
+def job_dir(job_config: DictConfig) -> Path:
+    """Where a sweep job writes its result (``hydra.sweep.dir``/``hydra.sweep.subdir``)."""
+    return Path(str(job_config.hydra.sweep.dir)) / str(job_config.hydra.sweep.subdir)
+
+
+def record_crashed_job(job_config: DictConfig, reason: str) -> Path:
+    """Record, from the launching process, that a job's process died (killed, out of memory,
+    lost node): its record is marked incomplete with the reason, or written if the job died
+    before writing one, so the summary lists it and the sweep's verdict is negative.
+    Returns the job's directory."""
+    directory = job_dir(job_config)
+    path = directory / RESULT_FILE
+    try:
+        record = read_record(path)
+    except UnreadableRecord:
+        move_aside(path, "unreadable")
+        record = None
+    if record is None:
+        record = job_record(job_config, {"invocation": os.environ.get(INVOCATION_ENV),
+                                         "overrides": list(job_config.hydra.overrides.task)})
+    record.complete, record.job_crash = False, reason
+    write_record(path, record)
+    return directory
 
 
 def crashed_job(job_config: DictConfig, overrides: Sequence[str], error: BaseException) -> JobReturn:
