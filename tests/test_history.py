@@ -429,7 +429,7 @@ def test_import_backfills_the_published_records_once(tmp_path, monkeypatch, caps
         assert len(s.select(label="published").runs) == added
 
 
-def test_the_eta_comes_from_the_last_run_of_each_stack_here(tmp_path, monkeypatch):
+def test_the_eta_comes_from_the_last_run_of_each_stack_here_or_its_cold_one_on_a_cold_cache(tmp_path, monkeypatch):
     from fluxopt.history import eta as eta_module
 
     store = tmp_path / "s.sqlite"
@@ -456,9 +456,18 @@ def test_the_eta_comes_from_the_last_run_of_each_stack_here(tmp_path, monkeypatc
     from fluxopt import Shapes, plugins
     from fluxopt.cli import console
 
-    asked = dict(model="flux-mini", device="GPU X", shapes=Shapes(height=256, width=256, steps=8, guidance_scale=3.5, max_sequence_length=128),
-                 stacks=["fp8_max"], generations=6, config={"store": str(store)})
+    # the cache state picks the run: with something built in the artifact cache, the newest; with
+    # nothing built (a fresh machine; a model checkpoint is not a build), the longest: the cold build
+    warm, cold = tmp_path / "warm-cache", tmp_path / "cold-cache"
+    (warm / "inductor").mkdir(parents=True)
+    (cold / "artifacts" / "model" / "flux-mini").mkdir(parents=True)
+    shapes_of_run = Shapes(height=256, width=256, steps=8, guidance_scale=3.5, max_sequence_length=128)
+    asked = dict(model="flux-mini", device="GPU X", shapes=shapes_of_run, stacks=["fp8_max"], generations=6,
+                 config={"store": str(store), "cache": {"dir": str(warm)}})
     assert plugins.hook().fluxopt_expected_durations(**asked) == {"baseline": 14.0, "fp8_max": 120.0}
+    asked_cold = {**asked, "config": {"store": str(store), "cache": {"dir": str(cold)}}}
+    assert plugins.hook().fluxopt_expected_durations(**asked_cold) == {"baseline": 14.0, "fp8_max": 300.0}
+    assert eta_module.past_durations(store, "flux-mini", "GPU X", shapes, 6, cold=True)["fp8_max"] == 300.0
     assert plugins.hook(["fluxopt.history"]).fluxopt_expected_durations(**asked) is None
 
     clock = [1000.0]

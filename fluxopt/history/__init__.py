@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from fluxopt.errors import FluxoptError
-from fluxopt.history.eta import past_durations
+from fluxopt.artifacts import default_cache_dir
+from fluxopt.history.eta import cache_is_cold, past_durations
 from fluxopt.history.store import ResultsStore, store_path
 from fluxopt.hookspecs import hookimpl
 from fluxopt.record import RESULT_FILE, RunRecord
@@ -38,6 +39,10 @@ def fluxopt_run_finished(result: RunRecord, output_dir: str) -> None:
 @hookimpl
 def fluxopt_expected_durations(model: str, device: str, shapes: Shapes, generations: int,
                                config: dict[str, Any]) -> dict[str, float]:
-    """Each stack's wall time the last time it ran here with these shapes (``eta.py``)."""
+    """Each stack's wall time when it last ran here with these shapes, or its cold one when the
+    artifact cache holds nothing built (``eta.py``)."""
+    cache_dir = (config.get("cache") or {}).get("dir")
+    cold = cache_is_cold(Path(cache_dir).expanduser() if cache_dir else default_cache_dir())
     return past_durations(store_path(config.get("store")), model, device,
-                          {"height": shapes.height, "width": shapes.width, "steps": shapes.steps}, generations)
+                          {"height": shapes.height, "width": shapes.width, "steps": shapes.steps}, generations,
+                          cold=cold)
