@@ -352,14 +352,22 @@ class ArtifactCache:
         shutil.rmtree(trash, ignore_errors=True)
 
     # ------------------------------------------------------------------ listing
-    def entries(self) -> Iterator[EntryInfo]:
-        """Every entry (model checkpoints included) and leftover in the cache (for ``fluxopt-cache``)."""
+    def entry_paths(self) -> Iterator[Path]:
+        """The path of every entry and leftover, its kind the parent's name, without inspecting it."""
         if self.artifacts_dir.is_dir():
             for kind_dir in sorted(p for p in self.artifacts_dir.iterdir() if p.is_dir()):
-                for path in sorted(kind_dir.iterdir()):
-                    if path.name.endswith(".lock"):
-                        continue
-                    yield self.inspect(path)
+                yield from (path for path in sorted(kind_dir.iterdir()) if not path.name.endswith(".lock"))
+
+    def has_builds(self) -> bool:
+        """Whether anything a build made is here (model checkpoints are not builds): cheap, nothing
+        is read or verified."""
+        inductor = self.root / INDUCTOR
+        return (any(path.parent.name != "model" and not path.name.startswith(".") for path in self.entry_paths())
+                or (inductor.is_dir() and any(inductor.iterdir())))
+
+    def entries(self) -> Iterator[EntryInfo]:
+        """Every entry (model checkpoints included) and leftover in the cache (for ``fluxopt-cache``)."""
+        yield from (self.inspect(path) for path in self.entry_paths())
         inductor = self.root / INDUCTOR
         if inductor.is_dir():
             yield EntryInfo(path=inductor, kind="inductor", id=INDUCTOR, size_bytes=dir_size(inductor),

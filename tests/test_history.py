@@ -459,8 +459,9 @@ def test_the_eta_comes_from_the_last_run_of_each_stack_here_or_its_cold_one_on_a
     # the cache state picks the run: with something built in the artifact cache, the newest; with
     # nothing built (a fresh machine; a model checkpoint is not a build), the longest: the cold build
     warm, cold = tmp_path / "warm-cache", tmp_path / "cold-cache"
-    (warm / "inductor").mkdir(parents=True)
+    (warm / "artifacts" / "compile" / "0123abcd").mkdir(parents=True)
     (cold / "artifacts" / "model" / "flux-mini").mkdir(parents=True)
+    (cold / "inductor").mkdir()  # an empty compiler cache holds nothing built either
     shapes_of_run = Shapes(height=256, width=256, steps=8, guidance_scale=3.5, max_sequence_length=128)
     asked = dict(model="flux-mini", device="GPU X", shapes=shapes_of_run, stacks=["fp8_max"], generations=6,
                  config={"store": str(store), "cache": {"dir": str(warm)}})

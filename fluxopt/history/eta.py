@@ -55,6 +55,5 @@ def past_durations(store_path: Path | None, model: str, device: str, shapes: dic
 
 
 def cache_is_cold(cache_dir: Path) -> bool:
-    """Whether the artifact cache holds nothing a build made (model checkpoints aside): then every
-    stack builds cold."""
-    return not any(entry.kind != "model" for entry in ArtifactCache(cache_dir).entries())
+    """Whether the artifact cache holds nothing a build made: then every stack builds cold."""
+    return not ArtifactCache(cache_dir).has_builds()
