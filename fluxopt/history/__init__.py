@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from fluxopt.errors import FluxoptError
 from fluxopt.artifacts import default_cache_dir
+from fluxopt.errors import FluxoptError
 from fluxopt.history.eta import cache_is_cold, past_durations
 from fluxopt.history.store import ResultsStore, store_path
 from fluxopt.hookspecs import hookimpl
