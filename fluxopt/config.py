@@ -40,6 +40,15 @@ def check_int(setting: str, value: Any, minimum: int, allowed: str, maximum: int
     return value
 
 
+def check_seconds(setting: str, value: Any, when_null: str) -> float | None:
+    """``value`` as a duration in seconds (finite, > 0) or None, else ConfigError naming the
+    setting, the rule and what null means (``when_null``)."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                              or not math.isfinite(value) or value <= 0):
+        raise ConfigError(f"{setting}={value!r} is not allowed: seconds, a finite number > 0 (or null: {when_null})")
+    return value
+
+
 def check_side(setting: str, value: Any) -> int:
     value = check_int(setting, value, 16, SIDE_RULE, MAX_SIDE)
     if value % 16:
@@ -137,11 +146,7 @@ class BenchConfig:
         check_int("bench.seed", self.seed, 0, f"an integer between 0 and {MAX_SEED}", MAX_SEED)
         check_int("bench.warmup", self.warmup, 0, "an integer >= 0 (untimed calls before timing)")
         check_int("bench.iterations", self.iterations, 1, "an integer >= 1 (timed calls)")
-        if self.max_time_s is not None and (isinstance(self.max_time_s, bool)
-                                            or not isinstance(self.max_time_s, (int, float))
-                                            or not math.isfinite(self.max_time_s) or self.max_time_s <= 0):
-            raise ConfigError(f"bench.max_time_s={self.max_time_s!r} is not allowed: seconds, a finite number > 0 "
-                              "(or null: every warm-up and timed call runs)")
+        check_seconds("bench.max_time_s", self.max_time_s, "every warm-up and timed call runs")
         if self.steps is not None:
             check_int("bench.steps", self.steps, 1, "an integer >= 1")
         for name in ("height", "width"):
@@ -188,10 +193,7 @@ class BudgetConfig:
 
     def __post_init__(self) -> None:
         for name in ("stack_s", "run_s"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                      or not math.isfinite(value) or value <= 0):
-                raise ConfigError(f"budget.{name}={value!r} is not allowed: seconds, a finite number > 0 (or null)")
+            check_seconds(f"budget.{name}", getattr(self, name), "no limit")
 
 
 @dataclass
