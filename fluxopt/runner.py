@@ -119,11 +119,11 @@ class Run:
         return load_pipeline(p.spec, p.device.torch_device, p.dtype, p.cache_dir,
                              path=self.cfg.model.get("path"), revision=self.cfg.model.get("revision"))
 
-    def _measure(self, pipe: Any, label: str, outside_before: int | None) -> Measurement:
+    def _measure(self, gen: PipelineCaller, on_phase: Callable[[str], None], outside_before: int | None) -> Measurement:
+        """The bench's measurement of ``gen``, the same for the baseline and every stack."""
         p = self.plan
-        return measure(PipelineCaller(pipe, p.shapes, p.device), p.prompts, p.seed, warmup=p.warmup,
-                       iterations=p.iterations, max_time_s=p.max_time_s, meter=self.meter,
-                       on_phase=lambda phase: self._enter(label, phase), outside_before=outside_before)
+        return measure(gen, p.prompts, p.seed, warmup=p.warmup, iterations=p.iterations, max_time_s=p.max_time_s,
+                       meter=self.meter, on_phase=on_phase, outside_before=outside_before)
 
     def _outside_torch(self) -> int | None:
         return memory_outside_torch() if self.plan.device.is_gpu else None
@@ -175,7 +175,8 @@ class Run:
         log.info("baseline: loading %s on %s (%s)", p.spec.name, p.device.name, p.dtype)
         outside_before = self._outside_torch()
         pipe = self._load()
-        m = self._measure(pipe, "baseline", outside_before)
+        m = self._measure(PipelineCaller(pipe, p.shapes, p.device), lambda phase: self._enter("baseline", phase),
+                          outside_before)
         self.baseline = StackRecord(stack="baseline", backends=[], status=Status.OK.value, lossless=True)
         self._fill(self.baseline, m)
         problem = baseline_problem(m.samples)
@@ -296,8 +297,7 @@ class Run:
             if self.build_only:
                 result.stats = ctx.stats
                 return
-            m = measure(gen, p.prompts, p.seed, warmup=p.warmup, iterations=p.iterations, max_time_s=p.max_time_s,
-                        on_phase=lambda name: enter(Phase(name)), meter=self.meter, outside_before=outside_before)
+            m = self._measure(gen, lambda name: enter(Phase(name)), outside_before)
             self._fill(result, m, build_j)
             self._measured(label, result, pipe, gen, ctx.stats)
             result.stats = ctx.stats
