@@ -2,11 +2,11 @@
 (``docs/results/<name>/result.json``, written by ``fluxopt-report publish``) or an older results
 file (``docs/results/*-h100-*.json``: a list of runs, each with its command and result.json content).
 
-    python benchmarks/results_table.py docs/results/2026-11-24-h100-backends.json [--profile | --build]
+    python benchmarks/results_table.py docs/results/2026-11-24-h100-backends.json [--profile | --build | --time]
     python benchmarks/results_table.py --render docs/results/2026-11-25-h100-issue15.md [--check]
 
 ``--render`` regenerates every block of a Markdown file written between
-``<!-- table: FILE.json [--profile | --build] -->`` and ``<!-- end table -->`` (``--check``: exit 1 if
+``<!-- table: FILE.json [--profile | --build | --time] -->`` and ``<!-- end table -->`` (``--check``: exit 1 if
 the file would change), so the numbers in docs come from their records, never typed.
 """
 
@@ -22,7 +22,7 @@ from typing import Any
 
 from fluxopt.profile.steps import average_step_floor_ms, floor_at_clock_ms, pct_of_floor
 from fluxopt.record import StackRecord, record_from_json
-from fluxopt.report.tables import markdown_table, stack_row
+from fluxopt.report.tables import markdown_table, planned_iterations, stack_row
 
 COLUMNS = ("run", "stack", "per step (ms)", "latency (s)", "speedup", "build (s)", "peak mem (GiB)", "J/image",
            "PSNR", "SSIM", "latent err", "fidelity", "steps skipped")
@@ -57,7 +57,7 @@ def rows(results: dict[str, Any], path: Path = Path("results.json")) -> list[dic
         if record.edited:
             raise SystemExit(f"{path}: run {number} was edited: {'; '.join(record.edited)}")
         for r in ([record.baseline] if record.baseline else []) + record.stacks:
-            row = stack_row(r)
+            row = stack_row(r, planned_iterations(record))
             row.update(run=str(number), stack=stack_label(r))
             if r.status != "ok":
                 row["fidelity"] = row["status"]
@@ -128,6 +128,28 @@ def build_rows(results: dict[str, Any]) -> list[dict[str, str]]:
     return out
 
 
+TIME_COLUMNS = ("run", "stack", "status", "wall (s)", "build (s)", "timed calls", "done at (min)")
+
+
+def time_rows(results: dict[str, Any]) -> list[dict[str, str]]:
+    """One row per stack, in the order it ran: where a run's wall time went (loading, building,
+    warm-up, timing and judging each stack) and how far into the run each stack ended, so a
+    bake-off's length is read from its record."""
+    out = []
+    for number, run in enumerate(results["runs"], 1):
+        data = run["result"]
+        done = 0.0
+        for r in ([data["baseline"]] if data.get("baseline") else []) + data.get("stacks", []):
+            wall = r.get("elapsed_s") or 0.0
+            done += wall
+            samples = (r.get("latency") or {}).get("samples") or []
+            build = r.get("build_s")
+            out.append({"run": str(number), "stack": r["stack"], "status": r["status"], "wall (s)": f"{wall:.1f}",
+                        "build (s)": "—" if build is None else f"{build:.1f}",
+                        "timed calls": str(len(samples)) if samples else "—", "done at (min)": f"{done / 60:.1f}"})
+    return out
+
+
 def load(path: Path) -> dict[str, Any]:
     """``{"runs": [{"command", "result"}]}``: an older results file as it is, a published record as its one run."""
     data = json.loads(path.read_text())
@@ -137,16 +159,19 @@ def load(path: Path) -> dict[str, Any]:
 
 
 def table(path: Path, kind: str | None) -> str:
-    """``kind``: None (the stacks), "profile" (per-step breakdown) or "build" (build phases, memory left)."""
+    """``kind``: None (the stacks), "profile" (per-step breakdown), "build" (build phases, memory
+    left) or "time" (each stack's wall time in run order)."""
     results = load(path)
     if kind == "profile":
         return markdown_table(profile_rows(results), PROFILE_COLUMNS)
     if kind == "build":
         return markdown_table(build_rows(results), BUILD_COLUMNS)
+    if kind == "time":
+        return markdown_table(time_rows(results), TIME_COLUMNS)
     return markdown_table(rows(results, path), COLUMNS)
 
 
-BLOCK = re.compile(r"(<!-- table: (\S+)(?: --(profile|build))? -->\n)(.*?)(<!-- end table -->)", re.S)
+BLOCK = re.compile(r"(<!-- table: (\S+)(?: --(profile|build|time))? -->\n)(.*?)(<!-- end table -->)", re.S)
 
 
 def render(doc: Path) -> str:
@@ -181,6 +206,8 @@ def main() -> None:
                           help="the per-step time breakdown table")
         kind.add_argument("--build", dest="kind", action="store_const", const="build",
                           help="the build phases and the memory each stack left allocated")
+        kind.add_argument("--time", dest="kind", action="store_const", const="time",
+                          help="each stack's wall time, in the order it ran")
 
     markdown_cli(__doc__, "a results JSON", lambda args: table(args.path, args.kind), render, options)
 
