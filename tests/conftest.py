@@ -22,6 +22,11 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
+# The suite never downloads: Hugging Face's hub is offline for every test and every CLI process it
+# starts (set before the fork server imports the hub, which reads it once), so a command that sets
+# it itself still runs in the fork server.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
 # Under pytest-xdist (one worker per core): one torch/OpenMP thread per worker and per CLI process it
 # starts (the variable is inherited), instead of every process spreading over every core.
 if os.environ.get("PYTEST_XDIST_WORKER"):
