@@ -3,6 +3,7 @@ in-process registration of test-only plugins."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -15,6 +16,7 @@ import tempfile
 import threading
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +83,67 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = No
                           capture_output=True, text=True, timeout=timeout)
 
 
+@contextlib.contextmanager
+def start_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> Iterator[Any]:
+    """``python -m fluxopt ARGS`` started and left running, for a test that signals it mid-run: a
+    child of this worker's fork server where the environment allows (:meth:`_ForkServer.start`),
+    else a new interpreter; either way an object with Popen's ``pid``, ``poll``, ``send_signal``,
+    ``kill``, ``wait``, ``communicate`` and ``returncode``. A command still running when the block
+    ends (a failed assertion) is killed, so the server is free for the worker's next test."""
+    full_env = {**os.environ, "HYDRA_FULL_ERROR": "0", **(env or {})}
+    server = _fork_server()
+    if server is not None and server.takes(full_env):
+        proc = server.start(list(args), full_env, cwd or REPO)
+    else:
+        proc = subprocess.Popen([sys.executable, "-m", "fluxopt", *args], cwd=cwd or REPO, env=full_env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=60)
+
+
+class _Started:
+    """A command running in a child of the fork server, which answers with its exit status when it
+    ends; the server takes no other command until then."""
+
+    def __init__(self, server: _ForkServer, pid: int, tmp: tempfile.TemporaryDirectory, argv: list[str]) -> None:
+        self.server, self.pid, self.tmp, self.argv = server, pid, tmp, argv
+        self.returncode: int | None = None
+
+    def _finish(self, timeout: float) -> int | None:
+        if self.returncode is None:
+            done = self.server._reply(timeout)
+            if done is None:
+                return None
+            self.returncode = done["returncode"]
+            self.server.lock.release()
+        return self.returncode
+
+    def poll(self) -> int | None:
+        return self._finish(0)
+
+    def send_signal(self, sig: int) -> None:
+        if self.returncode is None:
+            os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        if self.returncode is None:
+            os.killpg(self.pid, signal.SIGKILL)  # the child's group: what it started goes too
+
+    def wait(self, timeout: float = 600) -> int:
+        code = self._finish(timeout)
+        if code is None:
+            raise subprocess.TimeoutExpired(["python", "-m", "fluxopt", *self.argv], timeout)
+        return code
+
+    def communicate(self, timeout: float = 600) -> tuple[str, str]:
+        self.wait(timeout)
+        return tuple(Path(self.tmp.name, name).read_text(errors="replace") for name in ("stdout", "stderr"))
+
+
 class _ForkServer:
     def __init__(self) -> None:
         self.proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("_fork_server.py"))],
@@ -114,6 +177,15 @@ class _ForkServer:
         from _fork_server import runs_here
 
         return self.proc.poll() is None and runs_here(env, self.env, self.set_by_imports)
+
+    def start(self, argv: list[str], env: dict[str, str], cwd: Path) -> _Started:
+        """Start a command and return while it runs; the server is this command's until it ends."""
+        self.lock.acquire()
+        tmp = tempfile.TemporaryDirectory()
+        request = {"argv": argv, "env": env, "cwd": str(cwd), "stdout": str(Path(tmp.name, "stdout")),
+                   "stderr": str(Path(tmp.name, "stderr"))}
+        self.proc.stdin.write(json.dumps(request).encode() + b"\n")
+        return _Started(self, self._reply(60)["pid"], tmp, argv)
 
     def run(self, argv: list[str], env: dict[str, str], cwd: Path, timeout: float) -> subprocess.CompletedProcess[str]:
         with self.lock, tempfile.TemporaryDirectory() as tmp:

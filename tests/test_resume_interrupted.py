@@ -5,16 +5,13 @@ what is left; without a reference that matches its record, everything is measure
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import read_result, run_cli
+from conftest import read_result, run_cli, start_cli
 
 pytestmark = pytest.mark.xdist_group("resume_interrupted")
 ARGS = ("stacks=[fuse_qkv,{fault_slow: {delay_s: 0.4}}]", "bench.iterations=1", "save_images=false")
@@ -22,20 +19,19 @@ ARGS = ("stacks=[fuse_qkv,{fault_slow: {delay_s: 0.4}}]", "bench.iterations=1", 
 
 def _interrupted(run_dir: Path, plugin_env: dict[str, str]) -> dict:
     """The run stopped (SIGINT) while its second stack runs; its record as it was left."""
-    proc = subprocess.Popen([sys.executable, "-m", "fluxopt", *ARGS, f"hydra.run.dir={run_dir}"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **plugin_env})
-    deadline = time.monotonic() + 240
-    while True:
-        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-2000:] if proc.stderr else ""
-        try:
-            if len(json.loads((run_dir / "result.json").read_text())["stacks"]) == 1:
-                break
-        except (OSError, ValueError):
-            pass
-        time.sleep(0.2)
-    time.sleep(1.5)  # into the slow stack
-    proc.send_signal(signal.SIGINT)
-    proc.communicate(timeout=120)
+    with start_cli(*ARGS, f"hydra.run.dir={run_dir}", env=plugin_env) as proc:
+        deadline = time.monotonic() + 240
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-2000:]
+            try:
+                if len(json.loads((run_dir / "result.json").read_text())["stacks"]) == 1:
+                    break
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.2)
+        time.sleep(1.5)  # into the slow stack
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=120)
     assert proc.returncode == 130
     return read_result(run_dir)
 

@@ -13,9 +13,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
-from conftest import run_cli
+from conftest import run_cli, start_cli
 
 from fluxopt import ModelLoadError, plugins
 from fluxopt.errors import DiskFullError
@@ -139,19 +140,16 @@ def test_report_skips_a_result_of_the_wrong_shape(tmp_path):
 
 
 # ------------------------------------------------------------------------------- interrupts
-def _start_long_run(run_dir: Path, plugin_env: dict[str, str]) -> subprocess.Popen:
-    """A run whose stack is still timing when the test signals it, on any machine: the test-only
-    ``fault_slow`` backend adds 2 s to every transformer call (a CI run once finished a plain
-    compile stack's 60 iterations of the tiny model within the second the test waited)."""
-    return subprocess.Popen([sys.executable, "-m", "fluxopt", "+backend=fault_slow", "backend.fault_slow.delay_s=2",
-                             "bench.iterations=3", f"hydra.run.dir={run_dir}"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **plugin_env})
+LONG_RUN = ("+backend=fault_slow", "backend.fault_slow.delay_s=2", "bench.iterations=3")
+"""A run whose stack is still timing when the test signals it, on any machine: the test-only
+``fault_slow`` backend adds 2 s to every transformer call (a CI run once finished a plain compile
+stack's 60 iterations of the tiny model within the second the test waited)."""
 
 
-def _wait_for_baseline(run_dir: Path, proc: subprocess.Popen) -> None:
+def _wait_for_baseline(run_dir: Path, proc: Any) -> None:
     deadline = time.monotonic() + 240
     while not (run_dir / "result.json").exists():
-        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
         assert time.monotonic() < deadline
         time.sleep(0.2)
     time.sleep(1.0)
@@ -159,10 +157,10 @@ def _wait_for_baseline(run_dir: Path, proc: subprocess.Popen) -> None:
 
 def test_ctrl_c_prints_one_line_keeps_partial_results_and_exits_130(tmp_path, plugin_env):
     run_dir = tmp_path / "run"
-    proc = _start_long_run(run_dir, plugin_env)
-    _wait_for_baseline(run_dir, proc)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    with start_cli(*LONG_RUN, f"hydra.run.dir={run_dir}", env=plugin_env) as proc:
+        _wait_for_baseline(run_dir, proc)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
     assert err.strip().splitlines()[-1] == (f"fluxopt: error: interrupted; partial results in {run_dir}. To finish, "
                                             f"run the same command with hydra.run.dir={run_dir}")
@@ -178,10 +176,10 @@ def test_ctrl_c_prints_one_line_keeps_partial_results_and_exits_130(tmp_path, pl
 @pytest.mark.slow
 def test_kill_9_mid_run_leaves_a_parseable_result(tmp_path, plugin_env):
     run_dir = tmp_path / "run"
-    proc = _start_long_run(run_dir, plugin_env)
-    _wait_for_baseline(run_dir, proc)
-    proc.kill()
-    proc.wait(timeout=60)
+    with start_cli(*LONG_RUN, f"hydra.run.dir={run_dir}", env=plugin_env) as proc:
+        _wait_for_baseline(run_dir, proc)
+        proc.kill()
+        assert proc.wait(timeout=60) == -signal.SIGKILL
     data = json.loads((run_dir / "result.json").read_text())  # atomic writes: never half a file
     assert data["complete"] is False
     assert not [p for p in run_dir.iterdir() if p.name.startswith(".result.json.")]
