@@ -23,6 +23,7 @@ def compile_run(tmp_path_factory) -> tuple[Path, str]:
     return run_dir, proc.stdout
 
 
+@pytest.mark.xdist_group("compile_run")  # one worker runs the shared fixture once
 def test_compile_run_reports_everything_and_passes_lossless_fidelity(compile_run):
     run_dir, stdout = compile_run
     data = read_result(run_dir)
@@ -45,6 +46,7 @@ def test_compile_run_reports_everything_and_passes_lossless_fidelity(compile_run
     assert "compile" in stdout and "speedup" in stdout
 
 
+@pytest.mark.xdist_group("compile_run")  # one worker runs the shared fixture once
 def test_result_json_schema_and_run_directory(compile_run):
     run_dir, _ = compile_run
     data = read_result(run_dir)

@@ -81,6 +81,7 @@ def _rel_l2(a: np.ndarray, b: np.ndarray) -> float:
 
 
 # ------------------------------------------------------------------ calibration (CPU)
+@pytest.mark.xdist_group("trt_fp8_calibrated")  # one worker calibrates the shared fixture once
 def test_fp8_calibration_on_cpu_quantizes_the_intended_linears(fp8):
     from fluxopt_plugins.trt_fp8.quantize import DEFAULT_KEEP_HIGH_PRECISION, kept_linear_names, linear_names, quantized_linear_names
 
@@ -105,6 +106,7 @@ def test_fp8_calibration_on_cpu_quantizes_the_intended_linears(fp8):
 
 
 # ------------------------------------------------------------------ ONNX export (CPU)
+@pytest.mark.xdist_group("trt_fp8_calibrated")  # one worker calibrates the shared fixture once
 def test_onnx_export_has_native_fp8_qdq_on_quantized_layers_only(fp8):
     from fluxopt_plugins.trt_fp8 import onnx_export
     from fluxopt_plugins.trt_fp8.quantize import quantized_linear_names
@@ -129,6 +131,7 @@ def test_onnx_export_has_native_fp8_qdq_on_quantized_layers_only(fp8):
     assert model.opset_import[0].version >= 19
 
 
+@pytest.mark.xdist_group("trt_fp8_calibrated")  # one worker calibrates the shared fixture once
 def test_onnx_runtime_matches_fake_quantized_torch(fp8):
     pipe, _, args, _, info = fp8
     ort_out = _ort_out(info["onnx_path"], pipe, args)
@@ -137,6 +140,7 @@ def test_onnx_runtime_matches_fake_quantized_torch(fp8):
     assert float(np.abs(ort_out - ref).max()) < 1e-3
 
 
+@pytest.mark.xdist_group("trt_fp8_calibrated")  # one worker calibrates the shared fixture once
 def test_large_models_are_saved_with_external_data_and_checked_by_path(fp8, tmp_path, monkeypatch):
     from fluxopt_plugins.trt_fp8 import onnx_export
 
