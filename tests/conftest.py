@@ -188,20 +188,18 @@ class _ForkServer:
         return _Started(self, self._reply(60)["pid"], tmp, argv)
 
     def run(self, argv: list[str], env: dict[str, str], cwd: Path, timeout: float) -> subprocess.CompletedProcess[str]:
-        with self.lock, tempfile.TemporaryDirectory() as tmp:
-            out, err = Path(tmp, "stdout"), Path(tmp, "stderr")
-            request = {"argv": argv, "env": env, "cwd": str(cwd), "stdout": str(out), "stderr": str(err)}
-            self.proc.stdin.write(json.dumps(request).encode() + b"\n")
-            pid = self._reply(60)["pid"]
-            done = self._reply(timeout)
-            command = ["python", "-m", "fluxopt", *argv]
-            if done is None:
-                os.killpg(pid, signal.SIGKILL)
-                self._reply(60)
-                raise subprocess.TimeoutExpired(command, timeout, out.read_text(errors="replace"),
-                                                err.read_text(errors="replace"))
-            return subprocess.CompletedProcess(command, done["returncode"], out.read_text(errors="replace"),
-                                               err.read_text(errors="replace"))
+        started = self.start(argv, env, cwd)
+        command = ["python", "-m", "fluxopt", *argv]
+        try:
+            try:
+                started.wait(timeout)
+            except subprocess.TimeoutExpired:
+                started.kill()
+                started.wait(60)
+                raise subprocess.TimeoutExpired(command, timeout, *started.communicate()) from None
+            return subprocess.CompletedProcess(command, started.returncode, *started.communicate())
+        finally:
+            started.tmp.cleanup()
 
 
 _SERVER: list[_ForkServer | None] = []
