@@ -13,6 +13,8 @@
 #   bash benchmarks/device.sh stash DIR
 #       keep DIR's wheels in /tmp/carried for the calls after this one: wheels that do not fit one
 #       call's carry beside .whl travel in a call of their own (carry DIR), then install with the rest.
+#       A wheel too big for one call travels as parts (split -b 24M W.whl W.whl.part-, with
+#       sha256sum W.whl > W.whl.sha256), one DIR per call; the last stash joins and verifies them.
 #   bash benchmarks/device.sh background WAIT_S (run ... | tests ...)
 #       the same in the background (it outlives this call while the machine stays warm), waiting
 #       up to WAIT_S; `bash benchmarks/device.sh poll WAIT_S` in later calls waits more and collects.
@@ -90,8 +92,16 @@ case ${1:-} in
     if kill -0 "$pid" 2>/dev/null; then echo "still running"; exit 3; fi
     echo "finished"; exit 0 ;;
   stash)
-    mkdir -p /tmp/carried && cp "$2"/*.whl /tmp/carried/ && ls /tmp/carried
-    exit $? ;;
+    mkdir -p /tmp/carried && cp "$2"/* /tmp/carried/ || exit 1
+    cd /tmp/carried
+    for sum in *.whl.sha256; do  # a split wheel: join its parts once the checksum verifies
+      [ -e "$sum" ] || continue
+      wheel=${sum%.sha256}
+      cat "$wheel".part-* > "$wheel" 2>/dev/null
+      if sha256sum -c --quiet "$sum" 2>/dev/null; then rm -f "$wheel".part-* "$sum"; else rm -f "$wheel"; fi
+    done
+    ls -l /tmp/carried
+    exit 0 ;;
   *)
     sed -n 2,22p "$0"; exit 2 ;;
 esac
