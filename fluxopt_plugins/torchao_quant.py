@@ -31,10 +31,10 @@ from fluxopt_plugins._calibration import (CALIBRATION_PROMPTS, cached_calibratio
 
 
 TORCHAO = Package("torchao", "pip install 'fluxopt[torchao]'")
-MSLK = Package("mslk", "pip install mslk (torchao's int4 'plain'/'preshuffled' kernels)")
+MSLK = Package("mslk", "pip install 'fluxopt[mslk]' (torchao's int4 'plain'/'preshuffled' kernels)")
 DEFAULT_SKIP = ["x_embedder", "context_embedder", "time_text_embed", "norm_out", "proj_out"]
 FP8_GRANULARITIES = ("row", "tensor")
-INT4_PACKING = ("tile_packed_to_4d", "plain", "preshuffled")
+INT4_PACKING = ("auto", "tile_packed_to_4d", "plain", "preshuffled")
 # What torchao.quantization.utils.recommended_inductor_config_setter sets globally (torchao 0.18).
 TORCHAO_INDUCTOR_FLAGS = {
     "coordinate_descent_tuning": True,
@@ -76,7 +76,9 @@ class TorchaoFp8StaticOptions(TorchaoOptions):
 @dataclass
 class TorchaoInt4Options(TorchaoOptions):
     group_size: int = 128  # weights per scale/zero-point group
-    packing_format: str = "tile_packed_to_4d"  # tinygemm (CUDA, no extra package) | plain | preshuffled (mslk)
+    # auto (preshuffled on Hopper where mslk is installed, else tile_packed_to_4d) | tile_packed_to_4d
+    # (tinygemm: any CUDA GPU, no extra package, made for decoding) | plain | preshuffled (mslk)
+    packing_format: str = "auto"
 
 
 class _TorchaoBackend(Backend):
@@ -220,6 +222,16 @@ class TorchaoInt8Dynamic(_TorchaoBackend):
         return Int8DynamicActivationInt8WeightConfig()
 
 
+def resolve_int4_packing(packing_format: str, device: Any) -> str:
+    """``auto``: mslk's preshuffled kernels where they exist (Hopper with mslk installed), else
+    tinygemm's. tinygemm is made for decoding, a few rows per GEMM: at FLUX's thousands of image
+    tokens a generation takes minutes, where mslk's mixed-input GEMM runs near bf16 speed."""
+    if packing_format != "auto":
+        return packing_format
+    hopper = device.is_gpu and not device.rocm and device.capability is not None and device.capability[0] == 9
+    return "preshuffled" if hopper and not MSLK.missing() else "tile_packed_to_4d"
+
+
 class TorchaoInt4(_TorchaoBackend):
     name = "torchao_int4"
     description = "torchao int4 weight-only quantization (Int4WeightOnlyConfig), CUDA"
@@ -227,7 +239,7 @@ class TorchaoInt4(_TorchaoBackend):
     requires = Requirements(nvidia=True, packages=(TORCHAO,))
 
     def unmet_requirement(self, options: TorchaoInt4Options, device: Any) -> str | None:
-        packages = (TORCHAO, MSLK) if options.packing_format != "tile_packed_to_4d" else (TORCHAO,)
+        packages = (TORCHAO, MSLK) if options.packing_format in ("plain", "preshuffled") else (TORCHAO,)
         return Requirements(nvidia=True, packages=packages).unmet(device)
 
     def validate_options(self, options: TorchaoInt4Options) -> None:
@@ -237,6 +249,11 @@ class TorchaoInt4(_TorchaoBackend):
                               f"{', '.join(INT4_PACKING)}")
         if options.group_size not in (32, 64, 128, 256):
             raise ConfigError(f"backend.{self.name}.group_size must be 32, 64, 128 or 256 (got {options.group_size})")
+
+    def quantize(self, pipe: Any, options: TorchaoInt4Options, ctx: StackContext) -> None:
+        packing = resolve_int4_packing(options.packing_format, ctx.device)
+        ctx.stats.setdefault(self.name, {})["packing_format"] = packing
+        super().quantize(pipe, dataclasses.replace(options, packing_format=packing), ctx)
 
     def make_config(self, options: TorchaoInt4Options) -> Any:
         from torchao.quantization import Int4WeightOnlyConfig

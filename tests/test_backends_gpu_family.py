@@ -84,7 +84,7 @@ def test_requirements_on_each_device(name, options, device, expected):
     ("attention", {"kernel": "_flash_3"}, "flash_attn_interface", "FlashAttention-3"),
     ("attention", {"kernel": "flash"}, "flash_attn", "flash-attn"),
     ("attention", {"kernel": "aiter_fa2_hub"}, "kernels", "pip install 'kernels>=0.12'"),
-    ("torchao_int4", {"packing_format": "plain"}, "mslk", "pip install mslk"),
+    ("torchao_int4", {"packing_format": "plain"}, "mslk", "pip install 'fluxopt[mslk]'"),
 ])
 def test_missing_optional_package_names_it_and_how_to_install(name, options, module, hint, monkeypatch):
     import importlib.util
@@ -99,6 +99,18 @@ def test_package_of_another_implementation_is_not_required():
     """para_attn is checked only when that implementation is chosen; int4's default packing needs no mslk."""
     assert unmet("fbcache", H100, implementation="diffusers") is None
     assert unmet("torchao_int4", H100) is None
+
+
+@pytest.mark.parametrize("device, mslk_installed, expected", [
+    (H100, True, "preshuffled"), (H100, False, "tile_packed_to_4d"), (A100, True, "tile_packed_to_4d"),
+    (MI300, True, "tile_packed_to_4d"), (CPU, True, "tile_packed_to_4d"),
+])
+def test_int4_auto_packing_takes_mslk_kernels_on_hopper_only(device, mslk_installed, expected, monkeypatch):
+    from fluxopt_plugins.torchao_quant import MSLK, resolve_int4_packing
+
+    monkeypatch.setattr(type(MSLK), "missing", lambda self: not mslk_installed if self is MSLK else False)
+    assert resolve_int4_packing("auto", device) == expected
+    assert resolve_int4_packing("plain", device) == "plain"  # a packing asked for by name is kept
 
 
 def test_aiter_needs_rocm_when_its_package_is_there(monkeypatch):
