@@ -32,8 +32,21 @@ def test_busy_time_counts_overlapping_kernels_once_and_the_rest_is_idle():
                                       "other": 0.0}
     assert result["busy_ms"] == pytest.approx(7.0) and result["gpu_idle_ms"] == pytest.approx(3.0)
     assert result["kernels"] == 3 and result["wall_ms"] == pytest.approx(10.0)
+    assert [(k["name"], k["category"], k["ms"]) for k in result["top_kernels"]] == [
+        ("sm90_xmma_gemm", "gemm", 4.0), ("flash_fwd_kernel", "attention", 3.0),
+        ("triton_poi_fused_add_0", "norm_elementwise", 1.0)]
     cpu = profiling.breakdown([("aten::mm", 2000.0, 0.0, 5000.0), ("aten::add", 500.0, 1000.0, 1500.0)], 0.01, gpu=False)
     assert cpu["busy_ms"] == pytest.approx(2.5) and cpu["gpu_idle_ms"] is None  # self times, no idle on a CPU
+
+
+def test_top_kernels_sum_each_name_over_its_launches_and_keep_the_largest():
+    events = [(f"k{i}", 100.0 * i, 0.0, 1.0) for i in range(1, 21)] + [("k1", 5000.0, 2.0, 3.0), ("x" * 500, 1.0, 4.0, 5.0)]
+    top = profiling.breakdown(events, wall_s=1.0, gpu=True)["top_kernels"]
+    assert len(top) == profiling.TOP_KERNELS
+    assert top[0] == {"name": "k1", "category": "other", "ms": 5.1, "launches": 2}
+    assert [k["name"] for k in top[1:3]] == ["k20", "k19"]
+    long = profiling.breakdown([("x" * 500, 1.0, 0.0, 1.0)], wall_s=1.0, gpu=True)["top_kernels"][0]["name"]
+    assert len(long) == profiling.KERNEL_NAME_CHARS
 
 
 def test_the_floor_charges_gemm_and_attention_at_the_rate_of_their_precision():

@@ -24,6 +24,8 @@ from fluxopt.profile import gpu_clock
 from fluxopt.shapes import Shapes, transformer_inputs
 
 CATEGORIES = ("gemm", "attention", "quantize", "norm_elementwise", "other")
+TOP_KERNELS = 15  # the kernels with the most time in the step, by name: what a category's time is made of
+KERNEL_NAME_CHARS = 160  # C++ template names run to thousands of characters
 _PATTERNS = (
     ("attention", re.compile(r"flash|fmha|attention|attn|sdpa|sage|_efficient_attention|cudnn_mha", re.I)),
     ("gemm", re.compile(r"gemm|matmul|cutlass|xmma|nvjet|cublas|sm90_|_scaled_mm|\bmm\b|aten::(mm|addmm|bmm|"
@@ -62,11 +64,18 @@ def breakdown(events: list[tuple[str, float, float, float]], wall_s: float, gpu:
     """``events``: (name, own time us, start_us, end_us) of GPU kernels, or of aten ops on a CPU
     (their self time: an op's children are counted under their own names)."""
     ms = {c: 0.0 for c in CATEGORIES}
+    by_name: dict[str, list[float]] = {}  # name: [ms, launches]
     for name, own, _, _ in events:
         ms[category(name)] += own / 1000.0
+        total = by_name.setdefault(name, [0.0, 0])
+        total[0] += own / 1000.0
+        total[1] += 1
     busy_ms = (_union_us([(s, e) for _, _, s, e in events]) if gpu else sum(e[1] for e in events)) / 1000.0
+    top = sorted(by_name.items(), key=lambda item: -item[1][0])[:TOP_KERNELS]
     return {"wall_ms": wall_s * 1000.0, "busy_ms": busy_ms, "kernels": len(events),
             "breakdown_ms": {c: round(v, 3) for c, v in ms.items()},
+            "top_kernels": [{"name": name[:KERNEL_NAME_CHARS], "category": category(name), "ms": round(total, 3),
+                             "launches": launches} for name, (total, launches) in top],
             "gpu_idle_ms": max(wall_s * 1000.0 - busy_ms, 0.0) if gpu else None}
 
 
