@@ -1,5 +1,5 @@
 """Where one FLUX block's non-GEMM time goes on the fp8 stack, and what rewrites shorten it
-(issue 15: the producers that write the fp8 GEMM and attention inputs run at 1.3-1.7 TB/s).
+(the producers that write the fp8 GEMM and attention inputs ran at 1.3-1.7 TB/s on the H100).
 
     python benchmarks/block_kernels_bench.py OUT_DIR [VARIANT ...]
 

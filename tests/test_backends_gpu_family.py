@@ -1,4 +1,4 @@
-"""The built-in backends of issue 4: torchao quantization, step caches, fuse_qkv, channels_last,
+"""The built-in backends: torchao quantization, step caches, fuse_qkv, channels_last,
 attention kernels, offload and bitsandbytes NF4.
 
 Validation runs everywhere (DeviceInfo stand-ins for the GPUs); the CPU-capable backends run

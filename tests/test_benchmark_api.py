@@ -1,4 +1,4 @@
-"""``fluxopt.benchmark`` on a pipeline built in the test (issue 16): the CLI's record, stacks
+"""``fluxopt.benchmark`` on a pipeline built in the test: the CLI's record, stacks
 really applied and undone, bad input refused before anything runs."""
 
 from __future__ import annotations

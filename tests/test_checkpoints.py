@@ -1,4 +1,4 @@
-"""Real checkpoints (issue 16): a local FLUX.1-schnell directory gets schnell's defaults (4 steps,
+"""Real checkpoints: a local FLUX.1-schnell directory gets schnell's defaults (4 steps,
 no guidance) whatever model name loads it, and the built-in ``flux-schnell-random`` has
 schnell's shapes."""
 

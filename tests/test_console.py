@@ -1,4 +1,4 @@
-"""What a person sees (issue 16): progress as a live line on a terminal and plain lines
+"""What a person sees: progress as a live line on a terminal and plain lines
 elsewhere; library records and warnings kept off the console (counted) unless verbose."""
 
 from __future__ import annotations

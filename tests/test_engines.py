@@ -1,4 +1,4 @@
-"""Scale-out engines run for real on the CPU (issue 18): a local Ray instance and submitit's
+"""Scale-out engines run for real on the CPU: a local Ray instance and submitit's
 local executor each run a 3-job sweep in which one job's process is killed; the Optuna search
 sweeper finds a stack under limits. Plus the preflight checks on the engines' settings."""
 

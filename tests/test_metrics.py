@@ -1,4 +1,4 @@
-"""Metric plugins that need weights (issue 16): ``clip_score_drop`` runs with a locally built CLIP
+"""Metric plugins that need weights: ``clip_score_drop`` runs with a locally built CLIP
 model and says plainly that it is not available without one; an unavailable metric never
 crashes the fidelity check, and a gate on it fails with the reason."""
 

@@ -1,4 +1,4 @@
-"""The profile's arithmetic (issue 15, deliverable 1), which until now ran only on the GPU:
+"""The profile's arithmetic, which a CPU can check though only a GPU profile uses it all:
 kernel categories from real kernel names, busy and idle time from overlapping intervals, the
 analytic floor, and the floor of an average step under a step cache."""
 

@@ -1,4 +1,4 @@
-"""Scale-out (issue 8): parallel sweeps with a GPU pool (joblib launcher), SLURM launcher config,
+"""Scale-out: parallel sweeps with a GPU pool (joblib launcher), SLURM launcher config,
 and the multi-GPU ``context_parallel`` backend (validation and launch logic on CPU)."""
 
 from __future__ import annotations

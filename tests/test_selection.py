@@ -1,4 +1,4 @@
-"""From bake-off to serving (issue 16): ``fluxopt-report --best`` under limits, the reproducing
+"""From bake-off to serving: ``fluxopt-report --best`` under limits, the reproducing
 command and Python call, and ``apply_stack`` from a result file."""
 
 from __future__ import annotations

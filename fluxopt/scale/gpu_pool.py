@@ -1,4 +1,4 @@
-"""Pinning Hydra multirun jobs to GPUs of one host (issue 8).
+"""Pinning Hydra multirun jobs to GPUs of one host.
 
 A launcher that runs jobs in parallel processes (``hydra/launcher=fluxopt_joblib``) gives each
 job the whole machine; :class:`GpuPoolCallback` narrows ``CUDA_VISIBLE_DEVICES`` to one entry
