@@ -2,11 +2,11 @@
 (``docs/results/<name>/result.json``, written by ``fluxopt-report publish``) or an older results
 file (``docs/results/*-h100-*.json``: a list of runs, each with its command and result.json content).
 
-    python benchmarks/results_table.py docs/results/2026-11-24-h100-backends.json [--profile | --build | --time]
+    python benchmarks/results_table.py docs/results/2026-11-24-h100-backends.json [--profile | --kernels | --build | --time]
     python benchmarks/results_table.py --render docs/results/2026-11-25-h100-issue15.md [--check]
 
 ``--render`` regenerates every block of a Markdown file written between
-``<!-- table: FILE.json [--profile | --build | --time] -->`` and ``<!-- end table -->`` (``--check``: exit 1 if
+``<!-- table: FILE.json [--profile | --kernels | --build | --time] -->`` and ``<!-- end table -->`` (``--check``: exit 1 if
 the file would change), so the numbers in docs come from their records, never typed.
 """
 
@@ -109,6 +109,25 @@ def _clock(clock: dict[str, Any] | None) -> dict[str, str]:
     return {"SM MHz": f"{clock['sm_mhz_mean']:.0f}", "power-capped": f"{100 * clock['power_capped_share']:.0f}%"}
 
 
+KERNEL_COLUMNS = ("run", "stack", "kernel", "category", "ms", "launches")
+KERNEL_SHOWN = 80  # characters of a kernel's name in a table
+
+
+def kernel_rows(results: dict[str, Any]) -> list[dict[str, str]]:
+    """The kernels with the most time in each profiled stack's step, by name (bench.profile; records
+    made before the profile kept them have none): what the --profile table's categories hold."""
+    out = []
+    for number, run in enumerate(results["runs"], 1):
+        data = run["result"]
+        for r in ([data["baseline"]] if data.get("baseline") else []) + data.get("stacks", []):
+            for kernel in (r.get("profile") or {}).get("top_kernels") or []:
+                name = kernel["name"] if len(kernel["name"]) <= KERNEL_SHOWN else kernel["name"][:KERNEL_SHOWN - 1] + "…"
+                out.append({"run": str(number), "stack": r["stack"], "kernel": f"`{name.replace('|', '/')}`",
+                            "category": kernel["category"], "ms": f"{kernel['ms']:.2f}",
+                            "launches": str(kernel["launches"])})
+    return out
+
+
 BUILD_COLUMNS = ("run", "stack", "build (s)", "build phases (s)", "left allocated after close (GiB)")
 
 
@@ -159,11 +178,13 @@ def load(path: Path) -> dict[str, Any]:
 
 
 def table(path: Path, kind: str | None) -> str:
-    """``kind``: None (the stacks), "profile" (per-step breakdown), "build" (build phases, memory
-    left) or "time" (each stack's wall time in run order)."""
+    """``kind``: None (the stacks), "profile" (per-step breakdown), "kernels" (the profiled step's
+    costliest kernels), "build" (build phases, memory left) or "time" (each stack's wall time in run order)."""
     results = load(path)
     if kind == "profile":
         return markdown_table(profile_rows(results), PROFILE_COLUMNS)
+    if kind == "kernels":
+        return markdown_table(kernel_rows(results), KERNEL_COLUMNS)
     if kind == "build":
         return markdown_table(build_rows(results), BUILD_COLUMNS)
     if kind == "time":
@@ -171,7 +192,7 @@ def table(path: Path, kind: str | None) -> str:
     return markdown_table(rows(results, path), COLUMNS)
 
 
-BLOCK = re.compile(r"(<!-- table: (\S+)(?: --(profile|build|time))? -->\n)(.*?)(<!-- end table -->)", re.S)
+BLOCK = re.compile(r"(<!-- table: (\S+)(?: --(profile|kernels|build|time))? -->\n)(.*?)(<!-- end table -->)", re.S)
 
 
 def render(doc: Path) -> str:
@@ -204,6 +225,8 @@ def main() -> None:
         kind = parser.add_mutually_exclusive_group()
         kind.add_argument("--profile", dest="kind", action="store_const", const="profile",
                           help="the per-step time breakdown table")
+        kind.add_argument("--kernels", dest="kind", action="store_const", const="kernels",
+                          help="the profiled step's costliest kernels, by name")
         kind.add_argument("--build", dest="kind", action="store_const", const="build",
                           help="the build phases and the memory each stack left allocated")
         kind.add_argument("--time", dest="kind", action="store_const", const="time",

@@ -32,6 +32,19 @@ def test_generated_tables_are_up_to_date(doc):
         f"{doc} is stale: run python benchmarks/results_table.py --render {doc}"
 
 
+def test_the_kernel_table_lists_each_profiled_stacks_kernels_and_shortens_long_names():
+    table = _results_table()
+    kernels = [{"name": "nvjet_tst_192x192", "category": "gemm", "ms": 4.25, "launches": 3},
+               {"name": "void cutlass::Kernel<" + "x" * 200 + "|y>", "category": "gemm", "ms": 1.0, "launches": 1}]
+    result = {"baseline": {"stack": "baseline", "profile": {"top_kernels": kernels[:1]}},
+              "stacks": [{"stack": "fp8_max", "profile": {"top_kernels": kernels}}, {"stack": "eager", "profile": None}]}
+    rows = table.kernel_rows({"runs": [{"result": result}]})
+    assert [(r["stack"], r["ms"], r["launches"]) for r in rows] == [("baseline", "4.25", "3"), ("fp8_max", "4.25", "3"),
+                                                                    ("fp8_max", "1.00", "1")]
+    long = rows[2]["kernel"]
+    assert len(long) == table.KERNEL_SHOWN + 2 and long.endswith("…`") and "|" not in long
+
+
 def test_the_command_that_regenerates_the_tables_checks_them():
     readme = REPO / "README.md"
     proc = subprocess.run([sys.executable, "benchmarks/results_table.py", "--render", "--check", str(readme)], cwd=REPO,
