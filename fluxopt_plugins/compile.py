@@ -45,7 +45,10 @@ MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagrap
 
 @dataclass
 class CompileOptions:
-    regional: bool = False  # compile_repeated_blocks instead of the whole transformer
+    # compile_repeated_blocks: one block of each kind compiled and reused for the others. The same
+    # step time as the whole transformer in one graph for a fraction of the build (docs/backends.md
+    # has the measurements), so the default; false compiles the whole transformer, embeddings too
+    regional: bool = True
     mode: str = "default"  # one of MODES
     # Fail on graph breaks instead of silently slicing the graph. None (auto): True, except with a
     # step cache inside the transformer, whose per-step skip decision is a data-dependent branch.

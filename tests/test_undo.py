@@ -19,7 +19,7 @@ EAGER = {"backend": "eager", "cache": False}  # Dynamo without Inductor's C++ bu
 
 # Every backend that runs on a CPU, with options that keep the test fast.
 CPU_STACKS = {
-    "compile": {"compile": EAGER},
+    "compile": {"compile": {**EAGER, "regional": False}},
     "compile-regional": {"compile": {**EAGER, "regional": True}},
     "fuse_qkv": {"fuse_qkv": {}},
     "channels_last": {"channels_last": {}},
@@ -36,7 +36,7 @@ CPU_STACKS = {
     "fuse_qkv+compile": {"fuse_qkv": {}, "compile": {**EAGER, "regional": True}},
     "torchao_int8+fbcache": {"torchao_int8": {}, "fbcache": {"residual_diff_threshold": 0.5}},
     "channels_last+taylorseer+compile": {"channels_last": {}, "taylorseer": {"cache_interval": 2},
-                                         "compile": {**EAGER, "fullgraph": False}},
+                                         "compile": {**EAGER, "regional": False, "fullgraph": False}},
 }
 
 
