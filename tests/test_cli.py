@@ -78,7 +78,7 @@ def test_misspelt_option_lists_valid_options(tmp_path):
     proc = run_cli("+backend=compile", "backend.compile.mdoe=max-autotune", f"hydra.run.dir={tmp_path}")
     assert proc.returncode == 2
     assert "no option 'mdoe'" in proc.stderr and "Did you mean 'mode'" in proc.stderr
-    assert "regional: bool = False" in proc.stderr
+    assert "regional: bool = True" in proc.stderr
 
 
 def test_wrong_option_type_fails_at_start(tmp_path):
