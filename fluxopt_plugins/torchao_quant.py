@@ -20,6 +20,7 @@ to the stack.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +31,7 @@ from fluxopt_plugins._calibration import (CALIBRATION_PROMPTS, cached_calibratio
                                           validate_prompts)
 
 
+log = logging.getLogger(__name__)
 TORCHAO = Package("torchao", "pip install 'fluxopt[torchao]'")
 MSLK = Package("mslk", "pip install 'fluxopt[mslk]' (torchao's int4 'plain'/'preshuffled' kernels)")
 DEFAULT_SKIP = ["x_embedder", "context_embedder", "time_text_embed", "norm_out", "proj_out"]
@@ -253,6 +255,10 @@ class TorchaoInt4(_TorchaoBackend):
     def quantize(self, pipe: Any, options: TorchaoInt4Options, ctx: StackContext) -> None:
         packing = resolve_int4_packing(options.packing_format, ctx.device)
         ctx.stats.setdefault(self.name, {})["packing_format"] = packing
+        if options.packing_format == "auto" and packing == "tile_packed_to_4d" and MSLK.missing() \
+                and ctx.device.capability is not None and ctx.device.capability[0] == 9:
+            log.warning("%s: mslk is not installed, so int4 runs on tinygemm, which takes minutes per image at "
+                        "thousands of tokens; %s", self.name, MSLK.install)
         super().quantize(pipe, dataclasses.replace(options, packing_format=packing), ctx)
 
     def make_config(self, options: TorchaoInt4Options) -> Any:

@@ -113,6 +113,22 @@ def test_int4_auto_packing_takes_mslk_kernels_on_hopper_only(device, mslk_instal
     assert resolve_int4_packing("plain", device) == "plain"  # a packing asked for by name is kept
 
 
+@pytest.mark.parametrize("mslk_installed, packing", [(True, "preshuffled"), (False, "tile_packed_to_4d")])
+def test_int4_quantizes_with_the_packing_auto_chose_and_records_it(mslk_installed, packing, monkeypatch, caplog):
+    from types import SimpleNamespace
+
+    from fluxopt_plugins import torchao_quant
+    from fluxopt_plugins.torchao_quant import MSLK, TorchaoInt4, TorchaoInt4Options
+
+    monkeypatch.setattr(type(MSLK), "missing", lambda self: not mslk_installed if self is MSLK else False)
+    used = []
+    monkeypatch.setattr(torchao_quant._TorchaoBackend, "quantize", lambda self, pipe, options, ctx: used.append(options))
+    ctx = SimpleNamespace(device=H100, stats={})
+    TorchaoInt4().quantize(None, TorchaoInt4Options(), ctx)
+    assert [o.packing_format for o in used] == [packing] and ctx.stats["torchao_int4"] == {"packing_format": packing}
+    assert ("mslk is not installed" in caplog.text) is (not mslk_installed)
+
+
 def test_aiter_needs_rocm_when_its_package_is_there(monkeypatch):
     from fluxopt.backend import Package
 
