@@ -1,6 +1,11 @@
 #!/usr/bin/env bash
 # The one script for the GPU machine (device tool), run from the repository root with .whl carried:
 #
+#   bash benchmarks/device.sh wheels            (here, not on the GPU machine)
+#       download the Python 3.12 wheels its image lacks: .whl/ (fluxopt's dependencies, the cuDNN
+#       frontend for fp8_attention; carried in every call), .whl-fa3/ (FlashAttention-3) and mslk
+#       (torchao_int4's Hopper kernels) split into .whl-mslk-a/ and .whl-mslk-b/; each of the last
+#       three travels in a call of its own (stash below). TensorRT and ModelOpt are not among them.
 #   bash benchmarks/device.sh run NAME LIMIT_S [fluxopt arguments...]
 #       python -m fluxopt ARGS with hydra.run.dir=/tmp/res/NAME, stopped after LIMIT_S (SIGTERM:
 #       result.json stays valid, marked interrupted); NAME's result.json, report.md, console output
@@ -52,7 +57,29 @@ collect() {  # what run $1 has written so far (result.json is rewritten after ev
   cp /tmp/background.log "$OUT/" 2>/dev/null
   true
 }
+wheels() {
+  for dir in .whl .whl-fa3 .whl-mslk-a .whl-mslk-b; do
+    grep -qx "/$dir/" .git/info/exclude 2>/dev/null || echo "/$dir/" >> .git/info/exclude
+    rm -rf "$dir" && mkdir -p "$dir"
+  done
+  local plat=(--only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64
+              --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64
+              --platform manylinux2014_x86_64)
+  python3 -m pip download -q --no-deps "${plat[@]}" -d .whl diffusers==0.42.1 torchao==0.18.0 hydra-core==1.3.8 \
+    omegaconf==2.3.0 sageattention==1.0.6 importlib-metadata nvidia-cudnn-frontend==1.32.0 || return 1
+  python3 -m pip wheel -q --no-deps -w .whl antlr4-python3-runtime==4.9.3 para-attn==0.3.38 || return 1
+  python3 -m pip download -q --no-deps "${plat[@]}" -d .whl-fa3 fa3-fwd==0.0.3 || return 1
+  local tmp
+  tmp=$(mktemp -d)
+  python3 -m pip download -q --no-deps "${plat[@]}" -d "$tmp" mslk-cuda==1.1.0 || return 1
+  (cd "$tmp" && for w in *.whl; do sha256sum "$w" > "$w.sha256" && split -b 24M "$w" "$w.part-" && rm "$w"; done)
+  mv "$tmp"/*.part-aa .whl-mslk-a/ && mv "$tmp"/*.part-* "$tmp"/*.sha256 .whl-mslk-b/ && rmdir "$tmp"
+  du -sh .whl .whl-fa3 .whl-mslk-a .whl-mslk-b
+}
 case ${1:-} in
+  wheels)
+    wheels
+    exit $? ;;
   run)
     name=$2 limit=$3
     shift 3
@@ -103,5 +130,5 @@ case ${1:-} in
     ls -l /tmp/carried
     exit 0 ;;
   *)
-    sed -n 2,22p "$0"; exit 2 ;;
+    sed -n "2,/^set -u/p" "$0" | sed "\$d"; exit 2 ;;
 esac
