@@ -48,13 +48,21 @@ setup() {
   nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,power.limit --format=csv,noheader
 }
 collect() {  # what run $1 has written so far (result.json is rewritten after every stack); only that
-  # run's files, since at most 8 files come back from a call (earlier runs' came back with their calls)
+  # run's files, since at most 8 files come back from a call (earlier runs' came back with their calls),
+  # then its profile traces (bench.profile), gzipped, while the 8 and the 16 MiB a file allow
   run=/tmp/res/$1
+  cp /tmp/background.log "$OUT/" 2>/dev/null
   if [ -n "$1" ] && [ -d "$run" ]; then
     mkdir -p "$OUT/$1"
     cp "$run"/result.json "$run"/report.md "$run"/fluxopt.out "$run"/*.log "$OUT/$1/" 2>/dev/null
+    for trace in "$run"/profiles/*.json; do
+      [ -f "$trace" ] && [ "$(find "$OUT" -type f | wc -l)" -lt 8 ] || break
+      packed=$OUT/$1/$(basename "$trace").gz
+      python3 -c 'import gzip, shutil, sys; shutil.copyfileobj(open(sys.argv[1], "rb"), gzip.open(sys.argv[2], "wb"))' \
+        "$trace" "$packed"
+      [ "$(stat -c %s "$packed")" -le 16777216 ] || rm -f "$packed"
+    done
   fi
-  cp /tmp/background.log "$OUT/" 2>/dev/null
   true
 }
 wheels() {
