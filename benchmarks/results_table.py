@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from fluxopt.profile.steps import average_step_floor_ms, floor_at_clock_ms, pct_of_floor
-from fluxopt.record import StackRecord, record_from_json
+from fluxopt.record import RunRecord, StackRecord, record_from_json
 from fluxopt.report.tables import markdown_table, planned_iterations, stack_row
 
 COLUMNS = ("run", "stack", "per step (ms)", "latency (s)", "speedup", "build (s)", "peak mem (GiB)", "J/image",
@@ -48,14 +48,22 @@ def stack_label(r: dict[str, Any] | StackRecord) -> str:
     return "; ".join(parts) or r["stack"]
 
 
-def rows(results: dict[str, Any], path: Path = Path("results.json")) -> list[dict[str, str]]:
-    """One row per stack of every run, each run read through fluxopt's one reader (every derived
-    figure re-derived from the stored samples; an edited record is refused)."""
-    out = []
+def read_runs(results: dict[str, Any], path: Path) -> list[RunRecord]:
+    """Every run through fluxopt's one reader (every derived figure re-derived from the stored
+    samples): an edited record is refused, whichever table is asked for."""
+    records = []
     for number, run in enumerate(results["runs"], 1):
         record = record_from_json(run["result"], path)
         if record.edited:
             raise SystemExit(f"{path}: run {number} was edited: {'; '.join(record.edited)}")
+        records.append(record)
+    return records
+
+
+def rows(results: dict[str, Any], path: Path = Path("results.json")) -> list[dict[str, str]]:
+    """One row per stack of every run, as the reader derives it."""
+    out = []
+    for number, record in enumerate(read_runs(results, path), 1):
         for r in ([record.baseline] if record.baseline else []) + record.stacks:
             row = stack_row(r, planned_iterations(record))
             row.update(run=str(number), stack=stack_label(r))
@@ -181,6 +189,8 @@ def table(path: Path, kind: str | None) -> str:
     """``kind``: None (the stacks), "profile" (per-step breakdown), "kernels" (the profiled step's
     costliest kernels), "build" (build phases, memory left) or "time" (each stack's wall time in run order)."""
     results = load(path)
+    if kind:  # raw fields, shown from a record that reads back whole (the stack table reads through it)
+        read_runs(results, path)
     if kind == "profile":
         return markdown_table(profile_rows(results), PROFILE_COLUMNS)
     if kind == "kernels":

@@ -3,6 +3,7 @@ what benchmarks/results_table.py renders from its JSON today."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -43,6 +44,15 @@ def test_the_kernel_table_lists_each_profiled_stacks_kernels_and_shortens_long_n
                                                                     ("fp8_max", "1.00", "1")]
     long = rows[2]["kernel"]
     assert len(long) == table.KERNEL_SHOWN + 2 and long.endswith("…`") and "|" not in long
+
+
+@pytest.mark.parametrize("kind", [None, "profile", "kernels", "build", "time"])
+def test_every_table_refuses_an_edited_record(kind, tmp_path):
+    record = json.loads((REPO / "docs/results/2026-12-03-h200-fp8-max-kernels/result.json").read_text())
+    record["stacks"][0]["speedup"] = 9.9
+    (tmp_path / "result.json").write_text(json.dumps(record))
+    with pytest.raises(SystemExit, match="was edited: .*speedup 9.9"):
+        _results_table().table(tmp_path / "result.json", kind)
 
 
 def test_the_command_that_regenerates_the_tables_checks_them():
