@@ -485,6 +485,25 @@ def test_the_eta_comes_from_the_last_run_of_each_stack_here_or_its_cold_one_on_a
     assert done.text() == "ETA 2 min" and console.Eta(["compile"], {}).text() is None
 
 
+def test_stacks_that_never_ran_here_are_counted_at_the_baseline_once_it_is_measured(monkeypatch):
+    from fluxopt.cli import console
+
+    clock = [1000.0]
+    monkeypatch.setattr(console.time, "monotonic", lambda: clock[0])
+    fresh = console.Eta(["compile", "fbcache", "aoti"], {"aoti": 300.0})  # a fresh machine knows only aoti
+    fresh.update(0)
+    assert fresh.text() == "ETA over 5 min, 3 stack(s) never ran here"  # the baseline's own time is unknown
+    clock[0] += 60.0
+    fresh.update(1)  # the baseline took 60 s
+    assert fresh.text() == "ETA over 7 min, 2 stack(s) never ran here, counted at the baseline's 60 s"
+    clock[0] += 90.0  # compile is over its estimate: it counts as done, never negative
+    assert fresh.text() == "ETA over 6 min, 2 stack(s) never ran here, counted at the baseline's 60 s"
+    resumed = console.Eta(["compile", "fbcache"], {})
+    clock[0] += 30.0
+    resumed.update(2)  # a resumed run reuses its baseline: no time measured for it, nothing to count at
+    assert resumed.text() is None
+
+
 def test_a_side_is_a_directory_a_label_or_a_revision(tmp_path, monkeypatch):
     from fluxopt.history.cli import resolve_side
 

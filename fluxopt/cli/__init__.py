@@ -323,8 +323,9 @@ def _previous(output_dir: Path, config: dict[str, Any]) -> tuple[RunRecord | Non
 
 
 def _eta(cfg: DictConfig) -> console.Eta | None:
-    """The run's time estimate from the plugins (the history ring reads the results store); None
-    when none has one, or it cannot be had: an estimate is never worth a failed run."""
+    """The run's time estimate from the plugins (the history ring reads the results store) and,
+    for stacks they know nothing of, from the baseline once measured; None when the plan cannot be
+    had: an estimate is never worth a failed run."""
     try:
         plan = plan_run(cfg, check_memory=False, check_requirements=False)
         expected = plugins.hook(plan.config.disabled_plugins).fluxopt_expected_durations(
@@ -333,7 +334,7 @@ def _eta(cfg: DictConfig) -> console.Eta | None:
     except Exception as exc:  # noqa: BLE001 - see the docstring
         log.info("no time estimate: %s: %s", type(exc).__name__, exc)
         return None
-    return console.Eta([s.name for s in plan.stacks], expected) if expected else None
+    return console.Eta([s.name for s in plan.stacks], expected or {})
 
 
 def run_job(cfg: DictConfig) -> RunRecord | None:

@@ -95,26 +95,41 @@ _POSITION = re.compile(r"^stack (\d+)/\d+ ")
 class Eta:
     """The remaining time of a run, updated as its phases start: the estimates of the stacks not
     begun, plus what is left of the current one's (never below zero). The estimates come from
-    the ``fluxopt_expected_durations`` hook (the history ring)."""
+    the ``fluxopt_expected_durations`` hook (the history ring); a stack with none (it never ran
+    here, or no plugin answers) is counted at the baseline's time once the baseline is measured,
+    since every stack makes as many generations, and the ETA says so. Builds make it a lower bound."""
 
     def __init__(self, order: Sequence[str], expected: dict[str, float]):
         self.order = ["baseline", *order]
         self.expected = expected
         self.current, self.since = 0, time.monotonic()
+        self.baseline_s: float | None = None  # measured in this run
+        self._baseline_seen = False
 
     def update(self, index: int) -> None:
+        if index == 0:
+            self._baseline_seen = True
         if index != self.current:
-            self.current, self.since = index, time.monotonic()
+            now = time.monotonic()
+            if self.current == 0 and self._baseline_seen:  # a resumed run reuses its baseline: none measured
+                self.baseline_s = now - self.since
+            self.current, self.since = index, now
 
     def text(self) -> str | None:
         left = self.order[self.current:]
-        unknown = [name for name in left if name not in self.expected]
+        guessed = [name for name in left if name not in self.expected and name != "baseline"] \
+            if self.baseline_s is not None else []
+        estimates = {**{name: self.baseline_s for name in guessed}, **self.expected}
+        unknown = [name for name in left if name not in estimates]
         if len(unknown) == len(left):
             return None
         spent = time.monotonic() - self.since
-        seconds = sum(max(self.expected[name] - (spent if i == 0 else 0.0), 0.0)
-                      for i, name in enumerate(left) if name in self.expected)
+        seconds = sum(max(estimates[name] - (spent if i == 0 else 0.0), 0.0)
+                      for i, name in enumerate(left) if name in estimates)
         minutes = f"{seconds / 60:.0f} min" if seconds >= 60 else f"{seconds:.0f} s"
+        if guessed:
+            return (f"ETA over {minutes}, {len(guessed)} stack(s) never ran here, counted at the baseline's "
+                    f"{self.baseline_s:.0f} s")
         return f"ETA {minutes}" if not unknown else f"ETA over {minutes}, {len(unknown)} stack(s) never ran here"
 
 
