@@ -230,8 +230,12 @@ def resolve_int4_packing(packing_format: str, device: Any) -> str:
     tokens a generation takes minutes, where mslk's mixed-input GEMM runs near bf16 speed."""
     if packing_format != "auto":
         return packing_format
-    hopper = device.is_gpu and not device.rocm and device.capability is not None and device.capability[0] == 9
-    return "preshuffled" if hopper and not MSLK.missing() else "tile_packed_to_4d"
+    return "preshuffled" if _hopper(device) and not MSLK.missing() else "tile_packed_to_4d"
+
+
+def _hopper(device: Any) -> bool:
+    """Where mslk's int4 kernels are built for (CUTLASS's sm90 mixed-input GEMM)."""
+    return device.is_gpu and not device.rocm and device.capability is not None and device.capability[0] == 9
 
 
 class TorchaoInt4(_TorchaoBackend):
@@ -255,8 +259,7 @@ class TorchaoInt4(_TorchaoBackend):
     def quantize(self, pipe: Any, options: TorchaoInt4Options, ctx: StackContext) -> None:
         packing = resolve_int4_packing(options.packing_format, ctx.device)
         ctx.stats.setdefault(self.name, {})["packing_format"] = packing
-        if options.packing_format == "auto" and packing == "tile_packed_to_4d" and MSLK.missing() \
-                and ctx.device.capability is not None and ctx.device.capability[0] == 9:
+        if options.packing_format == "auto" and _hopper(ctx.device) and MSLK.missing():
             log.warning("%s: mslk is not installed, so int4 runs on tinygemm, which takes minutes per image at "
                         "thousands of tokens; %s", self.name, MSLK.install)
         super().quantize(pipe, dataclasses.replace(options, packing_format=packing), ctx)
