@@ -195,6 +195,9 @@ def test_one_stack_measured_twice_with_other_options_keeps_both_images_and_profi
         schedule = record["stats"]["fixed_cache"]["schedule"]
         assert schedule[3] == "." and schedule[record["profile"]["step"]] == "C", (schedule, record["profile"])
         assert record["profile"]["steps_profiled"][0] == 3 and record["profile"]["breakdown_ms"]["gemm"] > 0
+        top = record["profile"]["top_kernels"]  # the costliest ops by name (aten ops on a CPU), within the total
+        assert top and any(k["category"] == "gemm" for k in top)
+        assert sum(k["ms"] for k in top) <= sum(record["profile"]["breakdown_ms"].values()) + 0.01  # each rounded
     for record in (first, second):
         assert all((tmp_path / p).is_file() for p in [*record["images"], record["profile"]["trace"]])
         # the trace kept is the computed step's, with its timings (each window's trace is written as it stops)
