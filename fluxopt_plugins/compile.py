@@ -76,6 +76,26 @@ def inductor_flags(options: CompileOptions) -> dict[str, Any]:
     return {**(RECIPE_INDUCTOR_FLAGS if options.tuning_flags else {}), **options.inductor_config}
 
 
+def compiled_code(pipe: Any, options: CompileOptions) -> list[Any]:
+    """The code objects Dynamo keeps compiled entries on for this stack: the forward of each
+    repeated block class (regional) or of the transformer, every decorator's wrapper included, and
+    the VAE's decode. Dynamo keys its entries by code object, so entries from every pipeline compiled
+    in a process accumulate there until the recompile limit (8) fails the next compile; closing the
+    stack drops them. (Another live pipeline of the same classes then compiles again on its next call.)"""
+    transformer = pipe.transformer
+    repeated = set(getattr(transformer, "_repeated_blocks", None) or ())
+    functions = ([cls.forward for cls in {type(m) for m in transformer.modules() if type(m).__name__ in repeated}]
+                 if options.regional else [type(transformer).forward])
+    if options.compile_vae:
+        functions.append(type(pipe.vae).decode)
+    codes = []
+    for fn in functions:
+        while fn is not None:
+            codes.append(fn.__code__)
+            fn = getattr(fn, "__wrapped__", None)
+    return codes
+
+
 class CompileBackend(Backend):
     name = "compile"
     description = "torch.compile of the transformer (full or regional), optional VAE decode, Inductor flags"
@@ -114,12 +134,18 @@ class CompileBackend(Backend):
             ctx.stats["compile"]["sigmoid_gelu"] = use_sigmoid_gelu(pipe.transformer)
         kwargs = {"fullgraph": fullgraph, "dynamic": options.dynamic, "backend": options.backend,
                   "mode": None if options.mode == "default" else options.mode}
+        codes = compiled_code(pipe, options)
+
+        def drop_compiled() -> None:  # the snapshot restores the modules; Dynamo's entries go here
+            for code in codes:
+                torch._dynamo.reset_code(code)
+
         if options.regional:
             pipe.transformer.compile_repeated_blocks(**kwargs)
-            ctx.note("compile: the repeated blocks compiled (regional)")
+            ctx.callback("compile: the repeated blocks compiled (regional)", drop_compiled)
         else:
             pipe.transformer.compile(**kwargs)
-            ctx.note("compile: the transformer compiled")
+            ctx.callback("compile: the transformer compiled", drop_compiled)
         if options.compile_vae:
             ctx.set_attr("compile: the VAE decoder compiled", pipe.vae, "decode", torch.compile(pipe.vae.decode, **kwargs))
         if options.cache:

@@ -345,3 +345,21 @@ def test_an_integer_is_a_valid_value_for_a_float_inductor_flag():
     from fluxopt.compiler_state import validate_inductor_flags
 
     validate_inductor_flags("backend.compile.inductor_config", {"cpu_gpu_bw": 50, "max_autotune": False})
+
+
+def test_closing_a_compiled_stack_drops_dynamos_entries_so_a_long_lived_process_never_hits_the_recompile_limit():
+    """Dynamo keeps compiled entries per code object (a block class's forward), across pipelines:
+    once a process has compiled more pipelines than the recompile limit (8), a fullgraph compile
+    fails, unless each close drops its entries."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    from fluxopt.serving import apply_stack, load_model
+    from fluxopt_plugins.compile import CompileOptions, compiled_code
+
+    for regional in (True, False):
+        options = {**EAGER, "regional": regional, "fullgraph": True}
+        pipe = load_model("tiny", device="cpu")
+        codes = compiled_code(pipe, CompileOptions(**options))
+        with apply_stack(pipe, {"compile": options}, **KW):  # built: one generation compiles
+            assert any(_debug_get_cache_entry_list(code) for code in codes)
+        assert not any(_debug_get_cache_entry_list(code) for code in codes)
