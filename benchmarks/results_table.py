@@ -81,12 +81,17 @@ def _ms(value: Any) -> str:
     return "—" if value is None else f"{value:.1f}"
 
 
+def measured(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """A record's baseline (where it has one) and stacks, in the order they ran."""
+    return ([data["baseline"]] if data.get("baseline") else []) + data.get("stacks", [])
+
+
 def profile_rows(results: dict[str, Any]) -> list[dict[str, str]]:
     """One row per profiled stack: where one denoising step's milliseconds went (bench.profile)."""
     out = []
     for number, run in enumerate(results["runs"], 1):
         data = run["result"]
-        for r in ([data["baseline"]] if data.get("baseline") else []) + data.get("stacks", []):
+        for r in measured(data):
             prof = r.get("profile")
             if not prof:
                 continue
@@ -127,7 +132,7 @@ def kernel_rows(results: dict[str, Any]) -> list[dict[str, str]]:
     out = []
     for number, run in enumerate(results["runs"], 1):
         data = run["result"]
-        for r in ([data["baseline"]] if data.get("baseline") else []) + data.get("stacks", []):
+        for r in measured(data):
             for kernel in (r.get("profile") or {}).get("top_kernels") or []:
                 name = kernel["name"] if len(kernel["name"]) <= KERNEL_SHOWN else kernel["name"][:KERNEL_SHOWN - 1] + "…"
                 out.append({"run": str(number), "stack": r["stack"], "kernel": f"`{name.replace('|', '/')}`",
@@ -166,7 +171,7 @@ def time_rows(results: dict[str, Any]) -> list[dict[str, str]]:
     for number, run in enumerate(results["runs"], 1):
         data = run["result"]
         done = 0.0
-        for r in ([data["baseline"]] if data.get("baseline") else []) + data.get("stacks", []):
+        for r in measured(data):
             wall = r.get("elapsed_s") or 0.0
             done += wall
             samples = (r.get("latency") or {}).get("samples") or []
