@@ -23,6 +23,9 @@
 #   bash benchmarks/device.sh background WAIT_S (run ... | tests ...)
 #       the same in the background (it outlives this call while the machine stays warm), waiting
 #       up to WAIT_S; `bash benchmarks/device.sh poll WAIT_S` in later calls waits more and collects.
+#       The run lives only as long as the machine: each poll must follow the last call within the
+#       machine's idle release (30 s), or the machine goes back and the run with it (what the last
+#       poll collected is what remains). Keep WAIT_S so that the last poll ends inside the lease.
 #
 # Every call first installs the carried wheels and fluxopt itself (non-editable) into /tmp/site, once
 # per machine, and works from /tmp/work (no fluxopt/ source tree), so the installed package runs.

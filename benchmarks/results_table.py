@@ -192,7 +192,10 @@ def load(path: Path) -> dict[str, Any]:
 
 def table(path: Path, kind: str | None) -> str:
     """``kind``: None (the stacks), "profile" (per-step breakdown), "kernels" (the profiled step's
-    costliest kernels), "build" (build phases, memory left) or "time" (each stack's wall time in run order)."""
+    costliest kernels), "build" (build phases, memory left) or "time" (each stack's wall time in run order).
+    ``path``: a results JSON, or a run's or published record's directory (its result.json)."""
+    if path.is_dir():
+        path = path / "result.json"
     results = load(path)
     if kind:  # raw fields, shown from a record that reads back whole (the stack table reads through it)
         read_runs(results, path)
@@ -247,7 +250,7 @@ def main() -> None:
         kind.add_argument("--time", dest="kind", action="store_const", const="time",
                           help="each stack's wall time, in the order it ran")
 
-    markdown_cli(__doc__, "a results JSON", lambda args: table(args.path, args.kind), render, options)
+    markdown_cli(__doc__, "a results JSON or the directory holding one", lambda args: table(args.path, args.kind), render, options)
 
 
 if __name__ == "__main__":

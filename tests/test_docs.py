@@ -55,6 +55,12 @@ def test_every_table_refuses_an_edited_record(kind, tmp_path):
         _results_table().table(tmp_path / "result.json", kind)
 
 
+def test_a_table_reads_a_record_from_its_directory():
+    record = REPO / "docs/results/2026-12-03-h200-int4"
+    table = _results_table()
+    assert table.table(record, "time") == table.table(record / "result.json", "time")
+
+
 def test_the_command_that_regenerates_the_tables_checks_them():
     readme = REPO / "README.md"
     proc = subprocess.run([sys.executable, "benchmarks/results_table.py", "--render", "--check", str(readme)], cwd=REPO,
