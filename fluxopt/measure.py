@@ -177,41 +177,49 @@ def bounded_calls(count: int, minimum: int, max_time_s: float | None) -> Iterato
 def measure(gen: PipelineCaller, prompts: Sequence[str], seed: int, warmup: int, iterations: int,
             on_phase: Callable[[str], None] | None = None, meter: EnergyMeter | None = None,
             outside_before: int | None = None, max_time_s: float | None = None) -> Measurement:
-    """First call, one output per prompt (same seed for every stack), extra warm-up, then
-    ``iterations`` timed calls cycling over the prompts; with ``max_time_s``, the warm-up stops
-    after one call and the timing after two once each has spent that long. ``on_phase`` is told when the
-    warm-up and timing phases start, so a failure can be attributed to one; ``meter`` reads the
-    GPU's energy around the warm-up and each timed call (after a sync, so each call's work is done).
-    On a GPU, ``outside_before`` (:func:`memory_outside_torch` read before the pipeline was loaded
-    or the stack applied) adds what was allocated outside PyTorch's allocator since to the peak."""
+    """``warmup`` untimed calls (the first of them is the first call, lazy compilation and capture
+    included), then ``iterations`` timed calls; both cycle over the prompts, prompt ``i`` with seed
+    ``seed + i`` (the same inputs for every stack). The fidelity outputs are the first timed call of
+    each prompt, so they come from the steady state the timing measures and cost no generation of
+    their own; a prompt the timing did not reach gets one untimed call after it. With
+    ``max_time_s``, the warm-up stops after one call and the timing after two once each has spent
+    that long. ``on_phase`` is told when the warm-up and timing phases start, so a failure can be
+    attributed to one; ``meter`` reads the GPU's energy around the warm-up and each timed call (after
+    a sync, so each call's work is done). On a GPU, ``outside_before`` (:func:`memory_outside_torch`
+    read before the pipeline was loaded or the stack applied) adds what was allocated outside
+    PyTorch's allocator since to the peak."""
     on_phase = on_phase or (lambda name: None)
     meter = meter or EnergyMeter(None)
     if iterations < 1:
         raise ValueError("bench.iterations must be at least 1")
+
+    def call(i: int) -> tuple[Sample, float, float | None]:
+        return gen(prompts[i % len(prompts)], seed + i % len(prompts))
+
     on_phase("warmup")
     if gen.device.is_gpu:
         torch.cuda.reset_peak_memory_stats()
     sampler = _RssSampler() if not gen.device.is_gpu else None
     with sampler if sampler is not None else contextlib.nullcontext():
         warmup_start = meter.read()
-        samples = []
         first_call = None
-        for i, prompt in enumerate(prompts):
-            sample, total, _ = gen(prompt, seed + i)
-            first_call = total if first_call is None else first_call
-            samples.append(sample)
         for i in bounded_calls(warmup, 1, max_time_s):
-            gen(prompts[i % len(prompts)], seed + i % len(prompts))
+            _, total, _ = call(i)
+            first_call = total if first_call is None else first_call
         on_phase("timing")
         warmup_energy = spent(warmup_start, meter.read())
-        totals, steps, energy = [], [], []
+        totals, steps, energy, samples = [], [], [], []
         for i in bounded_calls(iterations, 2, max_time_s):
             before = meter.read()
-            _, total, per_step = gen(prompts[i % len(prompts)], seed + i % len(prompts))
+            sample, total, per_step = call(i)
             energy.append(spent(before, meter.read()))
             totals.append(total)
             if per_step is not None:
                 steps.append(per_step)
+            if i < len(prompts):
+                samples.append(sample)
+        first_call = totals[0] if first_call is None else first_call
+        samples += [call(i)[0] for i in range(len(samples), len(prompts))]
     if gen.device.is_gpu and outside_before is not None:
         peak = torch.cuda.max_memory_allocated() + max(0, memory_outside_torch() - outside_before)
         kind = "cuda_max_allocated_and_outside"

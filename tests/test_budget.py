@@ -82,23 +82,22 @@ def _caller(clock: _Clock, seconds: float, calls: list[str]):
 
 
 @pytest.mark.parametrize(("seconds", "calls_made", "timed"), [
-    (1.0, 2 + 2 + 5, 5),  # fast: every warm-up and timed call
-    (4.0, 2 + 2 + 4, 4),  # the fifth timed call would start 16 s in, past 15
-    (20.0, 2 + 1 + 2, 2),  # slow: one warm-up call and the two timed calls a spread needs
+    (1.0, 2 + 5, 5),  # fast: every warm-up and timed call
+    (4.0, 2 + 4, 4),  # the fifth timed call would start 16 s in, past 15
+    (20.0, 1 + 2, 2),  # slow: one warm-up call and the two timed calls a spread needs
 ])
 def test_max_time_bounds_the_warmup_and_the_timing_of_a_slow_stack(monkeypatch, seconds, calls_made, timed):
     """pytest-benchmark's max_time: once the warm-up, then the timing, has spent
-    ``bench.max_time_s``, no further call starts; the first call per prompt (the fidelity
-    outputs) always runs."""
+    ``bench.max_time_s``, no further call starts; the fidelity outputs are timed calls."""
     import fluxopt.measure as measure_module
 
     clock, calls = _Clock(), []
     monkeypatch.setattr(measure_module, "time", clock)
     m = measure_module.measure(_caller(clock, seconds, calls), ["a", "b"], 0, warmup=2, iterations=5, max_time_s=15)
-    assert len(calls) == calls_made and m.latency.n == timed and len(m.samples) == 2
+    assert len(calls) == calls_made and m.latency.n == timed and [s.prompt for s in m.samples] == ["a", "b"]
     clock.now, calls[:] = 0.0, []
     unbounded = measure_module.measure(_caller(clock, seconds, calls), ["a", "b"], 0, warmup=2, iterations=5)
-    assert len(calls) == 9 and unbounded.latency.n == 5
+    assert len(calls) == 7 and unbounded.latency.n == 5
 
 
 def test_max_time_never_adds_calls_beyond_those_asked_for(monkeypatch):
@@ -107,7 +106,21 @@ def test_max_time_never_adds_calls_beyond_those_asked_for(monkeypatch):
     clock, calls = _Clock(), []
     monkeypatch.setattr(measure_module, "time", clock)
     m = measure_module.measure(_caller(clock, 10.0, calls), ["a"], 0, warmup=0, iterations=1, max_time_s=1)
-    assert len(calls) == 2 and m.latency.n == 1  # the first call, then the one timed call asked for
+    assert len(calls) == 1 and m.latency.n == 1 and m.first_call_s == 10.0  # the one timed call is the first
+
+
+def test_outputs_are_the_first_timed_call_of_each_prompt_and_a_prompt_the_timing_missed_gets_its_own(monkeypatch):
+    """Every call cycles over the prompts with seed + prompt index, so the timed calls already make
+    the outputs the baseline is compared with; only prompts past the timed calls cost a call more."""
+    import fluxopt.measure as measure_module
+
+    clock, calls = _Clock(), []
+    monkeypatch.setattr(measure_module, "time", clock)
+    m = measure_module.measure(_caller(clock, 20.0, calls), ["a", "b", "c", "d"], 7, warmup=3, iterations=5,
+                               max_time_s=15)
+    assert calls == ["a", "a", "b", "c", "d"]  # one warm-up, two timed (a, b), then untimed outputs c and d
+    assert [(s.prompt, s.seed) for s in m.samples] == [("a", 7), ("b", 8), ("c", 9), ("d", 10)]
+    assert m.latency.n == 2 and m.first_call_s == 20.0
 
 
 @pytest.mark.parametrize("value", ["-1", "0", "inf", "nan", "abc", "true"])
