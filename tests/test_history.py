@@ -523,3 +523,35 @@ def test_a_side_is_a_directory_a_label_or_a_revision(tmp_path, monkeypatch):
     assert [r.started for r in resolve_side(str(tmp_path / "run"), None, "B").records] == [older.started]
     with pytest.raises(ConfigError, match="B=nothing-like-this is not a directory, a label in .* \\(main\\)"):
         resolve_side("nothing-like-this", str(store), "B")
+
+
+@pytest.mark.parametrize(("overrides", "generations"), [
+    (["bench=full"], 2 + 5),  # warm-up and timed calls; the outputs are timed calls
+    (["bench.warmup=1", "bench.iterations=1", "bench.prompts=[a,b,c]"], 1 + 3),  # two prompts past the timing
+])
+def test_the_eta_counts_the_generations_the_baseline_will_make(monkeypatch, overrides, generations):
+    from hydra import compose, initialize_config_module
+
+    from fluxopt import plugins
+    from fluxopt.cli import _eta
+    from fluxopt.config import register_configs
+
+    asked, real_hook = {}, plugins.hook
+
+    class Hook:  # the real hooks, but the ETA's question is recorded
+        def __init__(self, *args, **kwargs):
+            self.real = real_hook(*args, **kwargs)
+
+        def __getattr__(self, name):
+            return getattr(self.real, name)
+
+        def fluxopt_expected_durations(self, **kwargs):
+            asked.update(kwargs)
+            return {}
+
+    monkeypatch.setattr(plugins, "hook", Hook)
+    register_configs()
+    with initialize_config_module(config_module="fluxopt.conf", version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)
+    _eta(cfg)
+    assert asked["generations"] == generations

@@ -330,7 +330,7 @@ def _eta(cfg: DictConfig) -> console.Eta | None:
         plan = plan_run(cfg, check_memory=False, check_requirements=False)
         expected = plugins.hook(plan.config.disabled_plugins).fluxopt_expected_durations(
             model=plan.spec.name, device=plan.device.name, shapes=plan.shapes, stacks=[s.name for s in plan.stacks],
-            generations=plan.warmup + plan.iterations + len(plan.prompts), config=recorded_config(cfg, plan.config))
+            generations=plan.warmup + max(plan.iterations, len(plan.prompts)), config=recorded_config(cfg, plan.config))
     except Exception as exc:  # noqa: BLE001 - see the docstring
         log.info("no time estimate: %s: %s", type(exc).__name__, exc)
         return None

@@ -6,7 +6,7 @@ state of this machine's artifact cache: with built artifacts in it, the most rec
 stack whose last run built warm is expected to build warm again); with none (a fresh machine, or
 a cleared cache, where every build is cold), the longest seen, which is its cold build. The
 baseline's is its wall time too; in a record from before the baseline's
-was kept, its generations (warm-up, timed, one per prompt) at its measured latency. A stack never measured here has no estimate; the
+was kept, the generations the coming baseline makes at its measured latency. A stack never measured here has no estimate; the
 progress line then says how many are unknown instead of guessing.
 """
 
@@ -30,7 +30,7 @@ def past_durations(store_path: Path | None, model: str, device: str, shapes: dic
                    generations: int, cold: bool = False) -> dict[str, float]:
     """Seconds per stack name (``baseline`` included) from the newest matching stored run of each,
     or with ``cold`` (no built artifact in the cache) the longest; ``generations``: the baseline's
-    generations (warm-up, timed, one per prompt), for a record that kept only its latency."""
+    generations (see ``fluxopt_expected_durations``), for a record that kept only its latency."""
     if store_path is None or not store_path.is_file():
         return {}
     with ResultsStore(store_path) as store:  # oldest first: later runs overwrite
