@@ -83,3 +83,14 @@ def test_a_bad_list_is_one_line_before_anything_loads(args, message, tmp_path):
     assert proc.returncode in (1, 2) and message in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "run" / "result.json").exists()
+
+
+@pytest.mark.parametrize("plan", sorted((REPO / "benchmarks" / "plans").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_committed_plan_builds_its_stacks(plan):
+    """A plan is run on a GPU lease, where a misspelt backend or option would cost device time:
+    each entry reads and builds here (names, options, conflicts), before anything loads."""
+    from fluxopt.config import read_stack_list
+    from fluxopt.stack import build_stack
+
+    entries = read_stack_list(str(plan))
+    assert all(build_stack(entry).name for entry in entries)
