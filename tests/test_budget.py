@@ -62,7 +62,9 @@ class _Clock:
         return self.now
 
 
-def _caller(clock: _Clock, seconds: float, calls: list[str]):
+def _caller(clock: _Clock, seconds: float | list[float], calls: list[str]):
+    """A pipeline caller whose calls take ``seconds`` each (a list: one after another) on ``clock``."""
+    import itertools
     import types
 
     import numpy as np
@@ -73,10 +75,13 @@ def _caller(clock: _Clock, seconds: float, calls: list[str]):
     class Caller:
         device = types.SimpleNamespace(is_gpu=False)
 
+        durations = iter(seconds) if isinstance(seconds, list) else itertools.repeat(seconds)
+
         def __call__(self, prompt, seed):
             calls.append(prompt)
-            clock.now += seconds
-            return Sample(prompt, seed, np.zeros((2, 2, 3), np.float32), torch.zeros(1)), seconds, seconds / 4
+            took = next(self.durations)
+            clock.now += took
+            return Sample(prompt, seed, np.zeros((2, 2, 3), np.float32), torch.zeros(1)), took, took / 4
 
     return Caller()
 
@@ -84,6 +89,7 @@ def _caller(clock: _Clock, seconds: float, calls: list[str]):
 @pytest.mark.parametrize(("seconds", "calls_made", "timed"), [
     (1.0, 2 + 5, 5),  # fast: every warm-up and timed call
     (4.0, 2 + 4, 4),  # the fifth timed call would start 16 s in, past 15
+    (5.0, 2 + 3, 3),  # the fourth would start exactly at 15 s: the time is spent
     (20.0, 1 + 2, 2),  # slow: one warm-up call and the two timed calls a spread needs
 ])
 def test_max_time_bounds_the_warmup_and_the_timing_of_a_slow_stack(monkeypatch, seconds, calls_made, timed):
@@ -121,6 +127,22 @@ def test_outputs_are_the_first_timed_call_of_each_prompt_and_a_prompt_the_timing
     assert calls == ["a", "a", "b", "c", "d"]  # one warm-up, two timed (a, b), then untimed outputs c and d
     assert [(s.prompt, s.seed) for s in m.samples] == [("a", 7), ("b", 8), ("c", 9), ("d", 10)]
     assert m.latency.n == 2 and m.first_call_s == 20.0
+
+
+@pytest.mark.parametrize(("warmup", "first_call_s", "timed"), [
+    (2, 9.0, [3.0, 4.0, 5.0]),  # the first call compiles: it is the first warm-up, outside the statistics
+    (0, 9.0, [9.0, 2.0, 3.0]),  # no warm-up asked for: the first call is timed, and is still the first call
+])
+def test_the_first_call_is_recorded_as_such_and_only_timed_calls_make_the_statistics(monkeypatch, warmup,
+                                                                                     first_call_s, timed):
+    import fluxopt.measure as measure_module
+
+    clock, calls = _Clock(), []
+    monkeypatch.setattr(measure_module, "time", clock)
+    m = measure_module.measure(_caller(clock, [9.0, 2.0, 3.0, 4.0, 5.0], calls), ["a", "b"], 0, warmup=warmup,
+                               iterations=3)
+    assert m.first_call_s == first_call_s and m.latency.samples == timed
+    assert m.step_latency.samples == [t / 4 for t in timed]
 
 
 @pytest.mark.parametrize("value", ["-1", "0", "inf", "nan", "abc", "true"])
