@@ -122,9 +122,11 @@ def test_outputs_are_the_first_timed_call_of_each_prompt_and_a_prompt_the_timing
 
     clock, calls = _Clock(), []
     monkeypatch.setattr(measure_module, "time", clock)
+    phases = []
     m = measure_module.measure(_caller(clock, 20.0, calls), ["a", "b", "c", "d"], 7, warmup=3, iterations=5,
-                               max_time_s=15)
+                               max_time_s=15, on_phase=lambda name: phases.append((name, len(calls))))
     assert calls == ["a", "a", "b", "c", "d"]  # one warm-up, two timed (a, b), then untimed outputs c and d
+    assert phases == [("warmup", 0), ("timing", 1)]  # a failure is attributed to the phase it happened in
     assert [(s.prompt, s.seed) for s in m.samples] == [("a", 7), ("b", 8), ("c", 9), ("d", 10)]
     assert m.latency.n == 2 and m.first_call_s == 20.0
 
