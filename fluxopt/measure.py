@@ -25,6 +25,12 @@ from fluxopt.record import LatencyStats, StackRecord
 from fluxopt.shapes import Shapes
 
 
+# Which generations are timed and which give the fidelity outputs; records keep it, so that a run
+# is never resumed under another. 1: one untimed call per prompt for the outputs, then the warm-up;
+# 2: the outputs are the first timed call of each prompt (see measure).
+PROTOCOL = 2
+
+
 @dataclass
 class Sample:
     """One generated output: the image (H, W, 3 floats in [0, 1]) and the final packed latents."""

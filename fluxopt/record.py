@@ -26,10 +26,11 @@ import numpy as np
 
 from fluxopt.files import write_json_atomic
 
-SCHEMA_VERSION = 4
-# 2: before partial builds were labelled, 3: before energy; read the same way. 1: before the typed
-# record, the same fields, but the std of a single timed sample written as 0.0 (see _from_schema_1)
-READABLE_SCHEMAS = (1, 2, 3, 4)
+SCHEMA_VERSION = 5
+# 2: before partial builds were labelled, 3: before energy, 4: before the measurement protocol was
+# kept; read the same way. 1: before the typed record, the same fields, but the std of a single
+# timed sample written as 0.0 (see _from_schema_1)
+READABLE_SCHEMAS = (1, 2, 3, 4, 5)
 RESULT_FILE = "result.json"
 NOISE_SIGMAS = 2.0  # a speedup within this many standard deviations of 1 is noise
 _REL_TOL = 1e-6  # stored and re-derived figures agree within this (JSON keeps 17 digits)
@@ -231,6 +232,9 @@ class RunRecord:
     environment: dict[str, Any] = field(default_factory=dict)
     profile: dict[str, Any] | None = None
     job_crash: str | None = None  # why the job's process died (recorded by the launching process)
+    # fluxopt.measure.PROTOCOL the figures were measured under (None: a record from before it was
+    # kept, or a job that measured nothing); a run is only ever resumed under the same one
+    protocol: int | None = None
     # Set by the reader, never stored: stored derived figures that disagree with the raw values
     edited: list[str] = field(default_factory=list)
     path: Path | None = None
@@ -447,6 +451,9 @@ def record_from_json(data: Any, path: Path = Path(RESULT_FILE)) -> RunRecord:
     known = {f.name for f in dataclasses.fields(RunRecord)} - {"edited", "path"}
     unknown = sorted(set(data) - known)
     _require(not unknown, path, f"has unknown fields {unknown}")
+    protocol = data.get("protocol")
+    _require(protocol is None or (isinstance(protocol, int) and not isinstance(protocol, bool) and protocol >= 1),
+             path, f"has protocol {protocol!r}, not a measurement protocol number")
     edited: list[str] = []
     baseline = _stack(data["baseline"], path, "baseline", None, edited) if data.get("baseline") else None
     gates = ((data.get("config") or {}).get("fidelity") or None) if isinstance(data.get("config"), Mapping) else None

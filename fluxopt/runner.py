@@ -39,7 +39,7 @@ from fluxopt.environment import capture_environment
 from fluxopt.errors import DiskFullError, FluxoptError
 from fluxopt.fidelity import evaluate
 from fluxopt.files import file_sha256, save_image_atomic, write_atomic, write_text_atomic
-from fluxopt.measure import PipelineCaller, Measured, Measurement, Sample, measure, memory_outside_torch
+from fluxopt.measure import PROTOCOL, PipelineCaller, Measured, Measurement, Sample, measure, memory_outside_torch
 from fluxopt.models import load_pipeline
 from fluxopt.plan import RunPlan, plan_run, selected_backends
 from fluxopt.record import RESULT_FILE, Energy, Phase, RunRecord, StackRecord, Status, speedup_of, write_record
@@ -346,7 +346,7 @@ class Run:
             mode="stack" if p.explicit else "bakeoff", build_only=self.build_only,
             requested=[s.name for s in p.stacks], config=recorded_config(self.cfg, self.plan.config),
             provenance=self.provenance, environment=self.environment, profile=self.run_info or None,
-            baseline=self.baseline, stacks=list(self.results))
+            protocol=PROTOCOL, baseline=self.baseline, stacks=list(self.results))
 
     def write(self, complete: bool) -> RunRecord:
         record = self.record(complete)
@@ -423,11 +423,13 @@ def load_reference(path: Path, recorded: Mapping[str, str]) -> list[Sample]:
 
 
 def can_resume(previous: RunRecord, config: Mapping[str, Any], output_dir: Path) -> bool:
-    """Whether an unfinished ``previous`` record of the same measurement can be continued: its
-    baseline completed and its saved outputs are there, unchanged (sha256 against the record)."""
+    """Whether an unfinished ``previous`` record of the same measurement can be continued: made under
+    this measurement protocol, its baseline completed and its saved outputs are there, unchanged
+    (sha256 against the record)."""
     baseline = previous.baseline
     return bool(config.get("resume", True) and not previous.complete and not previous.edited
-                and not previous.build_only and baseline is not None and baseline.status == Status.OK.value
+                and previous.protocol == PROTOCOL and not previous.build_only
+                and baseline is not None and baseline.status == Status.OK.value
                 and measurement_config(previous.config) == measurement_config(config)
                 and reference_intact(output_dir / REFERENCE_FILE, (baseline.stats or {}).get("reference")))
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from conftest import read_result, run_cli
 
+from fluxopt.measure import PROTOCOL
 from fluxopt.record import SCHEMA_VERSION
 import _records as records
 
@@ -50,7 +51,7 @@ def test_compile_run_reports_everything_and_passes_lossless_fidelity(compile_run
 def test_result_json_schema_and_run_directory(compile_run):
     run_dir, _ = compile_run
     data = read_result(run_dir)
-    assert data["schema_version"] == SCHEMA_VERSION and data["complete"] is True
+    assert data["schema_version"] == SCHEMA_VERSION and data["complete"] is True and data["protocol"] == PROTOCOL
     assert data["mode"] == "stack"
     assert data["shapes"] == {"height": 64, "width": 64, "steps": 4, "guidance_scale": 3.5,
                               "max_sequence_length": 128, "batch_size": 1}

@@ -104,6 +104,9 @@ def test_a_passing_gate_stored_over_an_unavailable_threshold_is_an_edit(tmp_path
     (lambda d: d["stacks"][0]["fidelity"]["metrics"]["psnr"].update(threshold="20"), "threshold is not a number"),
     (lambda d: d["stacks"][0]["fidelity"]["metrics"]["psnr"].update(higher_is_better=None), "no per-prompt values"),
     (lambda d: d["stacks"][0]["fidelity"]["metrics"]["psnr"].update(per_prompt=[]), "no per-prompt values"),
+    (lambda d: d.update(protocol="2"), "has protocol '2', not a measurement protocol number"),
+    (lambda d: d.update(protocol=0), "has protocol 0"),
+    (lambda d: d.update(protocol=True), "has protocol True"),
 ])
 def test_a_field_of_the_wrong_shape_names_the_file_and_the_field(tmp_path, change, says):
     path = tmp_path / "result.json"

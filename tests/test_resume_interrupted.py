@@ -60,18 +60,20 @@ def test_the_same_command_continues_with_the_baseline_and_the_finished_stacks(re
 
 def test_only_a_reference_that_matches_its_record_is_resumed_from(tmp_path):
     """The saved outputs are checked against the sha256 the record holds; anything else (damaged,
-    missing, another measurement, a finished or edited record, resume=false) is measured again."""
+    missing, another measurement or measurement protocol, a finished or edited record, resume=false)
+    is measured again."""
     import dataclasses
 
     import numpy as np
     import torch
 
     from _records import run, stack
-    from fluxopt.measure import Sample
+    from fluxopt.measure import PROTOCOL, Sample
     from fluxopt.runner import REFERENCE_FILE, can_resume, load_reference, save_reference
 
     samples = [Sample("a cat", 3, np.random.default_rng(0).random((8, 8, 3), dtype=np.float32), torch.randn(1, 16, 64))]
     record = run([stack("fuse_qkv", 1.5)], complete=False)
+    record.protocol = PROTOCOL
     record.config = {"model": {"name": "flux-mini"}, "bench": {"iterations": 5}, "resume": True}
     record.baseline.stats["reference"] = save_reference(tmp_path / REFERENCE_FILE, samples)
     config = dict(record.config)
@@ -83,6 +85,8 @@ def test_only_a_reference_that_matches_its_record_is_resumed_from(tmp_path):
     assert not can_resume(record, {**config, "bench": {"iterations": 3}}, tmp_path)
     assert not can_resume(dataclasses.replace(record, complete=True), config, tmp_path)
     assert not can_resume(dataclasses.replace(record, edited=["x"]), config, tmp_path)
+    for other in (None, PROTOCOL - 1):  # measured under another protocol, or before records kept it
+        assert not can_resume(dataclasses.replace(record, protocol=other), config, tmp_path)
     (tmp_path / REFERENCE_FILE).write_bytes(b"not the baseline's outputs")
     assert not can_resume(record, config, tmp_path)
     (tmp_path / REFERENCE_FILE).unlink()
