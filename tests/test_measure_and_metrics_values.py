@@ -40,6 +40,29 @@ def test_a_generation_uses_the_requested_shapes_and_records_prompt_and_seed(tiny
     assert 0 < per_step < total
 
 
+def test_a_generation_passes_every_setting_to_the_pipeline_and_seeds_it(tiny_pipe, monkeypatch):
+    """The same prompt and seed give the same latents for every stack only if the settings and a
+    generator seeded with that seed reach the pipeline; fluxopt's own progress replaces diffusers' bar."""
+    seen = {}
+    pipeline_call = type(tiny_pipe).__call__
+
+    def spy(self, *args, **kwargs):
+        seen.update(kwargs)
+        return pipeline_call(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(tiny_pipe), "__call__", spy)
+    shapes = Shapes(height=64, width=32, steps=3, guidance_scale=2.5, max_sequence_length=24)
+    caller = PipelineCaller(tiny_pipe, shapes, detect_device("cpu"))
+    assert tiny_pipe._progress_bar_config.get("disable") is True
+    first, again, other = caller("a square", 7)[0], caller("a square", 7)[0], caller("a square", 8)[0]
+    assert {k: seen[k] for k in ("prompt", "height", "width", "num_inference_steps", "guidance_scale",
+                                 "max_sequence_length", "output_type", "callback_on_step_end_tensor_inputs")} == {
+        "prompt": "a square", "height": 64, "width": 32, "num_inference_steps": 3, "guidance_scale": 2.5,
+        "max_sequence_length": 24, "output_type": "np", "callback_on_step_end_tensor_inputs": ["latents"]}
+    assert seen["generator"].initial_seed() == 8
+    assert torch.equal(first.latents, again.latents) and not torch.equal(first.latents, other.latents)
+
+
 def _sample(image, latents=None, prompt="p"):
     return Sample(prompt=prompt, seed=0, image=image, latents=torch.zeros(1, 4) if latents is None else latents)
 
