@@ -98,7 +98,11 @@ def not_run_reason(record: RunRecord) -> str:
         return "not run: the baseline failed"
     if record.job_crash:
         return f"not run (job process died: {record.job_crash})"
-    return "not run (the job was interrupted)" if not record.complete else "not run"
+    if record.interrupted:
+        return "not run (the job was interrupted)"
+    # written after every stack: an unfinished record that no signal marked is what a job left
+    # when it was stopped without warning (its machine gone, SIGKILL)
+    return "not run (the job ended before it)" if not record.complete else "not run"
 
 
 def not_run(record: RunRecord) -> list[str]:

@@ -307,8 +307,13 @@ def test_summary_rows_show_noise_from_other_runs_warm_starts_and_what_was_not_ru
     row, machine = rows[("channels_last", "b")]
     assert "(noise)" not in row["speedup"] and row["warm start"] == "cold build" and row["device"] == "?"
     row, machine = rows[("compile", "b")]
-    assert row["status"] == "not run (the job was interrupted)" and machine["status"] == "not run"
+    assert row["status"] == "not run (the job ended before it)" and machine["status"] == "not run"
     assert len(rows) == 3
+    slow.interrupted = True
+    write(tmp_path / "b", slow)
+    rows = {(row["stack"], row["run"]): row for row, _ in summary_rows(
+        [read_record(tmp_path / n / "result.json") for n in ("a", "b")], tmp_path)}
+    assert rows[("compile", "b")]["status"] == "not run (the job was interrupted)"
 
 
 def test_the_verdict_sorts_failures_from_what_could_not_be_judged(tmp_path):
