@@ -17,7 +17,10 @@ CUDA events) and every kernel's time from torch.profiler over the replays. Varia
 - ``pointwise_autotune``: Inductor's ``max_autotune_pointwise``.
 - ``all``: every rewrite above together.
 - ``fused_qk``: q and k normed, rotated and cast by ``fluxopt::rms_norm_rope_fp8`` (Triton).
-- ``fused_qk_gelu``: ``fused_qk`` and ``gelu_sigmoid``.
+- ``fused_qk_gelu``: ``fused_qk`` and ``gelu_sigmoid`` (fp8_max's block).
+- ``gemm_autotune``: ``fused_qk_gelu`` with Inductor's ``max_autotune_gemm`` over ATen and Triton:
+  Triton templates of ``_scaled_mm`` that take the producers into their prologue and the consumers
+  into their epilogue compete with cuBLAS, and the faster is kept.
 
 Writes OUT_DIR/block_kernels.json and the generated code of ``product`` (OUT_DIR/code-*.py).
 """
@@ -39,8 +42,11 @@ from fluxopt_plugins.torchao_quant import TORCHAO_INDUCTOR_FLAGS
 
 IMG, TXT, DIM, HEADS, HEAD_DIM = 4096, 512, 3072, 24, 128
 VARIANTS = ("product", "gelu_sigmoid", "quant_mul", "rope_pairs", "pointwise_autotune", "all", "fused_qk",
-            "fused_qk_gelu")
-REWRITES = {"all": {"gelu_sigmoid", "quant_mul", "rope_pairs"}, "fused_qk_gelu": {"fused_qk", "gelu_sigmoid"}}
+            "fused_qk_gelu", "gemm_autotune")
+REWRITES = {"all": {"gelu_sigmoid", "quant_mul", "rope_pairs"}, "fused_qk_gelu": {"fused_qk", "gelu_sigmoid"},
+            "gemm_autotune": {"fused_qk", "gelu_sigmoid"}}
+INDUCTOR_FLAGS = {"pointwise_autotune": {"max_autotune_pointwise": True},
+                  "gemm_autotune": {"max_autotune_gemm": True, "max_autotune_gemm_backends": "ATEN,TRITON"}}
 
 
 def rope_pairs(x: torch.Tensor, freqs_cis: tuple[torch.Tensor, torch.Tensor], sequence_dim: int = 1,
@@ -140,9 +146,7 @@ def measure(kind: str, variant: str, out_dir: Path) -> dict[str, Any]:
     from torch._inductor.utils import run_and_get_code
 
     names = REWRITES.get(variant, {variant})
-    flags = dict(TORCHAO_INDUCTOR_FLAGS)
-    if variant == "pointwise_autotune":
-        flags["max_autotune_pointwise"] = True
+    flags = {**TORCHAO_INDUCTOR_FLAGS, **INDUCTOR_FLAGS.get(variant, {})}
     torch._dynamo.reset()
     with rewrites(names), inductor_config.patch(flags), torch.no_grad():
         block, inputs = build(kind, names)
@@ -166,7 +170,8 @@ def measure(kind: str, variant: str, out_dir: Path) -> dict[str, Any]:
         end.synchronize()
         times.append(start.elapsed_time(end))
     kernels = kernel_times(graph.replay)
-    gemm = sum(t for n, t in kernels.items() if n.startswith("nvjet") or "gemm" in n.lower())
+    # cuBLAS's kernels, and Inductor's GEMM templates (triton_tem_*) with what they fused
+    gemm = sum(t for n, t in kernels.items() if n.startswith("nvjet") or "gemm" in n.lower() or "_tem_" in n)
     attention = sum(t for n, t in kernels.items() if "sdpa" in n or "flash" in n)
     del graph, compiled, block
     torch.cuda.empty_cache()
@@ -178,7 +183,8 @@ def main(out_dir: str, variants: list[str]) -> None:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     record: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "results": {}}
-    plan = [("single", v) for v in variants] + [("double", v) for v in variants if v in ("product", "all", "fused_qk", "fused_qk_gelu")]
+    plan = [("single", v) for v in variants] + [("double", v) for v in variants if v in ("product", "all", "fused_qk", "fused_qk_gelu",
+                                                                               "gemm_autotune")]
     for kind, variant in plan:
         try:
             result = measure(kind, variant, out)
