@@ -185,6 +185,17 @@ def _symlinked_file(entry: Path) -> None:
     (entry / "model.pt2").symlink_to(target)
 
 
+def _world_writable_manifest(entry: Path) -> None:
+    os.chmod(entry / MANIFEST, 0o666)
+
+
+def _symlinked_manifest(entry: Path) -> None:
+    target = entry.parent / "elsewhere.json"
+    target.write_text((entry / MANIFEST).read_text())
+    (entry / MANIFEST).unlink()
+    (entry / MANIFEST).symlink_to(target)
+
+
 CORRUPTIONS = {
     "flipped byte": (_flip_byte, "checksum mismatch in model.pt2"),
     "truncated file": (_truncate, "truncated or changed file model.pt2"),
@@ -197,7 +208,13 @@ CORRUPTIONS = {
     "group-writable file": (_group_writable, "group- or world-writable"),
     "world-writable entry": (_world_writable_dir, "group- or world-writable"),
     "symlinked file": (_symlinked_file, "symbolic link"),
+    "world-writable manifest": (_world_writable_manifest, "group- or world-writable"),
+    "symlinked manifest": (_symlinked_manifest, "symbolic link"),
 }
+# corruptions found once the manifest was read: the verdict still carries it, so that
+# `fluxopt-cache ls` can say what a corrupt entry was built for
+MANIFEST_READ = {"flipped byte", "truncated file", "edited manifest checksum", "edited manifest key",
+                 "missing file", "unexpected file", "group-writable file", "symlinked file"}
 
 
 @pytest.mark.parametrize("corruption", list(CORRUPTIONS))
@@ -209,6 +226,11 @@ def test_corrupt_entry_is_detected_reported_and_rebuilt(cache, device, corruptio
     damage(entry)
     verdict = cache.verify(entry, full)
     assert not verdict.valid and reason in verdict.reason
+    if corruption in MANIFEST_READ:
+        assert verdict.manifest is not None and verdict.manifest["files"]
+        assert cache.inspect(entry).summary == artifacts.key_summary(verdict.manifest["key"]) != "-"
+    else:
+        assert verdict.manifest is None and cache.inspect(entry).summary == "-"
     with caplog.at_level(logging.WARNING, logger="fluxopt.artifacts"):
         again = cache.get("demo", full, build)
     assert build.calls == 2 and again.built and not again.cache_hit
@@ -264,6 +286,109 @@ def test_leftover_temp_dir_of_killed_build_is_ignored_and_pruned(cache, device):
     assert infos[leftover.name].status == "incomplete"
     assert cache_main(["--cache-dir", str(cache.root), "prune"]) == 0
     assert not leftover.exists() and cache.entry_path("demo", full).exists()
+
+
+def test_kind_names_that_would_leave_the_cache_or_hide_are_refused(cache):
+    for kind in ("", "a/b", "../x", ".hidden"):
+        with pytest.raises(ValueError, match="bad artifact kind"):
+            cache.entry_path(kind, KEY)
+    assert cache.entry_path("aoti", KEY) == cache.artifacts_dir / "aoti" / key_digest(KEY)
+
+
+def test_a_key_names_one_entry_whatever_the_order_of_its_fields():
+    reordered = {"options": {"a": 1}, "model": "tiny", "backend": "demo"}
+    assert key_digest(KEY) == key_digest(reordered) and len(key_digest(KEY)) == 24
+    assert artifacts._normalise({"b": (1, 2), "a": {"y": 1, "x": torch.float32}}) == \
+        {"a": {"x": "torch.float32", "y": 1}, "b": [1, 2]}
+    assert list(artifacts._normalise({"b": 1, "a": 2})) == ["a", "b"]  # written into manifests sorted
+    assert key_digest({"dtype": torch.float32}) == key_digest({"dtype": "torch.float32"})
+
+
+def test_a_build_is_written_hidden_beside_its_entry_with_private_modes(cache, device):
+    full = entry_key(KEY, device)
+    target = cache.entry_path("demo", full)
+    seen = []
+
+    def build(tmp: Path) -> None:
+        seen.append(tmp)
+        write_files(tmp)
+        (tmp / "run.sh").write_text("#!/bin/sh\n")
+        os.chmod(tmp / "run.sh", 0o755)
+
+    result = cache.get("demo", full, build)
+    # beside the entry (one rename publishes it) and named so that `fluxopt-cache` knows a leftover
+    assert seen[0].parent == target.parent and seen[0].name.startswith(f".{target.name}.")
+    assert stat.S_IMODE((result.path / "model.pt2").stat().st_mode) == 0o600
+    assert stat.S_IMODE((result.path / "run.sh").stat().st_mode) == 0o700
+    manifest = json.loads((result.path / MANIFEST).read_text())
+    assert manifest["kind"] == "demo" and manifest["summary"] == artifacts.key_summary(full)
+
+
+def test_a_get_reports_its_times_and_the_entry_size(cache, device):
+    from fluxopt.files import dir_size
+
+    full = entry_key(KEY, device)
+
+    def slow(tmp: Path) -> None:
+        time.sleep(0.05)
+        write_files(tmp)
+
+    start = time.perf_counter()
+    built = cache.get("demo", full, slow)
+    elapsed = time.perf_counter() - start
+    assert 0.05 <= built.build_s <= elapsed and 0 <= built.verify_s < built.build_s
+    assert built.size_bytes == dir_size(built.path) > 1400 and built.waited_for_other_builder is False
+    assert (built.rebuilt, built.nearest) == (None, None)
+    stats = built.to_stats()
+    assert stats == {"path": str(built.path), "cache_hit": False, "built": True, "verify_s": round(built.verify_s, 4),
+                     "size_bytes": built.size_bytes, "build_s": round(built.build_s, 4)}
+    hit = cache.get("demo", full, slow)
+    assert 0 <= hit.verify_s <= time.perf_counter() - start - elapsed and hit.size_bytes == built.size_bytes
+    assert hit.to_stats() == {"path": str(hit.path), "cache_hit": True, "built": False,
+                              "verify_s": round(hit.verify_s, 4), "size_bytes": hit.size_bytes}
+
+
+def test_looking_up_an_absent_entry_discards_nothing(cache, device, caplog):
+    full = entry_key(KEY, device)
+    with caplog.at_level(logging.WARNING, logger="fluxopt.artifacts"):
+        assert cache.lookup("demo", full) == (None, None)
+    assert not caplog.records
+    entry = cache.get("demo", full, Builder()).path
+    assert cache.lookup("demo", full) == (entry, None)
+    _flip_byte(entry)
+    with caplog.at_level(logging.WARNING, logger="fluxopt.artifacts"):
+        assert cache.lookup("demo", full) == (None, "checksum mismatch in model.pt2")
+    assert "discarding" in caplog.text and "checksum mismatch in model.pt2" in caplog.text and not entry.exists()
+
+
+def test_an_entry_says_what_it_is_for_and_why_it_cannot_be_used_here(cache, device):
+    from fluxopt.files import file_lock
+
+    shapes = {"height": 64, "width": 48, "max_sequence_length": 128}
+    full = entry_key({**KEY, "shapes": shapes, "dtype": "torch.bfloat16"}, H100)
+    torch_version = full["versions"]["torch"]
+    assert artifacts.key_summary(full) == f"tiny 64x48/seq128 bfloat16 NVIDIA H100 80GB HBM3 torch {torch_version}"
+    assert artifacts.key_summary({}) == "- - torch None"
+    info = cache.inspect(cache.get("demo", full, Builder()).path)
+    assert (info.kind, info.status, info.reason, info.building) == ("demo", "valid", None, False)
+    assert info.stale_for(H100) is None
+    assert info.stale_for(DeviceInfo(type="cpu", name="cpu")).startswith("built for another device ({")
+    older = dict(info.key, versions={**info.key["versions"], "torch": "1.0.0", "diffusers": "0.1"})
+    assert artifacts.EntryInfo(**{**info.__dict__, "key": older}).stale_for(H100) == \
+        "built for other package versions (diffusers, torch)"
+    portable = {k: v for k, v in info.key.items() if k not in ("device", "runtime", "versions")}
+    assert artifacts.EntryInfo(**{**info.__dict__, "key": portable}).stale_for(DeviceInfo(type="cpu", name="c")) is None
+    assert artifacts.EntryInfo(**{**info.__dict__, "key": None}).stale_for(H100) is None
+    with file_lock(info.path.with_name(info.path.name + ".lock")):
+        assert cache.inspect(info.path).building is True
+    leftover = info.path.with_name(f".{info.path.name}.xyz")
+    leftover.mkdir()
+    (leftover / "part.bin").write_bytes(b"12345")
+    left = cache.inspect(leftover)
+    assert (left.status, left.reason, left.summary, left.size_bytes) == \
+        ("incomplete", "leftover of an interrupted build", "-", 5)
+    with file_lock(info.path.with_name(info.path.name + ".lock")):
+        assert cache.inspect(leftover).building is True  # its build still holds the entry's lock
 
 
 # ---------------------------------------------------------------------------------- processes
