@@ -391,6 +391,58 @@ def test_an_entry_says_what_it_is_for_and_why_it_cannot_be_used_here(cache, devi
         assert cache.inspect(leftover).building is True  # its build still holds the entry's lock
 
 
+def test_ls_tells_an_unfinished_entry_from_a_corrupt_one_and_dates_it_by_its_build(cache, device):
+    full = entry_key(KEY, device)
+    entry = cache.get("demo", full, Builder()).path
+    created = json.loads((entry / MANIFEST).read_text())["created"]
+    os.utime(entry, (created - 5000, created - 5000))
+    assert cache.inspect(entry).mtime == created
+    _flip_byte(entry)
+    assert cache.inspect(entry).status == "corrupt"
+    _drop_manifest(entry)
+    info = cache.inspect(entry)
+    assert (info.status, info.reason, info.mtime) == ("incomplete", "incomplete entry (no manifest)", entry.lstat().st_mtime)
+
+
+def test_a_removal_in_progress_is_listed_with_the_lock_of_its_entry(cache, device):
+    from fluxopt.files import file_lock
+
+    entry = cache.get("demo", entry_key(KEY, device), Builder()).path
+    trash = entry.with_name(f".trash-{entry.name}-123-456")
+    trash.mkdir()
+    lock = entry.with_name(entry.name + ".lock")
+    assert cache.inspect(trash).building is False
+    with file_lock(lock):
+        assert cache.inspect(trash).building is True and cache.inspect(trash).kind == "demo"
+
+
+def test_removing_a_link_removes_the_link_only(cache, tmp_path):
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "data.bin").write_bytes(b"x")
+    link = private_dir(cache.artifacts_dir / "demo") / "0123"
+    link.symlink_to(kept, target_is_directory=True)
+    ArtifactCache.remove(link)
+    assert not link.is_symlink() and (kept / "data.bin").read_bytes() == b"x"
+    assert [p.name for p in link.parent.iterdir()] == []
+
+
+def test_stale_names_the_part_of_the_key_that_differs(cache, device):
+    info = cache.inspect(cache.get("demo", entry_key(KEY, H100), Builder()).path)
+
+    def stale(**changes):
+        return artifacts.EntryInfo(**{**info.__dict__, "key": {**info.key, **changes}}).stale_for(H100)
+
+    assert stale(cache_format=2) == "built for another cache format (2)"
+    assert stale(runtime={**info.key["runtime"], "cuda": "9.9"}).startswith("built for another runtime ({")
+    # a part the entry was keyed without is skipped, not the end of the check
+    without_format = {k: v for k, v in info.key.items() if k != "cache_format"}
+    other_gpu = {**without_format, "device": {**info.key["device"], "name": "NVIDIA A100"}}
+    assert artifacts.EntryInfo(**{**info.__dict__, "key": other_gpu}).stale_for(H100).startswith("built for another device")
+    # a package installed only here, or only when it was built, counts too
+    assert stale(versions={**info.key["versions"], "extra-pkg": "1.0"}) == "built for other package versions (extra-pkg)"
+
+
 # ---------------------------------------------------------------------------------- processes
 CONCURRENT_BUILDER = textwrap.dedent("""
     import json, os, sys, time
