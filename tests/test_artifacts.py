@@ -288,6 +288,18 @@ def test_leftover_temp_dir_of_killed_build_is_ignored_and_pruned(cache, device):
     assert not leftover.exists() and cache.entry_path("demo", full).exists()
 
 
+def test_the_cache_lives_where_the_environment_says(monkeypatch, tmp_path):
+    """$FLUXOPT_CACHE_DIR, else $XDG_CACHE_HOME/fluxopt, else ~/.cache/fluxopt."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("FLUXOPT_CACHE_DIR", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    assert artifacts.default_cache_dir() == tmp_path / "home" / ".cache" / "fluxopt"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert artifacts.default_cache_dir() == tmp_path / "xdg" / "fluxopt"
+    monkeypatch.setenv("FLUXOPT_CACHE_DIR", "~/mine")
+    assert artifacts.default_cache_dir() == tmp_path / "home" / "mine"
+
+
 def test_kind_names_that_would_leave_the_cache_or_hide_are_refused(cache):
     for kind in ("", "a/b", "../x", ".hidden"):
         with pytest.raises(ValueError, match="bad artifact kind"):
