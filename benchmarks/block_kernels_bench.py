@@ -45,6 +45,8 @@ VARIANTS = ("product", "gelu_sigmoid", "quant_mul", "rope_pairs", "pointwise_aut
             "fused_qk_gelu", "gemm_autotune")
 REWRITES = {"all": {"gelu_sigmoid", "quant_mul", "rope_pairs"}, "fused_qk_gelu": {"fused_qk", "gelu_sigmoid"},
             "gemm_autotune": {"fused_qk", "gelu_sigmoid"}}
+# the variants worth a double block too (the others change what only a single block holds, or little)
+DOUBLE_BLOCK_VARIANTS = ("product", "all", "fused_qk", "fused_qk_gelu", "gemm_autotune")
 INDUCTOR_FLAGS = {"pointwise_autotune": {"max_autotune_pointwise": True},
                   "gemm_autotune": {"max_autotune_gemm": True, "max_autotune_gemm_backends": "ATEN,TRITON"}}
 
@@ -183,8 +185,7 @@ def main(out_dir: str, variants: list[str]) -> None:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     record: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "results": {}}
-    plan = [("single", v) for v in variants] + [("double", v) for v in variants if v in ("product", "all", "fused_qk", "fused_qk_gelu",
-                                                                               "gemm_autotune")]
+    plan = [("single", v) for v in variants] + [("double", v) for v in variants if v in DOUBLE_BLOCK_VARIANTS]
     for kind, variant in plan:
         try:
             result = measure(kind, variant, out)
