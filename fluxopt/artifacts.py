@@ -102,7 +102,7 @@ def key_summary(full_key: Mapping[str, Any]) -> str:
     if full_key.get("dtype"):
         parts.append(str(full_key["dtype"]).removeprefix("torch."))
     parts.append(str(device.get("name") or device.get("type") or "-"))
-    parts.append(f"torch {versions.get('torch')}")
+    parts.append(f"torch {versions.get('torch') or '-'}")
     return " ".join(parts)
 
 
