@@ -33,7 +33,8 @@ def benchmark(pipe: Any, stacks: Sequence[Any], *,
               prompts: Sequence[str] | None = None, seed: int | None = None, height: int | None = None,
               width: int | None = None, steps: int | None = None, guidance_scale: float | None = None,
               max_sequence_length: int | None = None, warmup: int | None = None, iterations: int | None = None,
-              max_time_s: float | None = None, fidelity: Mapping[str, Mapping[str, float]] | None = None,
+              max_time_s: float | None = None, target_rse: float | None = None,
+              fidelity: Mapping[str, Mapping[str, float]] | None = None,
               trained: bool = True, name: str = "your pipeline", output_dir: str | Path | None = None,
               save_images: bool = True) -> RunRecord:
     """Measure each stack (a backend name, a list of names or options objects, or names -> options)
@@ -54,7 +55,7 @@ def benchmark(pipe: Any, stacks: Sequence[Any], *,
         raise ConfigError(f"fidelity={fidelity!r} is not allowed: a mapping like {{'lossless': {{'psnr': 40}}}}")
     given = {"seed": seed, "steps": steps, "height": height, "width": width, "guidance_scale": guidance_scale,
              "max_sequence_length": max_sequence_length, "warmup": warmup, "iterations": iterations,
-             "max_time_s": max_time_s, "prompts": None if prompts is None else list(prompts)}
+             "max_time_s": max_time_s, "target_rse": target_rse, "prompts": None if prompts is None else list(prompts)}
     settings = {"model": {"name": name}, "fidelity": dict(fidelity or {}), "save_images": save_images,
                 "bench": {k: v for k, v in given.items() if v is not None}}
     config = run_config(settings)

@@ -49,6 +49,16 @@ def check_seconds(setting: str, value: Any, when_null: str) -> float | None:
     return value
 
 
+def check_fraction(setting: str, value: Any, when_null: str) -> float | None:
+    """``value`` as a fraction strictly between 0 and 1, or None, else ConfigError naming the
+    setting, the rule and what null means (``when_null``)."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                              or not 0 < value < 1):
+        raise ConfigError(f"{setting}={value!r} is not allowed: a fraction between 0 and 1, e.g. 0.005 "
+                          f"(or null: {when_null})")
+    return value
+
+
 def check_side(setting: str, value: Any) -> int:
     value = check_int(setting, value, 16, SIDE_RULE, MAX_SIDE)
     if value % 16:
@@ -135,6 +145,11 @@ class BenchConfig:
     # timed on fewer calls, never fewer than one warm-up and two timed (a spread needs two), so a
     # bake-off's length is set by its fast stacks. None: every call runs.
     max_time_s: Optional[float] = None
+    # The timing stops early once the mean latency is known to this relative standard error
+    # (std / sqrt(n) / mean, after at least 3 timed calls), as torch.utils.benchmark's
+    # adaptive_autorange stops on a precision target: a steady stack is timed on fewer calls, a
+    # noisy one on all of them. None: every timed call runs.
+    target_rse: Optional[float] = None
     # torch.profiler trace of one denoising step per stack (profiles/<stack>.json) and a breakdown
     # (GEMM, attention, quantize, norm/elementwise, other, GPU idle, % of the analytic floor)
     profile: bool = False
@@ -147,6 +162,7 @@ class BenchConfig:
         check_int("bench.warmup", self.warmup, 0, "an integer >= 0 (untimed calls before timing)")
         check_int("bench.iterations", self.iterations, 1, "an integer >= 1 (timed calls)")
         check_seconds("bench.max_time_s", self.max_time_s, "every warm-up and timed call runs")
+        check_fraction("bench.target_rse", self.target_rse, "every timed call runs")
         if self.steps is not None:
             check_int("bench.steps", self.steps, 1, "an integer >= 1")
         for name in ("height", "width"):
@@ -342,9 +358,10 @@ def run_id() -> str:
 BENCHES = {
     "quick": BenchConfig(name="quick"),  # the model's steps and resolution: a smoke test
     # published numbers: FLUX.1-dev's 1024x1024 and 28 steps, more timed calls; a stack slower than
-    # 6 s an image (a datacenter GPU's bf16 baseline takes about 5) is timed on fewer of them
+    # 6 s an image (a datacenter GPU's bf16 baseline takes about 5) is timed on fewer of them, and so
+    # is one whose mean is known to 0.5 % after 3 (on a datacenter GPU most stacks are)
     "full": BenchConfig(name="full", height=DEV_DEFAULTS.height, width=DEV_DEFAULTS.width, steps=DEV_DEFAULTS.steps,
-                        warmup=2, iterations=5, max_time_s=30.0),
+                        warmup=2, iterations=5, max_time_s=30.0, target_rse=0.005),
 }
 
 

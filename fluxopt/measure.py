@@ -169,28 +169,49 @@ def memory_outside_torch() -> int:
     return total - free - torch.cuda.memory_reserved()
 
 
-def bounded_calls(count: int, minimum: int, max_time_s: float | None) -> Iterator[int]:
+# Timed calls before the precision target (bench.target_rse) may stop the timing: a standard error
+# estimated from two calls is itself too uncertain to stop on.
+MIN_PRECISE_CALLS = 3
+
+
+def bounded_calls(count: int, minimum: int, max_time_s: float | None,
+                  done: Callable[[], bool] | None = None) -> Iterator[int]:
     """The indices of ``count`` calls, cut short once ``max_time_s`` has passed since the first
     started and at least ``minimum`` have run (pytest-benchmark's max_time): a slow stack costs
-    a bounded time, while a fast one still makes every call."""
+    a bounded time, while a fast one still makes every call. ``done`` (asked before each call
+    after the first ``minimum``) ends them early when it says the calls so far are enough."""
     started = time.perf_counter()
     for i in range(count):
         if i >= minimum and max_time_s is not None and time.perf_counter() - started >= max_time_s:
             return
+        if i >= minimum and done is not None and done():
+            return
         yield i
+
+
+def precise_enough(totals: Sequence[float], target_rse: float | None) -> bool:
+    """Whether the mean of ``totals`` is known well enough to stop timing: at least
+    MIN_PRECISE_CALLS of them, with a relative standard error of the mean (LatencyStats.rse) at or
+    below ``target_rse`` (None: never; every planned call runs)."""
+    if target_rse is None or len(totals) < MIN_PRECISE_CALLS:
+        return False
+    rse = LatencyStats.from_samples(totals).rse
+    return rse is not None and rse <= target_rse
 
 
 def measure(gen: PipelineCaller, prompts: Sequence[str], seed: int, warmup: int, iterations: int,
             on_phase: Callable[[str], None] | None = None, meter: EnergyMeter | None = None,
-            outside_before: int | None = None, max_time_s: float | None = None) -> Measurement:
+            outside_before: int | None = None, max_time_s: float | None = None,
+            target_rse: float | None = None) -> Measurement:
     """``warmup`` untimed calls (the first of them is the first call, lazy compilation and capture
     included), then ``iterations`` timed calls; both cycle over the prompts, prompt ``i`` with seed
     ``seed + i`` (the same inputs for every stack). The fidelity outputs are the first timed call of
     each prompt, so they come from the steady state the timing measures and cost no generation of
     their own; a prompt the timing did not reach gets one untimed call after it. With
     ``max_time_s``, the warm-up stops after one call and the timing after two once each has spent
-    that long. ``on_phase`` is told when the warm-up and timing phases start, so a failure can be
-    attributed to one; ``meter`` reads the GPU's energy around the warm-up and each timed call (after
+    that long; with ``target_rse``, the timing stops once :func:`precise_enough` says the mean
+    latency is known to that relative standard error. ``on_phase`` is told when the warm-up and
+    timing phases start, so a failure can be attributed to one; ``meter`` reads the GPU's energy around the warm-up and each timed call (after
     a sync, so each call's work is done). On a GPU, ``outside_before`` (:func:`memory_outside_torch`
     read before the pipeline was loaded or the stack applied) adds what was allocated outside
     PyTorch's allocator since to the peak."""
@@ -215,7 +236,7 @@ def measure(gen: PipelineCaller, prompts: Sequence[str], seed: int, warmup: int,
         on_phase("timing")
         warmup_energy = spent(warmup_start, meter.read())
         totals, steps, energy, samples = [], [], [], []
-        for i in bounded_calls(iterations, 2, max_time_s):
+        for i in bounded_calls(iterations, 2, max_time_s, done=lambda: precise_enough(totals, target_rse)):
             before = meter.read()
             sample, total, per_step = call(i)
             energy.append(spent(before, meter.read()))

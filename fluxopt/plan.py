@@ -52,6 +52,7 @@ class RunPlan:
     config: RunConfig
     detach: bool = False  # run the command in the background (fluxopt.scale.detach)
     max_time_s: float | None = None  # the warm-up's and the timing's time limit (bench.max_time_s)
+    target_rse: float | None = None  # the precision that ends the timing early (bench.target_rse)
 
 
 def selected_backends(cfg: Any) -> dict[str, Any]:
@@ -139,7 +140,8 @@ def plan_run(cfg: Any, stacks: list[Stack] | None = None, check_memory: bool = T
         chosen, explicit = tuple(build_stack([name]) for name in sorted(plugins.backends())), False
     plan = RunPlan(device=device, spec=spec, dtype=dtype, shapes=shapes, prompts=prompts, seed=config.bench.seed,
                    warmup=config.bench.warmup, iterations=config.bench.iterations, stacks=chosen, explicit=explicit,
-                   cache_dir=cache_dir, config=config, detach=config.detach, max_time_s=config.bench.max_time_s)
+                   cache_dir=cache_dir, config=config, detach=config.detach, max_time_s=config.bench.max_time_s,
+                   target_rse=config.bench.target_rse)
     if check_requirements:
         check_runnable(plan)
     return plan

@@ -77,6 +77,14 @@ class LatencyStats:
                    std=statistics.stdev(xs) if len(xs) > 1 else None, min=xs[0], max=xs[-1],
                    p90=float(np.percentile(xs, 90)), n=len(xs), samples=[float(s) for s in samples])
 
+    @property
+    def rse(self) -> float | None:
+        """Relative standard error of the mean (std / sqrt(n) / mean): how well the samples pin the
+        mean down, which more samples improve and the spread of single calls (std) does not."""
+        if self.std is None or self.mean <= 0:
+            return None
+        return self.std / math.sqrt(self.n) / self.mean
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

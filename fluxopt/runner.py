@@ -123,7 +123,7 @@ class Run:
         """The bench's measurement of ``gen``, the same for the baseline and every stack."""
         p = self.plan
         return measure(gen, p.prompts, p.seed, warmup=p.warmup, iterations=p.iterations, max_time_s=p.max_time_s,
-                       meter=self.meter, on_phase=on_phase, outside_before=outside_before)
+                       target_rse=p.target_rse, meter=self.meter, on_phase=on_phase, outside_before=outside_before)
 
     def _outside_torch(self) -> int | None:
         return memory_outside_torch() if self.plan.device.is_gpu else None

@@ -56,6 +56,7 @@ def test_benchmark_measures_stacks_on_the_users_pipeline_and_leaves_it_as_it_was
     ({"stacks": ["fuse_qkv"], "seed": -1}, "bench.seed=-1 is not allowed"),
     ({"stacks": ["fuse_qkv"], "warmup": -1}, "bench.warmup=-1 is not allowed"),
     ({"stacks": ["fuse_qkv"], "max_time_s": 0}, "bench.max_time_s=0.0 is not allowed"),
+    ({"stacks": ["fuse_qkv"], "target_rse": 2}, "bench.target_rse=2.0 is not allowed: a fraction between 0 and 1"),
     ({"stacks": ["fuse_qkv"], "guidance_scale": float("nan")}, "bench.guidance_scale=nan is not allowed"),
 ])
 def test_benchmark_refuses_bad_input_before_running(tiny_pipe, tmp_path, kwargs, message):

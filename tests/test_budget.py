@@ -174,3 +174,86 @@ def test_a_slow_stack_is_timed_on_fewer_calls_end_to_end(tmp_path, plugin_env):
     assert data["baseline"]["latency"]["n"] == 3 and data["stacks"][0]["latency"]["n"] == 2
     report = (tmp_path / "report.md").read_text()
     assert "bench.max_time_s" in report and "(n=2)" in report
+
+
+@pytest.mark.parametrize(("seconds", "timed"), [
+    ([9.0, 5.0] + [5.0] * 5, 3),  # steady: the mean is exact after the 3 calls a standard error needs
+    ([9.0, 5.0] + [4.0, 6.0, 4.0, 6.0, 4.0], 5),  # noisy (rse 7 %, then 5 %): every planned call
+    ([9.0, 5.0] + [5.0, 5.2, 5.0, 5.05, 5.0], 4),  # rse 1.3 % after 3 calls, 0.9 % after 4
+])
+def test_the_timing_stops_once_the_mean_is_known_to_the_target_precision(monkeypatch, seconds, timed):
+    """bench.target_rse: after at least 3 timed calls, none more starts once the relative standard
+    error of the mean is at or below the target; the warm-up is untouched."""
+    import fluxopt.measure as measure_module
+
+    clock, calls = _Clock(), []
+    monkeypatch.setattr(measure_module, "time", clock)
+    m = measure_module.measure(_caller(clock, seconds, calls), ["a", "b"], 0, warmup=2, iterations=5,
+                               target_rse=0.01)
+    assert m.latency.n == timed and len(calls) == 2 + timed and m.latency.samples == seconds[2:2 + timed]
+    assert [s.prompt for s in m.samples] == ["a", "b"]
+    clock.now, calls[:] = 0.0, []
+    unbounded = measure_module.measure(_caller(clock, seconds, calls), ["a", "b"], 0, warmup=2, iterations=5)
+    assert unbounded.latency.n == 5
+
+
+def test_the_precision_target_and_the_time_limit_each_stop_the_timing(monkeypatch):
+    """Whichever comes first: a slow, noisy stack still stops at max_time_s with two calls."""
+    import fluxopt.measure as measure_module
+
+    clock, calls = _Clock(), []
+    monkeypatch.setattr(measure_module, "time", clock)
+    m = measure_module.measure(_caller(clock, [20.0, 10.0, 30.0, 10.0], calls), ["a"], 0, warmup=1,
+                               iterations=5, max_time_s=15, target_rse=0.01)
+    assert m.latency.samples == [10.0, 30.0]
+
+
+@pytest.mark.parametrize(("totals", "target", "enough"), [
+    ([5.0, 5.0], 0.5, False),  # two calls never suffice, however close
+    ([5.0, 5.0, 5.0], 0.001, True),
+    ([2.0, 4.0, 3.0], 0.2, True),  # std 1, n 3, mean 3: rse 0.19245
+    ([2.0, 4.0, 3.0], 0.19, False),
+    ([5.0, 5.0, 5.0], None, False),  # no target: every planned call runs
+])
+def test_precise_enough(totals, target, enough):
+    from fluxopt.measure import precise_enough
+
+    assert precise_enough(totals, target) is enough
+
+
+def test_relative_standard_error_of_the_mean():
+    from fluxopt.record import LatencyStats
+
+    assert LatencyStats.from_samples([2.0, 4.0]).rse == pytest.approx(2 ** 0.5 / 2 ** 0.5 / 3)
+    assert LatencyStats.from_samples([2.0, 4.0, 3.0, 3.0]).rse == pytest.approx(0.8165 / 2 / 3, rel=1e-4)
+    assert LatencyStats.from_samples([3.0]).rse is None  # one sample: no spread measured
+
+
+@pytest.mark.parametrize(("value", "rule"), [("-1", "fraction between 0 and 1"), ("0", "fraction between 0 and 1"),
+                                             ("1", "fraction between 0 and 1"), ("1.5", "fraction between 0 and 1"),
+                                             ("nan", "fraction between 0 and 1"), ("abc", "Float"), ("true", "Float")])
+def test_target_rse_must_be_a_fraction(value, rule):
+    with pytest.raises(ConfigError, match=rf"^bench\.target_rse(=|: ).*{value}.*{rule}"):
+        run_config({"bench": {"target_rse": value}})
+
+
+def test_the_full_bench_stops_on_precision_and_the_report_says_so():
+    from fluxopt.config import BENCHES
+    from fluxopt.report.tables import timed_calls
+
+    assert BENCHES["full"].target_rse is not None and BENCHES["quick"].target_rse is None
+    text = timed_calls({"iterations": 5, "max_time_s": 30.0, "target_rse": 0.005})
+    assert text == ("5 timed calls (at least 2 once they took 30 s: bench.max_time_s; at least 3 once the mean "
+                    "was known to 0.5 % relative standard error: bench.target_rse; n in the table where fewer)")
+    assert timed_calls({"iterations": 5, "max_time_s": None, "target_rse": None}) == "5 timed calls"
+
+
+def test_a_steady_stack_is_timed_on_fewer_calls_end_to_end(tmp_path):
+    """On the tiny model a 50 % target is met after the 3 calls a standard error needs."""
+    proc = run_cli("+backend=fuse_qkv", "bench.iterations=6", "bench.target_rse=0.5", "save_images=false",
+                   f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = read_result(tmp_path)
+    assert data["baseline"]["latency"]["n"] == 3 and data["stacks"][0]["latency"]["n"] == 3
+    report = (tmp_path / "report.md").read_text()
+    assert "bench.target_rse" in report and "(n=3)" in report

@@ -96,3 +96,17 @@ def test_mutation_scores_count_each_status():
                "    fluxopt.a.xǁCǁm__mutmut_1: timeout\n    fluxopt.b.x_g__mutmut_1: not checked\n")
     assert counts(listing) == {"fluxopt.a": {"killed": 1, "survived": 1, "timeout": 1},
                                "fluxopt.b": {"not checked": 1}}
+
+
+def test_the_readmes_replayed_precision_saving_is_what_the_replay_prints():
+    """The README's estimate of what bench.target_rse saves comes from benchmarks/replay_target_rse.py
+    on the record it names; the figures in the text are the script's output today."""
+    record = REPO / "docs" / "results" / "2026-12-03-h200-default-cold-4" / "result.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "replay_target_rse.py"), str(record)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    *stacks, summary = proc.stdout.strip().splitlines()
+    stopped, minutes = summary.split(" stack(s) stop early, saving ")[0], summary.split("saving ")[1].split()[0]
+    readme = " ".join((REPO / "README.md").read_text().split())
+    assert f"{stopped} of its {len(stacks)} timed stacks would have stopped" in readme
+    assert f"taking {minutes} minutes off" in readme

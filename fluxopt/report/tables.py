@@ -37,7 +37,8 @@ def speedup_text(r: StackRecord, within: bool | None = None) -> str:
 
 
 def planned_iterations(record: RunRecord) -> int | None:
-    """The timed calls the run's bench asked for (a stack over ``bench.max_time_s`` got fewer)."""
+    """The timed calls the run's bench asked for (a stack over ``bench.max_time_s``, or precise
+    enough for ``bench.target_rse``, got fewer)."""
     return (record.config.get("bench") or {}).get("iterations")
 
 
@@ -203,10 +204,15 @@ MEMORY_KINDS = {
 
 def timed_calls(bench: dict[str, Any]) -> str:
     """How many timed calls each stack got, as the bench settings say."""
-    if bench.get("max_time_s") is None:
+    cuts = []
+    if bench.get("max_time_s") is not None:
+        cuts.append(f"at least 2 once they took {bench['max_time_s']:g} s: bench.max_time_s")
+    if bench.get("target_rse") is not None:
+        cuts.append(f"at least 3 once the mean was known to {100 * bench['target_rse']:g} % relative "
+                    "standard error: bench.target_rse")
+    if not cuts:
         return f"{bench.get('iterations')} timed calls"
-    return (f"{bench.get('iterations')} timed calls (at least 2 once they took {bench['max_time_s']:g} s: "
-            "bench.max_time_s; n in the table where fewer)")
+    return f"{bench.get('iterations')} timed calls ({'; '.join(cuts)}; n in the table where fewer)"
 
 
 def render_run_markdown(data: RunRecord) -> str:
