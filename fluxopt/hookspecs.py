@@ -177,8 +177,9 @@ def fluxopt_expected_durations(model: str, device: str, shapes: Shapes, stacks: 
     :param device: the device's name as records hold it (``NVIDIA H200``; a CPU's model name).
     :param shapes: the run's resolved :class:`fluxopt.Shapes` (``height``, ``width``, ``steps``...).
     :param stacks: the names of the planned stacks, in order (the baseline runs before them).
-    :param generations: the generations the baseline makes: its warm-up and timed calls, and one
-        more for each prompt the timed calls do not reach (:func:`fluxopt.measure.measure`).
+    :param generations: the most generations the baseline makes: its warm-up and timed calls, and
+        one more for each prompt the timed calls do not reach (:func:`fluxopt.measure.measure`;
+        ``bench.max_time_s`` and ``bench.target_rse`` can end the calls sooner).
     :param config: the run's settings as a plain dict, as ``fluxopt_run_started`` gets them
         (``store``, ``bench``...).
     :return: wall seconds expected per stack name (``baseline`` included) on this machine, for
