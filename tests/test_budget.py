@@ -221,6 +221,14 @@ def test_precise_enough(totals, target, enough):
     assert precise_enough(totals, target) is enough
 
 
+def test_a_mean_known_exactly_to_the_target_is_precise_enough():
+    from fluxopt.measure import precise_enough
+    from fluxopt.record import LatencyStats
+
+    totals = [2.0, 4.0, 3.0]
+    assert precise_enough(totals, LatencyStats.from_samples(totals).rse)  # "at or below"
+
+
 def test_relative_standard_error_of_the_mean():
     from fluxopt.record import LatencyStats
 
