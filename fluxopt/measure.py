@@ -211,8 +211,8 @@ def measure(gen: PipelineCaller, prompts: Sequence[str], seed: int, warmup: int,
     ``max_time_s``, the warm-up stops after one call and the timing after two once each has spent
     that long; with ``target_rse``, the timing stops once :func:`precise_enough` says the mean
     latency is known to that relative standard error. ``on_phase`` is told when the warm-up and
-    timing phases start, so a failure can be attributed to one; ``meter`` reads the GPU's energy around the warm-up and each timed call (after
-    a sync, so each call's work is done). On a GPU, ``outside_before`` (:func:`memory_outside_torch`
+    timing phases start, so a failure can be attributed to one; ``meter`` reads the GPU's energy
+    around the warm-up and each timed call (after a sync, so each call's work is done). On a GPU, ``outside_before`` (:func:`memory_outside_torch`
     read before the pipeline was loaded or the stack applied) adds what was allocated outside
     PyTorch's allocator since to the peak."""
     on_phase = on_phase or (lambda name: None)
