@@ -4,6 +4,7 @@ what benchmarks/results_table.py renders from its JSON today."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -98,15 +99,18 @@ def test_mutation_scores_count_each_status():
                                "fluxopt.b": {"not checked": 1}}
 
 
-def test_the_readmes_replayed_precision_saving_is_what_the_replay_prints():
-    """The README's estimate of what bench.target_rse saves comes from benchmarks/replay_target_rse.py
-    on the record it names; the figures in the text are the script's output today."""
+def test_the_readmes_replayed_saving_is_what_the_replay_prints():
+    """The README's estimate of what bench=full's target_rse and single warm-up save comes from
+    benchmarks/replay_measurement.py on the record it names; the figures in the text are the
+    script's output today."""
     record = REPO / "docs" / "results" / "2026-12-03-h200-default-cold-4" / "result.json"
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "replay_target_rse.py"), str(record)],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "replay_measurement.py"), str(record),
+                           "--warmup", "1"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     *stacks, summary = proc.stdout.strip().splitlines()
-    stopped, minutes = summary.split(" stack(s) stop early, saving ")[0], summary.split("saving ")[1].split()[0]
+    # stacks stopped, minutes; warm-up calls, minutes; first calls within 3 % (its "3" skipped)
+    numbers = re.findall(r"\d+(?:\.\d+)?", summary)
     readme = " ".join((REPO / "README.md").read_text().split())
-    assert f"{stopped} of its {len(stacks)} timed stacks would have stopped" in readme
-    assert f"taking {minutes} minutes off" in readme
+    assert (f"{numbers[0]} of its {len(stacks)} timed stacks would have stopped after 3 or 4 calls, taking "
+            f"{numbers[1]} minutes off, and {numbers[2]} warm-up calls fewer would take {numbers[3]} more") in readme
+    assert f"in that run {numbers[4]} of the {len(stacks)} first calls were already within 3 %" in readme
