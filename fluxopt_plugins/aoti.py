@@ -263,10 +263,28 @@ def probe_load(path: Path) -> None:
                         "use backend=compile instead")
 
 
+def open_package(path: Path, single_threaded: bool) -> Any:
+    """The package's model, as ``torch._inductor.aoti_load_package`` returns it, without the
+    description of the host that function makes first. That description serves only an advisory
+    "device information mismatch" warning, and to name the CPU's vector ISA Inductor compiles and
+    loads a test library per ISA in child processes; before torch 2.13 each child imports torch,
+    which cost a warm aoti build most of its 42 s on the H200 (pytorch#191715). fluxopt's cache key
+    already holds the GPU, torch and compiler a package was built with. The loader is built as
+    torch's own ``load_package`` builds it for packages its archive reader cannot read; a torch
+    whose loader takes other arguments loads through the public function."""
+    from torch._inductor.package.package import AOTICompiledModel
+
+    try:
+        loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", single_threaded, 1, -1)
+    except (AttributeError, TypeError):
+        return torch._inductor.aoti_load_package(str(path), run_single_threaded=single_threaded)
+    return AOTICompiledModel(loader)
+
+
 def load_package(path: Path, module: torch.nn.Module | None, prefix: str, single_threaded: bool) -> Any:
     """Load an AOTI package; with ``module``, copy its live tensors into the package's constants
     (a copy the package owns and frees with it; see the module docstring for why not zero-copy)."""
-    compiled = torch._inductor.aoti_load_package(str(path), run_single_threaded=single_threaded)
+    compiled = open_package(path, single_threaded)
     if module is not None:
         live = {f"{prefix}.{name}": t.detach()
                 for name, t in itertools.chain(module.named_parameters(), module.named_buffers())}

@@ -141,6 +141,68 @@ def test_load_probe_turns_a_crashing_loader_into_an_error(monkeypatch, tmp_path)
         aoti_module.probe_load(tmp_path / "transformer.pt2")
 
 
+# A fresh process counts Inductor's per-ISA test builds while it loads a package, with fluxopt's
+# load_package (argv[2] == "fluxopt") or with torch's aoti_load_package, and runs the package.
+_COUNT_ISA_CHECKS = """
+import sys
+from pathlib import Path
+
+import torch
+from torch._inductor import cpu_vec_isa
+
+checked, real = [], cpu_vec_isa.VecISA.check_build
+cpu_vec_isa.VecISA.check_build = lambda self, code: checked.append(str(self)) or real(self, code)
+if sys.argv[2] == "fluxopt":
+    from fluxopt_plugins.aoti import load_package
+    model = load_package(Path(sys.argv[1]), None, "", single_threaded=False)
+else:
+    model = torch._inductor.aoti_load_package(sys.argv[1])
+print(len(checked), cpu_vec_isa.valid_vec_isa_list.cache_info().currsize, float(model(torch.ones(2, 4)).sum()))
+"""
+
+
+def test_loading_a_package_checks_no_cpu_isa(tmp_path):
+    """aoti_load_package checks each CPU vector ISA by building and loading a test library (in
+    torch 2.11, a child process importing torch for each: 42 s of a warm aoti build on the H200),
+    only to word an advisory warning. fluxopt's load skips that description of the host, computes
+    what the package computes, and leaves Inductor's ISA list to the first compile that needs it."""
+    import os
+    import subprocess
+    import sys
+
+    linear = torch.nn.Linear(4, 4)
+    with torch.no_grad():
+        linear.weight.fill_(0.5)
+        linear.bias.fill_(0.25)
+    program = torch.export.export(linear, (torch.ones(2, 4),), strict=False)
+    path = torch._inductor.aoti_compile_and_package(program, package_path=str(tmp_path / "p.pt2"))
+    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_VEC_ISA_OK"}
+
+    def load(loader: str) -> tuple[int, int, float]:
+        proc = subprocess.run([sys.executable, "-c", _COUNT_ISA_CHECKS, path, loader], capture_output=True,
+                              text=True, env=env, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        checks, cached, total = proc.stdout.split()[-3:]
+        return int(checks), int(cached), float(total)
+
+    as_torch_does = load("torch")
+    assert as_torch_does[2] == 18.0  # 2 x 4 outputs of 4 * 0.5 + 0.25
+    if as_torch_does[0] == 0:
+        pytest.skip("this CPU offers Inductor no vector ISA to check")
+    assert load("fluxopt") == (0, 0, 18.0)
+
+
+def test_a_torch_whose_loader_takes_other_arguments_loads_through_the_public_function(monkeypatch, tmp_path):
+    import fluxopt_plugins.aoti as aoti_module
+
+    def other_signature(*args):
+        raise TypeError("__init__(): incompatible constructor arguments")
+
+    monkeypatch.setattr(torch._C._aoti, "AOTIModelPackageLoader", other_signature)
+    monkeypatch.setattr(torch._inductor, "aoti_load_package", lambda path, run_single_threaded: (path, run_single_threaded))
+    assert aoti_module.open_package(tmp_path / "p.pt2", True) == (str(tmp_path / "p.pt2"), True)
+
+
 def test_load_probe_reports_an_unloadable_package(tmp_path):
     from fluxopt_plugins.aoti import AotiLoadError, probe_load
 
