@@ -271,12 +271,12 @@ def open_package(path: Path, single_threaded: bool) -> Any:
     which cost a warm aoti build most of its 42 s on the H200 (pytorch#191715). fluxopt's cache key
     already holds the GPU, torch and compiler a package was built with. The loader is built as
     torch's own ``load_package`` builds it for packages its archive reader cannot read; a torch
-    whose loader takes other arguments loads through the public function."""
-    from torch._inductor.package.package import AOTICompiledModel
-
+    whose loader is elsewhere or takes other arguments loads through the public function."""
     try:
+        from torch._inductor.package.package import AOTICompiledModel
+
         loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", single_threaded, 1, -1)
-    except (AttributeError, TypeError):
+    except (ImportError, AttributeError, TypeError):
         return torch._inductor.aoti_load_package(str(path), run_single_threaded=single_threaded)
     return AOTICompiledModel(loader)
 
