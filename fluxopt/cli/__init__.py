@@ -365,6 +365,9 @@ def run_job(cfg: DictConfig) -> RunRecord | None:
         raise
     except Exception as exc:  # noqa: BLE001 - one line for the user, the traceback in the log
         # (Hydra would print its own traceback for anything that leaves the task function.)
+        if OUTCOME.signalled:
+            OUTCOME.interrupted_dir = output_dir
+            _interrupted_by_now(exc)
         if isinstance(exc, FluxoptError):
             message = str(exc)
         else:
@@ -391,6 +394,16 @@ class Outcome:
 
     failed: list[str] = dataclasses.field(default_factory=list)
     interrupted_dir: Path | None = None
+    signalled: bool = False  # Ctrl-C or SIGTERM arrived
+
+
+def _interrupted_by_now(exc: BaseException) -> None:
+    """Raise KeyboardInterrupt (from ``exc``) when a signal has arrived: a signal can land inside a
+    library (Hydra's and OmegaConf's config building, an import), whose own cleanup then fails
+    with an error of its own. That error is the interrupt's consequence, so the verdict is
+    "interrupted" (exit 130), not the error."""
+    if OUTCOME.signalled:
+        raise KeyboardInterrupt from exc
 
 
 OUTCOME = Outcome()
@@ -398,7 +411,9 @@ OUTCOME = Outcome()
 _hydra_main = hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_MODULE}", config_name="config")(run_job)
 
 
-def _terminate(signum: int, frame: Any) -> None:
+def _interrupt(signum: int, frame: Any) -> None:
+    """Ctrl-C and SIGTERM: noted (see :func:`_interrupted_by_now`), then a KeyboardInterrupt."""
+    OUTCOME.signalled = True
     raise KeyboardInterrupt
 
 
@@ -433,9 +448,14 @@ def _sweep(argv: list[str], sweep_dir: Path) -> list[str]:
 
 
 def main() -> None:
-    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
     try:
-        _main(sys.argv[1:])
+        try:
+            _main(sys.argv[1:])
+        except Exception as exc:  # noqa: BLE001 - re-raised unless a signal came first
+            _interrupted_by_now(exc)
+            raise
     except KeyboardInterrupt:
         where = OUTCOME.interrupted_dir
         console.error("interrupted" + (f"; partial results in {where}" if where else ""))
@@ -451,6 +471,7 @@ def _main(argv: list[str]) -> None:
         plans = preflight(argv)  # first, so bad input is answered here, not in a background log
         status = _launch(argv, plans, multirun=sweep_dir is not None)
     except FluxoptError as exc:
+        _interrupted_by_now(exc)
         console.error(str(exc))
         sys.exit(exc.exit_status)
     if status is not None:
@@ -473,6 +494,7 @@ def _main(argv: list[str]) -> None:
             console.error("interrupted before any result was written")
         sys.exit(ExitStatus.INTERRUPTED)
     except FluxoptError as exc:
+        _interrupted_by_now(exc)
         console.error(str(exc))
         sys.exit(exc.exit_status)
     if failed:

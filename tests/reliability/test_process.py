@@ -55,3 +55,34 @@ def test_a_bad_installed_plugin_is_one_line_naming_it_and_exit_2(tmp_path, sourc
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert says in lines[0], lines[0]
+
+
+def test_an_error_a_signal_causes_inside_a_library_ends_as_the_interrupt(monkeypatch, capsys):
+    """A signal can land inside a library whose cleanup then raises an error of its own (seen:
+    OmegaConf building a config, "'NoneType' object has no attribute '_invalidate_flags_cache'",
+    exit 2). That error is the interrupt's consequence: one line, exit 130."""
+    import fluxopt.cli as cli
+    from fluxopt.errors import ConfigError
+
+    def preflight(argv):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises in here
+        except KeyboardInterrupt:
+            raise ConfigError("bench: 'NoneType' object has no attribute '_invalidate_flags_cache'") from None
+        raise AssertionError("no signal arrived")
+
+    monkeypatch.setattr(cli, "preflight", preflight)
+    monkeypatch.setattr(cli, "OUTCOME", cli.Outcome())
+    monkeypatch.setattr(sys, "argv", ["fluxopt"])
+    monkeypatch.setenv(cli.INVOCATION_ENV, "test")
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with pytest.raises(SystemExit) as exited:
+            cli.main()
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    err = capsys.readouterr().err
+    assert exited.value.code == 130, err
+    assert err.strip().splitlines()[-1].startswith("fluxopt: error: interrupted"), err
