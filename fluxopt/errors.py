@@ -27,6 +27,22 @@ class ExitStatus(enum.IntEnum):
     INTERRUPTED = 130  # Ctrl-C / SIGINT / SIGTERM; partial results are kept, marked incomplete
 
 
+# Ctrl-C and SIGTERM noted by the command line's handler, which then raises KeyboardInterrupt.
+_signals: list[int] = []
+
+
+def note_signal(signum: int) -> None:
+    """Record that ``signum`` arrived; the handler raises KeyboardInterrupt after it."""
+    _signals.append(signum)
+
+
+def signal_arrived() -> bool:
+    """Whether Ctrl-C or SIGTERM has arrived. A signal can land inside a library whose own cleanup
+    then fails with an error of its own (OmegaConf building a config, a backend mid-call): an error
+    raised once a signal has arrived is the interrupt's consequence and ends as the interrupt."""
+    return bool(_signals)
+
+
 class FluxoptError(Exception):
     """Base class: the message says what is wrong and what to do about it."""
 

@@ -36,7 +36,7 @@ from fluxopt.config import measurement_config, recorded_config
 from fluxopt.context import StackContext
 from fluxopt.energy import EnergyMeter, spent
 from fluxopt.environment import capture_environment
-from fluxopt.errors import DiskFullError, FluxoptError
+from fluxopt.errors import DiskFullError, FluxoptError, signal_arrived
 from fluxopt.fidelity import evaluate
 from fluxopt.files import file_sha256, save_image_atomic, write_atomic, write_text_atomic
 from fluxopt.measure import PROTOCOL, PipelineCaller, Measured, Measurement, Sample, measure, memory_outside_torch
@@ -194,6 +194,14 @@ class Run:
         self._release()
         return m.samples
 
+    def _record_interrupt(self, result: StackRecord, started: float) -> None:
+        """The stack an interrupt stopped, with the phase it reached and the time it took, so the
+        record says what was lost (it is measured again on resume)."""
+        result.status, result.phase = Status.FAILED.value, self.phase.value
+        result.reason = f"{INTERRUPTED}{self.phase.value} after {time.perf_counter() - started:.0f} s"
+        result.elapsed_s = time.perf_counter() - started
+        self.results.append(result)
+
     def measure_stack(self, stack: Stack, reference: list[Sample]) -> StackRecord:
         result = StackRecord(stack=stack.name, backends=stack.names, status=Status.OK.value,
                              options=stack.options_dict(), lossless=stack.is_lossless())
@@ -223,15 +231,14 @@ class Run:
             result.reason = f"over budget: stopped during {self.phase.value} after {elapsed:.0f} s ({which})"
             log.warning("stack %s: %s", stack.name, result.reason)
         except KeyboardInterrupt:
-            # recorded with the phase it reached and the time it took, so the record says what was lost
-            result.status, result.phase = Status.FAILED.value, self.phase.value
-            result.reason = f"interrupted during {self.phase.value} after {time.perf_counter() - started:.0f} s"
-            result.elapsed_s = time.perf_counter() - started
-            self.results.append(result)
+            self._record_interrupt(result, started)
             raise
         except DiskFullError:
             raise
         except Exception as exc:  # noqa: BLE001 - any backend failure is recorded, the run goes on
+            if signal_arrived():  # the interrupt's consequence, not the backend's failure
+                self._record_interrupt(result, started)
+                raise KeyboardInterrupt from exc
             result.status, result.phase = Status.FAILED.value, self.phase.value
             if isinstance(exc, torch.OutOfMemoryError):
                 result.reason = "out of memory: " + str(exc).splitlines()[0]

@@ -37,7 +37,8 @@ from fluxopt import plugins, sweep
 from fluxopt.cli import console
 from fluxopt.config import RunConfig, recorded_config, register_configs, run_config
 from fluxopt.environment import INVOCATION_ENV, in_torchrun, rank, scratch_dir, writes_results
-from fluxopt.errors import ConfigError, ExitStatus, FluxoptError, UnavailableError, did_you_mean
+from fluxopt.errors import (ConfigError, ExitStatus, FluxoptError, UnavailableError, did_you_mean, note_signal,
+                            signal_arrived)
 from fluxopt.files import move_aside, write_text_atomic
 from fluxopt.plan import RunPlan, check_runnable, check_writable_dir, plan_run
 from fluxopt.record import (
@@ -365,7 +366,7 @@ def run_job(cfg: DictConfig) -> RunRecord | None:
         raise
     except Exception as exc:  # noqa: BLE001 - one line for the user, the traceback in the log
         # (Hydra would print its own traceback for anything that leaves the task function.)
-        if OUTCOME.signalled:
+        if signal_arrived():
             OUTCOME.interrupted_dir = output_dir
             _interrupted_by_now(exc)
         if isinstance(exc, FluxoptError):
@@ -394,15 +395,12 @@ class Outcome:
 
     failed: list[str] = dataclasses.field(default_factory=list)
     interrupted_dir: Path | None = None
-    signalled: bool = False  # Ctrl-C or SIGTERM arrived
 
 
 def _interrupted_by_now(exc: BaseException) -> None:
-    """Raise KeyboardInterrupt (from ``exc``) when a signal has arrived: a signal can land inside a
-    library (Hydra's and OmegaConf's config building, an import), whose own cleanup then fails
-    with an error of its own. That error is the interrupt's consequence, so the verdict is
-    "interrupted" (exit 130), not the error."""
-    if OUTCOME.signalled:
+    """Raise KeyboardInterrupt (from ``exc``) when a signal has arrived (see
+    :func:`fluxopt.errors.signal_arrived`): the verdict is then "interrupted" (exit 130), not ``exc``."""
+    if signal_arrived():
         raise KeyboardInterrupt from exc
 
 
@@ -412,8 +410,8 @@ _hydra_main = hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_MODULE}
 
 
 def _interrupt(signum: int, frame: Any) -> None:
-    """Ctrl-C and SIGTERM: noted (see :func:`_interrupted_by_now`), then a KeyboardInterrupt."""
-    OUTCOME.signalled = True
+    """Ctrl-C and SIGTERM: noted (see :func:`fluxopt.errors.signal_arrived`), then a KeyboardInterrupt."""
+    note_signal(signum)
     raise KeyboardInterrupt
 
 

@@ -62,6 +62,7 @@ def test_an_error_a_signal_causes_inside_a_library_ends_as_the_interrupt(monkeyp
     OmegaConf building a config, "'NoneType' object has no attribute '_invalidate_flags_cache'",
     exit 2). That error is the interrupt's consequence: one line, exit 130."""
     import fluxopt.cli as cli
+    import fluxopt.errors as errors
     from fluxopt.errors import ConfigError
 
     def preflight(argv):
@@ -74,6 +75,7 @@ def test_an_error_a_signal_causes_inside_a_library_ends_as_the_interrupt(monkeyp
 
     monkeypatch.setattr(cli, "preflight", preflight)
     monkeypatch.setattr(cli, "OUTCOME", cli.Outcome())
+    monkeypatch.setattr(errors, "_signals", [])
     monkeypatch.setattr(sys, "argv", ["fluxopt"])
     monkeypatch.setenv(cli.INVOCATION_ENV, "test")
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -86,3 +88,45 @@ def test_an_error_a_signal_causes_inside_a_library_ends_as_the_interrupt(monkeyp
     err = capsys.readouterr().err
     assert exited.value.code == 130, err
     assert err.strip().splitlines()[-1].startswith("fluxopt: error: interrupted"), err
+
+
+@pytest.mark.parametrize("signalled", [True, False])
+def test_a_backend_error_after_a_signal_ends_the_run_as_interrupted(monkeypatch, tmp_path, signalled):
+    """Inside a stack the same rule holds: an error raised once a signal has arrived stops the run
+    as interrupted (the stack recorded with the phase it reached, the rest not run); without a
+    signal the error is the stack's failure and the run goes on."""
+    import json
+
+    from hydra import compose, initialize_config_module
+
+    import fluxopt.errors as errors
+    from fluxopt.config import register_configs
+    from fluxopt.runner import Run
+    from fluxopt.stack import build_stack
+
+    monkeypatch.setattr(errors, "_signals", [])
+    real = Run._apply_build_measure
+
+    def failing(self, stack, result, reference, label):
+        if stack.name == "fuse_qkv":
+            if signalled:
+                errors.note_signal(signal.SIGTERM)
+            raise RuntimeError("a library's cleanup failed")
+        return real(self, stack, result, reference, label)
+
+    monkeypatch.setattr(Run, "_apply_build_measure", failing)
+    register_configs()
+    with initialize_config_module(config_module="fluxopt.conf", version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["bench.iterations=1", "bench.steps=2", "save_images=false"])
+    run = Run(cfg, tmp_path, stacks=[build_stack("fuse_qkv"), build_stack("channels_last")])
+    if signalled:
+        with pytest.raises(KeyboardInterrupt):
+            run.execute()
+        data = json.loads((tmp_path / "result.json").read_text())
+        assert data["complete"] is False and data["interrupted"] is True
+        assert [s["stack"] for s in data["stacks"]] == ["fuse_qkv"]
+        assert data["stacks"][0]["reason"].startswith("interrupted during ")
+    else:
+        data = run.execute().to_json()
+        assert [(s["stack"], s["status"]) for s in data["stacks"]] == [("fuse_qkv", "failed"), ("channels_last", "ok")]
+        assert data["stacks"][0]["reason"] == "RuntimeError: a library's cleanup failed"
