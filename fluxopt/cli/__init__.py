@@ -366,9 +366,9 @@ def run_job(cfg: DictConfig) -> RunRecord | None:
         raise
     except Exception as exc:  # noqa: BLE001 - one line for the user, the traceback in the log
         # (Hydra would print its own traceback for anything that leaves the task function.)
-        if signal_arrived():
+        if signal_arrived():  # the interrupt's consequence (see _interrupted_by_now)
             OUTCOME.interrupted_dir = output_dir
-            _interrupted_by_now(exc)
+            raise KeyboardInterrupt from exc
         if isinstance(exc, FluxoptError):
             message = str(exc)
         else:
