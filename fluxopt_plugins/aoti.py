@@ -83,7 +83,8 @@ SELF_CHECK_TOLERANCE = {torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16
 QUANTIZED_SELF_CHECK_TOLERANCE = 0.25
 TRANSFORMER_PACKAGE = "transformer.pt2"
 VAE_PACKAGE = "vae_decoder.pt2"
-PROBE_CODE = "import sys, torch; torch._inductor.aoti_load_package(sys.argv[1])"
+# the child loads the package as this process will (open_package)
+PROBE_CODE = "import sys; from pathlib import Path; from fluxopt_plugins.aoti import open_package; open_package(Path(sys.argv[1]), False)"
 PROBE_TIMEOUT_S = 600
 
 
