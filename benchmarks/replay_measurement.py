@@ -11,16 +11,19 @@ from __future__ import annotations
 
 import argparse
 
-from fluxopt.measure import precise_enough
+from fluxopt.measure import bounded_calls, precise_enough
 from fluxopt.record import StackRecord, read_record
 
 
 def warmup_calls(stack: StackRecord, warmup: int, max_time_s: float | None) -> int:
-    """The warm-up calls ``stack`` made (or would make) with ``warmup`` asked for: after the first,
-    none starts once ``max_time_s`` has passed (fluxopt.measure.bounded_calls)."""
-    made, elapsed = min(warmup, 1), stack.first_call_s or 0.0
-    while made < warmup and (max_time_s is None or elapsed < max_time_s):
-        made, elapsed = made + 1, elapsed + stack.latency.median
+    """The warm-up calls ``stack`` made (or would make) with ``warmup`` asked for, by the rule the
+    measurement applies (fluxopt.measure.bounded_calls), on a clock that advances by the recorded
+    first call and then by the stack's median latency."""
+    durations = [stack.first_call_s or 0.0] + [stack.latency.median] * warmup
+    elapsed, made = [0.0], 0
+    for i in bounded_calls(warmup, 1, max_time_s, clock=lambda: elapsed[0]):
+        elapsed[0] += durations[i]
+        made += 1
     return made
 
 

@@ -175,14 +175,16 @@ MIN_PRECISE_CALLS = 3
 
 
 def bounded_calls(count: int, minimum: int, max_time_s: float | None,
-                  done: Callable[[], bool] | None = None) -> Iterator[int]:
+                  done: Callable[[], bool] | None = None, clock: Callable[[], float] | None = None) -> Iterator[int]:
     """The indices of ``count`` calls, cut short once ``max_time_s`` has passed since the first
     started and at least ``minimum`` have run (pytest-benchmark's max_time): a slow stack costs
     a bounded time, while a fast one still makes every call. ``done`` (asked before each call
-    after the first ``minimum``) ends them early when it says the calls so far are enough."""
-    started = time.perf_counter()
+    after the first ``minimum``) ends them early when it says the calls so far are enough.
+    ``clock`` (default ``time.perf_counter``) lets a replay of recorded calls apply the same rule."""
+    clock = clock or time.perf_counter
+    started = clock()
     for i in range(count):
-        if i >= minimum and max_time_s is not None and time.perf_counter() - started >= max_time_s:
+        if i >= minimum and max_time_s is not None and clock() - started >= max_time_s:
             return
         if i >= minimum and done is not None and done():
             return
