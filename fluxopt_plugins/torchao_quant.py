@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -81,6 +81,13 @@ class TorchaoInt4Options(TorchaoOptions):
     # auto (preshuffled on Hopper where mslk is installed, else tile_packed_to_4d) | tile_packed_to_4d
     # (tinygemm: any CUDA GPU, no extra package, made for decoding) | plain | preshuffled (mslk)
     packing_format: str = "auto"
+
+
+@dataclass
+class TorchaoInt8DynamicOptions(TorchaoOptions):
+    # cuBLAS's int8 GEMM takes nn.Linear's [N, K] weight as it is stored, through its transposed view
+    # (column-major); false: torchao's own eager path, which copies it row-major on every call
+    column_major_weight: bool = True
 
 
 class _TorchaoBackend(Backend):
@@ -215,13 +222,49 @@ class TorchaoInt8(_TorchaoBackend):
 
 
 class TorchaoInt8Dynamic(_TorchaoBackend):
+    """Why the weight's layout is the stack's business: torchao 0.18's eager int8 linear hands
+    ``torch._int_mm`` the weight's transposed view, and its ``safe_int_mm`` copies that to row-major
+    before every call. On the H200, cuBLAS runs FLUX's GEMMs with that row-major right-hand matrix
+    at about 112 int8 TOPS, against 615-820 with the column-major view, which gives the same
+    integers (docs/results/2026-12-04-h200-int8-mm-layout.json): the stack ran at a seventh of
+    bf16's speed. With ``column_major_weight`` the stack swaps in a ``safe_int_mm``
+    that passes the view as it is wherever cuBLAS takes it, and leaves every other case (CPU,
+    torch.compile's tracing, shapes cuBLAS refuses) to torchao's."""
+
     name = "torchao_int8_dynamic"
     description = "torchao dynamic int8 activations + int8 weights (Int8DynamicActivationInt8WeightConfig); CPU and GPU"
+    options_class = TorchaoInt8DynamicOptions
 
-    def make_config(self, options: TorchaoOptions) -> Any:
+    def make_config(self, options: TorchaoInt8DynamicOptions) -> Any:
         from torchao.quantization import Int8DynamicActivationInt8WeightConfig
 
         return Int8DynamicActivationInt8WeightConfig()
+
+    def quantize(self, pipe: Any, options: TorchaoInt8DynamicOptions, ctx: StackContext) -> None:
+        if options.column_major_weight:
+            from torchao.kernel import intmm
+
+            ctx.set_attr(f"{self.name}: int8 GEMMs on the column-major weight (torchao.kernel.intmm.safe_int_mm)",
+                         intmm, "safe_int_mm", column_major_int_mm(intmm.safe_int_mm))
+        super().quantize(pipe, options, ctx)
+
+
+def column_major_int_mm(safe_int_mm: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+                        ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``safe_int_mm`` that calls ``torch._int_mm`` on a column-major ``mat2`` as it is, where
+    cuBLAS takes it: plain CUDA tensors outside tracing, a contiguous input of more than 16 rows, and
+    inner and outer sizes that are multiples of 8 (``torch._int_mm``'s own conditions). Anything
+    else goes to ``safe_int_mm`` unchanged."""
+
+    def int_mm(input: torch.Tensor, mat2: torch.Tensor) -> torch.Tensor:
+        if (type(input) is torch.Tensor and type(mat2) is torch.Tensor and input.is_cuda and mat2.is_cuda
+                and not torch.compiler.is_compiling() and input.dim() == 2 and mat2.dim() == 2
+                and input.is_contiguous() and mat2.t().is_contiguous() and input.shape[0] > 16
+                and input.shape[1] % 8 == 0 and mat2.shape[1] % 8 == 0 and input.shape[1] == mat2.shape[0]):
+            return torch._int_mm(input, mat2)
+        return safe_int_mm(input, mat2)
+
+    return int_mm
 
 
 def resolve_int4_packing(packing_format: str, device: Any) -> str:

@@ -264,6 +264,68 @@ def test_torchao_min_features_skips_small_layers():
         apply(tiny_pipe(), {"torchao_int8": {"min_features": sizes[-1] + 1}})
 
 
+@pytest.mark.parametrize("column_major", [True, False])
+def test_torchao_int8_dynamic_swaps_safe_int_mm_by_name_and_close_restores_it(column_major):
+    from torchao.kernel import intmm
+
+    torchao_own = intmm.safe_int_mm
+    pipe = tiny_pipe()
+    with apply(pipe, {"torchao_int8_dynamic": {"column_major_weight": column_major}}) as applied:
+        swapped = [c for c in applied.changes["torchao_int8_dynamic"] if "safe_int_mm" in c]
+        assert (intmm.safe_int_mm is not torchao_own) == column_major
+        assert len(swapped) == column_major
+        generate(pipe)  # the CPU never reaches safe_int_mm (torchao's CPU path), the swap must not break it
+    assert intmm.safe_int_mm is torchao_own
+
+
+def _int8(*shape, seed=0, device="cpu"):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(-127, 128, shape, generator=gen, dtype=torch.int8).to(device)
+
+
+@pytest.mark.parametrize("case", ["cpu", "fake", "row-major"])
+def test_column_major_int_mm_leaves_what_cublas_does_not_take_to_torchao(case):
+    """Only plain CUDA tensors with a column-major weight take the direct call; everything else,
+    the CPU, tracing's fake tensors and a weight already row-major, is torchao's call."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fluxopt_plugins.torchao_quant import column_major_int_mm
+
+    calls = []
+
+    def torchao_own(a, b):
+        calls.append((a, b))
+        return a.to(torch.int32) @ b.to(torch.int32)
+
+    a, weight = _int8(32, 64), _int8(48, 64, seed=1)
+    b = weight.t().contiguous() if case == "row-major" else weight.t()
+    if case == "fake":
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            a, b = mode.from_tensor(a), mode.from_tensor(b)
+            column_major_int_mm(torchao_own)(a, b)
+    else:
+        assert torch.equal(column_major_int_mm(torchao_own)(a, b), a.to(torch.int32) @ b.to(torch.int32))
+    assert len(calls) == 1 and calls[0][1] is b
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("rows, outcome", [(4608, "direct"), (16, "torchao")])
+def test_column_major_int_mm_on_cuda_passes_the_view_and_matches_torchao(rows, outcome, monkeypatch):
+    """The direct call gets the weight's transposed view uncopied and gives torchao's integers; 16
+    rows or fewer (``torch._int_mm`` refuses them) stay torchao's."""
+    from torchao.kernel import intmm
+
+    from fluxopt_plugins.torchao_quant import column_major_int_mm
+
+    a, weight = _int8(rows, 3072, device="cuda"), _int8(1024, 3072, seed=1, device="cuda")
+    expected = intmm.safe_int_mm(a, weight.t())
+    seen, int_mm = [], torch._int_mm
+    monkeypatch.setattr(torch, "_int_mm", lambda x, y: seen.append(y.is_contiguous()) or int_mm(x, y))
+    assert torch.equal(column_major_int_mm(intmm.safe_int_mm)(a, weight.t()), expected)
+    assert seen == ([False] if outcome == "direct" else [])
+
+
 @pytest.mark.parametrize("prompts", [[], ["a cat", "  "]])
 def test_torchao_fp8_static_needs_calibration_prompts(prompts):
     with pytest.raises(ConfigError, match="calibration_prompts must be a non-empty list of non-empty prompts"):
