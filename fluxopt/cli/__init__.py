@@ -20,7 +20,7 @@ import signal
 import sys
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import hydra
 from hydra import compose, initialize_config_module
@@ -409,6 +409,16 @@ OUTCOME = Outcome()
 _hydra_main = hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_MODULE}", config_name="config")(run_job)
 
 
+def _exit_interrupted() -> NoReturn:
+    """Exit 130, also when the interrupt surfaced from code run by ``exec`` of a string (dataclasses
+    build their methods that way, so an interrupt landing in an import often does). CPython marks a
+    KeyboardInterrupt that leaves an exec'd string as unhandled, even one caught later, and under
+    ``python -m`` nothing clears the mark: at exit the interpreter would kill itself with SIGINT
+    (status -2), whatever status was asked for. Running a string that succeeds clears it."""
+    exec("pass")  # noqa: S102 - a constant; it resets the interpreter's unhandled-interrupt mark
+    sys.exit(ExitStatus.INTERRUPTED)
+
+
 def _interrupt(signum: int, frame: Any) -> None:
     """Ctrl-C and SIGTERM: noted (see :func:`fluxopt.errors.signal_arrived`), then a KeyboardInterrupt."""
     note_signal(signum)
@@ -457,7 +467,7 @@ def main() -> None:
     except KeyboardInterrupt:
         where = OUTCOME.interrupted_dir
         console.error("interrupted" + (f"; partial results in {where}" if where else ""))
-        sys.exit(ExitStatus.INTERRUPTED)
+        _exit_interrupted()
 
 
 def _main(argv: list[str]) -> None:
@@ -490,7 +500,7 @@ def _main(argv: list[str]) -> None:
                           f"command with hydra.run.dir={OUTCOME.interrupted_dir}")
         else:
             console.error("interrupted before any result was written")
-        sys.exit(ExitStatus.INTERRUPTED)
+        _exit_interrupted()
     except FluxoptError as exc:
         _interrupted_by_now(exc)
         console.error(str(exc))

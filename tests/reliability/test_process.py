@@ -57,6 +57,20 @@ def test_a_bad_installed_plugin_is_one_line_naming_it_and_exit_2(tmp_path, sourc
     assert says in lines[0], lines[0]
 
 
+def test_an_interrupt_from_inside_an_exec_string_still_exits_130(tmp_path):
+    """An interrupt that lands in code run by ``exec`` of a string (dataclasses build their methods
+    so, at import) leaves CPython's unhandled-interrupt mark set; under ``python -m`` the process
+    then died by SIGINT (status -2) after printing its one line. Here a plugin's import raises the
+    KeyboardInterrupt from inside an exec'd string, as such a signal would."""
+    source = "exec('raise KeyboardInterrupt')\n"
+    env = _installed_plugin(tmp_path, "fluxopt-interrupted", "interrupted_plugin", source)
+    proc = subprocess.run([sys.executable, "-m", "fluxopt", "bench.iterations=1"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 130, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert "Traceback" not in proc.stderr and lines[-1].startswith("fluxopt: error: interrupted"), proc.stderr[-2000:]
+
+
 def test_an_error_a_signal_causes_inside_a_library_ends_as_the_interrupt(monkeypatch, capsys):
     """A signal can land inside a library whose cleanup then raises an error of its own (seen:
     OmegaConf building a config, "'NoneType' object has no attribute '_invalidate_flags_cache'",
