@@ -2,7 +2,8 @@
 importing torch and diffusers takes seconds, and an interrupt that lands inside a C extension's
 import leaves it half-loaded (a later error, not a KeyboardInterrupt). So while the CLI imports,
 Ctrl-C and SIGTERM are only noted; once the import is done, a noted signal ends the command with
-one line and exit 130, before anything runs."""
+one line and exit 130, before anything runs. The noting handler stays until the CLI's own replace
+it, and the CLI answers what it noted until then, so no instant is left to Python's defaults."""
 
 import signal
 import sys
@@ -15,15 +16,14 @@ def _note(signum: int, frame: object) -> None:
 
 
 def main() -> None:
-    previous = {sig: signal.signal(sig, _note) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _note)
     from fluxopt.cli import main as cli_main
 
     if _noted:
         print("fluxopt: error: interrupted while starting; nothing was run", file=sys.stderr)
         sys.exit(130)
-    signal.signal(signal.SIGINT, previous[signal.SIGINT])  # the CLI answers from here on
-    signal.signal(signal.SIGTERM, previous[signal.SIGTERM])
-    cli_main()
+    cli_main(noted=_noted)  # the list itself: a signal that lands before the CLI's handlers goes in it
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import shlex
 import signal
 import sys
 import traceback
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -455,11 +456,15 @@ def _sweep(argv: list[str], sweep_dir: Path) -> list[str]:
     return sweep.verdict_of(sweep_dir).reasons()
 
 
-def main() -> None:
+def main(noted: Sequence[int] = ()) -> None:
+    """The command. ``noted``: the signals ``fluxopt.__main__`` notes while the CLI imports, still
+    filling until the two handlers below replace its own; one there ends the command at once."""
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGINT, _interrupt)
     try:
         try:
+            if noted:
+                raise KeyboardInterrupt
             _main(sys.argv[1:])
         except Exception as exc:  # noqa: BLE001 - re-raised unless a signal came first
             _interrupted_by_now(exc)

@@ -71,6 +71,24 @@ def test_an_interrupt_from_inside_an_exec_string_still_exits_130(tmp_path):
     assert "Traceback" not in proc.stderr and lines[-1].startswith("fluxopt: error: interrupted"), proc.stderr[-2000:]
 
 
+def test_a_signal_noted_while_starting_is_answered_once_the_cli_takes_over(monkeypatch, capsys):
+    """fluxopt.__main__'s noting handler stays until the CLI installs its own; a signal noted in
+    between ends the command before anything runs, one line and exit 130."""
+    import fluxopt.cli as cli
+
+    monkeypatch.setattr(cli, "_main", lambda argv: pytest.fail("the command ran after the signal"))
+    monkeypatch.setattr(cli, "OUTCOME", cli.Outcome())
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with pytest.raises(SystemExit) as exited:
+            cli.main(noted=[signal.SIGTERM])
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    assert exited.value.code == 130
+    assert capsys.readouterr().err.strip().splitlines() == ["fluxopt: error: interrupted"]
+
+
 def test_an_error_a_signal_causes_inside_a_library_ends_as_the_interrupt(monkeypatch, capsys):
     """A signal can land inside a library whose cleanup then raises an error of its own (seen:
     OmegaConf building a config, "'NoneType' object has no attribute '_invalidate_flags_cache'",
