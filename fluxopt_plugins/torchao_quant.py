@@ -254,11 +254,12 @@ def column_major_int_mm(safe_int_mm: Callable[[torch.Tensor, torch.Tensor], torc
     """``safe_int_mm`` that calls ``torch._int_mm`` on a column-major ``mat2`` as it is, where
     cuBLAS takes it: plain CUDA tensors outside tracing, a contiguous input of more than 16 rows, and
     inner and outer sizes that are multiples of 8 (``torch._int_mm``'s own conditions). Anything
-    else goes to ``safe_int_mm`` unchanged."""
+    else goes to ``safe_int_mm`` unchanged, ROCm too: its int8 GEMMs with this layout are unmeasured."""
 
     def int_mm(input: torch.Tensor, mat2: torch.Tensor) -> torch.Tensor:
         if (type(input) is torch.Tensor and type(mat2) is torch.Tensor and input.is_cuda and mat2.is_cuda
-                and not torch.compiler.is_compiling() and input.dim() == 2 and mat2.dim() == 2
+                and torch.version.hip is None and not torch.compiler.is_compiling()
+                and input.dim() == 2 and mat2.dim() == 2
                 and input.is_contiguous() and mat2.t().is_contiguous() and input.shape[0] > 16
                 and input.shape[1] % 8 == 0 and mat2.shape[1] % 8 == 0 and input.shape[1] == mat2.shape[0]):
             return torch._int_mm(input, mat2)
