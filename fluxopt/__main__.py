@@ -2,8 +2,7 @@
 importing torch and diffusers takes seconds, and an interrupt that lands inside a C extension's
 import leaves it half-loaded (a later error, not a KeyboardInterrupt). So while the CLI imports,
 Ctrl-C and SIGTERM are only noted; once the import is done, a noted signal ends the command with
-one line and exit 130, before anything runs. The noting handler stays until the CLI's own replace
-it, and the CLI answers what it noted until then, so no instant is left to Python's defaults."""
+one line and exit 130, before anything runs (and the CLI, what is noted until its own handlers are in)."""
 
 import signal
 import sys
