@@ -88,6 +88,9 @@ class TorchaoInt8DynamicOptions(TorchaoOptions):
     # cuBLAS's int8 GEMM takes nn.Linear's [N, K] weight as it is stored, through its transposed view
     # (column-major); false: torchao's own eager path, which copies it row-major on every call
     column_major_weight: bool = True
+    # leave the AdaLayerNorm modulation Linears in bf16: fed the [batch, dim] conditioning vector, their
+    # GEMMs have batch-many rows, which torch._int_mm refuses at 16 or fewer (torch.compile fails on them)
+    skip_modulation: bool = True
 
 
 class _TorchaoBackend(Backend):
@@ -107,9 +110,13 @@ class _TorchaoBackend(Backend):
         if options.min_features < 0:
             raise ConfigError(f"backend.{self.name}.min_features must be >= 0 (got {options.min_features})")
 
+    def selected_linears(self, transformer: torch.nn.Module, options: Any) -> set[str]:
+        """Qualified names of the Linear layers this stack quantizes."""
+        return {fqn for fqn, m in transformer.named_modules() if _selected(m, fqn, options)}
+
     def apply(self, pipe: Any, options: Any, ctx: StackContext) -> None:
         transformer = pipe.transformer
-        chosen = [fqn for fqn, m in transformer.named_modules() if _selected(m, fqn, options)]
+        chosen = self.selected_linears(transformer, options)
         if not chosen:
             raise ConfigError(f"backend.{self.name} selects no Linear layer (skip={options.skip}, "
                               f"min_features={options.min_features})")
@@ -126,8 +133,9 @@ class _TorchaoBackend(Backend):
         from torchao.quantization import quantize_
 
         config = dataclasses.replace(self.make_config(options), set_inductor_config=False)  # no global side effect
+        chosen = self.selected_linears(pipe.transformer, options)
         with ctx.timed("quantize"):
-            quantize_(pipe.transformer, config, filter_fn=lambda m, fqn: _selected(m, fqn, options))
+            quantize_(pipe.transformer, config, filter_fn=lambda m, fqn: fqn in chosen)
         ctx.note(f"{self.name}: the selected Linear layers' weights quantized ({type(config).__name__})")
 
 
@@ -174,9 +182,10 @@ class TorchaoFp8Static(_TorchaoBackend):
         from torchao.prototype.quantization.quant_api import Float8ObservedLinear
         from torchao.quantization import Float8StaticActivationFloat8WeightConfig, quantize_
 
+        chosen = self.selected_linears(pipe.transformer, options)
         with ctx.timed("quantize"):
             quantize_(pipe.transformer, Float8StaticActivationFloat8WeightConfig(step="prepare", set_inductor_config=False),
-                      filter_fn=lambda m, fqn: _selected(m, fqn, options))
+                      filter_fn=lambda m, fqn: fqn in chosen)
         observed = {fqn: m.input_act_obs for fqn, m in pipe.transformer.named_modules()
                     if isinstance(m, Float8ObservedLinear)}
         stats_names = [f"{fqn}.{bound}" for fqn in observed for bound in ("min_val", "max_val")]
@@ -229,7 +238,12 @@ class TorchaoInt8Dynamic(_TorchaoBackend):
     integers (docs/results/2026-12-04-h200-int8-mm-layout.json): the stack ran at a seventh of
     bf16's speed. With ``column_major_weight`` the stack swaps in a ``safe_int_mm``
     that passes the view as it is wherever cuBLAS takes it, and leaves every other case (CPU,
-    torch.compile's tracing, shapes cuBLAS refuses) to torchao's."""
+    torch.compile's tracing, shapes cuBLAS refuses) to torchao's.
+
+    Why the modulation Linears stay bf16 (``skip_modulation``): their GEMMs have one row per image,
+    and ``torch._int_mm`` refuses 16 rows or fewer. Eager, torchao catches that error and multiplies
+    in float32 after formatting the input for a fake-tensor check, eight device syncs a call (608 a
+    step on FLUX.1); compiled, nothing catches the error and the first step fails."""
 
     name = "torchao_int8_dynamic"
     description = "torchao dynamic int8 activations + int8 weights (Int8DynamicActivationInt8WeightConfig); CPU and GPU"
@@ -240,6 +254,10 @@ class TorchaoInt8Dynamic(_TorchaoBackend):
 
         return Int8DynamicActivationInt8WeightConfig()
 
+    def selected_linears(self, transformer: torch.nn.Module, options: TorchaoInt8DynamicOptions) -> set[str]:
+        chosen = super().selected_linears(transformer, options)
+        return chosen - modulation_linears(transformer) if options.skip_modulation else chosen
+
     def quantize(self, pipe: Any, options: TorchaoInt8DynamicOptions, ctx: StackContext) -> None:
         if options.column_major_weight:
             from torchao.kernel import intmm
@@ -247,6 +265,17 @@ class TorchaoInt8Dynamic(_TorchaoBackend):
             ctx.set_attr(f"{self.name}: int8 GEMMs on the column-major weight (torchao.kernel.intmm.safe_int_mm)",
                          intmm, "safe_int_mm", column_major_int_mm(intmm.safe_int_mm))
         super().quantize(pipe, options, ctx)
+
+
+def modulation_linears(transformer: torch.nn.Module) -> set[str]:
+    """The Linear layers of the transformer's AdaLayerNorm modules, which project the conditioning
+    vector (one row per image) to each block's shift, scale and gate."""
+    from diffusers.models.normalization import (AdaLayerNorm, AdaLayerNormContinuous, AdaLayerNormSingle,
+                                                AdaLayerNormZero, AdaLayerNormZeroSingle)
+
+    norms = (AdaLayerNorm, AdaLayerNormContinuous, AdaLayerNormSingle, AdaLayerNormZero, AdaLayerNormZeroSingle)
+    return {f"{fqn}.{name}" if fqn else name for fqn, m in transformer.named_modules() if isinstance(m, norms)
+            for name, child in m.named_children() if isinstance(child, torch.nn.Linear)}
 
 
 def column_major_int_mm(safe_int_mm: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]

@@ -278,6 +278,31 @@ def test_torchao_int8_dynamic_swaps_safe_int_mm_by_name_and_close_restores_it(co
     assert intmm.safe_int_mm is torchao_own
 
 
+@pytest.mark.parametrize("skip_modulation", [True, False])
+def test_torchao_int8_dynamic_leaves_the_modulation_linears_bf16_unless_told(skip_modulation):
+    """The AdaLayerNorm Linears (one GEMM row per image) stay bf16 by default, and only they."""
+    from diffusers.models.normalization import AdaLayerNormZero, AdaLayerNormZeroSingle
+
+    from fluxopt_plugins.torchao_quant import modulation_linears
+
+    pipe = tiny_pipe()
+    blocks = len(pipe.transformer.transformer_blocks) + len(pipe.transformer.single_transformer_blocks)
+    modulation = {f"{fqn}.linear" for fqn, m in pipe.transformer.named_modules()
+                  if isinstance(m, (AdaLayerNormZero, AdaLayerNormZeroSingle))}
+    assert modulation_linears(pipe.transformer) == modulation | {"norm_out.linear"}
+    assert len(modulation) == blocks + len(pipe.transformer.transformer_blocks)  # norm1 (+ norm1_context)
+    options = {"skip_modulation": skip_modulation}
+    default_skip = parse_options(lookup_backend("torchao_int8_dynamic"), options).skip
+    applied = apply(pipe, {"torchao_int8_dynamic": options})
+    quantized = {fqn for fqn, m in pipe.transformer.named_modules()
+                 if isinstance(m, torch.nn.Linear) and _quantized(m.weight)}
+    assert quantized and (quantized & modulation == set()) == skip_modulation
+    assert modulation <= quantized or skip_modulation
+    assert not any(fqn.startswith(tuple(default_skip)) for fqn in quantized)
+    assert applied.stats["quantized_linears"]["torchao_int8_dynamic"]["quantized"] == len(quantized)
+    generate(pipe)
+
+
 def _int8(*shape, seed=0, device="cpu"):
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(-127, 128, shape, generator=gen, dtype=torch.int8).to(device)
@@ -576,6 +601,18 @@ def test_cli_compile_composes_with_fbcache(tmp_path):
 
 
 # ---------------------------------------------------------------------------- GPU only
+@pytest.mark.gpu
+@needs_cuda
+def test_torchao_int8_dynamic_composes_with_compile_on_cuda(tmp_path):
+    """Compiled, torchao's int8 GEMMs reach ``torch._int_mm`` with nothing to catch its refusal of
+    16 rows or fewer: the modulation Linears' one row per image must stay off that path."""
+    proc = run_cli("stacks=[{torchao_int8_dynamic:{},compile:{regional:true}}]", "bench.steps=2", "bench.height=128",
+                   "bench.iterations=2", "model.dtype=bfloat16", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (stack,) = read_result(tmp_path)["stacks"]
+    assert stack["status"] == "ok", stack
+
+
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("selection", [
