@@ -8,8 +8,9 @@
 #       three travels in a call of its own (stash below). TensorRT and ModelOpt are not among them.
 #   bash benchmarks/device.sh run NAME LIMIT_S [fluxopt arguments...]
 #       python -m fluxopt ARGS with hydra.run.dir=/tmp/res/NAME, stopped after LIMIT_S (SIGTERM:
-#       result.json stays valid, marked interrupted); NAME's result.json, report.md, console output
-#       and log are copied to $OUT/NAME/. Publish it here with `fluxopt-report publish`.
+#       result.json stays valid, marked interrupted; the exit status is fluxopt's); NAME's result.json,
+#       report.md, console output, log and failed stacks' tracebacks are copied to $OUT/NAME/. Publish
+#       it here with `fluxopt-report publish`.
 #   bash benchmarks/device.sh cache (export FILE | import FILE | ls ...)
 #       fluxopt-cache on the machine's cache (an export written under $OUT comes back; a carried
 #       export is imported on a fresh machine to show a warm build there).
@@ -52,12 +53,17 @@ setup() {
 }
 collect() {  # what run $1 has written so far (result.json is rewritten after every stack); only that
   # run's files, since at most 8 files come back from a call (earlier runs' came back with their calls),
-  # then its profile traces (bench.profile), gzipped, while the 8 and the 16 MiB a file allow
+  # then its failed stacks' tracebacks (logs/) and profile traces (bench.profile), gzipped, while the 8
+  # and the 16 MiB a file allow
   run=/tmp/res/$1
   cp /tmp/background.log "$OUT/" 2>/dev/null
   if [ -n "$1" ] && [ -d "$run" ]; then
     mkdir -p "$OUT/$1"
     cp "$run"/result.json "$run"/report.md "$run"/fluxopt.out "$run"/*.log "$OUT/$1/" 2>/dev/null
+    for log in "$run"/logs/*.log; do
+      [ -f "$log" ] && [ "$(find "$OUT" -type f | wc -l)" -lt 8 ] || break
+      cp "$log" "$OUT/$1/"
+    done
     for trace in "$run"/profiles/*.json; do
       [ -f "$trace" ] && [ "$(find "$OUT" -type f | wc -l)" -lt 8 ] || break
       packed=$OUT/$1/$(basename "$trace").gz
@@ -95,7 +101,9 @@ case ${1:-} in
     name=$2 limit=$3
     shift 3
     setup || exit 1
-    timeout -s TERM -k 30 "$limit" python3 -m fluxopt "$@" "hydra.run.dir=/tmp/res/$name" 2>&1 \
+    # --preserve-status: fluxopt's own status, 130 when it answered the SIGTERM (record marked
+    # interrupted), 143 when the signal killed it unanswered, 137 when it outlived the 30 s grace
+    timeout --preserve-status -s TERM -k 30 "$limit" python3 -m fluxopt "$@" "hydra.run.dir=/tmp/res/$name" 2>&1 \
       | tee "/tmp/res/$name.out"
     rc=${PIPESTATUS[0]}
     mkdir -p "/tmp/res/$name" && mv "/tmp/res/$name.out" "/tmp/res/$name/fluxopt.out"

@@ -255,7 +255,7 @@ def test_torchao_min_features_skips_small_layers():
     sizes = sorted({min(m.in_features, m.out_features) for m in pipe.transformer.modules()
                     if isinstance(m, torch.nn.Linear)})
     threshold = sizes[-1]  # only the widest layers qualify
-    apply(pipe, {"torchao_int8_dynamic": {"min_features": threshold, "skip": []}})
+    apply(pipe, {"torchao_int8_dynamic": {"min_features": threshold, "skip": [], "skip_modulation": False}})
     for fqn, m in pipe.transformer.named_modules():
         if isinstance(m, torch.nn.Linear):
             assert _quantized(m.weight) == (min(m.in_features, m.out_features) >= threshold), fqn
