@@ -6,8 +6,9 @@ result.json + report. With ``build_only`` there is no baseline and each stack st
 build: what it made stays in the artifact cache for the runs that measure it.
 
 A stack that fails is recorded with its phase and reason and the run goes on; result.json is
-rewritten atomically after every stack, so nothing measured is lost if the process dies. An
-interrupt (Ctrl-C, SIGTERM) leaves result.json valid, marked incomplete and interrupted.
+rewritten atomically after every stack and at each phase of one, so nothing measured is lost if
+the process dies, and the stack it died in says which phase it had reached. An interrupt (Ctrl-C,
+SIGTERM) leaves result.json valid, marked incomplete and interrupted.
 """
 
 from __future__ import annotations
@@ -105,6 +106,8 @@ class Run:
         self.interrupted = False
         self.device_lost: str | None = None  # why the CUDA context cannot run more stacks
         self.phase = Phase.LOAD  # the phase of the stack in progress, for attributing a failure or interrupt
+        # the stack being measured and when it started: on record, as interrupted, from its first phase on
+        self.in_progress: tuple[StackRecord, float] | None = None
         self.build_only = bool(self.cfg.get("build_only", False))  # apply and build, measure nothing
         self.run_info: dict[str, Any] = {}  # shared by the plugins' fluxopt_stack_measured calls
         self.hook = plugins.hook(self.plan.config.disabled_plugins)
@@ -139,12 +142,25 @@ class Run:
         return label
 
     def _enter(self, label: str, phase: str) -> None:
-        """A phase starts: logged, and shown on the progress display with the stack's place in the
-        run and the time spent so far (``stack 2/5 compile: build (3 min in)``)."""
+        """A phase starts: logged, shown on the progress display with the stack's place in the run
+        and the time spent so far (``stack 2/5 compile: build (3 min in)``), and, for a stack, put on
+        record (see :meth:`_unfinished`)."""
         log.info("%s: %s", label, phase)
         spent = time.monotonic() - self.clock_start
         where = f"{self.position} {label}" if self.position else label
         self.on_phase(where, f"{phase} ({spent / 60:.0f} min in)" if spent >= 60 else phase)
+        if self.in_progress is not None:
+            self.write(complete=False)
+
+    def _unfinished(self, result: StackRecord, started: float) -> StackRecord:
+        """The stack in progress as the record shows it until it finishes: interrupted in its current
+        phase, so that a process that ends without answering (SIGKILL, a crash, a signal some
+        library's handler took) still leaves the phase reached and the time spent, and a resume
+        measures the stack again."""
+        elapsed = time.perf_counter() - started
+        return dataclasses.replace(result, status=Status.FAILED.value, phase=self.phase.value, elapsed_s=elapsed,
+                                   reason=f"{INTERRUPTED}{self.phase.value} after at least {elapsed:.0f} s "
+                                          "(the last phase on record)")
 
     def _save_images(self, label: str, samples: list[Sample]) -> list[str]:
         if not self.cfg.get("save_images", True):
@@ -221,6 +237,7 @@ class Run:
             return result
         self.phase = Phase.LOAD
         started = time.perf_counter()
+        self.in_progress = (result, started)
         allocated_before = torch.cuda.memory_allocated() if self.plan.device.is_gpu else None
         try:
             with _deadline(limit):
@@ -231,12 +248,14 @@ class Run:
             result.reason = f"over budget: stopped during {self.phase.value} after {elapsed:.0f} s ({which})"
             log.warning("stack %s: %s", stack.name, result.reason)
         except KeyboardInterrupt:
+            self.in_progress = None
             self._record_interrupt(result, started)
             raise
         except DiskFullError:
             raise
         except Exception as exc:  # noqa: BLE001 - any backend failure is recorded, the run goes on
             if signal_arrived():  # the interrupt's consequence, not the backend's failure
+                self.in_progress = None
                 self._record_interrupt(result, started)
                 raise KeyboardInterrupt from exc
             result.status, result.phase = Status.FAILED.value, self.phase.value
@@ -246,6 +265,7 @@ class Run:
                 result.reason = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
             self._log_failure(label, exc)
         finally:
+            self.in_progress = None
             result.elapsed_s = time.perf_counter() - started
             try:
                 self._release()
@@ -353,7 +373,8 @@ class Run:
             mode="stack" if p.explicit else "bakeoff", build_only=self.build_only,
             requested=[s.name for s in p.stacks], config=recorded_config(self.cfg, self.plan.config),
             provenance=self.provenance, environment=self.environment, profile=self.run_info or None,
-            protocol=PROTOCOL, baseline=self.baseline, stacks=list(self.results))
+            protocol=PROTOCOL, baseline=self.baseline,
+            stacks=[*self.results, *([self._unfinished(*self.in_progress)] if self.in_progress else [])])
 
     def write(self, complete: bool) -> RunRecord:
         record = self.record(complete)

@@ -181,7 +181,12 @@ def test_kill_9_mid_run_leaves_a_parseable_result(tmp_path, plugin_env):
         proc.kill()
         assert proc.wait(timeout=60) == -signal.SIGKILL
     data = json.loads((run_dir / "result.json").read_text())  # atomic writes: never half a file
-    assert data["complete"] is False
+    assert data["complete"] is False and data["interrupted"] is False  # it had no chance to say so
+    # the stack it was measuring is on record with the last phase it began, as an interrupted stack
+    (stack,) = data["stacks"]
+    assert stack["status"] == "failed" and stack["phase"] in ("load", "apply", "build", "warmup", "timing")
+    assert stack["reason"].startswith(f"interrupted during {stack['phase']} after at least ")
+    assert stack["elapsed_s"] > 0
     assert not [p for p in run_dir.iterdir() if p.name.startswith(".result.json.")]
     rerun = run_cli("+backend=compile", "backend.compile.backend=eager", "backend.compile.cache=false",
                     "bench.iterations=1", f"hydra.run.dir={run_dir}")
