@@ -485,6 +485,25 @@ def test_the_eta_comes_from_the_last_run_of_each_stack_here_or_its_cold_one_on_a
     assert done.text() == "ETA 2 min" and console.Eta(["compile"], {}).text() is None
 
 
+def test_the_eta_reads_only_runs_of_the_coming_kind_measuring_or_build_only(tmp_path):
+    """A priming ``build_only`` run's wall time leaves out the measuring: the warm run after it must
+    not expect its stacks to take that long, nor a priming run expect a measuring run's time."""
+    from fluxopt.history import eta as eta_module
+
+    store = tmp_path / "s.sqlite"
+    measured = _runs([0.5] * 3, started="2026-12-01T00:00:00", environment={"device": {"name": "GPU X"}})
+    measured.stacks[0].elapsed_s = 40.0
+    primed = _runs([0.5] * 3, started="2026-12-02T00:00:00", environment={"device": {"name": "GPU X"}},
+                   build_only=True)
+    primed.stacks[0].elapsed_s = 3.0
+    with ResultsStore(store) as s:
+        for record in (measured, primed):
+            s.add(record, _text(record))
+    shapes = {"height": 256, "width": 256, "steps": 8}
+    assert eta_module.past_durations(store, "flux-mini", "GPU X", shapes, 6)["fp8_max"] == 40.0
+    assert eta_module.past_durations(store, "flux-mini", "GPU X", shapes, 6, build_only=True)["fp8_max"] == 3.0
+
+
 def test_stacks_that_never_ran_here_are_counted_at_the_baseline_once_it_is_measured(monkeypatch):
     from fluxopt.cli import console
 

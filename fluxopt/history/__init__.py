@@ -39,10 +39,11 @@ def fluxopt_run_finished(result: RunRecord, output_dir: str) -> None:
 @hookimpl
 def fluxopt_expected_durations(model: str, device: str, shapes: Shapes, generations: int,
                                config: dict[str, Any]) -> dict[str, float]:
-    """Each stack's wall time when it last ran here with these shapes, or its cold one when the
-    artifact cache holds nothing built (``eta.py``)."""
+    """Each stack's wall time when it last ran here with these shapes in a run of the same kind
+    (measuring or ``build_only``), or its cold one when the artifact cache holds nothing built
+    (``eta.py``)."""
     cache_dir = (config.get("cache") or {}).get("dir")
     cold = cache_is_cold(Path(cache_dir).expanduser() if cache_dir else default_cache_dir())
     return past_durations(store_path(config.get("store")), model, device,
                           {"height": shapes.height, "width": shapes.width, "steps": shapes.steps}, generations,
-                          cold=cold)
+                          cold=cold, build_only=bool(config.get("build_only", False)))

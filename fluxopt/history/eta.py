@@ -4,7 +4,9 @@ The estimate for each planned stack is its wall time (``elapsed_s``: load, apply
 timing, fidelity) in the stored runs of the same stack, model, device and shapes, chosen by the
 state of this machine's artifact cache: with built artifacts in it, the most recent run's (a
 stack whose last run built warm is expected to build warm again); with none (a fresh machine, or
-a cleared cache, where every build is cold), the longest seen, which is its cold build. The
+a cleared cache, where every build is cold), the longest seen, which is its cold build. Only runs
+of the same kind count: a ``build_only`` run's wall time leaves out the measuring, so it says
+nothing of a run that measures (the warm run after a priming one), nor the other way round. The
 baseline's is its wall time too; in a record from before the baseline's
 was kept, the generations the coming baseline makes at its measured latency. A stack never measured here has no estimate; the
 progress line then says how many are unknown instead of guessing.
@@ -27,10 +29,11 @@ def _same_setting(record: RunRecord, model: str, device: str, shapes: dict[str, 
 
 
 def past_durations(store_path: Path | None, model: str, device: str, shapes: dict[str, int],
-                   generations: int, cold: bool = False) -> dict[str, float]:
+                   generations: int, cold: bool = False, build_only: bool = False) -> dict[str, float]:
     """Seconds per stack name (``baseline`` included) from the newest matching stored run of each,
     or with ``cold`` (no built artifact in the cache) the longest; ``generations``: the baseline's
-    generations (see ``fluxopt_expected_durations``), for a record that kept only its latency."""
+    generations (see ``fluxopt_expected_durations``), for a record that kept only its latency;
+    ``build_only``: the coming run's kind, the only kind of stored run read."""
     if store_path is None or not store_path.is_file():
         return {}
     with ResultsStore(store_path) as store:  # oldest first: later runs overwrite
@@ -42,7 +45,7 @@ def past_durations(store_path: Path | None, model: str, device: str, shapes: dic
 
     for run in runs:
         record = run.record
-        if not _same_setting(record, model, device, shapes):
+        if not _same_setting(record, model, device, shapes) or record.build_only != build_only:
             continue
         if record.baseline is not None and record.baseline.elapsed_s:
             seen("baseline", record.baseline.elapsed_s)
