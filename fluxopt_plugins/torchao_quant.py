@@ -243,7 +243,7 @@ class TorchaoInt8Dynamic(_TorchaoBackend):
     Why the modulation Linears stay bf16 (``skip_modulation``): their GEMMs have one row per image,
     and ``torch._int_mm`` refuses 16 rows or fewer. Eager, torchao catches that error and multiplies
     in float32 after formatting the input for a fake-tensor check, eight device syncs a call (608 a
-    step on FLUX.1); compiled, nothing catches the error and the first step fails."""
+    step on FLUX.1); compiled, nothing catches the error and the build fails."""
 
     name = "torchao_int8_dynamic"
     description = "torchao dynamic int8 activations + int8 weights (Int8DynamicActivationInt8WeightConfig); CPU and GPU"
