@@ -32,6 +32,7 @@ SCHEMA_VERSION = 5
 # timed sample written as 0.0 (see _from_schema_1)
 READABLE_SCHEMAS = (1, 2, 3, 4, 5)
 RESULT_FILE = "result.json"
+INTERRUPTED = "interrupted during "  # how an interrupted stack's reason starts (it is measured again on resume)
 NOISE_SIGMAS = 2.0  # a speedup within this many standard deviations of 1 is noise
 _REL_TOL = 1e-6  # stored and re-derived figures agree within this (JSON keeps 17 digits)
 
@@ -259,11 +260,14 @@ class RunRecord:
         failed = []
         if self.baseline is not None and self.baseline.status == Status.FAILED.value:
             failed.append(f"baseline: {self.baseline.reason}")
+        died_in = None  # the stack a dead job was measuring: its failure is the crash, said once
         for s in self.stacks:
-            if s.status == Status.FAILED.value or (s.status == Status.SKIPPED.value and self.mode == "stack"):
+            if self.job_crash and (s.reason or "").startswith(INTERRUPTED):
+                died_in = f" during {s.stack} ({s.phase}, after at least {s.elapsed_s or 0:.0f} s)"
+            elif s.status == Status.FAILED.value or (s.status == Status.SKIPPED.value and self.mode == "stack"):
                 failed.append(f"{s.stack}: {s.reason}")
         if self.job_crash:
-            failed.append(f"the job's process died: {self.job_crash}")
+            failed.append(f"the job's process died{died_in or ''}: {self.job_crash}")
         elif not self.complete:
             failed.append("the run did not complete")
         failed += [f"edited: {why}" for why in self.edited]

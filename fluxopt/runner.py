@@ -43,12 +43,12 @@ from fluxopt.files import file_sha256, save_image_atomic, write_atomic, write_te
 from fluxopt.measure import PROTOCOL, PipelineCaller, Measured, Measurement, Sample, measure, memory_outside_torch
 from fluxopt.models import load_pipeline
 from fluxopt.plan import RunPlan, plan_run, selected_backends
-from fluxopt.record import RESULT_FILE, Energy, Phase, RunRecord, StackRecord, Status, speedup_of, write_record
+from fluxopt.record import (INTERRUPTED, RESULT_FILE, Energy, Phase, RunRecord, StackRecord, Status, speedup_of,
+                            write_record)
 from fluxopt.stack import Stack
 
 log = logging.getLogger("fluxopt")
 REFERENCE_FILE = "baseline-reference.pt"  # the baseline's outputs, for a resumed run to judge against
-INTERRUPTED = "interrupted during "  # how an interrupted stack's reason starts (it is measured again on resume)
 LEAK_WARNING_BYTES = 256 * 2**20  # allocator rounding and cached workspaces stay below this
 
 

@@ -43,7 +43,7 @@ def _check_crash_sweep(proc, sweep_dir: Path, engine: str) -> list[dict]:
         scheduler = data["environment"]["scheduler"]
         assert scheduler["engine"] == engine and scheduler["pid"] != os.getpid(), scheduler
         records.append(scheduler)
-    assert "job process died" in (sweep_dir / "summary.md").read_text()
+    assert "the job's process died during fault_crash (" in (sweep_dir / "summary.md").read_text()
     return records
 
 
