@@ -36,7 +36,7 @@ def run_dir(tmp_path: Path) -> Path:
             (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(pixels).save(tmp_path / rel)
             s.images.append(rel)
-    record.stacks[0].profile = {"wall_ms": 80.0, "busy_ms": 76.0, "gpu_idle_ms": 4.0,
+    record.stacks[0].profile = {"wall_ms": 80.0, "busy_ms": 76.0, "gpu_idle_ms": 4.0, "device_to_host_copies": 7,
                                 "breakdown_ms": {"gemm": 40.0, "attention": 20.0, "other": 16.0}}
     write_record(tmp_path / "result.json", record)
     return tmp_path
@@ -51,6 +51,7 @@ def test_the_page_is_self_contained_and_shows_every_stack(run_dir):
         assert f"<td>{name}</td>" in page
     assert page.count('class="heat"') == 6  # three stacks x two prompts
     assert "<svg" in page and 'id="profiles"' in page and "fp8_max" in page.split('id="profiles"')[1]
+    assert "<td>80.0 ms, 7 copies to the host</td>" in page.split('id="profiles"')[1]
 
 
 def test_the_run_hook_writes_the_page_with_its_images(run_dir):

@@ -35,8 +35,18 @@ def test_busy_time_counts_overlapping_kernels_once_and_the_rest_is_idle():
     assert [(k["name"], k["category"], k["ms"]) for k in result["top_kernels"]] == [
         ("sm90_xmma_gemm", "gemm", 4.0), ("flash_fwd_kernel", "attention", 3.0),
         ("triton_poi_fused_add_0", "norm_elementwise", 1.0)]
+    assert result["device_to_host_copies"] == 0
     cpu = profiling.breakdown([("aten::mm", 2000.0, 0.0, 5000.0), ("aten::add", 500.0, 1000.0, 1500.0)], 0.01, gpu=False)
     assert cpu["busy_ms"] == pytest.approx(2.5) and cpu["gpu_idle_ms"] is None  # self times, no idle on a CPU
+    assert cpu["device_to_host_copies"] is None
+
+
+def test_copies_to_the_host_are_counted_the_other_copies_are_not():
+    """The names torch.profiler gives CUDA copies (from an H200 trace of torchao's eager int8 step)."""
+    events = [("Memcpy DtoH (Device -> Pinned)", 2.0, 0.0, 2.0), ("Memcpy DtoH (Device -> Pageable)", 3.0, 5.0, 8.0),
+              ("Memcpy DtoD (Device -> Device)", 1.0, 9.0, 10.0), ("Memcpy HtoD (Pinned -> Device)", 1.0, 11.0, 12.0),
+              ("sm90_xmma_gemm", 4.0, 12.0, 16.0)]
+    assert profiling.breakdown(events, wall_s=0.001, gpu=True)["device_to_host_copies"] == 2
 
 
 def test_top_kernels_sum_each_name_over_its_launches_and_keep_the_largest():

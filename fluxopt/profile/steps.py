@@ -61,8 +61,12 @@ def _union_us(intervals: list[tuple[float, float]]) -> float:
 
 
 def breakdown(events: list[tuple[str, float, float, float]], wall_s: float, gpu: bool) -> dict[str, Any]:
-    """``events``: (name, own time us, start_us, end_us) of GPU kernels, or of aten ops on a CPU
-    (their self time: an op's children are counted under their own names)."""
+    """``events``: (name, own time us, start_us, end_us) of GPU kernels and copies, or of aten ops
+    on a CPU (their self time: an op's children are counted under their own names).
+
+    ``device_to_host_copies`` counts the step's copies to the host: each is nearly always one the
+    host waits for (``.item()``, ``.cpu()``, a Python branch on a tensor), after which the GPU's
+    queue has run dry, so an eager step's idle time usually sits behind them."""
     ms = {c: 0.0 for c in CATEGORIES}
     by_name: dict[str, list[float]] = {}  # name: [ms, launches]
     for name, own, _, _ in events:
@@ -76,7 +80,8 @@ def breakdown(events: list[tuple[str, float, float, float]], wall_s: float, gpu:
             "breakdown_ms": {c: round(v, 3) for c, v in ms.items()},
             "top_kernels": [{"name": name[:KERNEL_NAME_CHARS], "category": category(name), "ms": round(total, 3),
                              "launches": launches} for name, (total, launches) in top],
-            "gpu_idle_ms": max(wall_s * 1000.0 - busy_ms, 0.0) if gpu else None}
+            "gpu_idle_ms": max(wall_s * 1000.0 - busy_ms, 0.0) if gpu else None,
+            "device_to_host_copies": sum(name.startswith("Memcpy DtoH") for name, *_ in events) if gpu else None}
 
 
 def _events(prof: Any, gpu: bool) -> list[tuple[str, float, float, float]]:

@@ -244,7 +244,10 @@ def _profile_bars(rows: list[Row]) -> str:
         total = max(p.get("wall_ms") or 0.0, sum(parts.values())) or 1.0
         bar = "".join(f'<span title="{html.escape(c)}: {ms:.2f} ms" style="width:{100 * ms / total:.2f}%;'
                       f'background:{colour[c]}"></span>' for c, ms in parts.items() if ms > 0)
-        out.append(f'<tr><td>{html.escape(r.label)}</td><td>{total:.1f} ms</td><td><div class="bar">{bar}</div></td></tr>')
+        copies = p.get("device_to_host_copies")
+        waits = f", {copies} copies to the host" if copies else ""  # the host waits for each: idle GPU follows
+        out.append(f'<tr><td>{html.escape(r.label)}</td><td>{total:.1f} ms{waits}</td>'
+                   f'<td><div class="bar">{bar}</div></td></tr>')
     out.append("</table>")
     return "\n".join(out)
 
