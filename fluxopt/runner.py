@@ -144,7 +144,7 @@ class Run:
     def _enter(self, label: str, phase: str) -> None:
         """A phase starts: logged, shown on the progress display with the stack's place in the run
         and the time spent so far (``stack 2/5 compile: build (3 min in)``), and, for a stack, put on
-        record (see :meth:`_unfinished`)."""
+        record (see :meth:`_interrupted`)."""
         log.info("%s: %s", label, phase)
         spent = time.monotonic() - self.clock_start
         where = f"{self.position} {label}" if self.position else label
@@ -152,15 +152,16 @@ class Run:
         if self.in_progress is not None:
             self.write(complete=False)
 
-    def _unfinished(self, result: StackRecord, started: float) -> StackRecord:
-        """The stack in progress as the record shows it until it finishes: interrupted in its current
-        phase, so that a process that ends without answering (SIGKILL, a crash, a signal some
-        library's handler took) still leaves the phase reached and the time spent, and a resume
-        measures the stack again."""
+    def _interrupted(self, result: StackRecord, started: float, unanswered: bool = False) -> StackRecord:
+        """``result`` stopped in the current phase, with the time it had run: what the record keeps of
+        a stack an interrupt stopped (it is measured again on resume). ``unanswered``: the stack in
+        progress as every write shows it until it finishes, so that a process that ends without
+        answering (SIGKILL, a crash, a signal some library's handler took) still leaves the phase
+        reached and the time spent."""
         elapsed = time.perf_counter() - started
+        when = f"after at least {elapsed:.0f} s (the last phase on record)" if unanswered else f"after {elapsed:.0f} s"
         return dataclasses.replace(result, status=Status.FAILED.value, phase=self.phase.value, elapsed_s=elapsed,
-                                   reason=f"{INTERRUPTED}{self.phase.value} after at least {elapsed:.0f} s "
-                                          "(the last phase on record)")
+                                   reason=f"{INTERRUPTED}{self.phase.value} {when}")
 
     def _save_images(self, label: str, samples: list[Sample]) -> list[str]:
         if not self.cfg.get("save_images", True):
@@ -211,12 +212,9 @@ class Run:
         return m.samples
 
     def _record_interrupt(self, result: StackRecord, started: float) -> None:
-        """The stack an interrupt stopped, with the phase it reached and the time it took, so the
-        record says what was lost (it is measured again on resume)."""
-        result.status, result.phase = Status.FAILED.value, self.phase.value
-        result.reason = f"{INTERRUPTED}{self.phase.value} after {time.perf_counter() - started:.0f} s"
-        result.elapsed_s = time.perf_counter() - started
-        self.results.append(result)
+        """The stack an interrupt stopped, on record in place of its in-progress entry."""
+        self.in_progress = None
+        self.results.append(self._interrupted(result, started))
 
     def measure_stack(self, stack: Stack, reference: list[Sample]) -> StackRecord:
         result = StackRecord(stack=stack.name, backends=stack.names, status=Status.OK.value,
@@ -248,14 +246,12 @@ class Run:
             result.reason = f"over budget: stopped during {self.phase.value} after {elapsed:.0f} s ({which})"
             log.warning("stack %s: %s", stack.name, result.reason)
         except KeyboardInterrupt:
-            self.in_progress = None
             self._record_interrupt(result, started)
             raise
         except DiskFullError:
             raise
         except Exception as exc:  # noqa: BLE001 - any backend failure is recorded, the run goes on
             if signal_arrived():  # the interrupt's consequence, not the backend's failure
-                self.in_progress = None
                 self._record_interrupt(result, started)
                 raise KeyboardInterrupt from exc
             result.status, result.phase = Status.FAILED.value, self.phase.value
@@ -374,7 +370,7 @@ class Run:
             requested=[s.name for s in p.stacks], config=recorded_config(self.cfg, self.plan.config),
             provenance=self.provenance, environment=self.environment, profile=self.run_info or None,
             protocol=PROTOCOL, baseline=self.baseline,
-            stacks=[*self.results, *([self._unfinished(*self.in_progress)] if self.in_progress else [])])
+            stacks=[*self.results, *([self._interrupted(*self.in_progress, unanswered=True)] if self.in_progress else [])])
 
     def write(self, complete: bool) -> RunRecord:
         record = self.record(complete)
