@@ -9,8 +9,10 @@ status, output and signals. Only libraries that read nothing from the environmen
 change are imported here; a command whose environment differs from the server's in anything
 but the variables in :data:`FORWARDED` is not sent here (:func:`runs_here`).
 
-Run as ``python _fork_server.py``: one JSON request per line on stdin (argv, env, cwd, stdout
-and stderr file paths); for each, a line with the child's pid, then one with its exit status.
+Run as ``python _fork_server.py``: it first answers with the environment it started with and what
+its imports set (or, from :func:`fork_hazard`, why it cannot serve, and exits); then one JSON
+request per line on stdin (argv, env, cwd, stdout and stderr file paths), and for each a line with
+the child's pid, then one with its exit status.
 """
 
 from __future__ import annotations
@@ -42,6 +44,17 @@ def runs_here(env: dict[str, str], server_env: dict[str, str], set_by_imports: d
     keys = set(env) | set(server_env)
     return all(env.get(k) == server_env.get(k) for k in keys
                if not k.startswith(FORWARDED) and k not in set_by_imports)
+
+
+def fork_hazard() -> str | None:
+    """Why a forked child could not run fluxopt as a new interpreter would, or None. A library that
+    touches the GPU when imported (mslk loading its kernels, say) leaves this process with a CUDA
+    context, which a forked child cannot use: its first CUDA call fails with "Cannot re-initialize
+    CUDA in forked subprocess". Such a server serves nothing, and every command gets a new interpreter."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        return "importing the libraries initialized CUDA, which a forked child cannot use"
+    return None
 
 
 def _child(request: dict) -> None:
@@ -98,7 +111,11 @@ def serve() -> None:
     SET_BY_IMPORTS.update({k: v for k, v in os.environ.items() if started_with.get(k) != v})
     reply = sys.stdout
     os.dup2(os.open(os.devnull, os.O_WRONLY), 2)  # libraries' import-time warnings: a child's own go to its file
-    print(json.dumps({"env": started_with, "set_by_imports": SET_BY_IMPORTS}), file=reply, flush=True)
+    hazard = fork_hazard()
+    print(json.dumps({"env": started_with, "set_by_imports": SET_BY_IMPORTS, "hazard": hazard}), file=reply,
+          flush=True)
+    if hazard:
+        return
     for line in sys.stdin:
         request = json.loads(line)
         pid = os.fork()

@@ -153,6 +153,8 @@ class _ForkServer:
             hello = self._reply(300)
             if hello is None:
                 raise RuntimeError("no answer within 300 s")
+            if hello.get("hazard"):
+                raise RuntimeError(hello["hazard"])
         except BaseException:
             self.proc.kill()
             raise
