@@ -48,7 +48,7 @@ def runs_here(env: dict[str, str], server_env: dict[str, str], set_by_imports: d
 
 def fork_hazard() -> str | None:
     """Why a forked child could not run fluxopt as a new interpreter would, or None. A library that
-    touches the GPU when imported (mslk loading its kernels, say) leaves this process with a CUDA
+    touches the GPU when imported leaves this process with a CUDA
     context, which a forked child cannot use: its first CUDA call fails with "Cannot re-initialize
     CUDA in forked subprocess". Such a server serves nothing, and every command gets a new interpreter."""
     torch = sys.modules.get("torch")
