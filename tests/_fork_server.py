@@ -48,9 +48,9 @@ def runs_here(env: dict[str, str], server_env: dict[str, str], set_by_imports: d
 
 def fork_hazard() -> str | None:
     """Why a forked child could not run fluxopt as a new interpreter would, or None. A library that
-    touches the GPU when imported leaves this process with a CUDA
-    context, which a forked child cannot use: its first CUDA call fails with "Cannot re-initialize
-    CUDA in forked subprocess". Such a server serves nothing, and every command gets a new interpreter."""
+    touches the GPU when imported leaves this process with a CUDA context, which a forked child
+    cannot use: its first CUDA call fails with "Cannot re-initialize CUDA in forked subprocess".
+    Such a server serves nothing, and every command gets a new interpreter."""
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_initialized():
         return "importing the libraries initialized CUDA, which a forked child cannot use"
