@@ -29,7 +29,8 @@
 #       poll collected is what remains). Keep WAIT_S so that the last poll ends inside the lease.
 #
 # Every call first installs the carried wheels and fluxopt itself (non-editable) into /tmp/site, once
-# per machine, and works from /tmp/work (no fluxopt/ source tree), so the installed package runs.
+# per machine (fluxopt again when the revision differs), and works from /tmp/work (no fluxopt/ source
+# tree), so the installed package runs.
 # The machine's copy of .git is not this checkout's, so the caller names the revision the tree was
 # sent from, and records carry it: FLUXOPT_SOURCE_REVISION=<git rev-parse HEAD>[+dirty] bash ...
 set -u
@@ -39,13 +40,21 @@ setup() {
     echo "FLUXOPT_SOURCE_REVISION is not set: the commit this tree was sent from (git rev-parse HEAD)" >&2
     return 1
   fi
-  if [ ! -f /tmp/site/.fluxopt-installed ]; then
+  # the revision installed, so that a record never names a revision other than the code that ran:
+  # a call from a newer tree (or any dirty one) reinstalls fluxopt itself, the wheels stay
+  local installed
+  installed=$(cat /tmp/site/.fluxopt-installed 2>/dev/null)
+  if [ -z "$installed" ]; then
     start=$SECONDS
     python3 -m pip install -q --no-index --no-deps --no-compile --no-build-isolation --target /tmp/site \
       .whl/*.whl $(ls /tmp/carried/*.whl 2>/dev/null) . || return 1
     echo "setup: installed in $((SECONDS - start)) s" >&2
-    touch /tmp/site/.fluxopt-installed
+  elif [ "$installed" != "$FLUXOPT_SOURCE_REVISION" ] || [ "${installed%+dirty}" != "$installed" ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-build-isolation --upgrade --target /tmp/site \
+      . || return 1
+    echo "setup: fluxopt reinstalled ($installed -> $FLUXOPT_SOURCE_REVISION)" >&2
   fi
+  echo "$FLUXOPT_SOURCE_REVISION" > /tmp/site/.fluxopt-installed
   export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 FLUXOPT_CACHE_DIR=${FLUXOPT_CACHE_DIR:-/tmp/fluxopt-cache} \
     HF_HUB_OFFLINE=1
   mkdir -p /tmp/work /tmp/res && cp -r tests benchmarks examples docs README.md pyproject.toml /tmp/work/ && cd /tmp/work
