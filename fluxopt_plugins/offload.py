@@ -6,10 +6,19 @@
   choice: 22.7 GB peak for FLUX.1-dev on an H100).
 * ``sequential``: ``enable_sequential_cpu_offload`` streams every leaf module's weights to the
   GPU inside its forward, through accelerate hooks that replace the module's parameters;
-  minimal memory, very slow. It is refused together with ``compile``: torch.compile would
-  have to trace those hooks' parameter swaps (meta/CPU tensors turned into CUDA tensors inside
-  every forward), which it cannot do in one graph, so a compiled transformer would either fail
-  (fullgraph) or fall back to eager with recompilations.
+  minimal memory, very slow.
+* ``group``: diffusers' group offloading (``enable_group_offload``): each group of layers
+  (``group_type=leaf_level``: every leaf layer; ``block_level``: ``blocks_per_group``
+  transformer blocks) is moved to the GPU before its forward and back after it. With
+  ``use_stream`` (the default) the host copies are pinned once and the next group is uploaded on a
+  CUDA stream of its own while the current one computes, so the copies overlap compute: far less
+  memory than ``model`` at a cost that depends on how much of each step's weight traffic the
+  PCIe link hides behind compute (diffusers: little, for image models on a fast GPU).
+
+``sequential`` and ``group`` are refused together with ``compile`` or ``aoti``: their hooks swap
+the parameters inside every forward, which a compiled graph would have to trace (meta or host
+tensors turned into CUDA tensors), so a compiled transformer would either fail (fullgraph) or
+fall back to eager with recompilations.
 
 accelerate's hooks move the weights to an accelerator, so a GPU is required.
 """
@@ -20,10 +29,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from fluxopt import Backend, ConfigError, Package, Requirements, StackContext, Stage, hookimpl
 
 
-MODES = ("model", "sequential")
+MODES = ("model", "sequential", "group")
+GROUP_TYPES = ("leaf_level", "block_level")
+SWAPPING_MODES = ("sequential", "group")  # hooks that swap parameters inside forward
 
 
 def _is_compiled(pipe: Any) -> bool:
@@ -34,12 +47,16 @@ def _is_compiled(pipe: Any) -> bool:
 
 @dataclass
 class OffloadOptions:
-    mode: str = "model"  # model | sequential
+    mode: str = "model"  # model | sequential | group
+    group_type: str = "leaf_level"  # mode=group: leaf_level | block_level
+    blocks_per_group: int = 1  # mode=group, group_type=block_level: blocks moved together
+    use_stream: bool = True  # mode=group: pinned host copies, uploads on a CUDA stream overlapping compute
 
 
 class OffloadBackend(Backend):
     name = "offload"
-    description = "CPU offload of the pipeline's components (model-level or sequential, accelerate hooks)"
+    description = ("CPU offload of the pipeline's components (model-level or sequential: accelerate hooks; "
+                   "group: diffusers' group offloading)")
     options_class = OffloadOptions
     stage = Stage.PLACEMENT
     lossless = True
@@ -48,25 +65,43 @@ class OffloadBackend(Backend):
     def validate_options(self, options: OffloadOptions) -> None:
         if options.mode not in MODES:
             raise ConfigError(f"backend.offload.mode={options.mode!r} is not one of {', '.join(MODES)}")
+        if options.group_type not in GROUP_TYPES:
+            raise ConfigError(f"backend.offload.group_type={options.group_type!r} is not one of "
+                              f"{', '.join(GROUP_TYPES)}")
+        if options.blocks_per_group < 1:
+            raise ConfigError(f"backend.offload.blocks_per_group={options.blocks_per_group} must be >= 1")
+        if options.use_stream and options.group_type == "block_level" and options.blocks_per_group != 1:
+            raise ConfigError(f"backend.offload.blocks_per_group={options.blocks_per_group} must be 1 with "
+                              "use_stream=true (diffusers prefetches one block at a time on its stream)")
 
     def incompatibility(self, options: OffloadOptions, others: Sequence[Any]) -> str | None:
-        if options.mode == "sequential" and any(e.backend.stage == Stage.GRAPH for e in others):
-            return ("mode=sequential swaps every module's parameters inside forward, which a compiled or "
+        if options.mode in SWAPPING_MODES and any(e.backend.stage == Stage.GRAPH for e in others):
+            return (f"mode={options.mode} swaps every module's parameters inside forward, which a compiled or "
                     "exported graph cannot follow; use backend.offload.mode=model")
         return None
 
     def apply(self, pipe: Any, options: OffloadOptions, ctx: StackContext) -> None:
-        if options.mode == "sequential" and _is_compiled(pipe):
-            raise ConfigError("backend.offload.mode=sequential cannot be combined with compile: its accelerate "
-                              "hooks swap every module's parameters inside forward, which torch.compile cannot "
+        if options.mode in SWAPPING_MODES and _is_compiled(pipe):
+            raise ConfigError(f"backend.offload.mode={options.mode} cannot be combined with compile: its hooks "
+                              "swap every module's parameters inside forward, which torch.compile cannot "
                               "trace; use backend.offload.mode=model")
         device = ctx.device.torch_device
         if options.mode == "model":
             pipe.enable_model_cpu_offload(device=device)
             ctx.note("offload: accelerate's model offload hooks")
-        else:
+        elif options.mode == "sequential":
             pipe.enable_sequential_cpu_offload(device=device)
             ctx.note("offload: accelerate's sequential offload hooks")
+        else:
+            # record_stream lets the allocator reuse a group's memory once the compute that read it is
+            # done, instead of synchronizing the compute stream before every group goes back
+            pipe.enable_group_offload(onload_device=device, offload_device=torch.device("cpu"),
+                                      offload_type=options.group_type,
+                                      num_blocks_per_group=options.blocks_per_group
+                                      if options.group_type == "block_level" else None,
+                                      use_stream=options.use_stream, record_stream=options.use_stream)
+            ctx.note(f"offload: diffusers' group offloading hooks ({options.group_type}"
+                     f"{', streamed' if options.use_stream else ''})")
 
 
 @hookimpl

@@ -161,7 +161,11 @@ def test_composable_stack_is_in_stage_order():
     ({"fbcache": {"implementation": "teacache"}}, "implementation='teacache' is not one of diffusers, para_attn"),
     ({"fbcache": {"residual_diff_threshold": -0.1}}, "residual_diff_threshold must be >= 0"),
     ({"attention": {"kernel": "flash3"}}, "kernel='flash3' is not one of"),
-    ({"offload": {"mode": "group"}}, "mode='group' is not one of model, sequential"),
+    ({"offload": {"mode": "disk"}}, "mode='disk' is not one of model, sequential, group"),
+    ({"offload": {"mode": "group", "group_type": "layer"}}, "group_type='layer' is not one of leaf_level, block_level"),
+    ({"offload": {"mode": "group", "blocks_per_group": 0}}, "blocks_per_group=0 must be >= 1"),
+    ({"offload": {"mode": "group", "group_type": "block_level", "blocks_per_group": 2}},
+     "blocks_per_group=2 must be 1 with use_stream=true"),
     ({"fastercache": {"spatial_attention_timestep_skip_range": [-1, 1001]}}, "must end at or below 1000"),
     ({"pab": {"spatial_attention_timestep_skip_range": [800, 100]}}, "low < high"),
     ({"taylorseer": {"taylor_factors_dtype": "fp8"}}, "taylor_factors_dtype='fp8' is not one of"),
@@ -553,10 +557,38 @@ def test_sequential_offload_refuses_a_compiled_transformer():
         backend.apply(pipe, parse_options(backend, {"mode": "sequential"}), ctx)
 
 
-def test_sequential_offload_with_a_graph_backend_is_refused_before_loading():
-    with pytest.raises(ConfigError, match="cannot be used in this stack: mode=sequential"):
-        build_stack({"offload": {"mode": "sequential"}, "compile": {}})
+@pytest.mark.parametrize("mode", ["sequential", "group"])
+def test_parameter_swapping_offload_with_a_graph_backend_is_refused_before_loading(mode):
+    with pytest.raises(ConfigError, match=f"cannot be used in this stack: mode={mode}"):
+        build_stack({"offload": {"mode": mode}, "compile": {}})
     assert build_stack({"offload": {"mode": "model"}, "compile": {"regional": True}}).names == ["compile", "offload"]
+
+
+@pytest.mark.parametrize("group_type, hooked", [("leaf_level", torch.nn.Linear), ("block_level", None)])
+def test_group_offload_hooks_each_group_and_close_removes_every_hook(group_type, hooked):
+    """diffusers' group offloading, applied on the CPU without streams (the hooks and their undo are
+    the same as on a GPU, where the groups also move): leaf_level hooks every Linear, block_level
+    each transformer block; the output is unchanged, and close leaves no hook behind."""
+    from fluxopt.apply import apply_to_pipeline, foreign_changes
+
+    pipe = tiny_pipe()
+    reference = generate(pipe)
+    ctx = StackContext(device=CPU, dtype=torch.float32, model=None, cache_dir=None,
+                       shapes=Shapes(height=64, width=64, steps=STEPS, guidance_scale=3.5, max_sequence_length=128))
+    stack = build_stack({"offload": {"mode": "group", "group_type": group_type, "use_stream": False}})
+    applied = apply_to_pipeline(pipe, stack, ctx, build=False)
+
+    def group_hooked(module):
+        return "group_offloading" in (getattr(getattr(module, "_diffusers_hook", None), "hooks", None) or {})
+
+    expected = ([m for m in pipe.transformer.modules() if isinstance(m, hooked)] if hooked
+                else [*pipe.transformer.transformer_blocks, *pipe.transformer.single_transformer_blocks])
+    assert expected and all(group_hooked(m) for m in expected)
+    assert abs(generate(pipe) - reference).max() == 0
+    applied.close()
+    assert foreign_changes(pipe.transformer) == []
+    assert not any(group_hooked(m) for c in (pipe.transformer, pipe.text_encoder, pipe.vae) for m in c.modules())
+    assert abs(generate(pipe) - reference).max() == 0
 
 
 # ---------------------------------------------------------------------------- CLI end to end
@@ -618,6 +650,7 @@ def test_torchao_int8_dynamic_composes_with_compile_on_cuda(tmp_path):
 @pytest.mark.parametrize("selection", [
     {"torchao_fp8": {}}, {"torchao_fp8_weight_only": {}}, {"torchao_int4": {}}, {"torchao_int8": {}},
     {"attention": {"kernel": "_native_cudnn"}}, {"offload": {"mode": "model"}}, {"offload": {"mode": "sequential"}},
+    {"offload": {"mode": "group"}}, {"offload": {"mode": "group", "group_type": "block_level"}},
     {"bnb_nf4": {}}, {"fbcache": {}},
 ])
 def test_gpu_backends_run_on_the_tiny_model(selection, tmp_path):
