@@ -260,14 +260,14 @@ class RunRecord:
         failed = []
         if self.baseline is not None and self.baseline.status == Status.FAILED.value:
             failed.append(f"baseline: {self.baseline.reason}")
-        died_in = None  # the stack a dead job was measuring: its failure is the crash, said once
+        died_in = ""  # the stack a dead job was measuring: its failure is the crash, said once
         for s in self.stacks:
             if self.job_crash and (s.reason or "").startswith(INTERRUPTED):
                 died_in = f" during {s.stack} ({s.phase}, after at least {s.elapsed_s or 0:.0f} s)"
             elif s.status == Status.FAILED.value or (s.status == Status.SKIPPED.value and self.mode == "stack"):
                 failed.append(f"{s.stack}: {s.reason}")
         if self.job_crash:
-            failed.append(f"the job's process died{died_in or ''}: {self.job_crash}")
+            failed.append(f"the job's process died{died_in}: {self.job_crash}")
         elif not self.complete:
             failed.append("the run did not complete")
         failed += [f"edited: {why}" for why in self.edited]
