@@ -574,3 +574,21 @@ def test_the_eta_counts_the_generations_the_baseline_will_make(monkeypatch, over
         cfg = compose(config_name="config", overrides=overrides)
     _eta(cfg)
     assert asked["generations"] == generations
+
+
+def test_the_eta_expects_no_time_for_a_stack_this_machine_cannot_run(tmp_path, monkeypatch):
+    """A bake-off skips a stack whose requirements this machine lacks without loading anything: the
+    ETA counts it at nothing, where it would count a stack that never ran here at the baseline's time."""
+    from hydra import compose, initialize_config_module
+
+    from fluxopt.cli import _eta
+    from fluxopt.config import register_configs
+
+    monkeypatch.chdir(tmp_path)  # no results store here: nothing ran
+    register_configs()
+    with initialize_config_module(config_module="fluxopt.conf", version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["device=cpu"])
+    eta = _eta(cfg)
+    assert eta.expected["offload"] == 0.0  # needs a GPU
+    assert "fuse_qkv" not in eta.expected  # runs on the CPU, never measured here
+    assert "fuse_qkv" in eta.order and "offload" in eta.order

@@ -327,16 +327,18 @@ def _previous(output_dir: Path, config: dict[str, Any]) -> tuple[RunRecord | Non
 def _eta(cfg: DictConfig) -> console.Eta | None:
     """The run's time estimate from the plugins (the history ring reads the results store) and,
     for stacks they know nothing of, from the baseline once measured; None when the plan cannot be
-    had: an estimate is never worth a failed run."""
+    had: an estimate is never worth a failed run. A stack this machine cannot run (a bake-off
+    skips it without loading anything) is expected to take no time, whatever it took elsewhere."""
     try:
         plan = plan_run(cfg, check_memory=False, check_requirements=False)
         expected = plugins.hook(plan.config.disabled_plugins).fluxopt_expected_durations(
             model=plan.spec.name, device=plan.device.name, shapes=plan.shapes, stacks=[s.name for s in plan.stacks],
             generations=plan.warmup + max(plan.iterations, len(plan.prompts)), config=recorded_config(cfg, plan.config))
+        skipped = {s.name: 0.0 for s in plan.stacks if s.unmet_requirements(plan.device)}
     except Exception as exc:  # noqa: BLE001 - see the docstring
         log.info("no time estimate: %s: %s", type(exc).__name__, exc)
         return None
-    return console.Eta([s.name for s in plan.stacks], expected or {})
+    return console.Eta([s.name for s in plan.stacks], {**(expected or {}), **skipped})
 
 
 def run_job(cfg: DictConfig) -> RunRecord | None:
