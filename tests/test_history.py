@@ -576,7 +576,7 @@ def test_the_eta_counts_the_generations_the_baseline_will_make(monkeypatch, over
     assert asked["generations"] == generations
 
 
-def test_the_eta_expects_no_time_for_a_stack_this_machine_cannot_run(tmp_path, monkeypatch):
+def test_the_eta_expects_no_time_for_a_stack_this_machine_cannot_run(tmp_path):
     """A bake-off skips a stack whose requirements this machine lacks without loading anything: the
     ETA counts it at nothing, where it would count a stack that never ran here at the baseline's time."""
     from hydra import compose, initialize_config_module
@@ -584,10 +584,9 @@ def test_the_eta_expects_no_time_for_a_stack_this_machine_cannot_run(tmp_path, m
     from fluxopt.cli import _eta
     from fluxopt.config import register_configs
 
-    monkeypatch.chdir(tmp_path)  # no results store here: nothing ran
     register_configs()
     with initialize_config_module(config_module="fluxopt.conf", version_base="1.3"):
-        cfg = compose(config_name="config", overrides=["device=cpu"])
+        cfg = compose(config_name="config", overrides=["device=cpu", f"store={tmp_path / 'empty.sqlite'}"])
     eta = _eta(cfg)
     assert eta.expected["offload"] == 0.0  # needs a GPU
     assert "fuse_qkv" not in eta.expected  # runs on the CPU, never measured here
