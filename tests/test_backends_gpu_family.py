@@ -547,14 +547,21 @@ def test_attention_backend_restores_the_global_default_on_close():
     assert _AttentionBackendRegistry._active_backend == before
 
 
-def test_sequential_offload_refuses_a_compiled_transformer():
+@pytest.mark.parametrize("mode", ["sequential", "group"])
+@pytest.mark.parametrize("compiled", ["in place", "wrapped"])
+def test_parameter_swapping_offload_refuses_a_compiled_transformer(mode, compiled):
+    """Compiled in place (``module.compile()``) or wrapped (``torch.compile(module)``), both lazy:
+    nothing is compiled until the first call."""
     pipe = tiny_pipe()
-    pipe.transformer.compile()  # lazy: nothing is compiled until the first call
+    if compiled == "in place":
+        pipe.transformer.compile()
+    else:
+        pipe.transformer = torch.compile(pipe.transformer)
     backend = lookup_backend("offload")
     ctx = StackContext(device=H100, dtype=torch.float32, model=None, cache_dir=None,
                        shapes=Shapes(height=64, width=64, steps=STEPS, guidance_scale=3.5, max_sequence_length=128))
-    with pytest.raises(ConfigError, match="sequential cannot be combined with compile"):
-        backend.apply(pipe, parse_options(backend, {"mode": "sequential"}), ctx)
+    with pytest.raises(ConfigError, match=f"{mode} cannot be combined with compile"):
+        backend.apply(pipe, parse_options(backend, {"mode": mode}), ctx)
 
 
 @pytest.mark.parametrize("mode", ["sequential", "group"])
@@ -562,6 +569,15 @@ def test_parameter_swapping_offload_with_a_graph_backend_is_refused_before_loadi
     with pytest.raises(ConfigError, match=f"cannot be used in this stack: mode={mode}"):
         build_stack({"offload": {"mode": mode}, "compile": {}})
     assert build_stack({"offload": {"mode": "model"}, "compile": {"regional": True}}).names == ["compile", "offload"]
+
+
+@pytest.mark.parametrize("options", [
+    {"mode": "group", "group_type": "block_level"},  # one block per group, streamed
+    {"mode": "group", "group_type": "block_level", "blocks_per_group": 2, "use_stream": False},
+    {"mode": "group", "group_type": "leaf_level", "blocks_per_group": 2},  # leaf_level ignores it
+])
+def test_group_offload_options_diffusers_takes_are_accepted(options):
+    assert build_stack({"offload": options}).names == ["offload"]
 
 
 @pytest.mark.parametrize("group_type, hooked", [("leaf_level", torch.nn.Linear), ("block_level", None)])
@@ -584,6 +600,11 @@ def test_group_offload_hooks_each_group_and_close_removes_every_hook(group_type,
     expected = ([m for m in pipe.transformer.modules() if isinstance(m, hooked)] if hooked
                 else [*pipe.transformer.transformer_blocks, *pipe.transformer.single_transformer_blocks])
     assert expected and all(group_hooked(m) for m in expected)
+    config = expected[0]._diffusers_hook.get_hook("group_offloading").config
+    assert (config.onload_device, config.offload_device) == (torch.device("cpu"), torch.device("cpu"))
+    assert (config.offload_type.value, config.num_blocks_per_group, config.stream) == \
+        (group_type, 1 if group_type == "block_level" else None, None)
+    assert applied.changes["offload"] == [f"diffusers' group offloading hooks ({group_type})"]
     assert abs(generate(pipe) - reference).max() == 0
     applied.close()
     assert foreign_changes(pipe.transformer) == []
