@@ -37,6 +37,7 @@ from fluxopt import Backend, ConfigError, Package, Requirements, StackContext, S
 MODES = ("model", "sequential", "group")
 GROUP_TYPES = ("leaf_level", "block_level")
 SWAPPING_MODES = ("sequential", "group")  # hooks that swap parameters inside forward
+GROUP_OPTIONS = ("group_type", "blocks_per_group", "use_stream")  # read only by mode=group
 
 
 def _is_compiled(pipe: Any) -> bool:
@@ -70,6 +71,14 @@ class OffloadBackend(Backend):
                               f"{', '.join(GROUP_TYPES)}")
         if options.blocks_per_group < 1:
             raise ConfigError(f"backend.offload.blocks_per_group={options.blocks_per_group} must be >= 1")
+        given = [f"{name}={getattr(options, name)}" for name in GROUP_OPTIONS
+                 if getattr(options, name) != getattr(OffloadOptions, name)]
+        if options.mode != "group" and given:
+            raise ConfigError(f"backend.offload.{given[0]} applies to mode=group only; this stack has "
+                              f"mode={options.mode}")
+        if options.group_type != "block_level" and options.blocks_per_group != 1:
+            raise ConfigError(f"backend.offload.blocks_per_group={options.blocks_per_group} applies to "
+                              f"group_type=block_level only; this stack has group_type={options.group_type}")
         if options.use_stream and options.group_type == "block_level" and options.blocks_per_group != 1:
             raise ConfigError(f"backend.offload.blocks_per_group={options.blocks_per_group} must be 1 with "
                               "use_stream=true (diffusers prefetches one block at a time on its stream)")

@@ -166,6 +166,11 @@ def test_composable_stack_is_in_stage_order():
     ({"offload": {"mode": "group", "blocks_per_group": 0}}, "blocks_per_group=0 must be >= 1"),
     ({"offload": {"mode": "group", "group_type": "block_level", "blocks_per_group": 2}},
      "blocks_per_group=2 must be 1 with use_stream=true"),
+    ({"offload": {"mode": "group", "blocks_per_group": 2}},
+     "blocks_per_group=2 applies to group_type=block_level only; this stack has group_type=leaf_level"),
+    ({"offload": {"mode": "model", "use_stream": False}}, "use_stream=False applies to mode=group only"),
+    ({"offload": {"mode": "sequential", "group_type": "block_level"}},
+     "group_type=block_level applies to mode=group only; this stack has mode=sequential"),
     ({"fastercache": {"spatial_attention_timestep_skip_range": [-1, 1001]}}, "must end at or below 1000"),
     ({"pab": {"spatial_attention_timestep_skip_range": [800, 100]}}, "low < high"),
     ({"taylorseer": {"taylor_factors_dtype": "fp8"}}, "taylor_factors_dtype='fp8' is not one of"),
@@ -574,7 +579,6 @@ def test_parameter_swapping_offload_with_a_graph_backend_is_refused_before_loadi
 @pytest.mark.parametrize("options", [
     {"mode": "group", "group_type": "block_level"},  # one block per group, streamed
     {"mode": "group", "group_type": "block_level", "blocks_per_group": 2, "use_stream": False},
-    {"mode": "group", "group_type": "leaf_level", "blocks_per_group": 2},  # leaf_level ignores it
 ])
 def test_group_offload_options_diffusers_takes_are_accepted(options):
     assert build_stack({"offload": options}).names == ["offload"]
