@@ -223,6 +223,22 @@ def build_stack(selection: Mapping[str, Any] | Sequence[Any] | str | Any) -> Sta
     """Resolve a backend name, a list of names or options objects (``CompileOptions(regional=True)``),
     or a mapping name -> options into a Stack in stage order, refusing unknown names, bad options
     and incompatible combinations."""
+    entries = _entries(selection)
+    _check_pairs(entries)
+    _check_options_compatible(entries)
+    return Stack(tuple(entries))
+
+
+def check_names(selection: Sequence[str]) -> None:
+    """Refuse what a stack's backend names decide alone (unknown or repeated names, an empty stack,
+    backends that never combine), before the options are known: a command line names its stacks
+    before the options given for them are composed, and an incompatibility that depends on an
+    option (``offload.mode``) is judged by :func:`build_stack` once they are."""
+    _check_pairs(_entries(selection))
+
+
+def _entries(selection: Mapping[str, Any] | Sequence[Any] | str | Any) -> list[StackEntry]:
+    """The selection's backends with their validated options, in stage order."""
     if isinstance(selection, str) or backend_of_options(selection):
         selection = [selection]
     if isinstance(selection, Mapping):
@@ -250,15 +266,17 @@ def build_stack(selection: Mapping[str, Any] | Sequence[Any] | str | Any) -> Sta
         backend.validate_options(options)
         entries.append(StackEntry(backend, options))
     entries.sort(key=lambda e: e.backend.stage)  # stable: ties keep the typed order
-    _check_compatible(entries)
-    return Stack(tuple(entries))
+    return entries
 
 
-def _check_compatible(entries: Sequence[StackEntry]) -> None:
+def _check_options_compatible(entries: Sequence[StackEntry]) -> None:
     for entry in entries:
         reason = entry.backend.incompatibility(entry.options, [e for e in entries if e is not entry])
         if reason:
             raise ConfigError(f"backend '{entry.name}' cannot be used in this stack: {reason}")
+
+
+def _check_pairs(entries: Sequence[StackEntry]) -> None:
     for a, b in itertools.combinations(entries, 2):
         if a.name == b.name:
             raise ConfigError(f"backend '{a.name}' is listed twice in the stack")

@@ -1,26 +1,33 @@
 """Backend ``offload``: keep weights in CPU memory and move them to the GPU when needed
 (stage PLACEMENT, applied last, after quantization, caches and compile; lossless).
 
+* ``group`` (the default): diffusers' group offloading (``enable_group_offload``): each group of
+  layers (``group_type=block_level``, the default: ``blocks_per_group`` transformer blocks;
+  ``leaf_level``: every leaf layer) is moved to the GPU before its forward and back after it. With
+  ``use_stream`` (the default) the host copies are pinned once and the next group is uploaded on a
+  CUDA stream of its own while the current one computes, so the copies overlap compute.
 * ``model``: ``enable_model_cpu_offload`` moves whole components (text encoders, transformer,
   VAE) to the GPU in turn; composes with ``compile`` (regional compile is the recipe's
-  choice: 22.7 GB peak for FLUX.1-dev on an H100).
+  choice).
 * ``sequential``: ``enable_sequential_cpu_offload`` streams every leaf module's weights to the
   GPU inside its forward, through accelerate hooks that replace the module's parameters;
   minimal memory, very slow.
-* ``group``: diffusers' group offloading (``enable_group_offload``): each group of layers
-  (``group_type=leaf_level``: every leaf layer; ``block_level``: ``blocks_per_group``
-  transformer blocks) is moved to the GPU before its forward and back after it. With
-  ``use_stream`` (the default) the host copies are pinned once and the next group is uploaded on a
-  CUDA stream of its own while the current one computes, so the copies overlap compute: far less
-  memory than ``model`` at a cost that depends on how much of each step's weight traffic the
-  PCIe link hides behind compute (diffusers: little, for image models on a fast GPU).
+
+The default is the mode that makes offloading worth having: model offload holds the whole
+transformer on the GPU while it runs, so its peak is the transformer's own size (22.7 GiB for
+FLUX.1 against the baseline's 25.2) and it cannot run FLUX where the transformer does not fit,
+while block-level group offload holds one block (2.4 GiB). Measured on the H200 at full size
+(docs/results/2026-12-04-h200-offload/), streamed block-level was also the fastest of the three:
+13.95 s a generation against 14.4 (leaf_level) and 19.4 (model, whose copies are pageable).
+Where PCIe is slower than the H200's, the per-step traffic costs more; ``mode=model`` is one
+setting away, and is the mode that composes with compile.
 
 ``sequential`` and ``group`` are refused together with ``compile`` or ``aoti``: their hooks swap
 the parameters inside every forward, which a compiled graph would have to trace (meta or host
 tensors turned into CUDA tensors), so a compiled transformer would either fail (fullgraph) or
 fall back to eager with recompilations.
 
-accelerate's hooks move the weights to an accelerator, so a GPU is required.
+Every mode moves weights to a GPU and back, so a GPU is required.
 """
 
 from __future__ import annotations
@@ -34,8 +41,8 @@ import torch
 from fluxopt import Backend, ConfigError, Package, Requirements, StackContext, Stage, hookimpl
 
 
-MODES = ("model", "sequential", "group")
-GROUP_TYPES = ("leaf_level", "block_level")
+MODES = ("group", "model", "sequential")
+GROUP_TYPES = ("block_level", "leaf_level")
 SWAPPING_MODES = ("sequential", "group")  # hooks that swap parameters inside forward
 GROUP_OPTIONS = ("group_type", "blocks_per_group", "use_stream")  # read only by mode=group
 
@@ -48,16 +55,16 @@ def _is_compiled(pipe: Any) -> bool:
 
 @dataclass
 class OffloadOptions:
-    mode: str = "model"  # model | sequential | group
-    group_type: str = "leaf_level"  # mode=group: leaf_level | block_level
+    mode: str = "group"  # group | model | sequential
+    group_type: str = "block_level"  # mode=group: block_level | leaf_level
     blocks_per_group: int = 1  # mode=group, group_type=block_level: blocks moved together
     use_stream: bool = True  # mode=group: pinned host copies, uploads on a CUDA stream overlapping compute
 
 
 class OffloadBackend(Backend):
     name = "offload"
-    description = ("CPU offload of the pipeline's components (model-level or sequential: accelerate hooks; "
-                   "group: diffusers' group offloading)")
+    description = ("CPU offload of the pipeline's components (group: diffusers' group offloading, one "
+                   "transformer block on the GPU at a time; model-level or sequential: accelerate hooks)")
     options_class = OffloadOptions
     stage = Stage.PLACEMENT
     lossless = True

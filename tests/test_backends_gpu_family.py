@@ -16,7 +16,7 @@ from conftest import read_result, run_cli
 from fluxopt import Shapes, StackContext
 from fluxopt.environment import DeviceInfo
 from fluxopt.errors import ConfigError
-from fluxopt.stack import build_stack, lookup_backend, parse_options
+from fluxopt.stack import build_stack, check_names, lookup_backend, parse_options
 
 CPU = DeviceInfo(type="cpu", name="test cpu")
 H100 = DeviceInfo(type="cuda", name="H100", capability=(9, 0))
@@ -148,7 +148,8 @@ def test_two_caches_or_two_quantizations_are_refused(pair):
 
 
 def test_composable_stack_is_in_stage_order():
-    stack = build_stack(["offload", "compile", "fbcache", "attention", "torchao_int8", "fuse_qkv"])
+    stack = build_stack({"offload": {"mode": "model"}, "compile": {}, "fbcache": {}, "attention": {},
+                         "torchao_int8": {}, "fuse_qkv": {}})
     assert stack.names == ["torchao_int8", "fuse_qkv", "attention", "fbcache", "compile", "offload"]
     assert not stack.is_lossless()
     assert build_stack(["fuse_qkv", "channels_last", "attention"]).is_lossless()
@@ -161,16 +162,17 @@ def test_composable_stack_is_in_stage_order():
     ({"fbcache": {"implementation": "teacache"}}, "implementation='teacache' is not one of diffusers, para_attn"),
     ({"fbcache": {"residual_diff_threshold": -0.1}}, "residual_diff_threshold must be >= 0"),
     ({"attention": {"kernel": "flash3"}}, "kernel='flash3' is not one of"),
-    ({"offload": {"mode": "disk"}}, "mode='disk' is not one of model, sequential, group"),
-    ({"offload": {"mode": "group", "group_type": "layer"}}, "group_type='layer' is not one of leaf_level, block_level"),
+    ({"offload": {"mode": "disk"}}, "mode='disk' is not one of group, model, sequential"),
+    ({"offload": {"mode": "group", "group_type": "layer"}}, "group_type='layer' is not one of block_level, leaf_level"),
     ({"offload": {"mode": "group", "blocks_per_group": 0}}, "blocks_per_group=0 must be >= 1"),
     ({"offload": {"mode": "group", "group_type": "block_level", "blocks_per_group": 2}},
      "blocks_per_group=2 must be 1 with use_stream=true"),
-    ({"offload": {"mode": "group", "blocks_per_group": 2}},
+    ({"offload": {"mode": "group", "group_type": "leaf_level", "blocks_per_group": 2}},
      "blocks_per_group=2 applies to group_type=block_level only; this stack has group_type=leaf_level"),
     ({"offload": {"mode": "model", "use_stream": False}}, "use_stream=False applies to mode=group only"),
-    ({"offload": {"mode": "sequential", "group_type": "block_level"}},
-     "group_type=block_level applies to mode=group only; this stack has mode=sequential"),
+    ({"offload": {"mode": "sequential", "group_type": "leaf_level"}},
+     "group_type=leaf_level applies to mode=group only; this stack has mode=sequential"),
+    ({"offload": {"blocks_per_group": 2}}, "blocks_per_group=2 must be 1 with use_stream=true"),
     ({"fastercache": {"spatial_attention_timestep_skip_range": [-1, 1001]}}, "must end at or below 1000"),
     ({"pab": {"spatial_attention_timestep_skip_range": [800, 100]}}, "low < high"),
     ({"taylorseer": {"taylor_factors_dtype": "fp8"}}, "taylor_factors_dtype='fp8' is not one of"),
@@ -569,11 +571,22 @@ def test_parameter_swapping_offload_refuses_a_compiled_transformer(mode, compile
         backend.apply(pipe, parse_options(backend, {"mode": mode}), ctx)
 
 
-@pytest.mark.parametrize("mode", ["sequential", "group"])
-def test_parameter_swapping_offload_with_a_graph_backend_is_refused_before_loading(mode):
-    with pytest.raises(ConfigError, match=f"cannot be used in this stack: mode={mode}"):
-        build_stack({"offload": {"mode": mode}, "compile": {}})
+@pytest.mark.parametrize("options, mode", [({"mode": "sequential"}, "sequential"), ({"mode": "group"}, "group"),
+                                           ({}, "group")])  # the default mode swaps parameters too
+def test_parameter_swapping_offload_with_a_graph_backend_is_refused_before_loading(options, mode):
+    with pytest.raises(ConfigError, match=f"cannot be used in this stack: mode={mode} .*; use backend.offload.mode=model"):
+        build_stack({"offload": options, "compile": {}})
     assert build_stack({"offload": {"mode": "model"}, "compile": {"regional": True}}).names == ["compile", "offload"]
+
+
+def test_names_alone_refuse_only_what_no_option_can_make_compatible():
+    check_names(["offload", "compile"])  # compatible with offload.mode=model, given later on a command line
+    with pytest.raises(ConfigError, match="mode=group swaps"):
+        build_stack(["offload", "compile"])
+    with pytest.raises(ConfigError, match="'aoti' and 'compile' cannot be combined"):
+        check_names(["aoti", "compile"])
+    with pytest.raises(ConfigError, match="unknown backend"):
+        check_names(["offlaod"])
 
 
 @pytest.mark.parametrize("options", [

@@ -51,7 +51,7 @@ from fluxopt.record import (
     write_record,
 )
 from fluxopt.runner import Run, can_resume, can_reuse, job_record
-from fluxopt.stack import build_stack, check_option_name, lookup_backend
+from fluxopt.stack import check_names, check_option_name, lookup_backend
 
 log = logging.getLogger("fluxopt")
 
@@ -130,7 +130,7 @@ def _check_override(ov: Override, disabled: list[str]) -> None:
                               "ring's, fluxopt.scale; disabled_plugins turns it off)")
     elif key == "backend" and not ov.is_delete():
         for names in _stack_choices(ov.value()):
-            build_stack(names)  # unknown names, empty stacks and incompatible pairs raise here
+            check_names(names)  # unknown names, empty stacks and incompatible pairs raise here
     elif key.startswith("backend."):
         parts = key.split(".")
         backend = lookup_backend(parts[1])

@@ -53,6 +53,9 @@ CASES = [
     ("+backend=[torchao_int8,bnb_nf4]", 2, "cannot be combined"),
     ("+backend=[fbcache,taylorseer]", 2, "cannot be combined"),
     ("+backend=[offload,compile] backend.offload.mode=sequential", 2, "mode=sequential"),
+    # the pair is compatible with the mode given (not the default's): judged once options are composed
+    ("+backend=[offload,compile] backend.offload.mode=model backend.compile.regional=maybe", 2,
+     "backend.compile.regional=maybe"),
     ("+backend=[fbcache,compile] backend.compile.cuda_graphs=true", 2, "cuda_graphs=true replays one fixed graph"),
     ("+backend=fbcache backend.fbcache.residual_diff_threshold=-1", 2, "residual_diff_threshold must be >= 0"),
     ("+backend=fbcache backend.fbcache.implementation=magic", 2, "implementation='magic' is not one of"),
