@@ -21,11 +21,14 @@ import torch
 from fluxopt.errors import ConfigError
 from fluxopt.version import __version__, git_revision
 
-# Distributions whose versions decide what a backend does; recorded with every result.
+# Distributions whose versions decide what a backend does; recorded with every result. The kernel
+# libraries (the last line) count as much as the frameworks: whether one is installed changes which
+# kernels a stack runs (torchao's float8 per row takes mslk's where it is installed).
 TRACKED_PACKAGES = (
     "fluxopt", "torch", "diffusers", "transformers", "accelerate", "torchao", "nvidia-modelopt",
     "tensorrt", "onnx", "onnxruntime", "para-attn", "bitsandbytes", "triton", "hydra-core",
     "omegaconf", "pluggy", "numpy", "scikit-image", "safetensors",
+    "mslk-cuda", "nvidia-cudnn-frontend", "fa3-fwd", "flash-attn", "sageattention", "xformers", "kernels",
 )
 
 # Set by fluxopt.scale.gpu_pool in a pooled sweep job: which GPU slot it holds (JSON).

@@ -33,9 +33,11 @@ from fluxopt_plugins._calibration import (CALIBRATION_PROMPTS, cached_calibratio
 
 log = logging.getLogger(__name__)
 TORCHAO = Package("torchao", "pip install 'fluxopt[torchao]'")
-MSLK = Package("mslk", "pip install 'fluxopt[mslk]' (torchao's int4 'plain'/'preshuffled' kernels)")
+MSLK = Package("mslk", "pip install 'fluxopt[mslk]' (torchao's Hopper kernels: int4 'plain'/'preshuffled', "
+               "float8 per row)")
 DEFAULT_SKIP = ["x_embedder", "context_embedder", "time_text_embed", "norm_out", "proj_out"]
 FP8_GRANULARITIES = ("row", "tensor")
+FP8_KERNELS = ("auto", "torch", "mslk")
 INT4_PACKING = ("auto", "tile_packed_to_4d", "plain", "preshuffled")
 # What torchao.quantization.utils.recommended_inductor_config_setter sets globally (torchao 0.18).
 TORCHAO_INDUCTOR_FLAGS = {
@@ -67,6 +69,10 @@ class TorchaoOptions:
 @dataclass
 class TorchaoFp8Options(TorchaoOptions):
     granularity: str = "row"  # row (PerRow scales) | tensor (one scale per tensor)
+    # which kernels quantize the activations and multiply: auto (mslk's where torchao would pick them:
+    # Hopper or newer with mslk installed, per row; else torch's) | torch (aten ops and torch._scaled_mm,
+    # which Inductor can fuse) | mslk (its Triton row quantization and CUTLASS GEMM, opaque to Inductor)
+    kernel_preference: str = "auto"
 
 
 @dataclass
@@ -151,12 +157,41 @@ class TorchaoFp8(_TorchaoBackend):
         if options.granularity not in FP8_GRANULARITIES:
             raise ConfigError(f"backend.{self.name}.granularity={options.granularity!r} is not one of "
                               f"{', '.join(FP8_GRANULARITIES)}")
+        if options.kernel_preference not in FP8_KERNELS:
+            raise ConfigError(f"backend.{self.name}.kernel_preference={options.kernel_preference!r} is not one of "
+                              f"{', '.join(FP8_KERNELS)}")
+        if options.kernel_preference == "mslk" and options.granularity != "row":
+            raise ConfigError(f"backend.{self.name}.kernel_preference=mslk needs granularity=row (mslk's float8 "
+                              f"GEMM scales per row); this stack has granularity={options.granularity}")
+
+    def unmet_requirement(self, options: TorchaoFp8Options, device: Any) -> str | None:
+        unmet = super().unmet_requirement(options, device)
+        if unmet is None and options.kernel_preference == "mslk":
+            unmet = Requirements(min_compute_capability=(9, 0), packages=(MSLK,)).unmet(device)
+        return unmet
+
+    def quantize(self, pipe: Any, options: TorchaoFp8Options, ctx: StackContext) -> None:
+        kernels = resolve_fp8_kernels(options, ctx.device)
+        ctx.stats.setdefault(self.name, {})["kernel_preference"] = kernels
+        super().quantize(pipe, dataclasses.replace(options, kernel_preference=kernels), ctx)
 
     def make_config(self, options: TorchaoFp8Options) -> Any:
         from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, PerTensor
+        from torchao.quantization.quantize_.common import KernelPreference
 
         granularity = PerRow() if options.granularity == "row" else PerTensor()
-        return Float8DynamicActivationFloat8WeightConfig(granularity=granularity)
+        return Float8DynamicActivationFloat8WeightConfig(granularity=granularity,
+                                                         kernel_preference=KernelPreference(options.kernel_preference))
+
+
+def resolve_fp8_kernels(options: TorchaoFp8Options, device: Any) -> str:
+    """``auto``: the kernels torchao's own ``AUTO`` would run (mslk's on sm90 or newer where mslk is
+    installed, for per-row scales; torch's otherwise), named before quantizing, so that the record
+    says which ran rather than leaving it to what happened to be installed."""
+    if options.kernel_preference != "auto":
+        return options.kernel_preference
+    hopper_or_newer = device.is_gpu and not device.rocm and (device.capability or (0, 0)) >= (9, 0)
+    return "mslk" if hopper_or_newer and options.granularity == "row" and not MSLK.missing() else "torch"
 
 
 class TorchaoFp8Static(_TorchaoBackend):

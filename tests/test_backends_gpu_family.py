@@ -57,6 +57,7 @@ def apply(pipe, selection):
     ("torchao_fp8", {}, A100, "needs compute capability >= 8.9; A100 has 8.0"),
     ("torchao_fp8", {}, MI300, "needs an NVIDIA GPU with CUDA; MI300X runs ROCm"),
     ("torchao_fp8", {"granularity": "tensor"}, H100, None),
+    ("torchao_fp8", {"kernel_preference": "torch"}, H100, None),
     ("torchao_fp8_weight_only", {}, A100, "needs compute capability >= 8.9; A100 has 8.0"),
     ("torchao_int8", {}, CPU, None),
     ("torchao_int8_dynamic", {}, CPU, None),
@@ -85,6 +86,7 @@ def test_requirements_on_each_device(name, options, device, expected):
     ("attention", {"kernel": "flash"}, "flash_attn", "flash-attn"),
     ("attention", {"kernel": "aiter_fa2_hub"}, "kernels", "pip install 'kernels>=0.12'"),
     ("torchao_int4", {"packing_format": "plain"}, "mslk", "pip install 'fluxopt[mslk]'"),
+    ("torchao_fp8", {"kernel_preference": "mslk"}, "mslk", "pip install 'fluxopt[mslk]'"),
 ])
 def test_missing_optional_package_names_it_and_how_to_install(name, options, module, hint, monkeypatch):
     import importlib.util
@@ -129,6 +131,38 @@ def test_int4_quantizes_with_the_packing_auto_chose_and_records_it(mslk_installe
     assert ("mslk is not installed" in caplog.text) is (not mslk_installed)
 
 
+@pytest.mark.parametrize("device, granularity, mslk_installed, expected", [
+    (H100, "row", True, "mslk"), (H100, "row", False, "torch"), (H100, "tensor", True, "torch"),
+    (A100, "row", True, "torch"), (MI300, "row", True, "torch"), (CPU, "row", True, "torch"),
+])
+def test_fp8_auto_kernels_are_mslks_where_torchao_would_take_them(device, granularity, mslk_installed, expected,
+                                                                   monkeypatch):
+    from fluxopt_plugins.torchao_quant import MSLK, TorchaoFp8Options, resolve_fp8_kernels
+
+    monkeypatch.setattr(type(MSLK), "missing", lambda self: not mslk_installed if self is MSLK else False)
+    assert resolve_fp8_kernels(TorchaoFp8Options(granularity=granularity), device) == expected
+    for named in ("torch", "mslk"):  # kernels asked for by name are kept
+        assert resolve_fp8_kernels(TorchaoFp8Options(kernel_preference=named), device) == named
+
+
+@pytest.mark.parametrize("mslk_installed, kernels", [(True, "mslk"), (False, "torch")])
+def test_fp8_quantizes_with_the_kernels_auto_chose_and_records_them(mslk_installed, kernels, monkeypatch):
+    from types import SimpleNamespace
+
+    from torchao.quantization.quantize_.common import KernelPreference
+
+    from fluxopt_plugins import torchao_quant
+    from fluxopt_plugins.torchao_quant import MSLK, TorchaoFp8, TorchaoFp8Options
+
+    monkeypatch.setattr(type(MSLK), "missing", lambda self: not mslk_installed if self is MSLK else False)
+    used = []
+    monkeypatch.setattr(torchao_quant._TorchaoBackend, "quantize", lambda self, pipe, options, ctx: used.append(options))
+    ctx = SimpleNamespace(device=H100, stats={})
+    TorchaoFp8().quantize(None, TorchaoFp8Options(), ctx)
+    assert [o.kernel_preference for o in used] == [kernels] and ctx.stats["torchao_fp8"] == {"kernel_preference": kernels}
+    assert TorchaoFp8().make_config(used[0]).kernel_preference == KernelPreference(kernels)
+
+
 def test_aiter_needs_rocm_when_its_package_is_there(monkeypatch):
     from fluxopt.backend import Package
 
@@ -157,6 +191,9 @@ def test_composable_stack_is_in_stage_order():
 
 @pytest.mark.parametrize("selection, message", [
     ({"torchao_fp8": {"granularity": "col"}}, "granularity='col' is not one of row, tensor"),
+    ({"torchao_fp8": {"kernel_preference": "cutlass"}}, "kernel_preference='cutlass' is not one of auto, torch, mslk"),
+    ({"torchao_fp8": {"kernel_preference": "mslk", "granularity": "tensor"}},
+     "kernel_preference=mslk needs granularity=row"),
     ({"torchao_int8": {"min_features": -1}}, "min_features must be >= 0"),
     ({"torchao_int4": {"packing_format": "zip"}}, "packing_format='zip' is not one of"),
     ({"fbcache": {"implementation": "teacache"}}, "implementation='teacache' is not one of diffusers, para_attn"),

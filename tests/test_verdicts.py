@@ -208,3 +208,16 @@ def test_a_stack_requested_twice_and_measured_once_is_listed_as_not_run():
     twice = RunRecord(model={"name": "tiny"}, requested=["fp8_attention", "fp8_attention", "compile"],
                       stacks=[StackRecord(stack="fp8_attention", backends=["fp8_attention"], status="ok")])
     assert not_run(twice) == ["fp8_attention", "compile"]
+
+
+def test_the_report_names_the_kernel_libraries_a_run_had():
+    """Whether mslk (or cuDNN's frontend, FlashAttention-3...) was installed changes which kernels a
+    stack ran, so the page lists every tracked package with a version beyond the headline ones."""
+    from fluxopt.environment import TRACKED_PACKAGES
+    from fluxopt.report.tables import environment_lines
+
+    assert "mslk-cuda" in TRACKED_PACKAGES and "nvidia-cudnn-frontend" in TRACKED_PACKAGES
+    env = {"packages": {"torch": "2.11.0", "diffusers": "0.42.1", "mslk-cuda": "1.1.0", "fa3-fwd": None,
+                        "torchao": "0.18.0"}}
+    assert environment_lines(env)[-1] == "- other packages: mslk-cuda 1.1.0, torchao 0.18.0"
+    assert environment_lines({"packages": {"torch": "2.11.0"}})[-1] == "- other packages: none tracked"

@@ -157,6 +157,9 @@ def fidelity_note(record: RunRecord) -> str:
             "backend computes the same function as the baseline, not how images would look on a trained model.")
 
 
+SHOWN_PACKAGES = ("torch", "diffusers", "transformers", "fluxopt")  # on the lines above the rest
+
+
 def environment_lines(env: dict[str, Any]) -> list[str]:
     pk = env.get("packages", {})
     dev = env.get("device", {})
@@ -169,6 +172,8 @@ def environment_lines(env: dict[str, Any]) -> list[str]:
         f"python {env.get('python')}, CUDA {env.get('cuda_version')}",
         f"- host {env.get('hostname')}, CPU {env.get('cpu')}; fluxopt {pk.get('fluxopt')} "
         f"git {git.get('revision') or 'n/a'}{' (dirty)' if git.get('dirty') else ''}",
+        "- other packages: " + (", ".join(f"{name} {version}" for name, version in sorted(pk.items())
+                                           if version and name not in SHOWN_PACKAGES) or "none tracked"),
     ]
 
 
