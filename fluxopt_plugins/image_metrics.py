@@ -5,6 +5,8 @@ and ``fidelity.lossy`` name them). Built-in plugins like any other metric.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import torch
 
@@ -22,11 +24,19 @@ def psnr(ref: Sample, out: Sample) -> float:
 
 
 def ssim(ref: Sample, out: Sample) -> float:
+    """scikit-image's SSIM of the RGB image: the mean of each channel's, which is what its
+    ``channel_axis`` computes, one channel after another. The channels are computed on threads of
+    their own (scipy's filters release the GIL): at 1024x1024 a channel takes about 0.1 s, and a
+    bake-off judges every stack on every prompt."""
     side = min(ref.image.shape[:2])
     win = min(7, side if side % 2 else side - 1)
     from skimage.metrics import structural_similarity
 
-    return float(structural_similarity(ref.image, out.image, channel_axis=2, data_range=1.0, win_size=win))
+    def channel(c: int) -> float:
+        return structural_similarity(ref.image[..., c], out.image[..., c], data_range=1.0, win_size=win)
+
+    with ThreadPoolExecutor(max_workers=ref.image.shape[2]) as pool:
+        return float(np.mean(list(pool.map(channel, range(ref.image.shape[2])))))
 
 
 def latent_rel_l2(ref: Sample, out: Sample) -> float:
