@@ -29,9 +29,10 @@ COLUMNS = ("run", "stack", "per step (ms)", "latency (s)", "speedup", "build (s)
 
 
 # The options worth a reader's eye in the table (the JSON has them all).
-SHOWN = {"compile": ("regional", "cuda_graphs", "eager_rounding", "sigmoid_gelu"), "torchao_fp8": ("granularity",),
+SHOWN = {"compile": ("regional", "cuda_graphs", "eager_rounding", "sigmoid_gelu"),
+         "torchao_fp8": ("granularity", "kernel_preference"),
          "torchao_int8": ("inductor_tuning",), "torchao_int4": ("packing_format",), "torchao_fp8_static": ("inductor_tuning",), "fbcache": ("residual_diff_threshold", "implementation"),
-         "attention": ("kernel",), "offload": ("mode",), "trt_fp8": ("stop_after", "calib_steps"),
+         "attention": ("kernel",), "offload": ("mode", "group_type"), "trt_fp8": ("stop_after", "calib_steps"),
          "aoti": ("max_autotune", "weights", "cuda_graphs", "eager_rounding"), "taylorseer": ("cache_interval",),
          "fixed_cache": ("warmup_steps", "interval", "order"), "fp8_attention": ("kernel", "scales", "v_margin", "fused_qk")}
 
