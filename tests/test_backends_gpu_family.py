@@ -725,7 +725,7 @@ def test_torchao_int8_dynamic_composes_with_compile_on_cuda(tmp_path):
 @pytest.mark.parametrize("selection", [
     {"torchao_fp8": {}}, {"torchao_fp8_weight_only": {}}, {"torchao_int4": {}}, {"torchao_int8": {}},
     {"attention": {"kernel": "_native_cudnn"}}, {"offload": {"mode": "model"}}, {"offload": {"mode": "sequential"}},
-    {"offload": {"mode": "group"}}, {"offload": {"mode": "group", "group_type": "block_level"}},
+    {"offload": {}}, {"offload": {"mode": "group", "group_type": "leaf_level"}},
     {"bnb_nf4": {}}, {"fbcache": {}},
 ])
 def test_gpu_backends_run_on_the_tiny_model(selection, tmp_path):
