@@ -103,31 +103,45 @@ def test_package_of_another_implementation_is_not_required():
     assert unmet("torchao_int4", H100) is None
 
 
+def _mslk_installed(monkeypatch, installed: bool) -> None:
+    """mslk present or absent whatever this machine has (every other package present)."""
+    from fluxopt_plugins.torchao_quant import MSLK
+
+    monkeypatch.setattr(type(MSLK), "missing", lambda self: not installed if self is MSLK else False)
+
+
+def _quantize_on_h100(backend, options, monkeypatch):
+    """The options ``backend.quantize`` hands torchao's quantization (not run), and the stack's stats."""
+    from types import SimpleNamespace
+
+    from fluxopt_plugins import torchao_quant
+
+    used = []
+    monkeypatch.setattr(torchao_quant._TorchaoBackend, "quantize", lambda self, pipe, options, ctx: used.append(options))
+    ctx = SimpleNamespace(device=H100, stats={})
+    backend.quantize(None, options, ctx)
+    return used, ctx.stats
+
+
 @pytest.mark.parametrize("device, mslk_installed, expected", [
     (H100, True, "preshuffled"), (H100, False, "tile_packed_to_4d"), (A100, True, "tile_packed_to_4d"),
     (MI300, True, "tile_packed_to_4d"), (CPU, True, "tile_packed_to_4d"),
 ])
 def test_int4_auto_packing_takes_mslk_kernels_on_hopper_only(device, mslk_installed, expected, monkeypatch):
-    from fluxopt_plugins.torchao_quant import MSLK, resolve_int4_packing
+    from fluxopt_plugins.torchao_quant import resolve_int4_packing
 
-    monkeypatch.setattr(type(MSLK), "missing", lambda self: not mslk_installed if self is MSLK else False)
+    _mslk_installed(monkeypatch, mslk_installed)
     assert resolve_int4_packing("auto", device) == expected
     assert resolve_int4_packing("plain", device) == "plain"  # a packing asked for by name is kept
 
 
 @pytest.mark.parametrize("mslk_installed, packing", [(True, "preshuffled"), (False, "tile_packed_to_4d")])
 def test_int4_quantizes_with_the_packing_auto_chose_and_records_it(mslk_installed, packing, monkeypatch, caplog):
-    from types import SimpleNamespace
+    from fluxopt_plugins.torchao_quant import TorchaoInt4, TorchaoInt4Options
 
-    from fluxopt_plugins import torchao_quant
-    from fluxopt_plugins.torchao_quant import MSLK, TorchaoInt4, TorchaoInt4Options
-
-    monkeypatch.setattr(type(MSLK), "missing", lambda self: not mslk_installed if self is MSLK else False)
-    used = []
-    monkeypatch.setattr(torchao_quant._TorchaoBackend, "quantize", lambda self, pipe, options, ctx: used.append(options))
-    ctx = SimpleNamespace(device=H100, stats={})
-    TorchaoInt4().quantize(None, TorchaoInt4Options(), ctx)
-    assert [o.packing_format for o in used] == [packing] and ctx.stats["torchao_int4"] == {"packing_format": packing}
+    _mslk_installed(monkeypatch, mslk_installed)
+    used, stats = _quantize_on_h100(TorchaoInt4(), TorchaoInt4Options(), monkeypatch)
+    assert [o.packing_format for o in used] == [packing] and stats["torchao_int4"] == {"packing_format": packing}
     assert ("mslk is not installed" in caplog.text) is (not mslk_installed)
 
 
@@ -137,9 +151,9 @@ def test_int4_quantizes_with_the_packing_auto_chose_and_records_it(mslk_installe
 ])
 def test_fp8_auto_kernels_are_mslks_where_torchao_would_take_them(device, granularity, mslk_installed, expected,
                                                                    monkeypatch):
-    from fluxopt_plugins.torchao_quant import MSLK, TorchaoFp8Options, resolve_fp8_kernels
+    from fluxopt_plugins.torchao_quant import TorchaoFp8Options, resolve_fp8_kernels
 
-    monkeypatch.setattr(type(MSLK), "missing", lambda self: not mslk_installed if self is MSLK else False)
+    _mslk_installed(monkeypatch, mslk_installed)
     assert resolve_fp8_kernels(TorchaoFp8Options(granularity=granularity), device) == expected
     for named in ("torch", "mslk"):  # kernels asked for by name are kept
         assert resolve_fp8_kernels(TorchaoFp8Options(kernel_preference=named), device) == named
@@ -147,19 +161,13 @@ def test_fp8_auto_kernels_are_mslks_where_torchao_would_take_them(device, granul
 
 @pytest.mark.parametrize("mslk_installed, kernels", [(True, "mslk"), (False, "torch")])
 def test_fp8_quantizes_with_the_kernels_auto_chose_and_records_them(mslk_installed, kernels, monkeypatch):
-    from types import SimpleNamespace
-
     from torchao.quantization.quantize_.common import KernelPreference
 
-    from fluxopt_plugins import torchao_quant
-    from fluxopt_plugins.torchao_quant import MSLK, TorchaoFp8, TorchaoFp8Options
+    from fluxopt_plugins.torchao_quant import TorchaoFp8, TorchaoFp8Options
 
-    monkeypatch.setattr(type(MSLK), "missing", lambda self: not mslk_installed if self is MSLK else False)
-    used = []
-    monkeypatch.setattr(torchao_quant._TorchaoBackend, "quantize", lambda self, pipe, options, ctx: used.append(options))
-    ctx = SimpleNamespace(device=H100, stats={})
-    TorchaoFp8().quantize(None, TorchaoFp8Options(), ctx)
-    assert [o.kernel_preference for o in used] == [kernels] and ctx.stats["torchao_fp8"] == {"kernel_preference": kernels}
+    _mslk_installed(monkeypatch, mslk_installed)
+    used, stats = _quantize_on_h100(TorchaoFp8(), TorchaoFp8Options(), monkeypatch)
+    assert [o.kernel_preference for o in used] == [kernels] and stats["torchao_fp8"] == {"kernel_preference": kernels}
     assert TorchaoFp8().make_config(used[0]).kernel_preference == KernelPreference(kernels)
 
 
