@@ -116,10 +116,14 @@ def _quantize_on_h100(backend, options, monkeypatch):
 
     from fluxopt_plugins import torchao_quant
 
-    used = []
-    monkeypatch.setattr(torchao_quant._TorchaoBackend, "quantize", lambda self, pipe, options, ctx: used.append(options))
-    ctx = SimpleNamespace(device=H100, stats={})
-    backend.quantize(None, options, ctx)
+    used, pipe, ctx = [], object(), SimpleNamespace(device=H100, stats={})
+
+    def quantize(self, given_pipe, options, given_ctx):
+        assert given_pipe is pipe and given_ctx is ctx
+        used.append(options)
+
+    monkeypatch.setattr(torchao_quant._TorchaoBackend, "quantize", quantize)
+    backend.quantize(pipe, options, ctx)
     return used, ctx.stats
 
 
@@ -157,6 +161,29 @@ def test_fp8_auto_kernels_are_mslks_where_torchao_would_take_them(device, granul
     assert resolve_fp8_kernels(TorchaoFp8Options(granularity=granularity), device) == expected
     for named in ("torch", "mslk"):  # kernels asked for by name are kept
         assert resolve_fp8_kernels(TorchaoFp8Options(kernel_preference=named), device) == named
+
+
+@pytest.mark.parametrize("options, granularity", [
+    ({"kernel_preference": "mslk"}, "PerRow"), ({"kernel_preference": "torch", "granularity": "tensor"}, "PerTensor"),
+    ({"granularity": "tensor"}, "PerTensor"),
+])
+def test_fp8_kernels_and_granularity_reach_torchaos_config(options, granularity):
+    from torchao.quantization.quantize_.common import KernelPreference
+
+    from fluxopt_plugins.torchao_quant import TorchaoFp8
+
+    stack = build_stack({"torchao_fp8": options})  # accepted as given
+    config = TorchaoFp8().make_config(stack.entries[0].options)
+    assert [type(g).__name__ for g in config.granularity] == [granularity] * 2  # activations, weights
+    assert config.kernel_preference == KernelPreference(options.get("kernel_preference", "auto"))
+
+
+def test_mslk_kernels_need_hopper_and_mslk(monkeypatch):
+    ada = DeviceInfo(type="cuda", name="L4", capability=(8, 9))
+    _mslk_installed(monkeypatch, True)
+    assert unmet("torchao_fp8", H100, kernel_preference="mslk") is None
+    assert unmet("torchao_fp8", ada, kernel_preference="mslk") == "needs compute capability >= 9.0; L4 has 8.9"
+    assert unmet("torchao_fp8", ada) is None  # auto takes torch's kernels there
 
 
 @pytest.mark.parametrize("mslk_installed, kernels", [(True, "mslk"), (False, "torch")])
