@@ -178,7 +178,7 @@ def test_fp8_kernels_and_granularity_reach_torchaos_config(options, granularity)
     assert config.kernel_preference == KernelPreference(options.get("kernel_preference", "auto"))
 
 
-def test_mslk_kernels_need_hopper_and_mslk(monkeypatch):
+def test_fp8_mslk_kernels_need_hopper_and_mslk(monkeypatch):
     ada = DeviceInfo(type="cuda", name="L4", capability=(8, 9))
     _mslk_installed(monkeypatch, True)
     assert unmet("torchao_fp8", H100, kernel_preference="mslk") is None
