@@ -234,7 +234,7 @@ def test_composable_stack_is_in_stage_order():
     ({"fbcache": {"implementation": "teacache"}}, "implementation='teacache' is not one of diffusers, para_attn"),
     ({"fbcache": {"residual_diff_threshold": -0.1}}, "residual_diff_threshold must be >= 0"),
     ({"attention": {"kernel": "flash3"}}, "kernel='flash3' is not one of"),
-    ({"offload": {"mode": "disk"}}, "mode='disk' is not one of group, model, sequential"),
+    ({"offload": {"mode": "disk"}}, "mode='disk' is not one of auto, group, model, sequential"),
     ({"offload": {"mode": "group", "group_type": "layer"}}, "group_type='layer' is not one of block_level, leaf_level"),
     ({"offload": {"mode": "group", "blocks_per_group": 0}}, "blocks_per_group=0 must be >= 1"),
     ({"offload": {"mode": "group", "group_type": "block_level", "blocks_per_group": 2}},
@@ -643,18 +643,54 @@ def test_parameter_swapping_offload_refuses_a_compiled_transformer(mode, compile
         backend.apply(pipe, parse_options(backend, {"mode": mode}), ctx)
 
 
-@pytest.mark.parametrize("options, mode", [({"mode": "sequential"}, "sequential"), ({"mode": "group"}, "group"),
-                                           ({}, "group")])  # the default mode swaps parameters too
-def test_parameter_swapping_offload_with_a_graph_backend_is_refused_before_loading(options, mode):
+@pytest.mark.parametrize("mode", ["sequential", "group"])
+def test_parameter_swapping_offload_with_a_graph_backend_is_refused_before_loading(mode):
     with pytest.raises(ConfigError, match=f"cannot be used in this stack: mode={mode} .*; use backend.offload.mode=model"):
-        build_stack({"offload": options, "compile": {}})
+        build_stack({"offload": {"mode": mode}, "compile": {}})
     assert build_stack({"offload": {"mode": "model"}, "compile": {"regional": True}}).names == ["compile", "offload"]
 
 
+@pytest.mark.parametrize("others, compiled, mode", [
+    ({}, False, "group"), ({"compile": {"regional": True}}, False, "model"), ({"aoti": {}}, False, "model"),
+    ({"fbcache": {}}, False, "group"), ({}, True, "model"),
+])
+def test_offload_auto_is_group_offload_alone_and_model_offload_beside_a_graph(others, compiled, mode):
+    """Resolved from the stack (a graph backend) or the pipeline (a transformer compiled before),
+    applied and recorded; the apply stops at the first offload call (no GPU here)."""
+    from fluxopt_plugins.offload import resolve_mode
+
+    stack = build_stack({**others, "offload": {}})
+    pipe = tiny_pipe()
+    if compiled:
+        pipe.transformer.compile()
+    assert resolve_mode(stack.entries[-1].options, pipe, stack) == mode
+    calls = []
+    for method in ("enable_model_cpu_offload", "enable_group_offload"):
+        setattr(pipe, method, lambda *a, method=method, **k: calls.append((method, k.get("offload_type"))))
+    ctx = StackContext(device=H100, dtype=torch.float32, model=None, cache_dir=None, stack=stack,
+                       shapes=Shapes(height=64, width=64, steps=STEPS, guidance_scale=3.5, max_sequence_length=128))
+    lookup_backend("offload").apply(pipe, stack.entries[-1].options, ctx)
+    assert calls == ([("enable_group_offload", "block_level")] if mode == "group" else [("enable_model_cpu_offload", None)])
+    assert ctx.stats["offload"] == {"mode": mode}
+
+
+def test_group_options_with_auto_beside_a_graph_are_refused():
+    with pytest.raises(ConfigError, match="group_type=leaf_level applies to mode=group, and beside a compiled"):
+        build_stack({"offload": {"group_type": "leaf_level"}, "compile": {}})
+    assert build_stack({"offload": {"group_type": "leaf_level"}}).names == ["offload"]  # alone: group
+    pipe = tiny_pipe()
+    pipe.transformer.compile()
+    ctx = StackContext(device=H100, dtype=torch.float32, model=None, cache_dir=None,
+                       shapes=Shapes(height=64, width=64, steps=STEPS, guidance_scale=3.5, max_sequence_length=128))
+    backend = lookup_backend("offload")
+    with pytest.raises(ConfigError, match="on a transformer already compiled mode=auto is model"):
+        backend.apply(pipe, parse_options(backend, {"group_type": "leaf_level"}), ctx)
+
+
 def test_names_alone_refuse_only_what_no_option_can_make_compatible():
-    check_names(["offload", "compile"])  # compatible with offload.mode=model, given later on a command line
+    check_names(["offload", "compile"])  # whether they combine depends on offload.mode, composed later
     with pytest.raises(ConfigError, match="mode=group swaps"):
-        build_stack(["offload", "compile"])
+        build_stack({"offload": {"mode": "group"}, "compile": {}})
     with pytest.raises(ConfigError, match="'aoti' and 'compile' cannot be combined"):
         check_names(["aoti", "compile"])
     with pytest.raises(ConfigError, match="unknown backend"):
