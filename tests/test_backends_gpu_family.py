@@ -666,15 +666,20 @@ def test_offload_auto_is_group_offload_alone_and_model_offload_beside_a_graph(ot
     assert resolve_mode(stack.entries[-1].options, pipe, stack) == mode
     calls = []
     for method in ("enable_model_cpu_offload", "enable_group_offload"):
-        setattr(pipe, method, lambda *a, method=method, **k: calls.append((method, k.get("offload_type"))))
+        setattr(pipe, method, lambda *a, method=method, **k: calls.append((method, k.get("offload_type"),
+                                                                            k.get("device") or k.get("onload_device"))))
     ctx = StackContext(device=H100, dtype=torch.float32, model=None, cache_dir=None, stack=stack,
                        shapes=Shapes(height=64, width=64, steps=STEPS, guidance_scale=3.5, max_sequence_length=128))
     lookup_backend("offload").apply(pipe, stack.entries[-1].options, ctx)
-    assert calls == ([("enable_group_offload", "block_level")] if mode == "group" else [("enable_model_cpu_offload", None)])
+    cuda = torch.device("cuda")
+    assert calls == ([("enable_group_offload", "block_level", cuda)] if mode == "group"
+                     else [("enable_model_cpu_offload", None, cuda)])
     assert ctx.stats["offload"] == {"mode": mode}
+    assert ctx.changes == ["offload: diffusers' group offloading hooks (block_level, streamed)" if mode == "group"
+                             else "offload: accelerate's model offload hooks"]
 
 
-def test_group_options_with_auto_beside_a_graph_are_refused():
+def test_offload_group_options_with_auto_beside_a_graph_are_refused():
     with pytest.raises(ConfigError, match="group_type=leaf_level applies to mode=group, and beside a compiled"):
         build_stack({"offload": {"group_type": "leaf_level"}, "compile": {}})
     assert build_stack({"offload": {"group_type": "leaf_level"}}).names == ["offload"]  # alone: group
