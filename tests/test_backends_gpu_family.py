@@ -666,14 +666,15 @@ def test_offload_auto_is_group_offload_alone_and_model_offload_beside_a_graph(ot
     assert resolve_mode(stack.entries[-1].options, pipe, stack) == mode
     calls = []
     for method in ("enable_model_cpu_offload", "enable_group_offload"):
-        setattr(pipe, method, lambda *a, method=method, **k: calls.append((method, k.get("offload_type"),
-                                                                            k.get("device") or k.get("onload_device"))))
+        setattr(pipe, method, lambda *a, method=method, **k: calls.append(
+            (method, k.get("offload_type"), k.get("device") or k.get("onload_device"), k.get("use_stream"),
+             k.get("record_stream"))))
     ctx = StackContext(device=H100, dtype=torch.float32, model=None, cache_dir=None, stack=stack,
                        shapes=Shapes(height=64, width=64, steps=STEPS, guidance_scale=3.5, max_sequence_length=128))
     lookup_backend("offload").apply(pipe, stack.entries[-1].options, ctx)
     cuda = torch.device("cuda")
-    assert calls == ([("enable_group_offload", "block_level", cuda)] if mode == "group"
-                     else [("enable_model_cpu_offload", None, cuda)])
+    assert calls == ([("enable_group_offload", "block_level", cuda, True, True)] if mode == "group"
+                     else [("enable_model_cpu_offload", None, cuda, None, None)])
     assert ctx.stats["offload"] == {"mode": mode}
     assert ctx.changes == ["offload: diffusers' group offloading hooks (block_level, streamed)" if mode == "group"
                              else "offload: accelerate's model offload hooks"]
