@@ -799,6 +799,17 @@ def test_torchao_int8_dynamic_composes_with_compile_on_cuda(tmp_path):
 
 @pytest.mark.gpu
 @needs_cuda
+def test_offload_auto_beside_compile_is_model_offload_on_cuda(tmp_path):
+    """The recipe's composition (model offload under regional compile) from offload's default."""
+    proc = run_cli("+backend=[compile,offload]", "backend.compile.regional=true", "bench.steps=4", "bench.height=64",
+                   "bench.iterations=2", "model.dtype=bfloat16", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (stack,) = read_result(tmp_path)["stacks"]
+    assert stack["status"] == "ok" and stack["stats"]["offload"] == {"mode": "model"}, stack
+
+
+@pytest.mark.gpu
+@needs_cuda
 @pytest.mark.parametrize("selection", [
     {"torchao_fp8": {}}, {"torchao_fp8_weight_only": {}}, {"torchao_int4": {}}, {"torchao_int8": {}},
     {"attention": {"kernel": "_native_cudnn"}}, {"offload": {"mode": "model"}}, {"offload": {"mode": "sequential"}},
