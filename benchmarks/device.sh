@@ -48,7 +48,8 @@ setup() {
     start=$SECONDS
     python3 -m pip install -q --no-index --no-deps --no-compile --no-build-isolation --target /tmp/site \
       .whl/*.whl $(ls /tmp/carried/*.whl 2>/dev/null) . || return 1
-    echo "setup: installed in $((SECONDS - start)) s" >&2
+    # which stashed wheels this install took (none: the machine that held them was given back)
+    echo "setup: installed in $((SECONDS - start)) s; carried: $(cd /tmp/carried 2>/dev/null && ls *.whl 2>/dev/null | tr '\n' ' ' || true)" >&2
   elif [ "$installed" != "$FLUXOPT_SOURCE_REVISION" ] || [ "${installed%+dirty}" != "$installed" ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-build-isolation --upgrade --target /tmp/site \
       . || return 1
