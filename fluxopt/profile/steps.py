@@ -4,8 +4,9 @@ and how close the step is to the hardware's floor.
 
 The floor is analytic: the step's matmul and attention FLOPs (counted with
 ``torch.utils.flop_counter`` on one eager transformer call at the bench shapes) over the
-device's matmul rate measured in the same run (bf16, and fp8 for stacks whose GEMMs run in
-fp8). Attention is charged at the bf16 matmul rate. "% of floor" is floor / measured step time.
+device's matmul rate measured in the same run, each part at the rate of the precision the stack
+computes it in (bf16, or fp8 where the stack's stats say so): attention has no faster floor than the
+matmuls it is made of. "% of floor" is floor / measured step time.
 """
 
 from __future__ import annotations
