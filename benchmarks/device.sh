@@ -26,7 +26,9 @@
 #       up to WAIT_S; `bash benchmarks/device.sh poll WAIT_S` in later calls waits more and collects.
 #       The run lives only as long as the machine: each poll must follow the last call within the
 #       machine's idle release (30 s), or the machine goes back and the run with it (what the last
-#       poll collected is what remains). Keep WAIT_S so that the last poll ends inside the lease.
+#       poll collected is what remains; a poll on such a fresh machine says so and exits 4). Keep WAIT_S
+#       so that the last poll ends inside the lease, and prefer one call long enough for the whole run
+#       (up to 590 s): a reply slower than 30 s loses the machine, which happened twice on 2026-12-04.
 #
 # Every call first installs the carried wheels and fluxopt itself (non-editable) into /tmp/site, once
 # per machine (fluxopt again when the revision differs), and works from /tmp/work (no fluxopt/ source
@@ -142,6 +144,11 @@ case ${1:-} in
     if [ "${1:-}" = run ]; then echo "${2:-}" > /tmp/background.name; else : > /tmp/background.name; fi
     exec bash "$here/benchmarks/device.sh" poll "$wait" ;;
   poll)
+    if [ ! -f /tmp/background.pid ]; then  # a fresh machine: the one that ran it was given back
+      echo "no background run on this machine: the machine that ran it was given back (idle between calls);" \
+        "what the last call collected is all that remains" >&2
+      exit 4
+    fi
     pid=$(cat /tmp/background.pid)
     for _ in $(seq "$2"); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
     cp /tmp/out/*.log "$OUT/" 2>/dev/null  # a background test run's log; a run's files come from collect
