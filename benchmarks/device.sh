@@ -28,7 +28,7 @@
 #       machine's idle release (30 s), or the machine goes back and the run with it (what the last
 #       poll collected is what remains; a poll on such a fresh machine says so and exits 4). Keep WAIT_S
 #       so that the last poll ends inside the lease, and prefer one call long enough for the whole run
-#       (up to 590 s): a reply slower than 30 s loses the machine, which happened twice on 2026-12-04.
+#       (up to 590 s): a reply slower than 30 s loses the machine.
 #
 # Every call first installs the carried wheels and fluxopt itself (non-editable) into /tmp/site, once
 # per machine (fluxopt again when the revision differs), and works from /tmp/work (no fluxopt/ source
