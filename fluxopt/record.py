@@ -268,8 +268,10 @@ class RunRecord:
                 failed.append(f"{s.stack}: {s.reason}")
         if self.job_crash:
             failed.append(f"the job's process died{died_in}: {self.job_crash}")
-        elif not self.complete:
-            failed.append("the run did not complete")
+        elif self.interrupted:
+            failed.append("the run was interrupted before its end")
+        elif not self.complete:  # no signal marked it: the process was stopped without warning, or still running
+            failed.append("the run did not complete (the record was last written before its end)")
         failed += [f"edited: {why}" for why in self.edited]
         return failed
 

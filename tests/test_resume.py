@@ -71,7 +71,10 @@ def test_a_bake_offs_skipped_backends_are_not_failures_but_a_named_stacks_are():
     skipped = [{"stack": "trt_fp8", "status": "skipped", "reason": "no TensorRT"}]
     assert record({"complete": True, "mode": "bakeoff", "stacks": skipped}).failures() == []
     assert record({"complete": True, "mode": "stack", "stacks": skipped}).failures() == ["trt_fp8: no TensorRT"]
-    assert record({"complete": False, "stacks": []}).failures() == ["the run did not complete"]
+    assert record({"complete": False, "stacks": []}).failures() == [
+        "the run did not complete (the record was last written before its end)"]
+    assert record({"complete": False, "interrupted": True, "stacks": []}).failures() == [
+        "the run was interrupted before its end"]
     assert record({"complete": False, "job_crash": "OOM", "stacks": []}).failures() == ["the job's process died: OOM"]
     # the stack a dead job was measuring is on record as unfinished: its failure is the crash, said once
     unfinished = [{"stack": "ok_one", "status": "ok"},
@@ -80,6 +83,7 @@ def test_a_bake_offs_skipped_backends_are_not_failures_but_a_named_stacks_are():
     assert record({"complete": False, "job_crash": "OOM", "stacks": unfinished}).failures() == [
         "the job's process died during compile (build, after at least 251 s): OOM"]
     assert record({"complete": False, "stacks": unfinished}).failures() == [
-        "compile: interrupted during build after at least 251 s (the last phase on record)", "the run did not complete"]
+        "compile: interrupted during build after at least 251 s (the last phase on record)",
+        "the run did not complete (the record was last written before its end)"]
     failed_baseline = {"stack": "baseline", "backends": [], "status": "failed", "reason": "non-finite"}
     assert record({"complete": True, "baseline": failed_baseline, "stacks": []}).failures() == ["baseline: non-finite"]

@@ -221,3 +221,24 @@ def test_the_report_names_the_kernel_libraries_a_run_had():
                         "torchao": "0.18.0"}}
     assert environment_lines(env)[-1] == "- other packages: mslk-cuda 1.1.0, torchao 0.18.0"
     assert environment_lines({"packages": {"torch": "2.11.0"}})[-1] == "- other packages: none tracked"
+
+
+def test_the_page_states_the_verdict_the_exit_status_gave():
+    """report.md carries the run's verdict from the rule the exit status uses (RunRecord.failures),
+    each reason listed; a bake-off's skipped backends are named as skipped, not as failures."""
+    from _records import run, stack
+    from fluxopt.report.tables import render_run_markdown, verdict_lines
+
+    passing = run([stack("compile", 1.5)])
+    assert verdict_lines(passing) == ["Passed (exit status 0): every requested stack ran and passed its gate."]
+    skipped = run([stack("compile", 1.5), stack("trt_fp8", None, status="skipped", reason="no TensorRT")])
+    assert verdict_lines(skipped) == ["Passed (exit status 0): every requested stack ran and passed its gate, "
+                                      "except 1 this machine cannot run (skipped, above)."]
+    assert verdict_lines(run([stack("compile", None)], build_only=True))[0].startswith(
+        "Passed (exit status 0): every requested stack built.")
+    failing = run([stack("compile", 1.5), stack("fbcache", 2.0, psnr=12.0)], complete=False)
+    assert failing.failures() and verdict_lines(failing) == [
+        "Failed (non-zero exit status), 2 reason(s):", "", *(f"- {why}" for why in failing.failures())]
+    page = render_run_markdown(failing)
+    assert "## Verdict\nFailed (non-zero exit status), 2 reason(s):\n\n- fbcache: fidelity: " in page
+    assert "- the run did not complete (the record was last written before its end)\n" in page

@@ -15,7 +15,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from fluxopt.files import write_text_atomic
-from fluxopt.record import LatencyStats, RunRecord, StackRecord
+from fluxopt.record import LatencyStats, RunRecord, StackRecord, Status
 
 COLUMNS = ("stack", "status", "latency (s)", "per step (ms)", "speedup", "build (s)", "first call (s)",
            "peak mem (GiB)", "J/image", "avg W", "steps skipped", "PSNR", "SSIM", "latent err", "fidelity")
@@ -234,6 +234,9 @@ def render_run_markdown(data: RunRecord) -> str:
         "",
         markdown_table(run_rows(data)),
         "",
+        "## Verdict",
+        *verdict_lines(data),
+        "",
         "## Fidelity",
         fidelity_note(data) + " Worst prompt shown; thresholds are in `config.fidelity`.",
         "",
@@ -245,6 +248,18 @@ def render_run_markdown(data: RunRecord) -> str:
     if command:
         lines += ["## Reproduce", "", "```bash", command, "```", ""]
     return "\n".join(lines)
+
+
+def verdict_lines(data: RunRecord) -> list[str]:
+    """The run's verdict as its exit status gave it, from the same rule (``RunRecord.failures``):
+    a page read without the console still says whether the run passed, and every reason it did not."""
+    failures = data.failures()
+    if not failures:
+        done = "built" if data.build_only else "ran and passed its gate"
+        skipped = sum(s.status == Status.SKIPPED.value for s in data.stacks)  # a bake-off's: reported, not failed
+        except_ = f", except {skipped} this machine cannot run (skipped, above)" if skipped else ""
+        return [f"Passed (exit status 0): every requested stack {done}{except_}."]
+    return [f"Failed (non-zero exit status), {len(failures)} reason(s):", "", *(f"- {why}" for why in failures)]
 
 
 # The console table: what a person decides on, in at most 120 columns (report.md has every column).
