@@ -187,7 +187,9 @@ class TorchaoFp8(_TorchaoBackend):
 def resolve_fp8_kernels(options: TorchaoFp8Options, device: Any) -> str:
     """``auto``: the kernels torchao's own ``AUTO`` would run (mslk's on sm90 or newer where mslk is
     installed, for per-row scales; torch's otherwise), named before quantizing, so that the record
-    says which ran rather than leaving it to what happened to be installed."""
+    says which ran rather than leaving it to what happened to be installed. torchao decides per call
+    and cannot be asked, so this repeats its 0.18 rule (``Float8Tensor``'s linear); the ``torchao``
+    extra stays below 0.19 until the rule is read again."""
     if options.kernel_preference != "auto":
         return options.kernel_preference
     hopper_or_newer = device.is_gpu and not device.rocm and (device.capability or (0, 0)) >= (9, 0)
