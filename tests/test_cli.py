@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -56,6 +57,10 @@ def test_result_json_schema_and_run_directory(compile_run):
     assert data["shapes"] == {"height": 64, "width": 64, "steps": 4, "guidance_scale": 3.5,
                               "max_sequence_length": 128, "batch_size": 1}
     assert data["config"]["backend"]["compile"]["regional"] is True
+    # when the command's process began, before the imports and config that precede the record's start
+    began, started, finished = (datetime.fromisoformat(t) for t in (data["provenance"]["process_started"],
+                                                                    data["started"], data["finished"]))
+    assert began <= started <= finished
     env = data["environment"]
     for key in ("python", "hostname", "cpu", "packages", "git", "device"):
         assert key in env

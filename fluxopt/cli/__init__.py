@@ -20,10 +20,12 @@ import signal
 import sys
 import traceback
 from collections.abc import Sequence
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, NoReturn
 
 import hydra
+import psutil
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
@@ -284,9 +286,12 @@ def _record_unrunnable(cfg: DictConfig, output_dir: Path, exc: BaseException) ->
 
 
 def provenance() -> dict[str, Any]:
-    """How this run was asked for: the exact command line, the overrides and the working directory."""
+    """How this run was asked for: the exact command line, the overrides, the working directory, and
+    when the process began (the record's ``started`` comes after the imports and the config, so a
+    command's wall time is measured from this)."""
+    began = datetime.fromtimestamp(psutil.Process().create_time(), timezone.utc).isoformat()
     info: dict[str, Any] = {"argv": list(sys.argv), "command": shlex.join(["python", "-m", "fluxopt", *sys.argv[1:]]),
-                            "cwd": os.getcwd(), "invocation": os.environ.get(INVOCATION_ENV)}
+                            "cwd": os.getcwd(), "invocation": os.environ.get(INVOCATION_ENV), "process_started": began}
     try:
         hc = HydraConfig.get()
         info["overrides"] = list(hc.overrides.task)
