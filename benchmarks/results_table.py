@@ -17,6 +17,7 @@ import json
 import re
 import sys
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -167,11 +168,18 @@ TIME_COLUMNS = ("run", "stack", "status", "wall (s)", "build (s)", "timed calls"
 def time_rows(results: dict[str, Any]) -> list[dict[str, str]]:
     """One row per stack, in the order it ran: where a run's wall time went (loading, building,
     warm-up, timing and judging each stack) and how far into the run each stack ended, so a
-    bake-off's length is read from its record."""
+    bake-off's length is read from its record. Where the record says when its process began, the
+    first row is the time before the record started (imports, config), counted in "done at"."""
     out = []
     for number, run in enumerate(results["runs"], 1):
         data = run["result"]
         done = 0.0
+        began = (data.get("provenance") or {}).get("process_started")
+        if began and data.get("started"):
+            done = (datetime.fromisoformat(data["started"]) - datetime.fromisoformat(began)).total_seconds()
+            out.append({"run": str(number), "stack": "(process start: imports, config)", "status": "—",
+                        "wall (s)": f"{done:.1f}", "build (s)": "—", "timed calls": "—",
+                        "done at (min)": f"{done / 60:.1f}"})
         for r in measured(data):
             wall = r.get("elapsed_s") or 0.0
             done += wall

@@ -47,6 +47,18 @@ def test_the_kernel_table_lists_each_profiled_stacks_kernels_and_shortens_long_n
     assert len(long) == table.KERNEL_SHOWN + 2 and long.endswith("…`") and "|" not in long
 
 
+def test_the_time_table_counts_the_time_before_the_record_started_where_the_record_has_it():
+    table = _results_table()
+    stacks = [{"stack": "baseline", "status": "ok", "elapsed_s": 30.0}, {"stack": "compile", "status": "ok", "elapsed_s": 60.0}]
+    result = {"started": "2026-12-04T10:00:12+00:00", "baseline": stacks[0], "stacks": stacks[1:],
+              "provenance": {"process_started": "2026-12-04T10:00:00+00:00"}}
+    rows = table.time_rows({"runs": [{"result": result}]})
+    assert [(r["stack"], r["wall (s)"], r["done at (min)"]) for r in rows] == [
+        ("(process start: imports, config)", "12.0", "0.2"), ("baseline", "30.0", "0.7"), ("compile", "60.0", "1.7")]
+    del result["provenance"]  # an older record: the stacks alone, from the record's start
+    assert [r["done at (min)"] for r in table.time_rows({"runs": [{"result": result}]})] == ["0.5", "1.5"]
+
+
 @pytest.mark.parametrize("kind", [None, "profile", "kernels", "build", "time"])
 def test_every_table_refuses_an_edited_record(kind, tmp_path):
     record = json.loads((REPO / "docs/results/2026-12-03-h200-fp8-max-kernels/result.json").read_text())
