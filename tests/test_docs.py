@@ -49,7 +49,8 @@ def test_the_kernel_table_lists_each_profiled_stacks_kernels_and_shortens_long_n
 
 def test_the_time_table_counts_the_time_before_the_record_started_where_the_record_has_it():
     table = _results_table()
-    stacks = [{"stack": "baseline", "status": "ok", "elapsed_s": 30.0}, {"stack": "compile", "status": "ok", "elapsed_s": 60.0}]
+    stacks = [{"stack": "baseline", "status": "ok", "elapsed_s": 30.0},
+              {"stack": "compile", "status": "ok", "elapsed_s": 60.0}]
     result = {"started": "2026-12-04T10:00:12+00:00", "baseline": stacks[0], "stacks": stacks[1:],
               "provenance": {"process_started": "2026-12-04T10:00:00+00:00"}}
     rows = table.time_rows({"runs": [{"result": result}]})
