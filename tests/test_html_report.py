@@ -4,6 +4,7 @@ table sorts, every image is present."""
 
 from __future__ import annotations
 
+import html
 import os
 import re
 import shutil
@@ -76,6 +77,22 @@ def test_a_sweep_page_names_the_results_it_could_not_use(run_dir, tmp_path):
     assert path.name == "summary.html"
     page = path.read_text()
     assert "job0: fp8_max" in page and "Not used" in page and "job1/result.json" in page
+    verdict = page.split("<h2>Verdict</h2>")[1].split("<h2>")[0]  # verdict_of's: the unreadable job makes it incomplete
+    assert verdict.startswith("<p>Failed (non-zero exit status), 1 reason(s):</p>") and "job1/result.json" in verdict
+
+
+def test_a_run_page_states_its_records_verdict_with_every_reason(run_dir):
+    assert "<h2>Verdict</h2><p>Passed (exit status 0).</p>" in write_html(run_dir).read_text()
+    from fluxopt.record import read_record
+
+    record = read_record(run_dir / "result.json")
+    failing = run([stack("fp8_max", 2.1, psnr=12.0), stack("compile", 1.3)], complete=False)
+    failing.baseline, failing.prompts = record.baseline, record.prompts
+    write_record(run_dir / "result.json", failing)
+    verdict = write_html(run_dir).read_text().split("<h2>Verdict</h2>")[1].split("<h2>")[0]
+    assert verdict == ("<p>Failed (non-zero exit status), 2 reason(s):</p><ul>"
+                       + "".join(f"<li>{html.escape(why)}</li>" for why in failing.failures()) + "</ul>\n")
+    assert "fp8_max: fidelity: psnr" in verdict
 
 
 def _browser():

@@ -21,7 +21,7 @@ import numpy as np
 
 from fluxopt.files import write_text_atomic
 from fluxopt.record import RunRecord, StackRecord
-from fluxopt.sweep import Collected, collect, run_name
+from fluxopt.sweep import Collected, collect, run_name, verdict_of
 
 THUMBNAIL_PX = 256  # images are embedded at most this wide and high
 HTML_RUN = "report.html"
@@ -252,7 +252,18 @@ def _profile_bars(rows: list[Row]) -> str:
     return "\n".join(out)
 
 
-def render_html(found: Collected, root: Path, title: str) -> str:
+def _verdict(found: Collected, root: Path, single: bool) -> str:
+    """The verdict the exit status gave, from the same rule: a run's ``RunRecord.failures``, a
+    sweep's ``verdict_of`` (which also names the results it could not use), every reason listed."""
+    reasons = found.records[0].failures() if single and found.records else verdict_of(root, found).reasons()
+    if not reasons:
+        return "<h2>Verdict</h2><p>Passed (exit status 0).</p>"
+    return (f"<h2>Verdict</h2><p>Failed (non-zero exit status), {len(reasons)} reason(s):</p><ul>"
+            + "".join(f"<li>{html.escape(why)}</li>" for why in reasons) + "</ul>")
+
+
+def render_html(found: Collected, root: Path, title: str, single: bool = False) -> str:
+    """``single``: ``root`` is one run's directory (its verdict is its record's), else a sweep's."""
     rows = _rows(found.records, root)
     metric = _fidelity_metric(rows)
     first = found.records[0] if found.records else None
@@ -266,6 +277,7 @@ def render_html(found: Collected, root: Path, title: str) -> str:
         f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head><body>",
         f"<h1>{html.escape(title)}</h1>", f"<p>{where}</p>",
         f"<p><code>{html.escape(command)}</code></p>" if command else "",
+        _verdict(found, root, single),
         "<h2>Results</h2><p>Click a column to sort.</p>", _table(rows, metric),
         "<h2>Speed and fidelity</h2>", _plot_svg(rows, metric),
         "<h2>Images</h2>", _image_grid(rows), _profile_bars(rows), unusable,
@@ -280,5 +292,5 @@ def write_html(directory: Path, found: Collected | None = None) -> Path:
     single = (directory / "result.json").is_file()
     path = directory / (HTML_RUN if single else HTML_SWEEP)
     title = f"fluxopt {'run' if single else 'sweep'}: {directory.name}"
-    write_text_atomic(path, render_html(found, directory, title))
+    write_text_atomic(path, render_html(found, directory, title, single))
     return path
