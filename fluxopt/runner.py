@@ -50,6 +50,10 @@ from fluxopt.stack import Stack
 log = logging.getLogger("fluxopt")
 REFERENCE_FILE = "baseline-reference.pt"  # the baseline's outputs, for a resumed run to judge against
 LEAK_WARNING_BYTES = 256 * 2**20  # allocator rounding and cached workspaces stay below this
+# How often the record is rewritten while a stack is in progress: a process that ends without
+# answering (its machine taken away, SIGKILL) in a phase of minutes (a tuned build) leaves the time
+# the stack had run to within this, not only when its last phase began.
+HEARTBEAT_S = 30.0
 
 
 class OverBudget(BaseException):
@@ -108,6 +112,10 @@ class Run:
         self.phase = Phase.LOAD  # the phase of the stack in progress, for attributing a failure or interrupt
         # the stack being measured and when it started: on record, as interrupted, from its first phase on
         self.in_progress: tuple[StackRecord, float] | None = None
+        # the record's writers (the main thread, the heartbeat) and what they read: the stack in
+        # progress and the finished ones change together under it, so no write shows one twice or neither
+        self.record_lock = threading.RLock()
+        self.closed = False  # the final record is written: the heartbeat writes no more
         self.build_only = bool(self.cfg.get("build_only", False))  # apply and build, measure nothing
         self.run_info: dict[str, Any] = {}  # shared by the plugins' fluxopt_stack_measured calls
         self.hook = plugins.hook(self.plan.config.disabled_plugins)
@@ -213,8 +221,9 @@ class Run:
 
     def _record_interrupt(self, result: StackRecord, started: float) -> None:
         """The stack an interrupt stopped, on record in place of its in-progress entry."""
-        self.in_progress = None
-        self.results.append(self._interrupted(result, started))
+        with self.record_lock:
+            self.in_progress = None
+            self.results.append(self._interrupted(result, started))
 
     def measure_stack(self, stack: Stack, reference: list[Sample]) -> StackRecord:
         result = StackRecord(stack=stack.name, backends=stack.names, status=Status.OK.value,
@@ -261,7 +270,8 @@ class Run:
                 result.reason = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
             self._log_failure(label, exc)
         finally:
-            self.in_progress = None
+            with self.record_lock:
+                self.in_progress = None
             result.elapsed_s = time.perf_counter() - started
             try:
                 self._release()
@@ -373,9 +383,23 @@ class Run:
             stacks=[*self.results, *([self._interrupted(*self.in_progress, unanswered=True)] if self.in_progress else [])])
 
     def write(self, complete: bool) -> RunRecord:
-        record = self.record(complete)
-        write_record(self.output_dir / RESULT_FILE, record)
-        return record
+        with self.record_lock:
+            record = self.record(complete)
+            write_record(self.output_dir / RESULT_FILE, record)
+            self.closed = complete
+            return record
+
+    def _heartbeat(self, stop: threading.Event) -> None:
+        """Every :data:`HEARTBEAT_S` while a stack is in progress, its time so far on record (see
+        :meth:`_interrupted`); a write that fails is logged and tried again at the next beat."""
+        while not stop.wait(HEARTBEAT_S):
+            with self.record_lock:
+                if self.in_progress is None or self.closed:
+                    continue
+                try:
+                    write_record(self.output_dir / RESULT_FILE, self.record(complete=False))
+                except OSError as exc:
+                    log.warning("could not bring the record up to date: %s", exc)
 
     def execute(self) -> RunRecord:
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -390,15 +414,7 @@ class Run:
                 reference = [] if self.build_only else self.measure_baseline()
             self.write(complete=False)
             if self.baseline is None or self.baseline.status == Status.OK.value:
-                for number, stack in enumerate(self.plan.stacks, 1):
-                    if number <= len(self.results):
-                        continue  # measured by the run this one resumes
-                    self.position = f"stack {number}/{len(self.plan.stacks)}"
-                    log.info("stack %s", stack.name)
-                    result = self.measure_stack(stack, reference)
-                    self.results.append(result)
-                    self.write(complete=False)
-                    hook.fluxopt_stack_finished(result=result, output_dir=str(self.output_dir))
+                self._stacks(reference)
             else:
                 log.error("the baseline failed (%s); no stack is measured", self.baseline.reason)
         except KeyboardInterrupt:
@@ -409,6 +425,27 @@ class Run:
         hook.fluxopt_run_finished(result=record, output_dir=str(self.output_dir))
         return record
 
+    def _stacks(self, reference: list[Sample]) -> None:
+        """Measure the plan's stacks in order (those a resumed record lacks), the record rewritten
+        after each and, by the heartbeat, during each."""
+        stop = threading.Event()
+        heartbeat = threading.Thread(target=self._heartbeat, args=(stop,), name="fluxopt-record-heartbeat",
+                                     daemon=True)
+        heartbeat.start()
+        try:
+            for number, stack in enumerate(self.plan.stacks, 1):
+                if number <= len(self.results):
+                    continue  # measured by the run this one resumes
+                self.position = f"stack {number}/{len(self.plan.stacks)}"
+                log.info("stack %s", stack.name)
+                result = self.measure_stack(stack, reference)
+                with self.record_lock:
+                    self.results.append(result)
+                self.write(complete=False)
+                self.hook.fluxopt_stack_finished(result=result, output_dir=str(self.output_dir))
+        finally:
+            stop.set()
+            heartbeat.join()
 
     def _resume_from(self, previous: RunRecord) -> list[Sample]:
         """Keep ``previous``'s baseline (its outputs read back from the verified reference file) and

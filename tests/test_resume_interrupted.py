@@ -91,3 +91,60 @@ def test_only_a_reference_that_matches_its_record_is_resumed_from(tmp_path):
     assert not can_resume(record, config, tmp_path)
     (tmp_path / REFERENCE_FILE).unlink()
     assert not can_resume(record, config, tmp_path)
+
+
+def test_a_long_phase_keeps_its_time_on_record_while_it_runs(tmp_path, monkeypatch, register_plugin, tiny_pipe):
+    """The heartbeat rewrites the record during a phase, so a process that ends without answering
+    (its machine taken away) in a build of minutes leaves the time the stack had run, not the
+    moment its build began; and no beat lands after the final record."""
+    import threading
+    import types
+    from dataclasses import dataclass
+
+    import fluxopt
+    from fluxopt import Backend, Stage, hookimpl
+    from fluxopt import runner
+
+    @dataclass
+    class Options:
+        build_s: float = 1.5
+
+    class SlowBuild(Backend):
+        name = "slow_build_probe"
+        options_class = Options
+        stage = Stage.WEIGHTS
+
+        def apply(self, pipe, options, ctx):
+            pass
+
+        def build(self, pipe, options, ctx):
+            time.sleep(options.build_s)
+
+    plugin = types.ModuleType("slow_build_probe")
+    plugin.fluxopt_backends = hookimpl(lambda: [SlowBuild()])
+    register_plugin(plugin, "slow_build_probe")
+    monkeypatch.setattr(runner, "HEARTBEAT_S", 0.1)
+    seen: list[float] = []  # the in-progress stack's time on record, as a reader saw it during the build
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            try:
+                stacks = json.loads((tmp_path / "result.json").read_text())["stacks"]
+            except (OSError, ValueError, KeyError):
+                stacks = []
+            seen.extend(s["elapsed_s"] for s in stacks if s["phase"] == "build" and s["stack"] == "slow_build_probe")
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        fluxopt.benchmark(tiny_pipe, ["slow_build_probe"], output_dir=tmp_path, name="tiny", trained=False,
+                          height=64, width=64, steps=2, warmup=0, iterations=1, prompts=["a red cube"])
+    finally:
+        done.set()
+        watcher.join()
+    assert seen and max(seen) >= 0.8, seen  # without the heartbeat: the time at the build's start only
+    time.sleep(0.3)  # a late beat would overwrite the final record
+    final = read_result(tmp_path)
+    assert final["complete"] is True and final["stacks"][0]["status"] == "ok"
