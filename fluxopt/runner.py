@@ -269,9 +269,7 @@ class Run:
             else:
                 result.reason = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
             self._log_failure(label, exc)
-        finally:
-            with self.record_lock:
-                self.in_progress = None
+        finally:  # the stack stays on record as in progress until _stacks puts its result in its place
             result.elapsed_s = time.perf_counter() - started
             try:
                 self._release()
@@ -439,8 +437,9 @@ class Run:
                 self.position = f"stack {number}/{len(self.plan.stacks)}"
                 log.info("stack %s", stack.name)
                 result = self.measure_stack(stack, reference)
-                with self.record_lock:
+                with self.record_lock:  # in one step, so that no write shows the stack twice or not at all
                     self.results.append(result)
+                    self.in_progress = None
                 self.write(complete=False)
                 self.hook.fluxopt_stack_finished(result=result, output_dir=str(self.output_dir))
         finally:

@@ -125,15 +125,18 @@ def test_a_long_phase_keeps_its_time_on_record_while_it_runs(tmp_path, monkeypat
     register_plugin(plugin, "slow_build_probe")
     monkeypatch.setattr(runner, "HEARTBEAT_S", 0.1)
     seen: list[float] = []  # the in-progress stack's time on record, as a reader saw it during the build
+    marked: list[bool] = []  # whether each record that showed it in progress called itself complete
     done = threading.Event()
 
     def watch() -> None:
         while not done.is_set():
             try:
-                stacks = json.loads((tmp_path / "result.json").read_text())["stacks"]
-            except (OSError, ValueError, KeyError):
-                stacks = []
-            seen.extend(s["elapsed_s"] for s in stacks if s["phase"] == "build" and s["stack"] == "slow_build_probe")
+                record = json.loads((tmp_path / "result.json").read_text())
+            except (OSError, ValueError):
+                record = {"stacks": []}
+            building = [s["elapsed_s"] for s in record["stacks"] if s["phase"] == "build" and s["status"] == "failed"]
+            seen.extend(building)
+            marked.extend([record["complete"]] if building else [])
             time.sleep(0.05)
 
     watcher = threading.Thread(target=watch)
@@ -145,6 +148,7 @@ def test_a_long_phase_keeps_its_time_on_record_while_it_runs(tmp_path, monkeypat
         done.set()
         watcher.join()
     assert seen and max(seen) >= 0.8, seen  # without the heartbeat: the time at the build's start only
+    assert marked and not any(marked)  # a record with a stack in progress is never a finished one
     time.sleep(0.3)  # a late beat would overwrite the final record
     final = read_result(tmp_path)
     assert final["complete"] is True and final["stacks"][0]["status"] == "ok"
