@@ -376,7 +376,7 @@ class Run:
             shapes=dataclasses.asdict(p.shapes), prompts=list(p.prompts), seed=p.seed,
             mode="stack" if p.explicit else "bakeoff", build_only=self.build_only,
             requested=[s.name for s in p.stacks], config=recorded_config(self.cfg, self.plan.config),
-            provenance=self.provenance, environment=self.environment, profile=self.run_info or None,
+            provenance=self.provenance, environment=self.environment, profile=dict(self.run_info) or None,
             protocol=PROTOCOL, baseline=self.baseline,
             stacks=[*self.results, *([self._interrupted(*self.in_progress, unanswered=True)] if self.in_progress else [])])
 
@@ -389,15 +389,19 @@ class Run:
 
     def _heartbeat(self, stop: threading.Event) -> None:
         """Every :data:`HEARTBEAT_S` while a stack is in progress, its time so far on record (see
-        :meth:`_interrupted`); a write that fails is logged and tried again at the next beat."""
+        :meth:`_interrupted`). A beat that fails (a full disk; a plugin changing the run's profile
+        data while it is read) is tried again at the next one: the phases' own writes still keep the
+        record, so the first failure is logged in one line and none reaches the console as a traceback."""
+        failed = False
         while not stop.wait(HEARTBEAT_S):
             with self.record_lock:
                 if self.in_progress is None or self.closed:
                     continue
                 try:
                     write_record(self.output_dir / RESULT_FILE, self.record(complete=False))
-                except OSError as exc:
-                    log.warning("could not bring the record up to date: %s", exc)
+                except Exception as exc:  # noqa: BLE001 - see above
+                    (log.debug if failed else log.warning)("the record's heartbeat could not write it: %s", exc)
+                    failed = True
 
     def execute(self) -> RunRecord:
         self.output_dir.mkdir(parents=True, exist_ok=True)

@@ -93,17 +93,12 @@ def test_only_a_reference_that_matches_its_record_is_resumed_from(tmp_path):
     assert not can_resume(record, config, tmp_path)
 
 
-def test_a_long_phase_keeps_its_time_on_record_while_it_runs(tmp_path, monkeypatch, register_plugin, tiny_pipe):
-    """The heartbeat rewrites the record during a phase, so a process that ends without answering
-    (its machine taken away) in a build of minutes leaves the time the stack had run, not the
-    moment its build began; and no beat lands after the final record."""
-    import threading
+def _slow_build_backend(register_plugin) -> None:
+    """``slow_build_probe``: a backend whose build takes 1.5 s, registered in-process."""
     import types
     from dataclasses import dataclass
 
-    import fluxopt
     from fluxopt import Backend, Stage, hookimpl
-    from fluxopt import runner
 
     @dataclass
     class Options:
@@ -123,6 +118,24 @@ def test_a_long_phase_keeps_its_time_on_record_while_it_runs(tmp_path, monkeypat
     plugin = types.ModuleType("slow_build_probe")
     plugin.fluxopt_backends = hookimpl(lambda: [SlowBuild()])
     register_plugin(plugin, "slow_build_probe")
+
+
+def _benchmark(pipe, output_dir: Path):
+    import fluxopt
+
+    return fluxopt.benchmark(pipe, ["slow_build_probe"], output_dir=output_dir, name="tiny", trained=False,
+                             height=64, width=64, steps=2, warmup=0, iterations=1, prompts=["a red cube"])
+
+
+def test_a_long_phase_keeps_its_time_on_record_while_it_runs(tmp_path, monkeypatch, register_plugin, tiny_pipe):
+    """The heartbeat rewrites the record during a phase, so a process that ends without answering
+    (its machine taken away) in a build of minutes leaves the time the stack had run, not the
+    moment its build began; and no beat lands after the final record."""
+    import threading
+
+    from fluxopt import runner
+
+    _slow_build_backend(register_plugin)
     monkeypatch.setattr(runner, "HEARTBEAT_S", 0.1)
     seen: list[float] = []  # the in-progress stack's time on record, as a reader saw it during the build
     marked: list[bool] = []  # whether each record that showed it in progress called itself complete
@@ -142,8 +155,7 @@ def test_a_long_phase_keeps_its_time_on_record_while_it_runs(tmp_path, monkeypat
     watcher = threading.Thread(target=watch)
     watcher.start()
     try:
-        fluxopt.benchmark(tiny_pipe, ["slow_build_probe"], output_dir=tmp_path, name="tiny", trained=False,
-                          height=64, width=64, steps=2, warmup=0, iterations=1, prompts=["a red cube"])
+        _benchmark(tiny_pipe, tmp_path)
     finally:
         done.set()
         watcher.join()
@@ -152,3 +164,26 @@ def test_a_long_phase_keeps_its_time_on_record_while_it_runs(tmp_path, monkeypat
     time.sleep(0.3)  # a late beat would overwrite the final record
     final = read_result(tmp_path)
     assert final["complete"] is True and final["stacks"][0]["status"] == "ok"
+
+
+def test_a_heartbeat_that_cannot_write_says_so_once_and_the_run_goes_on(tmp_path, monkeypatch, register_plugin,
+                                                                        tiny_pipe, caplog):
+    import threading
+
+    from fluxopt import runner
+
+    _slow_build_backend(register_plugin)
+    monkeypatch.setattr(runner, "HEARTBEAT_S", 0.1)
+    write = runner.write_record
+
+    def failing_in_the_heartbeat(path, record):
+        if threading.current_thread().name == "fluxopt-record-heartbeat":
+            raise RuntimeError("dictionary changed size during iteration")
+        write(path, record)
+
+    monkeypatch.setattr(runner, "write_record", failing_in_the_heartbeat)
+    with caplog.at_level("DEBUG", logger="fluxopt"):
+        record = _benchmark(tiny_pipe, tmp_path)
+    said = [r for r in caplog.records if "heartbeat could not write" in r.getMessage()]
+    assert len(said) > 1 and [r.levelname for r in said].count("WARNING") == 1  # every beat failed, one line shown
+    assert record.complete and read_result(tmp_path)["stacks"][0]["status"] == "ok"
