@@ -186,4 +186,5 @@ def test_a_heartbeat_that_cannot_write_says_so_once_and_the_run_goes_on(tmp_path
         record = _benchmark(tiny_pipe, tmp_path)
     said = [r for r in caplog.records if "heartbeat could not write" in r.getMessage()]
     assert len(said) > 1 and [r.levelname for r in said].count("WARNING") == 1  # every beat failed, one line shown
+    assert said[0].getMessage() == "the record's heartbeat could not write it: dictionary changed size during iteration"
     assert record.complete and read_result(tmp_path)["stacks"][0]["status"] == "ok"
