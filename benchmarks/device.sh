@@ -14,6 +14,9 @@
 #   bash benchmarks/device.sh cache (export FILE | import FILE | ls ...)
 #       fluxopt-cache on the machine's cache (an export written under $OUT comes back; a carried
 #       export is imported on a fresh machine to show a warm build there).
+#   bash benchmarks/device.sh script benchmarks/NAME.py [arguments...]
+#       one of the benchmark scripts against the installed fluxopt (its output under $OUT, e.g.
+#       `script benchmarks/cudnn_plan_probe.py $OUT/probe`; $OUT/script.log has what it printed).
 #   bash benchmarks/device.sh tests [pytest arguments...]
 #       the GPU-marked tests of the files named, else of every file ($OUT/gpu-tests.log).
 #   bash benchmarks/device.sh stash DIR
@@ -127,6 +130,11 @@ case ${1:-} in
     setup > /dev/null || exit 1
     python3 -m fluxopt.cli.cache "$@"
     exit $? ;;
+  script)
+    shift
+    setup || exit 1
+    timeout 540 python3 "$@" 2>&1 | tee "$OUT/script.log"
+    exit "${PIPESTATUS[0]}" ;;
   tests)
     shift
     setup || exit 1
