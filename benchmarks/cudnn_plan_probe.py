@@ -61,12 +61,15 @@ def build_here(out_dir: Path) -> dict:
     pack = _pack(uids, inputs, out)
     _, first_s = _timed(lambda: graph.execute(pack, constants["workspace"], handle=handle))
     _, second_s = _timed(lambda: graph.execute(pack, constants["workspace"], handle=handle))
-    payload = bytes(graph.serialize())
+    times = {"build_s": build_s, "rebuild_s": rebuild_s, "first_execute_s": first_s, "second_execute_s": second_s}
+    try:
+        payload = bytes(graph.serialize())
+    except Exception as exc:  # noqa: BLE001 - the answer is that this plan does not serialize
+        return {**times, "serialize_error": f"{type(exc).__name__}: {exc}"}
     (out_dir / "plan.bin").write_bytes(payload)
     torch.save({"inputs": {name: x.cpu() for name, x in inputs.items()}, "out": out.cpu(), "uids": uids},
                out_dir / "tensors.pt")
-    return {"build_s": build_s, "rebuild_s": rebuild_s, "first_execute_s": first_s, "second_execute_s": second_s,
-            "serialized_bytes": len(payload)}
+    return {**times, "serialized_bytes": len(payload)}
 
 
 def load_elsewhere(out_dir: Path) -> dict:
@@ -91,9 +94,10 @@ def main(out_dir: str) -> None:
     record = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "cudnn_frontend": cudnn_frontend_version()[0], "cudnn": cudnn_frontend_version()[1],
               "shape": list(SHAPE), "this_process": build_here(out)}
-    child = subprocess.run([sys.executable, __file__, "--load", str(out)], capture_output=True, text=True)
-    record["new_process"] = (json.loads(child.stdout.strip().splitlines()[-1]) if child.returncode == 0
-                             else {"error": child.stderr.strip().splitlines()[-1:] or [f"exit {child.returncode}"]})
+    if "serialized_bytes" in record["this_process"]:
+        child = subprocess.run([sys.executable, __file__, "--load", str(out)], capture_output=True, text=True)
+        record["new_process"] = (json.loads(child.stdout.strip().splitlines()[-1]) if child.returncode == 0
+                                 else {"error": child.stderr.strip().splitlines()[-3:] or [f"exit {child.returncode}"]})
     write_json_atomic(out / "cudnn_plan_probe.json", record)
     print(json.dumps(record, indent=1))
 
