@@ -208,7 +208,6 @@ def _(query, key, value, q_descale, k_descale, v_descale, softmax_scale):
 
 
 # ------------------------------------------------------------------------------ FlashAttention-3
-FA3_MODULE = "fa3_fwd_interface"  # what the fa3-fwd wheel installs
 
 
 def fa3_fp8_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, q_descale: torch.Tensor,
