@@ -38,16 +38,32 @@ SHOWN = {"compile": ("regional", "cuda_graphs", "eager_rounding", "sigmoid_gelu"
          "fixed_cache": ("warmup_steps", "interval", "order"), "fp8_attention": ("kernel", "scales", "v_margin", "fused_qk")}
 
 
-def stack_label(r: dict[str, Any] | StackRecord) -> str:
-    """The stack with its options as measured, e.g. ``torchao_fp8(granularity=row); compile(regional=True)``."""
+def stack_label(r: dict[str, Any] | StackRecord, extra: frozenset[tuple[str, str]] = frozenset()) -> str:
+    """The stack with its options as measured, e.g. ``torchao_fp8(granularity=row); compile(regional=True)``:
+    those in SHOWN, and the (backend, option) pairs in ``extra``."""
     r = r.to_json() if isinstance(r, StackRecord) else r
     if r["stack"] == "baseline":
         return "baseline"
     parts = []
     for name, options in (r.get("options") or {}).items():
-        shown = {k: v for k, v in options.items() if k in SHOWN.get(name, ())}
+        shown = {k: v for k, v in options.items() if k in SHOWN.get(name, ()) or (name, k) in extra}
         parts.append(f"{name}({', '.join(f'{k}={v}' for k, v in shown.items())})")
     return "; ".join(parts) or r["stack"]
+
+
+def stack_labels(stacks: list[dict[str, Any] | StackRecord]) -> list[str]:
+    """Each stack's label; where stacks of one run would read alike, each also shows the options
+    they differ in (``inductor_config={...}``), so no two rows of a table look the same."""
+    stacks = [r.to_json() if isinstance(r, StackRecord) else r for r in stacks]
+    labels = [stack_label(r) for r in stacks]
+    out = []
+    for r, label in zip(stacks, labels):
+        twins = [t for t, other in zip(stacks, labels) if other == label]
+        differ = frozenset((backend, key) for backend, options in (r.get("options") or {}).items()
+                           for key, value in options.items()
+                           if any(((t.get("options") or {}).get(backend) or {}).get(key) != value for t in twins))
+        out.append(stack_label(r, differ))
+    return out
 
 
 def read_runs(results: dict[str, Any], path: Path) -> list[RunRecord]:
@@ -66,9 +82,10 @@ def rows(results: dict[str, Any], path: Path = Path("results.json")) -> list[dic
     """One row per stack of every run, as the reader derives it."""
     out = []
     for number, record in enumerate(read_runs(results, path), 1):
-        for r in ([record.baseline] if record.baseline else []) + record.stacks:
+        ran = ([record.baseline] if record.baseline else []) + record.stacks
+        for r, label in zip(ran, stack_labels(ran)):
             row = stack_row(r, planned_iterations(record))
-            row.update(run=str(number), stack=stack_label(r))
+            row.update(run=str(number), stack=label)
             if r.status != "ok":
                 row["fidelity"] = row["status"]
             out.append(row)
@@ -93,7 +110,7 @@ def profile_rows(results: dict[str, Any]) -> list[dict[str, str]]:
     out = []
     for number, run in enumerate(results["runs"], 1):
         data = run["result"]
-        for r in measured(data):
+        for r, label in zip(measured(data), stack_labels(measured(data))):
             prof = r.get("profile")
             if not prof:
                 continue
@@ -105,7 +122,7 @@ def profile_rows(results: dict[str, Any]) -> list[dict[str, str]]:
             pct = pct_of_floor(floor, step)
             ceiling_mhz = ((data.get("profile") or {}).get("ceilings_tflops") or {}).get("sm_mhz")
             pct_at_clock = pct_of_floor(floor_at_clock_ms(floor, ceiling_mhz, prof.get("gpu_clock")), step)
-            out.append({"run": str(number), "stack": stack_label(r), "step (ms)": _ms(step * 1000 if step else None),
+            out.append({"run": str(number), "stack": label, "step (ms)": _ms(step * 1000 if step else None),
                         "GEMM": _ms(parts["gemm"]), "attention": _ms(parts["attention"]),
                         "quantize": _ms(parts["quantize"]), "norm/elementwise": _ms(parts["norm_elementwise"]),
                         "other": _ms(parts["other"]), "GPU idle": _ms(prof.get("gpu_idle_ms")),
@@ -151,12 +168,13 @@ def build_rows(results: dict[str, Any]) -> list[dict[str, str]]:
     after it closed (which every later stack's peak memory includes)."""
     out = []
     for number, run in enumerate(results["runs"], 1):
-        for r in run["result"].get("stacks", []):
+        stacks = run["result"].get("stacks", [])
+        for r, label in zip(stacks, stack_labels(stacks)):
             if r.get("build_s") is None:
                 continue
             phases = ", ".join(f"{name} {seconds:.1f}" for name, seconds in (r.get("build_phases_s") or {}).items())
             left = r.get("left_allocated_bytes")
-            out.append({"run": str(number), "stack": stack_label(r), "build (s)": f"{r['build_s']:.1f}",
+            out.append({"run": str(number), "stack": label, "build (s)": f"{r['build_s']:.1f}",
                         "build phases (s)": phases or "—",
                         "left allocated after close (GiB)": "—" if left is None else f"{left / 2**30:.2f}"})
     return out

@@ -9,6 +9,14 @@ stack. Kernels that quantize (SageAttention's int8 QK / fp8 PV) are lossy; the o
 exact attention up to float noise. diffusers 0.42.1 has no plain ``aiter`` kernel: AMD's
 kernel is ``aiter_fa2_hub`` (downloaded from the Hub by the ``kernels`` package).
 
+``fused_qk`` computes q's and k's RMSNorm and rotary embedding in one Triton kernel per tensor
+(``fluxopt::rms_norm_rope``, the 16-bit twin of ``fp8_attention``'s prologue) before the chosen
+kernel: Inductor fuses those steps into a reduction that ran at a fraction of the memory bandwidth
+(about 130 us for q and k of a single block on the H200, against some 30 us to read and write
+them). It keeps the arithmetic in fp32 with one rounding at the end, as Inductor does, so the stack
+stays lossless. It swaps FLUX's attention processors for ones that call the op and then the
+dispatcher with the same kernel (the swap is undone by the stack's pipeline snapshot).
+
 ``kernel=auto`` measures instead of guessing: every lossless kernel this machine can run is
 timed at the model's own attention shape (batch x image+text tokens x heads x head dim, in the
 run's dtype) and checked against SDPA's math kernel; the fastest one within ``max_rel_error``
@@ -18,13 +26,15 @@ is used. Every kernel's time, TFLOP/s, error or failure goes into ``stats.attent
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from fluxopt import Backend, ConfigError, Package, Requirements, StackContext, Stage, hookimpl
+from fluxopt_plugins._flux_attn_processor import (FluxAttnProcessorBase, Streams, flux_attention_modules,
+                                                  foreign_processors, fusable_qk, normed_rotated, qk_segments)
 
 
 FLASH = Package("flash_attn", "pip install flash-attn --no-build-isolation")
@@ -72,6 +82,29 @@ class AttentionOptions:
     kernel: str = "_native_cudnn"  # a diffusers AttentionBackendName value (see KERNELS_TABLE), or auto
     max_rel_error: float = 2e-2  # auto: largest relative L2 error against the math kernel (bf16 noise ~4e-3)
     iterations: int = 10  # auto: timed calls per kernel (after one warm-up call)
+    # q and k normed and rotated in one kernel (fluxopt::rms_norm_rope) before the attention kernel
+    fused_qk: bool = False
+
+
+class FusedQKFluxAttnProcessor(FluxAttnProcessorBase):
+    """diffusers' ``FluxAttnProcessor`` (0.42.1) with q's and k's norms and rotary embedding in
+    :func:`rms_norm_rope`, then the dispatcher with the processor's attention backend."""
+
+    def attend(self, attn: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, streams: Streams | None,
+               rotary: tuple[torch.Tensor, torch.Tensor] | None, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+        from fluxopt_plugins._rms_norm_rope_fp8 import rms_norm_rope
+
+        if rotary is None:
+            query, key, value = normed_rotated(attn, query, key, value, streams, rotary)
+        else:
+            query, key = (rms_norm_rope(x, weight, text, text_weight, *rotary, eps)
+                          for x, weight, text, text_weight, eps in qk_segments(attn, query, key, streams))
+            if streams is not None:
+                value = torch.cat([streams[2], value], dim=1)
+        return dispatch_attention_fn(query, key, value, attn_mask=attention_mask, backend=self._attention_backend,
+                                     parallel_config=self._parallel_config)
 
 
 Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -152,6 +185,14 @@ class AttentionBackend(Backend):
         entry = KERNELS_TABLE.get(options.kernel)
         return entry[0].unmet(device) if entry else None
 
+    def incompatibility(self, options: AttentionOptions, others: Sequence[Any]) -> str | None:
+        if options.fused_qk:
+            for other in others:
+                if other.name in ("aoti", "trt_fp8"):
+                    return (f"fused_qk=true calls a Python custom op that {other.name}'s compiled engine cannot "
+                            "hold; use backend.attention.fused_qk=false")
+        return None
+
     def is_lossless(self, options: AttentionOptions) -> bool:
         if options.kernel == AUTO:  # picks among lossless kernels only
             return True
@@ -189,6 +230,28 @@ class AttentionBackend(Backend):
         pipe.transformer.set_attention_backend(kernel)
         ctx.note(f"attention: the transformer's attention backend set to {kernel}")
         ctx.stats["attention_kernel"] = kernel
+        if options.fused_qk:
+            self.fuse_qk(pipe)
+            ctx.note("attention: FLUX's attention processors swapped for ones with q and k normed and rotated in "
+                     "one kernel (fluxopt::rms_norm_rope)")
+
+    @staticmethod
+    def fuse_qk(pipe: Any) -> None:
+        """Every FLUX attention processor replaced by a :class:`FusedQKFluxAttnProcessor` with the
+        attention backend and parallel config diffusers set on the one it replaces."""
+        modules = flux_attention_modules(pipe.transformer)
+        others = foreign_processors(modules)
+        unfusable = [name for name, m in modules if not fusable_qk(m)]
+        if not modules or others or unfusable:
+            raise ConfigError("backend.attention.fused_qk=true replaces FLUX's own attention processors, whose q and k "
+                              "norms are RMSNorms; this transformer has "
+                              + (f"other processors ({', '.join(others)})" if others else
+                                 f"other norms in {', '.join(unfusable)}" if unfusable else "no FLUX attention"))
+        for _, module in modules:
+            processor = FusedQKFluxAttnProcessor()
+            processor._attention_backend = module.processor._attention_backend
+            processor._parallel_config = module.processor._parallel_config
+            module.set_processor(processor)
 
 
 @hookimpl

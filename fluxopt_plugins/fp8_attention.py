@@ -30,6 +30,8 @@ from typing import Any
 import torch
 
 from fluxopt import Backend, ConfigError, Package, Requirements, StackContext, Stage, hookimpl
+from fluxopt_plugins._flux_attn_processor import (FluxAttnProcessorBase, Streams, flux_attention_modules,
+                                                  foreign_processors, fusable_qk, normed_rotated, qk_segments)
 from fluxopt_plugins._calibration import (CALIBRATION_PROMPTS, cached_calibration, calibration_key, run_calibration,
                                           validate_prompts)
 
@@ -64,13 +66,10 @@ class Fp8AttentionOptions:
     fused_qk: bool = True
 
 
-class Fp8FluxAttnProcessor:
+class Fp8FluxAttnProcessor(FluxAttnProcessorBase):
     """diffusers' ``FluxAttnProcessor`` (0.42.1) with the attention itself in float8: the same
     projections, norms, rotary embedding and output layers (tests check it against diffusers'
     processor), then :func:`attention_fp8` instead of the dispatcher."""
-
-    _attention_backend = None
-    _parallel_config = None
 
     def __init__(self, kernel: str, amax: tuple[torch.Tensor | None, ...] = (None, None, None),
                  fused_qk: bool = False):
@@ -86,84 +85,36 @@ class Fp8FluxAttnProcessor:
             seen = value.detach().abs().amax().float()
             self.observed_v_amax = seen if self.observed_v_amax is None else torch.maximum(self.observed_v_amax, seen)
 
-    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    def attend(self, attn: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, streams: Streams | None,
+               rotary: tuple[torch.Tensor, torch.Tensor] | None, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        if attention_mask is not None:
+            raise ValueError("fp8_attention: FLUX attention with an attention mask is not supported "
+                             "(the fp8 kernels take no mask)")
+        if self.fused_qk and rotary is not None:
+            return self.attend_fused(attn, query, key, value, streams, rotary)
+        return self.attend_fp8(*normed_rotated(attn, query, key, value, streams, rotary))
+
+    def attend_fp8(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """fp8 attention of q, k, v as diffusers hands them to its kernel."""
         from fluxopt_plugins._fp8_attention_kernels import attention_fp8
 
         self._observe(value)
         return attention_fp8(query, key, value, self.kernel, self.amax)
 
     def attend_fused(self, attn: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                     streams: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
-                     rotary: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+                     streams: Streams | None, rotary: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """Attention of un-normed q and k (and the text ``streams`` of a joint block, put first):
         q and k go to float8 through :func:`rms_norm_rope_fp8` with their fixed scales."""
         from fluxopt_plugins._fp8_attention_kernels import attention_fp8_qk, descale
         from fluxopt_plugins._rms_norm_rope_fp8 import rms_norm_rope_fp8
 
-        cos, sin = rotary
-        text_q, text_k, text_v = streams if streams is not None else (None, None, None)
         quantized = []
-        for x, norm, text, text_norm, amax in ((query, attn.norm_q, text_q, "norm_added_q", self.amax[0]),
-                                               (key, attn.norm_k, text_k, "norm_added_k", self.amax[1])):
-            weight, eps = norm_weight_and_eps(norm, x)
-            text_weight = norm_weight_and_eps(getattr(attn, text_norm), x)[0] if text is not None else None
-            quantized += [rms_norm_rope_fp8(x, weight, text, text_weight, cos, sin, amax, eps), descale(amax)]
-        if text_v is not None:
-            value = torch.cat([text_v, value], dim=1)
+        for (x, weight, text, text_weight, eps), amax in zip(qk_segments(attn, query, key, streams), self.amax[:2]):
+            quantized += [rms_norm_rope_fp8(x, weight, text, text_weight, *rotary, amax, eps), descale(amax)]
+        if streams is not None:
+            value = torch.cat([streams[2], value], dim=1)
         self._observe(value)
         return attention_fp8_qk(*quantized, value, self.kernel, self.amax[2], query.dtype)
-
-    def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
-                 attention_mask: torch.Tensor | None = None,
-                 image_rotary_emb: torch.Tensor | None = None) -> Any:
-        from diffusers.models.embeddings import apply_rotary_emb
-        from diffusers.models.transformers.transformer_flux import _get_qkv_projections
-
-        if attention_mask is not None:
-            raise ValueError("fp8_attention: FLUX attention with an attention mask is not supported "
-                             "(the fp8 kernels take no mask)")
-        query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(
-            attn, hidden_states, encoder_hidden_states)
-        query, key, value = (x.unflatten(-1, (-1, attn.head_dim)) for x in (query, key, value))
-        streams = None
-        if attn.added_kv_proj_dim is not None:
-            streams = tuple(x.unflatten(-1, (-1, attn.head_dim)) for x in (encoder_query, encoder_key, encoder_value))
-        if self.fused_qk and image_rotary_emb is not None:
-            hidden_states = self.attend_fused(attn, query, key, value, streams, image_rotary_emb)
-        else:
-            query, key = attn.norm_q(query), attn.norm_k(key)
-            if streams is not None:
-                encoder_query, encoder_key, encoder_value = streams
-                encoder_query, encoder_key = attn.norm_added_q(encoder_query), attn.norm_added_k(encoder_key)
-                query = torch.cat([encoder_query, query], dim=1)
-                key = torch.cat([encoder_key, key], dim=1)
-                value = torch.cat([encoder_value, value], dim=1)
-            if image_rotary_emb is not None:
-                query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-                key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
-            hidden_states = self.attend(query, key, value)
-        hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
-
-        if encoder_hidden_states is None:
-            return hidden_states
-        encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
-            [encoder_hidden_states.shape[1], hidden_states.shape[1] - encoder_hidden_states.shape[1]], dim=1)
-        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states.contiguous()))
-        encoder_hidden_states = attn.to_add_out(encoder_hidden_states.contiguous())
-        return hidden_states, encoder_hidden_states
-
-
-def norm_weight_and_eps(norm: torch.nn.RMSNorm, x: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """An RMSNorm's weight (ones where it has none) and its epsilon as torch applies it to ``x``."""
-    weight = norm.weight if norm.weight is not None else torch.ones(x.shape[-1], dtype=x.dtype, device=x.device)
-    return weight, norm.eps if norm.eps is not None else torch.finfo(x.dtype).eps
-
-
-def fusable_qk(attn: Any) -> bool:
-    """Whether q and k of ``attn`` can take :func:`rms_norm_rope_fp8`: every norm on them an RMSNorm, one epsilon."""
-    names = ["norm_q", "norm_k"] + (["norm_added_q", "norm_added_k"] if attn.added_kv_proj_dim is not None else [])
-    norms = [getattr(attn, name, None) for name in names]
-    return all(isinstance(n, torch.nn.RMSNorm) for n in norms) and len({n.eps for n in norms}) == 1
 
 
 def rms_norm_bound(attn: Any, *norm_names: str) -> torch.Tensor | None:
@@ -183,13 +134,6 @@ def qk_bounds(attn: Any) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     joint = attn.added_kv_proj_dim is not None
     return (rms_norm_bound(attn, "norm_q", *(["norm_added_q"] if joint else [])),
             rms_norm_bound(attn, "norm_k", *(["norm_added_k"] if joint else [])))
-
-
-def flux_attention_modules(transformer: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
-    """Every attention module of a FLUX transformer (those holding a ``FluxAttnProcessor``)."""
-    from diffusers.models.transformers.transformer_flux import FluxAttention
-
-    return [(name, m) for name, m in transformer.named_modules() if isinstance(m, FluxAttention)]
 
 
 class Fp8AttentionBackend(Backend):
@@ -231,10 +175,8 @@ class Fp8AttentionBackend(Backend):
         return None
 
     def apply(self, pipe: Any, options: Fp8AttentionOptions, ctx: StackContext) -> None:
-        from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
-
         modules = flux_attention_modules(pipe.transformer)
-        others = sorted({type(m.processor).__name__ for _, m in modules if type(m.processor) is not FluxAttnProcessor})
+        others = foreign_processors(modules)
         if not modules or others:
             raise ConfigError("fp8_attention replaces FLUX's own attention processors; this transformer has "
                               + (f"other processors ({', '.join(others)})" if others else "no FLUX attention"))

@@ -47,6 +47,18 @@ def test_the_kernel_table_lists_each_profiled_stacks_kernels_and_shortens_long_n
     assert len(long) == table.KERNEL_SHOWN + 2 and long.endswith("…`") and "|" not in long
 
 
+def test_stacks_that_would_read_alike_also_show_the_options_they_differ_in():
+    table = _results_table()
+    compile_options = {"regional": True, "cuda_graphs": True, "inductor_config": {}}
+    stacks = [{"stack": "compile", "options": {"compile": compile_options}},
+              {"stack": "compile", "options": {"compile": {**compile_options, "inductor_config": {"triton.enable_pdl": True}}}},
+              {"stack": "fuse_qkv+compile", "options": {"fuse_qkv": {"vae": False}, "compile": compile_options}}]
+    assert table.stack_labels(stacks) == [
+        "compile(regional=True, cuda_graphs=True, inductor_config={})",
+        "compile(regional=True, cuda_graphs=True, inductor_config={'triton.enable_pdl': True})",
+        "fuse_qkv(); compile(regional=True, cuda_graphs=True)"]
+
+
 def test_the_time_table_counts_the_time_before_the_record_started_where_the_record_has_it():
     table = _results_table()
     stacks = [{"stack": "baseline", "status": "ok", "elapsed_s": 30.0},

@@ -17,6 +17,7 @@ from fluxopt.environment import detect_device
 from fluxopt.errors import ConfigError
 from fluxopt.stack import build_stack
 from fluxopt_plugins import fp8_attention
+from fluxopt_plugins._flux_attn_processor import norm_weight_and_eps
 from fluxopt_plugins._fp8_attention_kernels import (FP8, FP8_MAX, P_SCALE, attention_fp8, quantize_per_tensor,
                                                     reference_attention)
 
@@ -29,7 +30,7 @@ def _sdpa(q, k, v):  # (batch, tokens, heads, dim), as FLUX's processor holds th
 class ExactProcessor(fp8_attention.Fp8FluxAttnProcessor):
     """The fp8 processor with exact attention: must be diffusers' processor bit for bit."""
 
-    def attend(self, query, key, value):
+    def attend_fp8(self, query, key, value):
         return _sdpa(query, key, value)
 
 
@@ -64,12 +65,12 @@ def test_the_processor_attends_with_its_fixed_scales_and_observes_the_largest_v(
     amax = (torch.tensor(9.0), torch.tensor(7.0), torch.tensor(5.0))
     processor = fp8_attention.Fp8FluxAttnProcessor("reference", amax)
     assert processor.observe is False and processor.observed_v_amax is None
-    fixed = processor.attend(q, k, v)
+    fixed = processor.attend_fp8(q, k, v)
     assert torch.equal(fixed, attention_fp8(q, k, v, "reference", amax))
     assert not torch.equal(fixed, attention_fp8(q, k, v, "reference"))  # not each call's own amax
     processor.observe = True
     for scale in (2.0, 5.0, 3.0):  # the largest |v| over every call, not the last one
-        processor.attend(q, k, v * scale)
+        processor.attend_fp8(q, k, v * scale)
     assert float(processor.observed_v_amax) == pytest.approx(5.0 * float(v.abs().max()))
 
 
@@ -414,9 +415,9 @@ def test_which_norms_the_fused_op_takes():
 
 def test_a_norm_without_weight_or_epsilon_is_taken_as_torch_applies_it():
     x = torch.randn(1, 3, 2, 16, dtype=torch.bfloat16)
-    weight, eps = fp8_attention.norm_weight_and_eps(torch.nn.RMSNorm(16, eps=None, elementwise_affine=False), x)
+    weight, eps = norm_weight_and_eps(torch.nn.RMSNorm(16, eps=None, elementwise_affine=False), x)
     assert weight.dtype == x.dtype and weight.device == x.device and torch.equal(weight, torch.ones(16, dtype=x.dtype))
     assert eps == torch.finfo(torch.bfloat16).eps
     norm = torch.nn.RMSNorm(16, eps=1e-5)
-    weight, eps = fp8_attention.norm_weight_and_eps(norm, x)
+    weight, eps = norm_weight_and_eps(norm, x)
     assert weight is norm.weight and eps == 1e-5
