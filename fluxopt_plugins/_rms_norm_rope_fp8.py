@@ -80,15 +80,22 @@ def _(x, weight, prefix, prefix_weight, cos, sin, amax, eps):
 def rms_norm_rope(x: torch.Tensor, weight: torch.Tensor, prefix: torch.Tensor | None,
                   prefix_weight: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, eps: float) -> torch.Tensor:
     """:func:`rms_norm_rope_fp8` without the cast: the result rounded once to ``x``'s dtype (diffusers
-    rounds the normed values to it before the rotation too; this op, like Inductor, does not)."""
-    return torch.cat([_torch_segment(seg, w, cos[row:row + seg.shape[1]], sin[row:row + seg.shape[1]], None, eps)
-                      for seg, w, row in _segments(x, weight, prefix, prefix_weight)], dim=1)
+    rounds the normed values to it before the rotation too; this op, like Inductor, does not). Its
+    memory is laid out (batch, heads, tokens, head_dim), as SDPA's kernels take q and k after the
+    dispatcher's transpose: in (batch, tokens, heads, head_dim) order Inductor copies them again."""
+    out = torch.cat([_torch_segment(seg, w, cos[row:row + seg.shape[1]], sin[row:row + seg.shape[1]], None, eps)
+                     for seg, w, row in _segments(x, weight, prefix, prefix_weight)], dim=1)
+    return out.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def _heads_major(x: torch.Tensor, tokens: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """An empty (batch, tokens, heads, head_dim) tensor over (batch, heads, tokens, head_dim) memory."""
+    return x.new_empty((x.shape[0], x.shape[2], tokens, x.shape[3]), dtype=dtype or x.dtype).transpose(1, 2)
 
 
 @rms_norm_rope.register_fake
 def _(x, weight, prefix, prefix_weight, cos, sin, eps):
-    tokens = x.shape[1] + (prefix.shape[1] if prefix is not None else 0)
-    return x.new_empty((x.shape[0], tokens, *x.shape[2:]))
+    return _heads_major(x, x.shape[1] + (prefix.shape[1] if prefix is not None else 0))
 
 
 def triton_available() -> bool:
@@ -164,7 +171,8 @@ if triton_available():
         """Both ops' CUDA path: each stream's rows of the output from one launch (``amax`` None: 16-bit)."""
         tokens = x.shape[1] + (prefix.shape[1] if prefix is not None else 0)
         batch, _, heads, head_dim = x.shape
-        out = torch.empty((batch, tokens, heads, head_dim), dtype=dtype, device=x.device)
+        out = (torch.empty((batch, tokens, heads, head_dim), dtype=dtype, device=x.device) if dtype == FP8
+               else _heads_major(x, tokens, dtype))
         cos, sin = cos.contiguous(), sin.contiguous()
         amax = amax.reshape(1).float() if amax is not None else cos  # unread by the 16-bit kernel
         for seg, w, row in _segments(x, weight, prefix, prefix_weight):

@@ -44,6 +44,7 @@ def test_the_op_is_norm_and_rotary_up_to_the_skipped_bf16_rounding(seed, text_to
     x, text, norms, rotary = _inputs(seed, text_tokens, image_tokens, spread=spread)
     out = rms_norm_rope(x, norms[0].weight, text, norms[1].weight if text is not None else None, *rotary, 1e-6)
     assert out.dtype == torch.bfloat16 and out.shape == (1, text_tokens + image_tokens, 3, 128)
+    assert out.transpose(1, 2).is_contiguous()  # the layout SDPA's kernels take, so no copy before them
     unfused = _unfused(x, text, norms, rotary)
     assert bool(_within_bf16_roundings(out, unfused).all())
     # about 28 % of values land one bf16 step apart (the extra rounding); a wrong op misses nearly all
@@ -122,11 +123,12 @@ def test_the_triton_kernel_agrees_with_torch_and_runs_compiled_and_in_a_cuda_gra
         args = (x, norms[0].weight, text, norms[1].weight if text is not None else None, *rotary, 1e-6)
         out = rms_norm_rope(*args)
         on_cpu = rms_norm_rope(*[a.cpu() if isinstance(a, torch.Tensor) else a for a in args])
+        assert out.stride() == on_cpu.stride()  # the layout the fake op promises torch.compile
         # the same fp32 arithmetic in another order: a rare value rounds the other way, by one bf16 step
         assert bool(_within_bf16_roundings(out.cpu(), on_cpu).all())
         assert float((out.cpu() != on_cpu).float().mean()) < 1e-2
         compiled = torch.compile(lambda *a: rms_norm_rope(*a), fullgraph=True)
-        assert torch.equal(compiled(*args), out)
+        assert torch.equal(compiled(*args), out) and compiled(*args).stride() == out.stride()
         static_x = x.clone()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
