@@ -16,7 +16,7 @@
 #       export is imported on a fresh machine to show a warm build there).
 #   bash benchmarks/device.sh script benchmarks/NAME.py [arguments...]
 #       one of the benchmark scripts against the installed fluxopt (its output under $OUT, e.g.
-#       `script benchmarks/cudnn_plan_probe.py $OUT/probe`; $OUT/script.log has what it printed).
+#       `script benchmarks/triton_fp8_attention_bench.py $OUT/attention.json`; $OUT/script.log has what it printed).
 #   bash benchmarks/device.sh tests [pytest arguments...]
 #       the GPU-marked tests of the files named, else of every file ($OUT/gpu-tests.log).
 #   bash benchmarks/device.sh stash DIR

@@ -33,7 +33,7 @@ COLUMNS = ("run", "stack", "per step (ms)", "latency (s)", "speedup", "build (s)
 SHOWN = {"compile": ("regional", "cuda_graphs", "eager_rounding", "sigmoid_gelu"),
          "torchao_fp8": ("granularity", "kernel_preference"),
          "torchao_int8": ("inductor_tuning",), "torchao_int4": ("packing_format",), "torchao_fp8_static": ("inductor_tuning",), "fbcache": ("residual_diff_threshold", "implementation"),
-         "attention": ("kernel",), "offload": ("mode", "group_type"), "trt_fp8": ("stop_after", "calib_steps"),
+         "attention": ("kernel", "fused_qk"), "offload": ("mode", "group_type"), "trt_fp8": ("stop_after", "calib_steps"),
          "aoti": ("max_autotune", "weights", "cuda_graphs", "eager_rounding"), "taylorseer": ("cache_interval",),
          "fixed_cache": ("warmup_steps", "interval", "order"), "fp8_attention": ("kernel", "scales", "v_margin", "fused_qk")}
 
