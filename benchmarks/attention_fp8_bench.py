@@ -48,9 +48,14 @@ def main(out_path: str) -> None:
     record = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "cudnn_frontend": frontend,
               "cudnn": library, "shape": list(q.shape), "kernels": results}
     write_json_atomic(Path(out_path), record)
+    print_rows(results)
+
+
+def print_rows(results: dict[str, dict], width: int = 32) -> None:
+    """One line per kernel: its name, then each of its figures."""
     for name, r in results.items():
-        print(f"{name:32s} " + " ".join(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}"
-                                        for key, value in r.items()))
+        print(f"{name:{width}s} " + " ".join(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}"
+                                            for key, value in r.items()))
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 import triton
 import triton.language as tl
+from attention_fp8_bench import print_rows  # benchmarks/ is the script's directory
 
 from fluxopt.files import write_json_atomic
 from fluxopt.profile import gpu_clock
@@ -167,9 +168,7 @@ def main(out_path: str) -> None:
     record = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
               "shape": list(SHAPE), "flops_per_call": flops, "kernels": results}
     write_json_atomic(Path(out_path), record)
-    for name, r in results.items():
-        print(f"{name:48s} " + " ".join(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}"
-                                        for key, value in r.items()))
+    print_rows(results, width=48)
 
 
 if __name__ == "__main__":
