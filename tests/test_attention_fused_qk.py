@@ -88,28 +88,87 @@ def test_the_processors_compute_flux_attention_with_the_chosen_kernel_and_close_
     assert torch.equal(generate(), expected)
 
 
-def test_fused_qk_refuses_a_compiled_engine_before_anything_loads():
-    with pytest.raises(ConfigError, match="fused_qk=true calls a Python custom op that aoti's compiled engine"):
-        build_stack({"attention": {"fused_qk": True}, "aoti": {}})
-    build_stack({"attention": {"fused_qk": False}, "aoti": {}})  # the kernel choice alone composes
+def test_an_attention_mask_reaches_the_kernel_as_in_diffusers(tiny_pipe):
+    """FLUX's pipeline passes no mask, but a caller of the processor may: it must mask as diffusers' does."""
+    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+
+    module = next(m for _, m in flux_attention_modules(tiny_pipe.transformer) if m.added_kv_proj_dim is not None)
+    gen = torch.Generator().manual_seed(0)
+    hidden, text = (torch.randn(1, n, module.query_dim, generator=gen) for n in (6, 4))
+    ids = torch.randn(10, 3, generator=gen) * 20
+    rotary = tiny_pipe.transformer.pos_embed(ids)
+    mask = torch.rand(1, 1, 10, 10, generator=gen) > 0.3
+    mask[..., 0] = True  # every query sees some key
+    fused = FusedQKFluxAttnProcessor()(module, hidden, text, attention_mask=mask, image_rotary_emb=rotary)
+    plain = FluxAttnProcessor()(module, hidden, text, attention_mask=mask, image_rotary_emb=rotary)
+    unmasked = FluxAttnProcessor()(module, hidden, text, image_rotary_emb=rotary)
+    for a, b, c in zip(fused, plain, unmasked):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(b, c, atol=1e-3)  # the mask changes the output
 
 
-def test_fused_qk_refuses_processors_it_does_not_know(tiny_pipe):
+@pytest.mark.parametrize("engine", ["aoti", "trt_fp8"])
+def test_fused_qk_refuses_a_compiled_engine_before_anything_loads(engine):
+    with pytest.raises(ConfigError, match=f"fused_qk=true calls a Python custom op that {engine}'s compiled engine"):
+        build_stack({"attention": {"fused_qk": True}, engine: {}})
+    build_stack({"attention": {"fused_qk": False}, engine: {}})  # the kernel choice alone composes
+
+
+def test_fused_qk_refuses_processors_and_norms_it_does_not_know(tiny_pipe):
     from fluxopt_plugins.attention import AttentionBackend
 
     class Foreign:
         _attention_backend = None
         _parallel_config = None
 
+    class Other(Foreign):
+        pass
+
     modules = flux_attention_modules(tiny_pipe.transformer)
-    previous = modules[0][1].processor
+    previous = [m.processor for _, m in modules[:2]]
     modules[0][1].set_processor(Foreign())
+    modules[1][1].set_processor(Other())
     try:
-        with pytest.raises(ConfigError, match=r"other processors \(Foreign\)"):
+        with pytest.raises(ConfigError, match=r"^backend.attention.fused_qk=true replaces FLUX's own attention "
+                                              r"processors.*other processors \(Foreign, Other\)$"):
             AttentionBackend.fuse_qk(tiny_pipe)
         assert not any(type(m.processor) is FusedQKFluxAttnProcessor for _, m in modules)
     finally:
-        modules[0][1].set_processor(previous)
+        for (_, m), processor in zip(modules, previous):
+            m.set_processor(processor)
+    norm, modules[2][1].norm_q = modules[2][1].norm_q, torch.nn.LayerNorm(modules[2][1].head_dim)
+    try:
+        with pytest.raises(ConfigError, match=f"whose q and k norms are RMSNorms; this transformer has other norms "
+                                              f"in {modules[2][0]}$"):
+            AttentionBackend.fuse_qk(tiny_pipe)
+    finally:
+        modules[2][1].norm_q = norm
+
+
+def test_the_swapped_processors_keep_the_kernel_and_parallel_config_diffusers_set(monkeypatch):
+    """Context parallelism sets ``_parallel_config`` on the processors it finds: the swap keeps it,
+    and each call hands it, with the kernel, to diffusers' dispatcher."""
+    import diffusers.models.attention_dispatch as dispatch
+
+    from fluxopt.serving import load_model
+    from fluxopt_plugins.attention import AttentionBackend
+
+    tiny_pipe = load_model("tiny", device="cpu")  # its own: the processors are changed
+    modules = flux_attention_modules(tiny_pipe.transformer)
+    config = object()
+    for _, m in modules:
+        m.processor._parallel_config, m.processor._attention_backend = config, "_native_math"
+    seen = []
+    monkeypatch.setattr(dispatch, "dispatch_attention_fn",
+                        lambda q, k, v, **kw: seen.append(kw) or torch.zeros_like(q))
+    AttentionBackend.fuse_qk(tiny_pipe)
+    assert all(m.processor._parallel_config is config and m.processor._attention_backend == "_native_math"
+               for _, m in modules)
+    module = modules[-1][1]
+    hidden = torch.randn(1, 6, module.query_dim)
+    rotary = tiny_pipe.transformer.pos_embed(torch.randn(6, 3))
+    module.processor(module, hidden, image_rotary_emb=rotary)
+    assert seen == [{"attn_mask": None, "backend": "_native_math", "parallel_config": config}]
 
 
 @pytest.mark.gpu
