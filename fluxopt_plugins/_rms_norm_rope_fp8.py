@@ -18,8 +18,9 @@ concatenated sequence). Everything is computed in fp32 from the bf16 input, as I
 kernel does (no bf16 rounding between the steps).
 
 On CUDA with Triton the kernel runs; elsewhere (the CPU) the same arithmetic in plain torch, so a
-CPU run takes the same path through the processor. Both ops are one kernel, specialised on the
-output: the 16-bit one skips the scale and the clamp.
+CPU run takes the same path through the processor. Both ops run one kernel body, specialised on
+the output (the 16-bit one skips the scale and the clamp), under two kernel names, so that a
+profile counts the fp8 one with the casts and the 16-bit one with the norms.
 """
 
 from __future__ import annotations
@@ -120,7 +121,7 @@ if triton_available():
                 stride_xb, stride_xt, stride_xh, stride_ob, stride_ot, stride_oh, eps,
                 HEAD_DIM: tl.constexpr, FP8_OUT: tl.constexpr, BLOCK_T: tl.constexpr, GROUP_H: tl.constexpr):
         """``FP8_OUT``: cast with the scale of ``amax_ptr``'s value, else store in ``out_ptr``'s dtype
-        (``amax_ptr`` unread). Two kernels run it, one per output, so a profile names each."""
+        (``amax_ptr`` unread)."""
         t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
         batch = tl.program_id(2)
         d = tl.arange(0, HEAD_DIM)
