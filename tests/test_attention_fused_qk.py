@@ -145,6 +145,15 @@ def test_fused_qk_refuses_processors_and_norms_it_does_not_know(tiny_pipe):
         modules[2][1].norm_q = norm
 
 
+def test_fused_qk_refuses_a_transformer_without_flux_attention():
+    from types import SimpleNamespace
+
+    from fluxopt_plugins.attention import AttentionBackend
+
+    with pytest.raises(ConfigError, match="RMSNorms; this transformer has no FLUX attention$"):
+        AttentionBackend.fuse_qk(SimpleNamespace(transformer=torch.nn.Linear(2, 2)))
+
+
 def test_the_swapped_processors_keep_the_kernel_and_parallel_config_diffusers_set(monkeypatch):
     """Context parallelism sets ``_parallel_config`` on the processors it finds: the swap keeps it,
     and each call hands it, with the kernel, to diffusers' dispatcher."""
